@@ -1,0 +1,280 @@
+//! Server configuration: read from environment variables, validated once at start-up.
+//!
+//! Every knob the server has lives here, with its default and its `--help` line, so the
+//! help text, the README table and the parser cannot drift apart.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where messages, users and groups are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// SQLite file under `DATA_DIR` (default; no external service needed).
+    Embedded { data_dir: PathBuf },
+    /// A MongoDB deployment.
+    Mongo { uri: String, database: String },
+}
+
+/// The validated configuration of one server process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub peer: bool,
+    pub redis_url: String,
+    pub store: StoreKind,
+    pub max_line_bytes: usize,
+    pub max_output_bytes: usize,
+    pub max_connections: usize,
+    pub workers: usize,
+    pub log_level: log::LevelFilter,
+    pub store_timeout: Duration,
+    pub node_id: String,
+}
+
+/// Why a configuration was refused (printed as one line, exit code 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    Invalid {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    PeerNeedsMongo,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Invalid {
+                name,
+                value,
+                expected,
+            } => {
+                write!(f, "invalid {name}={value:?}: expected {expected}")
+            }
+            ConfigError::PeerNeedsMongo => write!(
+                f,
+                "PEER=true requires MONGODB_URI: peers must share one MongoDB database"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One documented environment variable: name, default shown in `--help`, description.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "PORT",
+        "7777",
+        "TCP port to listen on (0 picks a free port; the log says which)",
+    ),
+    ("BIND", "127.0.0.1", "address to listen on"),
+    (
+        "PEER",
+        "false",
+        "true: relay group messages to other instances through Redis (needs MONGODB_URI)",
+    ),
+    (
+        "REDIS_URL",
+        "redis://127.0.0.1:6379",
+        "Redis used for peer relay",
+    ),
+    (
+        "MONGODB_URI",
+        "(unset)",
+        "MongoDB connection string; unset: embedded SQLite store in DATA_DIR",
+    ),
+    ("MONGODB_DB", "noomnim", "MongoDB database name"),
+    ("DATA_DIR", "./data", "directory of the embedded store"),
+    (
+        "MAX_LINE_BYTES",
+        "65536",
+        "longest accepted request line in bytes",
+    ),
+    (
+        "MAX_OUTPUT_BYTES",
+        "1048576",
+        "pending output after which a non-reading client is dropped",
+    ),
+    (
+        "MAX_CONNECTIONS",
+        "10000",
+        "simultaneous client connections",
+    ),
+    ("WORKERS", "4", "database worker threads"),
+    (
+        "STORE_TIMEOUT_MS",
+        "5000",
+        "how long a store call may take before the request gets `unavailable`",
+    ),
+    ("NODE_ID", "(random)", "this instance's id in peer mode"),
+    ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
+];
+
+/// The `--help` text.
+pub fn help_text() -> String {
+    let mut out = String::from(
+        "noomnim - Noomnim Chat server: newline-delimited JSON chat over TCP\n\n\
+         Usage: noomnim [--help | --version]\n\n\
+         Configuration is read from environment variables:\n",
+    );
+    for (name, default, what) in VARIABLES {
+        out.push_str(&format!("  {name:<18} {what} [default: {default}]\n"));
+    }
+    out.push_str("\nProtocol: see docs/ and PROTOCOL.md. Try it with: nc 127.0.0.1 7777\n");
+    out
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_map(&std::env::vars().collect())
+    }
+
+    /// Reads the configuration from a name → value map (the environment, or a test's map).
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let peer = parse_bool(get("PEER"), "PEER")?;
+        let store = match get("MONGODB_URI") {
+            Some(uri) => StoreKind::Mongo {
+                uri: uri.to_string(),
+                database: get("MONGODB_DB").unwrap_or("noomnim").to_string(),
+            },
+            None => StoreKind::Embedded {
+                data_dir: PathBuf::from(get("DATA_DIR").unwrap_or("./data")),
+            },
+        };
+        if peer && matches!(store, StoreKind::Embedded { .. }) {
+            return Err(ConfigError::PeerNeedsMongo);
+        }
+        let redis_url = get("REDIS_URL")
+            .unwrap_or("redis://127.0.0.1:6379")
+            .to_string();
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+            return Err(invalid("REDIS_URL", &redis_url, "a redis:// URL"));
+        }
+        Ok(Config {
+            bind: parse_value(
+                get("BIND"),
+                "BIND",
+                "127.0.0.1".parse().ok(),
+                "an IP address",
+            )?,
+            port: parse_value(get("PORT"), "PORT", Some(7777), "a port number 0-65535")?,
+            peer,
+            redis_url,
+            store,
+            max_line_bytes: parse_positive(get("MAX_LINE_BYTES"), "MAX_LINE_BYTES", 65536)?,
+            max_output_bytes: parse_positive(get("MAX_OUTPUT_BYTES"), "MAX_OUTPUT_BYTES", 1 << 20)?,
+            max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
+            workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
+            log_level: parse_value(
+                get("LOG_LEVEL"),
+                "LOG_LEVEL",
+                Some(log::LevelFilter::Info),
+                "a log level",
+            )?,
+            store_timeout: Duration::from_millis(parse_positive(
+                get("STORE_TIMEOUT_MS"),
+                "STORE_TIMEOUT_MS",
+                5000,
+            )? as u64),
+            node_id: get("NODE_ID")
+                .map(str::to_string)
+                .unwrap_or_else(random_node_id),
+        })
+    }
+
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+}
+
+fn invalid(name: &'static str, value: &str, expected: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+fn parse_value<T: std::str::FromStr>(
+    raw: Option<&str>,
+    name: &'static str,
+    default: Option<T>,
+    expected: &'static str,
+) -> Result<T, ConfigError> {
+    match raw {
+        Some(text) => text.parse().map_err(|_| invalid(name, text, expected)),
+        None => default.ok_or_else(|| invalid(name, "", expected)),
+    }
+}
+
+fn parse_positive(
+    raw: Option<&str>,
+    name: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let value: usize = parse_value(raw, name, Some(default), "a positive whole number")?;
+    if value == 0 {
+        return Err(invalid(name, "0", "a positive whole number"));
+    }
+    Ok(value)
+}
+
+fn parse_bool(raw: Option<&str>, name: &'static str) -> Result<bool, ConfigError> {
+    match raw.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("false") | Some("0") | Some("no") => Ok(false),
+        Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some(other) => Err(invalid(name, other, "true or false")),
+    }
+}
+
+fn random_node_id() -> String {
+    mongodb::bson::oid::ObjectId::new().to_hex()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_use_embedded_store() {
+        let config = Config::from_map(&env(&[])).expect("defaults are valid");
+        assert_eq!(config.port, 7777);
+        assert_eq!(config.max_line_bytes, 65536);
+        assert_eq!(
+            config.store,
+            StoreKind::Embedded {
+                data_dir: "./data".into()
+            }
+        );
+    }
+
+    #[test]
+    fn peer_without_mongo_is_refused() {
+        let err = Config::from_map(&env(&[("PEER", "true")])).unwrap_err();
+        assert_eq!(err, ConfigError::PeerNeedsMongo);
+    }
+
+    #[test]
+    fn bad_numbers_are_refused_with_the_variable_name() {
+        let err = Config::from_map(&env(&[("PORT", "seventy")])).unwrap_err();
+        assert!(err.to_string().contains("PORT"), "{err}");
+        assert!(Config::from_map(&env(&[("MAX_CONNECTIONS", "0")])).is_err());
+        assert!(Config::from_map(&env(&[("PEER", "maybe")])).is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! Domain records shared by the store backends, the protocol encoder and the peer relay.
+//!
+//! Field names are the wire names from PROTOCOL.md, so a record serialises straight into a reply.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// One stored chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub group_name: String,
+    pub username: String,
+    pub text: String,
+    pub timestamp: String,
+    pub seq: u64,
+}
+
+/// A message waiting to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub group_name: String,
+    pub username: String,
+    pub text: String,
+}
+
+/// A group member entry, shaped like the original backend's `groups.user` items.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    #[serde(rename = "name_ID")]
+    pub name_id: String,
+    pub last_read: String,
+}
+
+/// A user as `find_user` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserProfile {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub username: String,
+    pub group_list: Vec<String>,
+}
+
+/// A newly created group as `create_group` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreatedGroup {
+    pub group_name: String,
+    pub user: Vec<Member>,
+}
+
+/// The reply data of `join_group` and `leave_group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupRef {
+    pub group_id: String,
+    pub group_name: String,
+}
+
+/// One row of `list_groups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupSummary {
+    pub group_name: String,
+    pub members: Vec<String>,
+}
+
+/// History returned by `enter_group`, both lists oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupHistory {
+    pub unread: Vec<Message>,
+    pub unread_has_more: bool,
+    pub read: Vec<Message>,
+    /// The newest `seq` of the group when the history was read (0: no messages yet).
+    pub head_seq: u64,
+}
+
+/// A page of `fetch_messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    pub has_more: bool,
+}
+
+/// Which page of a group's history `fetch_messages` wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery {
+    pub before_seq: Option<u64>,
+    pub after_seq: Option<u64>,
+    pub limit: u32,
+}
+
+/// What entering a room (`visit_group`) reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visit {
+    pub last_read: String,
+    pub head_seq: u64,
+}
+
+/// Most unread messages `enter_group` returns at once; the rest come with `fetch_messages`.
+pub const MAX_UNREAD_ON_ENTER: u32 = 1000;
+/// Most already-read messages `enter_group` returns.
+pub const MAX_READ_ON_ENTER: u32 = 100;
+
+/// Formats a time as PROTOCOL.md wants: ISO-8601 UTC with milliseconds and a `Z`.
+pub fn format_timestamp(time: DateTime<Utc>) -> String {
+    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// The current time in wire format.
+pub fn now_timestamp() -> String {
+    format_timestamp(Utc::now())
+}
+
+/// A fresh 24-hex-digit ObjectId string.
+pub fn new_object_id() -> String {
+    mongodb::bson::oid::ObjectId::new().to_hex()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn timestamps_have_milliseconds_and_z() {
+        let time = Utc
+            .with_ymd_and_hms(2026, 11, 24, 19, 10, 0)
+            .single()
+            .expect("valid date");
+        assert_eq!(format_timestamp(time), "2026-11-24T19:10:00.000Z");
+    }
+
+    #[test]
+    fn object_ids_are_24_hex_digits() {
+        let id = new_object_id();
+        assert_eq!(id.len(), 24);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,116 @@
+//! Error replies: the protocol-level `error` event codes and the per-event (seed) error events.
+
+use std::fmt;
+
+/// Codes of the protocol-level `error` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadJson,
+    UnknownEvent,
+    BadRequest,
+    LineTooLong,
+    NotLoggedIn,
+    Forbidden,
+    RateLimited,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownEvent,
+        ErrorCode::BadRequest,
+        ErrorCode::LineTooLong,
+        ErrorCode::NotLoggedIn,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownEvent => "unknown_event",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::NotLoggedIn => "not_logged_in",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A protocol-level error: sent as `{"event":"error","data":{"Error":text,"code":code}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub text: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, text: &str) -> ProtocolError {
+        ProtocolError {
+            code,
+            text: text.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.text)
+    }
+}
+
+/// An event-specific error reply: its own event name with data `{"Error": text}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventError {
+    NameNotFound,
+    GroupAlreadyCreated,
+    GroupNotFound,
+    NotAMember,
+    AlreadyInTheGroup,
+}
+
+impl EventError {
+    pub fn event(self) -> &'static str {
+        match self {
+            EventError::NameNotFound => "name_not_found",
+            EventError::GroupAlreadyCreated => "group_already_created",
+            EventError::GroupNotFound => "group_not_found",
+            EventError::NotAMember => "not_a_member",
+            EventError::AlreadyInTheGroup => "already_in_the_group",
+        }
+    }
+
+    /// The human text; the seed texts are byte-for-byte the original backend's.
+    pub fn text(self) -> &'static str {
+        match self {
+            EventError::NameNotFound => "User could not be found.",
+            EventError::GroupAlreadyCreated => "Group has already been created.",
+            EventError::GroupNotFound => "Group that user selects can not be found.",
+            EventError::NotAMember => "User is not a member of this group.",
+            EventError::AlreadyInTheGroup => "User is already in selected chatroom.",
+        }
+    }
+}
+
+/// Any error reply to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Event(EventError),
+    Protocol(ProtocolError),
+}
+
+impl From<EventError> for Failure {
+    fn from(error: EventError) -> Failure {
+        Failure::Event(error)
+    }
+}
+
+impl From<ProtocolError> for Failure {
+    fn from(error: ProtocolError) -> Failure {
+        Failure::Protocol(error)
+    }
+}

@@ -1,0 +1,9 @@
+//! The wire protocol of PROTOCOL.md: request decoding, reply encoding and error codes.
+
+pub mod errors;
+pub mod reply;
+pub mod request;
+
+pub use errors::{ErrorCode, EventError, Failure, ProtocolError};
+pub use reply::{encode_broadcast, encode_failure, encode_reply, Reply};
+pub use request::{decode_envelope, Envelope, EventKind, Rejected, Request};

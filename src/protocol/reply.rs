@@ -1,0 +1,157 @@
+//! Reply encoding: typed server events → one compact JSON line each, ended by `\n`.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::errors::Failure;
+use crate::model::{
+    CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, UserProfile,
+};
+
+/// A successful reply to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    UserCreated(UserProfile),
+    UserFound(UserProfile),
+    GroupCreated(CreatedGroup),
+    JoinSuccess(GroupRef),
+    LeaveSuccess(GroupRef),
+    MessageSent(Message),
+    UserVisited {
+        username: String,
+        group_name: String,
+        last_read: String,
+    },
+    EnterGroup {
+        group_name: String,
+        history: GroupHistory,
+    },
+    Messages {
+        group_name: String,
+        page: MessagePage,
+    },
+    Groups(Vec<GroupSummary>),
+    Pong {
+        time: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Line<'a, T: Serialize> {
+    event: &'a str,
+    data: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+}
+
+/// Encodes one server line.
+pub fn encode_line<T: Serialize>(event: &str, data: &T, id: Option<&Value>) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Line { event, data, id }).unwrap_or_else(|error| {
+        // Only a non-string map key can fail here, and no reply type has one.
+        log::error!("cannot encode {event} reply: {error}");
+        br#"{"event":"error","data":{"Error":"Internal encoding error.","code":"unavailable"}}"#
+            .to_vec()
+    });
+    out.push(b'\n');
+    out
+}
+
+/// Encodes a success reply, carrying the request `id` when there was one.
+pub fn encode_reply(reply: &Reply, id: Option<&Value>) -> Vec<u8> {
+    match reply {
+        Reply::UserCreated(user) => encode_line("user_created", user, id),
+        Reply::UserFound(user) => encode_line("user_found", user, id),
+        Reply::GroupCreated(group) => encode_line("group_created", group, id),
+        Reply::JoinSuccess(group) => encode_line("join_success", group, id),
+        Reply::LeaveSuccess(group) => encode_line("leave_success", group, id),
+        Reply::MessageSent(message) => encode_line("message_sent", message, id),
+        Reply::UserVisited {
+            username,
+            group_name,
+            last_read,
+        } => {
+            let data = json!({
+                "username": username,
+                "group_name": group_name,
+                "last_time_read_in_visiting_group": last_read,
+            });
+            encode_line("user_visited", &data, id)
+        }
+        Reply::EnterGroup {
+            group_name,
+            history,
+        } => {
+            let data = json!({
+                "group_name": group_name,
+                "unread": history.unread,
+                "read": history.read,
+                "unread_has_more": history.unread_has_more,
+            });
+            encode_line("enter_group", &data, id)
+        }
+        Reply::Messages { group_name, page } => {
+            let data = json!({"group_name": group_name, "messages": page.messages, "has_more": page.has_more});
+            encode_line("messages", &data, id)
+        }
+        Reply::Groups(groups) => encode_line("groups", &json!({ "groups": groups }), id),
+        Reply::Pong { time } => encode_line("pong", &json!({ "time": time }), id),
+    }
+}
+
+/// Encodes an error reply.
+pub fn encode_failure(failure: &Failure, id: Option<&Value>) -> Vec<u8> {
+    match failure {
+        Failure::Event(error) => encode_line(error.event(), &json!({ "Error": error.text() }), id),
+        Failure::Protocol(error) => encode_line(
+            "error",
+            &json!({"Error": error.text, "code": error.code.as_str()}),
+            id,
+        ),
+    }
+}
+
+/// Encodes the live `message_sent` broadcast (no `id`), once for all recipients.
+pub fn encode_broadcast(message: &Message) -> Vec<u8> {
+    encode_line("message_sent", message, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::errors::{ErrorCode, EventError, ProtocolError};
+
+    #[test]
+    fn seed_error_is_byte_for_byte() {
+        let line = encode_failure(&Failure::Event(EventError::NameNotFound), None);
+        assert_eq!(
+            line,
+            b"{\"event\":\"name_not_found\",\"data\":{\"Error\":\"User could not be found.\"}}\n"
+        );
+    }
+
+    #[test]
+    fn protocol_error_carries_code_and_id() {
+        let failure = Failure::Protocol(ProtocolError::new(ErrorCode::Forbidden, "no"));
+        let line = encode_failure(&failure, Some(&Value::from("r1")));
+        let value: Value = serde_json::from_slice(&line).expect("valid json");
+        assert_eq!(
+            value,
+            json!({"event":"error","data":{"Error":"no","code":"forbidden"},"id":"r1"})
+        );
+    }
+
+    #[test]
+    fn lines_are_single_lines() {
+        let message = Message {
+            id: "0".repeat(24),
+            group_name: "g".into(),
+            username: "u".into(),
+            text: "two\nlines".into(),
+            timestamp: "t".into(),
+            seq: 1,
+        };
+        let line = encode_broadcast(&message);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(line.last(), Some(&b'\n'));
+    }
+}

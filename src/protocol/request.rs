@@ -1,0 +1,466 @@
+//! Request decoding: one framed line → envelope (event, data, id) → typed, validated `Request`.
+//!
+//! Decoding is split in two so the session check (`not_logged_in`) can run between knowing the
+//! event and validating its fields, as PROTOCOL.md orders the errors.
+
+use serde_json::{Map, Value};
+
+use super::errors::{ErrorCode, ProtocolError};
+use crate::model::PageQuery;
+
+/// Longest `text` of a message, in characters.
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest `username` / `group_name`, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Default and largest `limit` of `fetch_messages`.
+pub const DEFAULT_PAGE_LIMIT: u32 = 50;
+pub const MAX_PAGE_LIMIT: u32 = 100;
+
+/// The events a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    FindUser,
+    CreateGroup,
+    JoinGroup,
+    LeaveGroup,
+    SendMessage,
+    VisitGroup,
+    EnterGroup,
+    FetchMessages,
+    ListGroups,
+    Ping,
+}
+
+impl EventKind {
+    fn from_name(name: &str) -> Option<EventKind> {
+        Some(match name {
+            "find_user" => EventKind::FindUser,
+            "create_group" => EventKind::CreateGroup,
+            "join_group" => EventKind::JoinGroup,
+            "leave_group" => EventKind::LeaveGroup,
+            "send_message" => EventKind::SendMessage,
+            "visit_group" => EventKind::VisitGroup,
+            "enter_group" => EventKind::EnterGroup,
+            "fetch_messages" => EventKind::FetchMessages,
+            "list_groups" => EventKind::ListGroups,
+            "ping" => EventKind::Ping,
+            _ => return None,
+        })
+    }
+
+    /// Whether the event may be sent before `find_user` has bound the connection.
+    pub fn allowed_before_login(self) -> bool {
+        matches!(self, EventKind::FindUser | EventKind::Ping)
+    }
+}
+
+/// A decoded line whose event is known; its fields are not validated yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub kind: EventKind,
+    pub data: Map<String, Value>,
+    pub id: Option<Value>,
+}
+
+/// A line that could not be decoded, with the request id when one could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: Option<Value>,
+    pub error: ProtocolError,
+}
+
+/// A fully validated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    FindUser {
+        username: String,
+    },
+    CreateGroup {
+        username: String,
+        group_name: String,
+    },
+    JoinGroup {
+        username: String,
+        group_name: String,
+    },
+    LeaveGroup {
+        username: String,
+        group_name: String,
+    },
+    SendMessage {
+        username: String,
+        group_name: String,
+        text: String,
+    },
+    VisitGroup {
+        username: String,
+        group_name: String,
+    },
+    EnterGroup {
+        username: String,
+        group_name: String,
+    },
+    FetchMessages {
+        username: String,
+        group_name: String,
+        page: PageQuery,
+    },
+    ListGroups,
+    Ping,
+}
+
+impl Request {
+    /// The `username` the request acts for, if it names one.
+    pub fn username(&self) -> Option<&str> {
+        match self {
+            Request::FindUser { username }
+            | Request::CreateGroup { username, .. }
+            | Request::JoinGroup { username, .. }
+            | Request::LeaveGroup { username, .. }
+            | Request::SendMessage { username, .. }
+            | Request::VisitGroup { username, .. }
+            | Request::EnterGroup { username, .. }
+            | Request::FetchMessages { username, .. } => Some(username),
+            Request::ListGroups | Request::Ping => None,
+        }
+    }
+}
+
+/// Decodes one line into an envelope.
+pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
+    let reject = |id, code, text: &str| Rejected {
+        id,
+        error: ProtocolError::new(code, text),
+    };
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(value) => value,
+        Err(_) if std::str::from_utf8(line).is_err() => {
+            return Err(reject(
+                None,
+                ErrorCode::BadJson,
+                "Request is not valid UTF-8.",
+            ))
+        }
+        Err(_) => {
+            return Err(reject(
+                None,
+                ErrorCode::BadJson,
+                "Request is not valid JSON.",
+            ))
+        }
+    };
+    let Value::Object(mut object) = value else {
+        return Err(reject(
+            None,
+            ErrorCode::BadRequest,
+            "Request must be a JSON object.",
+        ));
+    };
+    let id = match object.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(id @ (Value::String(_) | Value::Number(_))) => Some(id),
+        Some(_) => {
+            return Err(reject(
+                None,
+                ErrorCode::BadRequest,
+                "Field 'id' must be a string or a number.",
+            ))
+        }
+    };
+    let kind = match object.get("event") {
+        Some(Value::String(name)) => match EventKind::from_name(name) {
+            Some(kind) => kind,
+            None => return Err(reject(id, ErrorCode::UnknownEvent, "Unknown event.")),
+        },
+        _ => {
+            return Err(reject(
+                id,
+                ErrorCode::BadRequest,
+                "Field 'event' must be a string.",
+            ))
+        }
+    };
+    match decode_data(object.remove("data")) {
+        Ok(data) => Ok(Envelope { kind, data, id }),
+        Err(error) => Err(Rejected { id, error }),
+    }
+}
+
+/// `data` may be absent, an object, or (for Socket.IO clients) a string holding a JSON object.
+fn decode_data(data: Option<Value>) -> Result<Map<String, Value>, ProtocolError> {
+    match data {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map),
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "Field 'data' must hold a JSON object.",
+            )),
+            Err(_) => Err(ProtocolError::new(
+                ErrorCode::BadJson,
+                "Field 'data' holds invalid JSON.",
+            )),
+        },
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            "Field 'data' must be an object.",
+        )),
+    }
+}
+
+impl Envelope {
+    /// Validates the fields of the envelope's event.
+    pub fn into_request(self) -> Result<Request, ProtocolError> {
+        let data = &self.data;
+        let user_and_group = || -> Result<(String, String), ProtocolError> {
+            Ok((
+                name_field(data, "username")?,
+                name_field(data, "group_name")?,
+            ))
+        };
+        Ok(match self.kind {
+            EventKind::Ping => Request::Ping,
+            EventKind::ListGroups => Request::ListGroups,
+            EventKind::FindUser => Request::FindUser {
+                username: name_field(data, "username")?,
+            },
+            EventKind::CreateGroup => {
+                let (username, group_name) = user_and_group()?;
+                Request::CreateGroup {
+                    username,
+                    group_name,
+                }
+            }
+            EventKind::JoinGroup => {
+                let (username, group_name) = user_and_group()?;
+                Request::JoinGroup {
+                    username,
+                    group_name,
+                }
+            }
+            EventKind::LeaveGroup => {
+                let (username, group_name) = user_and_group()?;
+                Request::LeaveGroup {
+                    username,
+                    group_name,
+                }
+            }
+            EventKind::VisitGroup => {
+                let (username, group_name) = user_and_group()?;
+                Request::VisitGroup {
+                    username,
+                    group_name,
+                }
+            }
+            EventKind::EnterGroup => {
+                let (username, group_name) = user_and_group()?;
+                Request::EnterGroup {
+                    username,
+                    group_name,
+                }
+            }
+            EventKind::SendMessage => {
+                let (username, group_name) = user_and_group()?;
+                Request::SendMessage {
+                    username,
+                    group_name,
+                    text: text_field(data)?,
+                }
+            }
+            EventKind::FetchMessages => {
+                let (username, group_name) = user_and_group()?;
+                Request::FetchMessages {
+                    username,
+                    group_name,
+                    page: page_fields(data)?,
+                }
+            }
+        })
+    }
+}
+
+fn bad_request(text: String) -> ProtocolError {
+    ProtocolError::new(ErrorCode::BadRequest, &text)
+}
+
+fn string_field<'a>(data: &'a Map<String, Value>, name: &str) -> Result<&'a str, ProtocolError> {
+    match data.get(name) {
+        Some(Value::String(text)) => Ok(text),
+        None | Some(Value::Null) => Err(bad_request(format!("Field '{name}' is missing."))),
+        Some(_) => Err(bad_request(format!("Field '{name}' must be a string."))),
+    }
+}
+
+fn name_field(data: &Map<String, Value>, name: &str) -> Result<String, ProtocolError> {
+    let text = string_field(data, name)?;
+    let chars = text.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS {
+        return Err(bad_request(format!(
+            "Field '{name}' must be 1-{MAX_NAME_CHARS} characters."
+        )));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(bad_request(format!(
+            "Field '{name}' must not contain control characters."
+        )));
+    }
+    Ok(text.to_string())
+}
+
+fn text_field(data: &Map<String, Value>) -> Result<String, ProtocolError> {
+    let text = string_field(data, "text")?;
+    if text.trim().is_empty() {
+        return Err(bad_request("Field 'text' must not be empty.".to_string()));
+    }
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return Err(bad_request(format!(
+            "Field 'text' must be at most {MAX_TEXT_CHARS} characters."
+        )));
+    }
+    Ok(text.to_string())
+}
+
+fn optional_count(data: &Map<String, Value>, name: &str) -> Result<Option<u64>, ProtocolError> {
+    match data.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad_request(format!("Field '{name}' must be a whole number >= 0."))),
+    }
+}
+
+fn page_fields(data: &Map<String, Value>) -> Result<PageQuery, ProtocolError> {
+    let limit = match optional_count(data, "limit") {
+        Ok(None) => DEFAULT_PAGE_LIMIT,
+        Ok(Some(limit)) if (1..=u64::from(MAX_PAGE_LIMIT)).contains(&limit) => limit as u32,
+        _ => {
+            return Err(bad_request(format!(
+                "Field 'limit' must be a whole number 1-{MAX_PAGE_LIMIT}."
+            )))
+        }
+    };
+    Ok(PageQuery {
+        before_seq: optional_count(data, "before_seq")?,
+        after_seq: optional_count(data, "after_seq")?,
+        limit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(line: &str) -> Result<Request, ProtocolError> {
+        decode_envelope(line.as_bytes())
+            .map_err(|r| r.error)?
+            .into_request()
+    }
+
+    fn code_of(line: &[u8]) -> ErrorCode {
+        match decode_envelope(line) {
+            Err(rejected) => rejected.error.code,
+            Ok(envelope) => {
+                envelope
+                    .into_request()
+                    .expect_err("should be rejected")
+                    .code
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_a_send_message() {
+        let request = decode(
+            r#"{"event":"send_message","data":{"username":"a","group_name":"g","text":"hi"}}"#,
+        );
+        assert_eq!(
+            request,
+            Ok(Request::SendMessage {
+                username: "a".into(),
+                group_name: "g".into(),
+                text: "hi".into()
+            })
+        );
+    }
+
+    #[test]
+    fn data_may_be_a_json_string() {
+        let request = decode(r#"{"event":"find_user","data":"{\"username\":\"bob\"}"}"#);
+        assert_eq!(
+            request,
+            Ok(Request::FindUser {
+                username: "bob".into()
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_right_code() {
+        assert_eq!(code_of(b"{nope"), ErrorCode::BadJson);
+        assert_eq!(code_of(b"\xff\xfe"), ErrorCode::BadJson);
+        assert_eq!(code_of(b"[1,2]"), ErrorCode::BadRequest);
+        assert_eq!(code_of(br#"{"event":"dance"}"#), ErrorCode::UnknownEvent);
+        assert_eq!(
+            code_of(br#"{"event":"find_user","data":{"username":{"$ne":null}}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(br#"{"event":"find_user","data":{"username":""}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(br#"{"event":"find_user","data":{"username":"a\u0001"}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(
+                br#"{"event":"fetch_messages","data":{"username":"a","group_name":"g","limit":0}}"#
+            ),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(br#"{"event":"ping","id":{"x":1}}"#),
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn name_limits_count_characters_not_bytes() {
+        let name = "é".repeat(MAX_NAME_CHARS);
+        let line = format!(r#"{{"event":"find_user","data":{{"username":"{name}"}}}}"#);
+        assert!(decode(&line).is_ok());
+        let line = format!(r#"{{"event":"find_user","data":{{"username":"{name}é"}}}}"#);
+        assert_eq!(
+            decode(&line).map_err(|e| e.code),
+            Err(ErrorCode::BadRequest)
+        );
+    }
+
+    #[test]
+    fn unknown_event_keeps_the_request_id() {
+        let rejected = decode_envelope(br#"{"event":"dance","id":7}"#).expect_err("unknown");
+        assert_eq!(rejected.id, Some(Value::from(7)));
+    }
+
+    #[test]
+    fn fetch_defaults_its_limit() {
+        let request = decode(
+            r#"{"event":"fetch_messages","data":{"username":"a","group_name":"g","after_seq":3}}"#,
+        );
+        let page = PageQuery {
+            before_seq: None,
+            after_seq: Some(3),
+            limit: DEFAULT_PAGE_LIMIT,
+        };
+        assert_eq!(
+            request,
+            Ok(Request::FetchMessages {
+                username: "a".into(),
+                group_name: "g".into(),
+                page
+            })
+        );
+    }
+}

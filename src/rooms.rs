@@ -1,0 +1,57 @@
+//! Room membership on this node: which connections are in which group's room right now.
+
+use std::collections::{HashMap, HashSet};
+
+use mio::Token;
+
+#[derive(Debug, Default)]
+pub struct Rooms {
+    by_group: HashMap<String, HashSet<Token>>,
+}
+
+impl Rooms {
+    pub fn enter(&mut self, group_name: &str, token: Token) {
+        self.by_group
+            .entry(group_name.to_string())
+            .or_default()
+            .insert(token);
+    }
+
+    pub fn leave(&mut self, group_name: &str, token: Token) {
+        if let Some(tokens) = self.by_group.get_mut(group_name) {
+            tokens.remove(&token);
+            if tokens.is_empty() {
+                self.by_group.remove(group_name);
+            }
+        }
+    }
+
+    /// The connections in a group's room (a snapshot, so the caller may change rooms meanwhile).
+    pub fn members(&self, group_name: &str) -> Vec<Token> {
+        self.by_group
+            .get(group_name)
+            .map(|tokens| tokens.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Groups whose room has at least one connection here.
+    pub fn occupied(&self) -> impl Iterator<Item = &str> {
+        self.by_group.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_rooms_disappear() {
+        let mut rooms = Rooms::default();
+        rooms.enter("g", Token(5));
+        rooms.enter("g", Token(6));
+        rooms.leave("g", Token(5));
+        assert_eq!(rooms.members("g"), vec![Token(6)]);
+        rooms.leave("g", Token(6));
+        assert_eq!(rooms.occupied().count(), 0);
+    }
+}

@@ -1,0 +1,377 @@
+//! The event loop: one mio `Poll` owns the listener and every client socket. It accepts, reads,
+//! hands requests to the session logic, submits store jobs to the workers, takes their
+//! completions (woken by the `mio::Waker`), broadcasts stored messages to rooms, and writes.
+//! Nothing on this thread blocks on a database.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::config::Config;
+use crate::connection::{Chunk, Connection, ReadState};
+use crate::model::Message;
+use crate::protocol::{encode_broadcast, encode_failure, ErrorCode, ProtocolError};
+use crate::rooms::Rooms;
+use crate::session::{self, Effect, Plan};
+use crate::store::Store;
+use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONNECTION: usize = 2;
+/// Framed requests a connection may have waiting before the loop stops reading its socket.
+const MAX_INBOX: usize = 256;
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// How long shutdown waits for in-flight work and unsent output.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// The event loop and everything it owns.
+pub struct Server {
+    config: Config,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    waker: Arc<Waker>,
+    connections: HashMap<Token, Connection>,
+    rooms: Rooms,
+    pool: Option<WorkerPool>,
+    completions: Receiver<Completion>,
+    stop_requested: Arc<AtomicBool>,
+    draining_since: Option<Instant>,
+    next_token: usize,
+    touched: Vec<Token>,
+    read_buffer: Vec<u8>,
+}
+
+impl Server {
+    /// Binds the listener and starts the store workers.
+    pub fn start(config: Config, stores: Vec<Box<dyn Store>>) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(config.listen_addr())?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (done, completions) = crossbeam_channel::unbounded();
+        let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout)?;
+        Ok(Server {
+            config,
+            poll,
+            listener: Some(listener),
+            waker,
+            connections: HashMap::new(),
+            rooms: Rooms::default(),
+            pool: Some(pool),
+            completions,
+            stop_requested: Arc::new(AtomicBool::new(false)),
+            draining_since: None,
+            next_token: FIRST_CONNECTION,
+            touched: Vec::new(),
+            read_buffer: vec![0; READ_BUFFER_BYTES],
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// A flag and waker that make the loop shut down gracefully when set (from a signal thread).
+    pub fn stop_handle(&self) -> (Arc<AtomicBool>, Arc<Waker>) {
+        (self.stop_requested.clone(), self.waker.clone())
+    }
+
+    /// Runs until a graceful shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.draining_since.map(|_| Duration::from_millis(50));
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    token => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read_from(token);
+                        }
+                        self.touched.push(token);
+                    }
+                }
+            }
+            self.take_completions();
+            self.service_touched();
+            if self.shutdown_step() {
+                break;
+            }
+        }
+        if let Some(pool) = self.pool.take() {
+            pool.shutdown();
+        }
+        log::info!("stopped");
+        Ok(())
+    }
+
+    /// Starts draining on a stop request; true once draining is complete.
+    fn shutdown_step(&mut self) -> bool {
+        if self.draining_since.is_none() && self.stop_requested.load(Ordering::SeqCst) {
+            log::info!("shutting down: no new connections, finishing work in flight");
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+            self.draining_since = Some(Instant::now());
+        }
+        let Some(since) = self.draining_since else {
+            return false;
+        };
+        let idle = self
+            .connections
+            .values()
+            .all(|c| c.awaiting.is_none() && c.pending_output() == 0);
+        if !idle && since.elapsed() < DRAIN_LIMIT {
+            return false;
+        }
+        if !idle {
+            log::warn!("shutdown: gave up waiting for slow clients");
+        }
+        true
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((socket, peer)) => self.admit(socket, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr) {
+        if self.connections.len() >= self.config.max_connections {
+            log::warn!(
+                "refusing {peer}: MAX_CONNECTIONS ({}) reached",
+                self.config.max_connections
+            );
+            let error =
+                ProtocolError::new(ErrorCode::Unavailable, "Server is at its connection limit.");
+            let _ = socket.write(&encode_failure(&error.into(), None));
+            return;
+        }
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        if let Err(e) = self.poll.registry().register(
+            &mut socket,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("cannot register {peer}: {e}");
+            return;
+        }
+        let _ = socket.set_nodelay(true);
+        log::debug!("connection {} from {peer}", token.0);
+        self.connections.insert(
+            token,
+            Connection::new(socket, peer, self.config.max_line_bytes),
+        );
+    }
+
+    fn read_from(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        if let Err(e) = connection.read_available(&mut self.read_buffer, MAX_INBOX) {
+            log::debug!("read from {} failed: {e}", connection.peer);
+            connection.doomed = true;
+        }
+    }
+
+    fn take_completions(&mut self) {
+        while let Ok(completion) = self.completions.try_recv() {
+            self.complete(completion);
+        }
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let Completion {
+            requester,
+            op,
+            result,
+        } = completion;
+        if let Ok(StoreOutput::Stored(message)) = &result {
+            self.broadcast(message, requester);
+        }
+        let Requester::Connection(token) = requester else {
+            if let Err(error) = result {
+                log::warn!("background store job {op:?} failed: {error}");
+            }
+            return;
+        };
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let id = connection.awaiting.take().flatten();
+        let (reply, effect) = session::complete(op, result, id.as_ref());
+        connection.queue(Chunk::Owned(reply));
+        self.apply(token, effect);
+        self.touched.push(token);
+    }
+
+    /// Sends a stored message to every connection in its room but the sender (who gets the reply).
+    fn broadcast(&mut self, message: &Message, sender: Requester) {
+        let members = self.rooms.members(&message.group_name);
+        if members.is_empty() {
+            return;
+        }
+        let line = Rc::new(encode_broadcast(message));
+        for token in members {
+            if sender == Requester::Connection(token) {
+                continue;
+            }
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            if !session::receives(&connection.session, message) {
+                continue;
+            }
+            if connection.queue(Chunk::Shared(line.clone())) > self.config.max_output_bytes
+                && !connection.doomed
+            {
+                log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", connection.peer);
+                connection.doomed = true;
+            }
+            self.touched.push(token);
+        }
+    }
+
+    fn apply(&mut self, token: Token, effect: Effect) {
+        match effect {
+            Effect::None => {}
+            Effect::Bind(username) => {
+                if let Some(connection) = self.connections.get_mut(&token) {
+                    connection.session.username = Some(username);
+                }
+            }
+            Effect::EnterRoom(room) => {
+                let Some(connection) = self.connections.get_mut(&token) else {
+                    return;
+                };
+                if let Some(old) = connection.session.room.take() {
+                    self.rooms.leave(&old.group_name, token);
+                }
+                self.rooms.enter(&room.group_name, token);
+                connection.session.room = Some(room);
+            }
+            Effect::LeftGroup {
+                username,
+                group_name,
+            } => {
+                for member in self.rooms.members(&group_name) {
+                    let Some(connection) = self.connections.get_mut(&member) else {
+                        continue;
+                    };
+                    if connection.session.username.as_deref() == Some(username.as_str()) {
+                        connection.session.room = None;
+                        self.rooms.leave(&group_name, member);
+                    }
+                }
+            }
+        }
+    }
+
+    fn service_touched(&mut self) {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for &token in &touched {
+            self.service(token);
+        }
+        touched.clear();
+        self.touched = touched;
+    }
+
+    /// Handles waiting requests, writes pending output, and closes the connection when done.
+    fn service(&mut self, token: Token) {
+        let draining = self.draining_since.is_some();
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        while !draining && !connection.doomed {
+            while connection.awaiting.is_none()
+                && connection.pending_output() <= self.config.max_output_bytes
+            {
+                let Some(frame) = connection.next_frame() else {
+                    break;
+                };
+                match session::plan(&connection.session, frame) {
+                    Plan::Reply(line) => {
+                        connection.queue(Chunk::Owned(line));
+                    }
+                    Plan::Store { op, id } => {
+                        connection.awaiting = Some(id);
+                        if let Some(pool) = self.pool.as_mut() {
+                            pool.submit(Requester::Connection(token), op);
+                        }
+                    }
+                }
+            }
+            let has_room = connection.inbox_len() < MAX_INBOX / 2;
+            if connection.read_state != ReadState::Paused || !has_room {
+                break;
+            }
+            if let Err(e) = connection.read_available(&mut self.read_buffer, MAX_INBOX) {
+                log::debug!("read from {} failed: {e}", connection.peer);
+                connection.doomed = true;
+            }
+        }
+        if let Err(e) = connection.flush() {
+            log::debug!("write to {} failed: {e}", connection.peer);
+            connection.doomed = true;
+        }
+        if connection.doomed || connection.finished() {
+            self.close(token);
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        let Some(mut connection) = self.connections.remove(&token) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut connection.socket);
+        log::debug!("connection {} from {} closed", token.0, connection.peer);
+        let (Some(username), Some(room)) = (connection.session.username, connection.session.room)
+        else {
+            return;
+        };
+        self.rooms.leave(&room.group_name, token);
+        if let Some(pool) = self.pool.as_mut() {
+            pool.submit(
+                Requester::Server,
+                StoreOp::MarkRead {
+                    username,
+                    group_name: room.group_name,
+                },
+            );
+        }
+    }
+}

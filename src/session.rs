@@ -1,0 +1,362 @@
+//! Per-connection request handling: what one framed request line becomes (an immediate reply or
+//! a store job), and what a finished store job becomes (a reply and its effect on the session).
+//!
+//! Pure functions over the session state; the event loop applies the effects.
+
+use serde_json::Value;
+
+use crate::framing::Frame;
+use crate::model::{now_timestamp, Message, NewMessage};
+use crate::protocol::{
+    decode_envelope, encode_failure, encode_reply, ErrorCode, EventError, Failure, ProtocolError,
+    Reply, Request,
+};
+use crate::store::StoreError;
+use crate::workers::{StoreOp, StoreOutput};
+
+/// The room a connection is in, and the newest `seq` it already has from history: live
+/// broadcasts at or below it are not sent again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub group_name: String,
+    pub floor_seq: u64,
+}
+
+/// What a connection is logged in as and where it is.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub username: Option<String>,
+    pub room: Option<Room>,
+}
+
+impl Session {
+    pub fn room_name(&self) -> Option<&str> {
+        self.room.as_ref().map(|room| room.group_name.as_str())
+    }
+}
+
+/// What to do with one request line.
+#[derive(Debug)]
+pub enum Plan {
+    /// Answer now with this line.
+    Reply(Vec<u8>),
+    /// Run this store job; its completion produces the reply.
+    Store { op: StoreOp, id: Option<Value> },
+}
+
+/// How a finished job changes the connection's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    Bind(String),
+    EnterRoom(Room),
+    /// The user left the group: every connection of this user in that room leaves it.
+    LeftGroup {
+        username: String,
+        group_name: String,
+    },
+}
+
+/// Plans one framed request.
+pub fn plan(session: &Session, frame: Frame) -> Plan {
+    let line = match frame {
+        Frame::Line(line) => line,
+        Frame::TooLong => {
+            let error = ProtocolError::new(ErrorCode::LineTooLong, "Request line is too long.");
+            return Plan::Reply(encode_failure(&error.into(), None));
+        }
+    };
+    let envelope = match decode_envelope(&line) {
+        Ok(envelope) => envelope,
+        Err(rejected) => {
+            return Plan::Reply(encode_failure(&rejected.error.into(), rejected.id.as_ref()))
+        }
+    };
+    let id = envelope.id.clone();
+    match check_and_plan(session, envelope) {
+        Ok(Planned::Now(reply)) => Plan::Reply(encode_reply(&reply, id.as_ref())),
+        Ok(Planned::Later(op)) => Plan::Store { op, id },
+        Err(failure) => Plan::Reply(encode_failure(&failure, id.as_ref())),
+    }
+}
+
+enum Planned {
+    Now(Reply),
+    Later(StoreOp),
+}
+
+fn check_and_plan(
+    session: &Session,
+    envelope: crate::protocol::Envelope,
+) -> Result<Planned, Failure> {
+    if session.username.is_none() && !envelope.kind.allowed_before_login() {
+        return Err(
+            ProtocolError::new(ErrorCode::NotLoggedIn, "Log in with find_user first.").into(),
+        );
+    }
+    let request = envelope.into_request()?;
+    if let (Some(bound), Some(named)) = (&session.username, request.username()) {
+        if bound != named {
+            let text = "Username does not match the logged-in user.";
+            return Err(ProtocolError::new(ErrorCode::Forbidden, text).into());
+        }
+    }
+    Ok(match request {
+        Request::Ping => Planned::Now(Reply::Pong {
+            time: now_timestamp(),
+        }),
+        Request::FindUser { username } => Planned::Later(StoreOp::FindUser { username }),
+        Request::ListGroups => Planned::Later(StoreOp::ListGroups),
+        Request::CreateGroup {
+            username,
+            group_name,
+        } => Planned::Later(StoreOp::CreateGroup {
+            username,
+            group_name,
+        }),
+        Request::JoinGroup {
+            username,
+            group_name,
+        } => Planned::Later(StoreOp::JoinGroup {
+            username,
+            group_name,
+        }),
+        Request::LeaveGroup {
+            username,
+            group_name,
+        } => Planned::Later(StoreOp::LeaveGroup {
+            username,
+            group_name,
+        }),
+        Request::SendMessage {
+            username,
+            group_name,
+            text,
+        } => Planned::Later(StoreOp::SendMessage(NewMessage {
+            group_name,
+            username,
+            text,
+        })),
+        Request::VisitGroup {
+            username,
+            group_name,
+        } => {
+            if session.room_name() == Some(group_name.as_str()) {
+                return Err(EventError::AlreadyInTheGroup.into());
+            }
+            let leaving = session.room_name().map(str::to_string);
+            Planned::Later(StoreOp::VisitGroup {
+                username,
+                group_name,
+                leaving,
+            })
+        }
+        Request::EnterGroup {
+            username,
+            group_name,
+        } => {
+            let leaving = session
+                .room_name()
+                .filter(|room| *room != group_name)
+                .map(str::to_string);
+            Planned::Later(StoreOp::EnterGroup {
+                username,
+                group_name,
+                leaving,
+            })
+        }
+        Request::FetchMessages {
+            username,
+            group_name,
+            page,
+        } => Planned::Later(StoreOp::FetchMessages {
+            username,
+            group_name,
+            page,
+        }),
+    })
+}
+
+/// Turns a finished job into the reply line for the requester and the session effect.
+pub fn complete(
+    op: StoreOp,
+    result: Result<StoreOutput, StoreError>,
+    id: Option<&Value>,
+) -> (Vec<u8>, Effect) {
+    match result.map(|output| success(op, output)) {
+        Ok((reply, effect)) => (encode_reply(&reply, id), effect),
+        Err(error) => (encode_failure(&failure_of(error), id), Effect::None),
+    }
+}
+
+fn success(op: StoreOp, output: StoreOutput) -> (Reply, Effect) {
+    match (op, output) {
+        (StoreOp::FindUser { username }, StoreOutput::User { profile, created }) => {
+            let reply = if created {
+                Reply::UserCreated(profile)
+            } else {
+                Reply::UserFound(profile)
+            };
+            (reply, Effect::Bind(username))
+        }
+        (_, StoreOutput::GroupCreated(group)) => (Reply::GroupCreated(group), Effect::None),
+        (_, StoreOutput::Joined(group)) => (Reply::JoinSuccess(group), Effect::None),
+        (
+            StoreOp::LeaveGroup {
+                username,
+                group_name,
+            },
+            StoreOutput::Left(group),
+        ) => (
+            Reply::LeaveSuccess(group),
+            Effect::LeftGroup {
+                username,
+                group_name,
+            },
+        ),
+        (_, StoreOutput::Stored(message)) => (Reply::MessageSent(message), Effect::None),
+        (
+            StoreOp::VisitGroup {
+                username,
+                group_name,
+                ..
+            },
+            StoreOutput::Visited(visit),
+        ) => {
+            let room = Room {
+                group_name: group_name.clone(),
+                floor_seq: visit.head_seq,
+            };
+            let reply = Reply::UserVisited {
+                username,
+                group_name,
+                last_read: visit.last_read,
+            };
+            (reply, Effect::EnterRoom(room))
+        }
+        (StoreOp::EnterGroup { group_name, .. }, StoreOutput::Entered(history)) => {
+            let room = Room {
+                group_name: group_name.clone(),
+                floor_seq: history.head_seq,
+            };
+            (
+                Reply::EnterGroup {
+                    group_name,
+                    history,
+                },
+                Effect::EnterRoom(room),
+            )
+        }
+        (StoreOp::FetchMessages { group_name, .. }, StoreOutput::Page(page)) => {
+            (Reply::Messages { group_name, page }, Effect::None)
+        }
+        (_, StoreOutput::Groups(groups)) => (Reply::Groups(groups), Effect::None),
+        (op, output) => {
+            log::error!("store answered {op:?} with {output:?}");
+            (
+                Reply::Pong {
+                    time: now_timestamp(),
+                },
+                Effect::None,
+            )
+        }
+    }
+}
+
+/// The error reply for a store error.
+pub fn failure_of(error: StoreError) -> Failure {
+    match error {
+        StoreError::UserNotFound => EventError::NameNotFound.into(),
+        StoreError::GroupExists => EventError::GroupAlreadyCreated.into(),
+        StoreError::GroupNotFound => EventError::GroupNotFound.into(),
+        StoreError::NotAMember => EventError::NotAMember.into(),
+        StoreError::Unavailable(_) => ProtocolError::new(
+            ErrorCode::Unavailable,
+            "The store is unavailable; nothing was stored.",
+        )
+        .into(),
+    }
+}
+
+/// Whether a stored message goes live to a connection in this session.
+pub fn receives(session: &Session, message: &Message) -> bool {
+    matches!(&session.room, Some(room) if room.group_name == message.group_name && message.seq > room.floor_seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_line(session: &Session, line: &str) -> Plan {
+        plan(session, Frame::Line(line.as_bytes().to_vec()))
+    }
+
+    fn reply_json(plan: Plan) -> Value {
+        match plan {
+            Plan::Reply(bytes) => serde_json::from_slice(&bytes).expect("reply is json"),
+            Plan::Store { op, .. } => panic!("expected an immediate reply, got job {op:?}"),
+        }
+    }
+
+    fn logged_in(name: &str) -> Session {
+        Session {
+            username: Some(name.into()),
+            room: None,
+        }
+    }
+
+    #[test]
+    fn events_before_login_are_refused_but_ping_works() {
+        let session = Session::default();
+        let reply = reply_json(plan_line(&session, r#"{"event":"list_groups","id":1}"#));
+        assert_eq!(reply["data"]["code"], "not_logged_in");
+        assert_eq!(reply["id"], 1);
+        let reply = reply_json(plan_line(&session, r#"{"event":"ping"}"#));
+        assert_eq!(reply["event"], "pong");
+    }
+
+    #[test]
+    fn acting_for_someone_else_is_forbidden() {
+        let line = r#"{"event":"join_group","data":{"username":"mallory","group_name":"g"}}"#;
+        let reply = reply_json(plan_line(&logged_in("alice"), line));
+        assert_eq!(reply["data"]["code"], "forbidden");
+    }
+
+    #[test]
+    fn visiting_the_current_room_is_already_in_the_group() {
+        let mut session = logged_in("alice");
+        session.room = Some(Room {
+            group_name: "g".into(),
+            floor_seq: 0,
+        });
+        let line = r#"{"event":"visit_group","data":{"username":"alice","group_name":"g"}}"#;
+        let reply = reply_json(plan_line(&session, line));
+        assert_eq!(reply["event"], "already_in_the_group");
+        assert_eq!(
+            reply["data"]["Error"],
+            "User is already in selected chatroom."
+        );
+    }
+
+    #[test]
+    fn broadcasts_skip_messages_already_in_history() {
+        let mut session = logged_in("alice");
+        session.room = Some(Room {
+            group_name: "g".into(),
+            floor_seq: 5,
+        });
+        let mut message = Message {
+            id: String::new(),
+            group_name: "g".into(),
+            username: "bob".into(),
+            text: "x".into(),
+            timestamp: String::new(),
+            seq: 5,
+        };
+        assert!(!receives(&session, &message));
+        message.seq = 6;
+        assert!(receives(&session, &message));
+        message.group_name = "other".into();
+        assert!(!receives(&session, &message));
+    }
+}

@@ -1,0 +1,345 @@
+//! Database worker threads: take store jobs over crossbeam channels, run them on their own
+//! `Store`, and hand completions back to the event loop through a channel and the `mio::Waker`.
+//!
+//! Jobs that name a group always go to the same worker, so one node stores and reports a group's
+//! messages in `seq` order. A worker drains its queue and stores all waiting messages in one
+//! commit (group commit).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::{Token, Waker};
+
+use crate::model::{
+    CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, NewMessage,
+    PageQuery, UserProfile, Visit,
+};
+use crate::store::{Store, StoreError};
+
+/// Most jobs a worker takes from its queue in one round.
+const MAX_BATCH: usize = 512;
+
+/// A store operation requested by the event loop.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    FindUser {
+        username: String,
+    },
+    CreateGroup {
+        username: String,
+        group_name: String,
+    },
+    JoinGroup {
+        username: String,
+        group_name: String,
+    },
+    LeaveGroup {
+        username: String,
+        group_name: String,
+    },
+    SendMessage(NewMessage),
+    VisitGroup {
+        username: String,
+        group_name: String,
+        leaving: Option<String>,
+    },
+    EnterGroup {
+        username: String,
+        group_name: String,
+        leaving: Option<String>,
+    },
+    MarkRead {
+        username: String,
+        group_name: String,
+    },
+    FetchMessages {
+        username: String,
+        group_name: String,
+        page: PageQuery,
+    },
+    ListGroups,
+    MessagesAfter {
+        group_name: String,
+        after_seq: u64,
+        limit: u32,
+    },
+}
+
+impl StoreOp {
+    /// The key that picks the worker: the group when there is one.
+    fn routing_key(&self) -> Option<&str> {
+        match self {
+            StoreOp::CreateGroup { group_name, .. }
+            | StoreOp::JoinGroup { group_name, .. }
+            | StoreOp::LeaveGroup { group_name, .. }
+            | StoreOp::VisitGroup { group_name, .. }
+            | StoreOp::EnterGroup { group_name, .. }
+            | StoreOp::MarkRead { group_name, .. }
+            | StoreOp::FetchMessages { group_name, .. }
+            | StoreOp::MessagesAfter { group_name, .. } => Some(group_name),
+            StoreOp::SendMessage(message) => Some(&message.group_name),
+            StoreOp::FindUser { username } => Some(username),
+            StoreOp::ListGroups => None,
+        }
+    }
+}
+
+/// What a store operation produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutput {
+    User { profile: UserProfile, created: bool },
+    GroupCreated(CreatedGroup),
+    Joined(GroupRef),
+    Left(GroupRef),
+    Stored(Message),
+    Visited(Visit),
+    Entered(GroupHistory),
+    Page(MessagePage),
+    Groups(Vec<GroupSummary>),
+    Messages(Vec<Message>),
+    Done,
+}
+
+/// Who asked: a connection's token, or the server itself (peer recovery, bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requester {
+    Connection(Token),
+    Server,
+}
+
+/// A job on its way to a worker.
+#[derive(Debug)]
+pub struct Job {
+    pub requester: Requester,
+    pub op: StoreOp,
+    pub queued_at: Instant,
+}
+
+/// A finished job on its way back to the event loop.
+#[derive(Debug)]
+pub struct Completion {
+    pub requester: Requester,
+    pub op: StoreOp,
+    pub result: Result<StoreOutput, StoreError>,
+}
+
+/// Handle the event loop uses to submit jobs.
+pub struct WorkerPool {
+    queues: Vec<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+    next: usize,
+}
+
+impl WorkerPool {
+    /// Starts one thread per store; completions go to `done` and wake `waker`.
+    pub fn start(
+        stores: Vec<Box<dyn Store>>,
+        done: Sender<Completion>,
+        waker: Arc<Waker>,
+        timeout: Duration,
+    ) -> std::io::Result<WorkerPool> {
+        let mut queues = Vec::new();
+        let mut threads = Vec::new();
+        for (index, store) in stores.into_iter().enumerate() {
+            let (sender, receiver) = crossbeam_channel::unbounded();
+            let worker = Worker {
+                store,
+                jobs: receiver,
+                done: done.clone(),
+                waker: waker.clone(),
+                timeout,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("store-{index}"))
+                .spawn(move || worker.run())?;
+            queues.push(sender);
+            threads.push(thread);
+        }
+        Ok(WorkerPool {
+            queues,
+            threads,
+            next: 0,
+        })
+    }
+
+    /// Queues a job; never blocks.
+    pub fn submit(&mut self, requester: Requester, op: StoreOp) {
+        let index = match op.routing_key() {
+            Some(key) => {
+                let mut hasher = DefaultHasher::new();
+                key.hash(&mut hasher);
+                (hasher.finish() % self.queues.len() as u64) as usize
+            }
+            None => {
+                self.next = (self.next + 1) % self.queues.len();
+                self.next
+            }
+        };
+        let job = Job {
+            requester,
+            op,
+            queued_at: Instant::now(),
+        };
+        if let Err(error) = self.queues[index].send(job) {
+            log::error!(
+                "store worker {index} has stopped; job dropped: {:?}",
+                error.0.op
+            );
+        }
+    }
+
+    /// Closes the queues and waits for the workers to finish what they hold.
+    pub fn shutdown(self) {
+        drop(self.queues);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Worker {
+    store: Box<dyn Store>,
+    jobs: Receiver<Job>,
+    done: Sender<Completion>,
+    waker: Arc<Waker>,
+    timeout: Duration,
+}
+
+impl Worker {
+    fn run(mut self) {
+        while let Ok(first) = self.jobs.recv() {
+            let mut batch = vec![first];
+            batch.extend(self.jobs.try_iter().take(MAX_BATCH - 1));
+            self.run_batch(batch);
+            if let Err(error) = self.waker.wake() {
+                log::error!("cannot wake the event loop: {error}");
+            }
+        }
+    }
+
+    /// Runs a batch in order, storing each run of consecutive messages in one commit.
+    fn run_batch(&mut self, batch: Vec<Job>) {
+        let mut messages: Vec<Job> = Vec::new();
+        for job in batch {
+            if matches!(job.op, StoreOp::SendMessage(_)) {
+                messages.push(job);
+                continue;
+            }
+            self.store_messages(std::mem::take(&mut messages));
+            let result = if self.expired(&job) {
+                Err(expired())
+            } else {
+                execute(self.store.as_mut(), &job.op)
+            };
+            self.finish(job, result);
+        }
+        self.store_messages(messages);
+    }
+
+    fn store_messages(&mut self, jobs: Vec<Job>) {
+        let (stale, fresh): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|job| self.expired(job));
+        for job in stale {
+            self.finish(job, Err(expired()));
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let batch: Vec<NewMessage> = fresh
+            .iter()
+            .filter_map(|job| match &job.op {
+                StoreOp::SendMessage(message) => Some(message.clone()),
+                _ => None,
+            })
+            .collect();
+        let results = self.store.append_messages(&batch);
+        for (job, result) in fresh.into_iter().zip(results) {
+            self.finish(job, result.map(StoreOutput::Stored));
+        }
+    }
+
+    /// A job that waited longer than the store timeout is answered `unavailable` unrun.
+    fn expired(&self, job: &Job) -> bool {
+        job.queued_at.elapsed() > self.timeout
+    }
+
+    fn finish(&self, job: Job, result: Result<StoreOutput, StoreError>) {
+        if let Err(StoreError::Unavailable(reason)) = &result {
+            log::warn!("store call failed: {reason}");
+        }
+        let completion = Completion {
+            requester: job.requester,
+            op: job.op,
+            result,
+        };
+        if self.done.send(completion).is_err() {
+            log::debug!("event loop gone; completion dropped");
+        }
+    }
+}
+
+fn expired() -> StoreError {
+    StoreError::Unavailable("request waited longer than STORE_TIMEOUT_MS".into())
+}
+
+/// Runs one non-batched operation.
+fn execute(store: &mut dyn Store, op: &StoreOp) -> Result<StoreOutput, StoreError> {
+    Ok(match op {
+        StoreOp::FindUser { username } => {
+            let (profile, created) = store.find_or_create_user(username)?;
+            StoreOutput::User { profile, created }
+        }
+        StoreOp::CreateGroup {
+            username,
+            group_name,
+        } => StoreOutput::GroupCreated(store.create_group(username, group_name)?),
+        StoreOp::JoinGroup {
+            username,
+            group_name,
+        } => StoreOutput::Joined(store.join_group(username, group_name)?),
+        StoreOp::LeaveGroup {
+            username,
+            group_name,
+        } => StoreOutput::Left(store.leave_group(username, group_name)?),
+        StoreOp::SendMessage(message) => {
+            let mut results = store.append_messages(std::slice::from_ref(message));
+            StoreOutput::Stored(
+                results
+                    .pop()
+                    .unwrap_or_else(|| Err(StoreError::Unavailable("no result".into())))?,
+            )
+        }
+        StoreOp::VisitGroup {
+            username,
+            group_name,
+            leaving,
+        } => StoreOutput::Visited(store.visit_group(username, group_name, leaving.as_deref())?),
+        StoreOp::EnterGroup {
+            username,
+            group_name,
+            leaving,
+        } => StoreOutput::Entered(store.enter_group(username, group_name, leaving.as_deref())?),
+        StoreOp::MarkRead {
+            username,
+            group_name,
+        } => {
+            store.mark_read(username, group_name)?;
+            StoreOutput::Done
+        }
+        StoreOp::FetchMessages {
+            username,
+            group_name,
+            page,
+        } => StoreOutput::Page(store.fetch_messages(username, group_name, *page)?),
+        StoreOp::ListGroups => StoreOutput::Groups(store.list_groups()?),
+        StoreOp::MessagesAfter {
+            group_name,
+            after_seq,
+            limit,
+        } => StoreOutput::Messages(store.messages_after(group_name, *after_seq, *limit)?),
+    })
+}
