@@ -1,0 +1,322 @@
+//! Test harness: starts the real `noomnim` binary on an ephemeral port and talks to it over TCP.
+//!
+//! Backends: `Backend::Embedded` uses a fresh temporary `DATA_DIR`; `Backend::Mongo` uses a fresh
+//! database on the server named by `NOOMNIM_TEST_MONGODB_URI` (started by `.ci/run` or
+//! `tools/services.sh`). The `backend_tests!` macro runs one test body against both.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_noomnim");
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Mongo,
+}
+
+/// Where a server keeps its data; shared by restarts of "the same" server.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+    pub mongo_db: String,
+}
+
+impl Storage {
+    pub fn new(backend: Backend) -> Storage {
+        let name = unique("noomnim_test");
+        Storage {
+            backend,
+            data_dir: std::env::temp_dir().join(&name),
+            mongo_db: name,
+        }
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        match self.backend {
+            Backend::Embedded => vec![("DATA_DIR".into(), self.data_dir.display().to_string())],
+            Backend::Mongo => vec![
+                ("MONGODB_URI".into(), mongo_uri()),
+                ("MONGODB_DB".into(), self.mongo_db.clone()),
+            ],
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// The test MongoDB; tests of the Mongo backend fail loudly without it.
+pub fn mongo_uri() -> String {
+    std::env::var("NOOMNIM_TEST_MONGODB_URI").unwrap_or_else(|_| {
+        panic!("NOOMNIM_TEST_MONGODB_URI is not set: start the test services with tools/services.sh (bash .ci/run does)")
+    })
+}
+
+/// The test Redis.
+pub fn redis_url() -> String {
+    std::env::var("NOOMNIM_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!("NOOMNIM_TEST_REDIS_URL is not set: start the test services with tools/services.sh (bash .ci/run does)")
+    })
+}
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    pub fn start(storage: &Storage) -> Server {
+        Server::start_with(storage, &[])
+    }
+
+    pub fn start_with(storage: &Storage, extra: &[(&str, &str)]) -> Server {
+        let mut env = storage.env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Server::spawn(&env)
+    }
+
+    /// Spawns the binary with exactly this environment (plus PATH) and waits for "listening on".
+    pub fn spawn(env: &[(String, String)]) -> Server {
+        let mut command = Command::new(BINARY);
+        command
+            .env_clear()
+            .env("PORT", "0")
+            .env("LOG_LEVEL", "info");
+        command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn noomnim");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (found, addr_rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = found.send(addr);
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log: {:?}",
+                    log.lock().expect("log lock")
+                );
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// A logged-in client.
+    pub fn login(&self, username: &str) -> Client {
+        let mut client = self.connect();
+        let reply = client.request("find_user", json!({ "username": username }));
+        assert!(
+            reply["event"] == "user_created" || reply["event"] == "user_found",
+            "login failed: {reply}"
+        );
+        client
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(self.child.id(), "TERM");
+        wait_for_exit(&mut self.child, Duration::from_secs(15))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false),
+        "kill -{name} {pid} failed"
+    );
+}
+
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A line-oriented test client.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Client {
+            stream,
+            reader,
+            next_id: 1,
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    pub fn send(&mut self, line: &Value) {
+        let mut bytes = serde_json::to_vec(line).expect("encode");
+        bytes.push(b'\n');
+        self.send_raw(&bytes);
+    }
+
+    /// The next line from the server, parsed.
+    pub fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => panic!("server closed the connection"),
+            Ok(_) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("bad server line {line:?}: {e}")),
+            Err(e) => panic!("no line from server: {e}"),
+        }
+    }
+
+    /// Like `recv`, but `None` if nothing arrives within `wait`.
+    pub fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        self.stream.set_read_timeout(Some(wait)).expect("timeout");
+        let mut line = String::new();
+        let got = self.reader.read_line(&mut line);
+        self.stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .expect("timeout");
+        match got {
+            Ok(n) if n > 0 => Some(serde_json::from_str(&line).expect("server line is json")),
+            _ => None,
+        }
+    }
+
+    /// Sends a request with a fresh id and returns its reply (skipping broadcasts before it).
+    pub fn request(&mut self, event: &str, data: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({ "event": event, "data": data, "id": id }));
+        loop {
+            let line = self.recv();
+            if line.get("id") == Some(&json!(id)) {
+                return line;
+            }
+            assert!(
+                line["event"] == "message_sent" && line.get("id").is_none(),
+                "unexpected line {line}"
+            );
+        }
+    }
+
+    /// Reads until the peer closes; true if it did within `wait`.
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
+        self.stream.set_read_timeout(Some(wait)).expect("timeout");
+        let mut sink = [0u8; 65536];
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            match self.reader.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// Shorthand for `{"username": u, "group_name": g}`.
+pub fn ug(username: &str, group_name: &str) -> Value {
+    json!({ "username": username, "group_name": group_name })
+}
+
+/// Shorthand for a `send_message` data object.
+pub fn msg(username: &str, group_name: &str, text: &str) -> Value {
+    json!({ "username": username, "group_name": group_name, "text": text })
+}
+
+/// Generates `embedded::NAME` and `mongo::NAME` tests calling `NAME(Backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Embedded) } )*
+        }
+        mod mongo {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Mongo) } )*
+        }
+    };
+}
