@@ -44,11 +44,6 @@ impl LineFramer {
         }
     }
 
-    /// Bytes of an unfinished line held right now.
-    pub fn buffered(&self) -> usize {
-        self.partial.len()
-    }
-
     fn take_piece(&mut self, piece: &[u8], out: &mut impl Extend<Frame>) {
         if self.discarding {
             return;

@@ -15,19 +15,25 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::connection::{Chunk, Connection, ReadState};
 use crate::model::Message;
+use crate::peer::{channel_for, PeerEvent, PeerLink};
 use crate::protocol::{encode_broadcast, encode_failure, ErrorCode, ProtocolError};
 use crate::rooms::Rooms;
+use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH};
 use crate::session::{self, Effect, Plan};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONNECTION: usize = 2;
 /// Framed requests a connection may have waiting before the loop stops reading its socket.
+/// The kernel send buffer of each client socket. Fixed (not autotuned up to 4 MiB) so that a
+/// client that stops reading is noticed by the `MAX_OUTPUT_BYTES` bound soon, and so that the
+/// memory a slow client can pin is bounded.
+const KERNEL_SEND_BUFFER_BYTES: usize = 128 * 1024;
 const MAX_INBOX: usize = 256;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How long shutdown waits for in-flight work and unsent output.
@@ -41,6 +47,9 @@ pub struct Server {
     waker: Arc<Waker>,
     connections: HashMap<Token, Connection>,
     rooms: Rooms,
+    sequencer: Sequencer,
+    peer: Option<PeerLink>,
+    peer_link_up: bool,
     pool: Option<WorkerPool>,
     completions: Receiver<Completion>,
     stop_requested: Arc<AtomicBool>,
@@ -60,6 +69,15 @@ impl Server {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (done, completions) = crossbeam_channel::unbounded();
         let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout)?;
+        let peer = match (&config.store, config.peer) {
+            (StoreKind::Mongo { database, .. }, true) => Some(PeerLink::start(
+                &config.redis_url,
+                &channel_for(database),
+                &config.node_id,
+                waker.clone(),
+            )?),
+            _ => None,
+        };
         Ok(Server {
             config,
             poll,
@@ -67,6 +85,9 @@ impl Server {
             waker,
             connections: HashMap::new(),
             rooms: Rooms::default(),
+            sequencer: Sequencer::default(),
+            peer,
+            peer_link_up: false,
             pool: Some(pool),
             completions,
             stop_requested: Arc::new(AtomicBool::new(false)),
@@ -93,7 +114,7 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.draining_since.map(|_| Duration::from_millis(50));
+            let timeout = self.poll_timeout();
             if let Err(error) = self.poll.poll(&mut events, timeout) {
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -113,6 +134,8 @@ impl Server {
                 }
             }
             self.take_completions();
+            self.take_peer_events();
+            self.start_catch_ups();
             self.service_touched();
             if self.shutdown_step() {
                 break;
@@ -121,8 +144,24 @@ impl Server {
         if let Some(pool) = self.pool.take() {
             pool.shutdown();
         }
+        if let Some(peer) = self.peer.take() {
+            peer.shutdown();
+        }
         log::info!("stopped");
         Ok(())
+    }
+
+    /// How long the next poll may sleep: until a catch-up read falls due, or briefly while draining.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let catch_up = self
+            .sequencer
+            .next_deadline()
+            .map(|due| due.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
+        let draining = self.draining_since.map(|_| Duration::from_millis(50));
+        match (catch_up, draining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Starts draining on a stop request; true once draining is complete.
@@ -189,6 +228,7 @@ impl Server {
             return;
         }
         let _ = socket.set_nodelay(true);
+        let _ = socket2::SockRef::from(&socket).set_send_buffer_size(KERNEL_SEND_BUFFER_BYTES);
         log::debug!("connection {} from {peer}", token.0);
         self.connections.insert(
             token,
@@ -219,12 +259,14 @@ impl Server {
             result,
         } = completion;
         if let Ok(StoreOutput::Stored(message)) = &result {
-            self.broadcast(message, requester);
+            if let Some(peer) = &self.peer {
+                peer.publish(message);
+            }
+            let released = self.sequencer.offer(message.clone(), requester);
+            self.broadcast_all(released);
         }
         let Requester::Connection(token) = requester else {
-            if let Err(error) = result {
-                log::warn!("background store job {op:?} failed: {error}");
-            }
+            self.complete_background(op, result);
             return;
         };
         let Some(connection) = self.connections.get_mut(&token) else {
@@ -235,6 +277,66 @@ impl Server {
         connection.queue(Chunk::Owned(reply));
         self.apply(token, effect);
         self.touched.push(token);
+    }
+
+    /// A job the server itself asked for: a catch-up read, or bookkeeping.
+    fn complete_background(&mut self, op: StoreOp, result: Result<StoreOutput, StoreError>) {
+        match (op, result) {
+            (StoreOp::MessagesAfter { group_name, .. }, Ok(StoreOutput::Messages(found))) => {
+                let released = self.sequencer.caught_up(&group_name, Some(found));
+                self.broadcast_all(released);
+            }
+            (StoreOp::MessagesAfter { group_name, .. }, Err(error)) => {
+                log::warn!("catch-up read for {group_name} failed: {error}");
+                self.sequencer.caught_up(&group_name, None);
+            }
+            (op, Err(error)) => log::warn!("background store job {op:?} failed: {error}"),
+            _ => {}
+        }
+    }
+
+    fn take_peer_events(&mut self) {
+        let Some(peer) = &self.peer else {
+            return;
+        };
+        let events: Vec<PeerEvent> = peer.events.try_iter().collect();
+        for event in events {
+            match event {
+                PeerEvent::Relayed(message) => {
+                    let released = self.sequencer.offer(message, Requester::Server);
+                    self.broadcast_all(released);
+                }
+                PeerEvent::LinkUp => {
+                    self.peer_link_up = true;
+                    self.sequencer.suspect_all();
+                }
+                PeerEvent::Resync => self.sequencer.suspect_all(),
+                PeerEvent::LinkDown => self.peer_link_up = false,
+            }
+        }
+    }
+
+    /// Submits the database reads that fill gaps in rooms' message streams.
+    fn start_catch_ups(&mut self) {
+        let Some(pool) = self.pool.as_mut() else {
+            return;
+        };
+        for catch_up in self.sequencer.due_catch_ups(Instant::now()) {
+            pool.submit(
+                Requester::Server,
+                StoreOp::MessagesAfter {
+                    group_name: catch_up.group_name,
+                    after_seq: catch_up.after_seq,
+                    limit: CATCH_UP_BATCH,
+                },
+            );
+        }
+    }
+
+    fn broadcast_all(&mut self, released: Vec<Release>) {
+        for (message, origin) in released {
+            self.broadcast(&message, origin);
+        }
     }
 
     /// Sends a stored message to every connection in its room but the sender (who gets the reply).
@@ -276,11 +378,11 @@ impl Server {
                 let Some(connection) = self.connections.get_mut(&token) else {
                     return;
                 };
-                if let Some(old) = connection.session.room.take() {
-                    self.rooms.leave(&old.group_name, token);
+                let old = connection.session.room.take();
+                if let Some(old) = old {
+                    self.leave_room(&old.group_name, token);
                 }
-                self.rooms.enter(&room.group_name, token);
-                connection.session.room = Some(room);
+                self.enter_room(token, room);
             }
             Effect::LeftGroup {
                 username,
@@ -292,10 +394,30 @@ impl Server {
                     };
                     if connection.session.username.as_deref() == Some(username.as_str()) {
                         connection.session.room = None;
-                        self.rooms.leave(&group_name, member);
+                        self.leave_room(&group_name, member);
                     }
                 }
             }
+        }
+    }
+
+    /// Puts a connection in a room and sends it what the room got after its history ended.
+    fn enter_room(&mut self, token: Token, room: session::Room) {
+        self.rooms.enter(&room.group_name, token);
+        let missed = self.sequencer.enter(&room.group_name, room.floor_seq);
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        connection.session.room = Some(room);
+        for message in missed {
+            connection.queue(Chunk::Owned(encode_broadcast(&message)));
+        }
+    }
+
+    fn leave_room(&mut self, group_name: &str, token: Token) {
+        self.rooms.leave(group_name, token);
+        if self.rooms.members(group_name).is_empty() {
+            self.sequencer.forget(group_name);
         }
     }
 
@@ -363,7 +485,7 @@ impl Server {
         else {
             return;
         };
-        self.rooms.leave(&room.group_name, token);
+        self.leave_room(&room.group_name, token);
         if let Some(pool) = self.pool.as_mut() {
             pool.submit(
                 Requester::Server,

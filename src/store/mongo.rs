@@ -4,11 +4,14 @@
 //! `groups {_id, group_name, user: [{name_ID, last_read}]}` and
 //! `messages {_id, group_name, username, text, timestamp, seq}`; times are BSON dates.
 //!
-//! `seq` is assigned without a counter: a batch takes `max(seq) + 1 ..` and is inserted under the
-//! unique `{group_name, seq}` index. When another process took those numbers first, the insert
-//! fails with a duplicate key, the messages that did land are looked up by `_id`, and the rest
-//! retry above the new maximum. A message is stored with a number or not at all, so no process,
-//! crash or outage can leave a gap.
+//! `seq` is assigned by the unique `{group_name, seq}` index, never by a counter alone: a batch
+//! takes the numbers after the group's head and is inserted with one ordered `insert_many`. The
+//! head comes from `counters {_id: group_name, seq}`, a hint raised with `$max` after each
+//! insert, so the common case costs no `max(seq)` query. When another process took those
+//! numbers first (or the hint is stale after a crash), the insert fails with a duplicate key, the
+//! messages that did land are looked up by `_id`, and the rest retry above the real `max(seq)`.
+//! A message is stored with a number or not at all, so no process, crash or outage can leave a
+//! gap (a reserve-then-insert counter would leave one on a crash between the two steps).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,8 +25,8 @@ use mongodb::IndexModel;
 
 use super::{split_page, Store, StoreError};
 use crate::model::{
-    format_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member, Message, MessagePage, NewMessage,
-    PageQuery, UserProfile, Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    format_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member, Message,
+    MessagePage, NewMessage, PageQuery, UserProfile, Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -34,6 +37,7 @@ pub struct MongoStore {
     users: Collection<Document>,
     groups: Collection<Document>,
     messages: Collection<Document>,
+    counters: Collection<Document>,
     indexes_ready: bool,
     max_time: Duration,
 }
@@ -46,7 +50,11 @@ impl From<MongoError> for StoreError {
 
 impl MongoStore {
     /// Creates a client; the connection itself is made lazily, so start-up never waits on MongoDB.
-    pub fn connect(uri: &str, database: &str, timeout: Duration) -> Result<Box<dyn Store>, StoreError> {
+    pub fn connect(
+        uri: &str,
+        database: &str,
+        timeout: Duration,
+    ) -> Result<Box<dyn Store>, StoreError> {
         let mut options = ClientOptions::parse(uri).run()?;
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout.min(Duration::from_secs(5)));
@@ -57,6 +65,7 @@ impl MongoStore {
             users: db.collection("users"),
             groups: db.collection("groups"),
             messages: db.collection("messages"),
+            counters: db.collection("counters"),
             indexes_ready: false,
             max_time: timeout,
         };
@@ -72,13 +81,30 @@ impl MongoStore {
             return Ok(());
         }
         let unique = |keys: Document| {
-            IndexModel::builder().keys(keys).options(IndexOptions::builder().unique(true).build()).build()
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().unique(true).build())
+                .build()
         };
-        self.users.create_index(unique(doc! {"username": 1})).run()?;
-        self.groups.create_index(unique(doc! {"group_name": 1})).run()?;
-        self.groups.create_index(IndexModel::builder().keys(doc! {"user.name_ID": 1}).build()).run()?;
-        self.messages.create_index(unique(doc! {"group_name": 1, "seq": 1})).run()?;
-        self.messages.create_index(IndexModel::builder().keys(doc! {"group_name": 1, "timestamp": 1}).build()).run()?;
+        self.users
+            .create_index(unique(doc! {"username": 1}))
+            .run()?;
+        self.groups
+            .create_index(unique(doc! {"group_name": 1}))
+            .run()?;
+        self.groups
+            .create_index(IndexModel::builder().keys(doc! {"user.name_ID": 1}).build())
+            .run()?;
+        self.messages
+            .create_index(unique(doc! {"group_name": 1, "seq": 1}))
+            .run()?;
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"group_name": 1, "timestamp": 1})
+                    .build(),
+            )
+            .run()?;
         self.indexes_ready = true;
         Ok(())
     }
@@ -92,7 +118,11 @@ impl MongoStore {
     }
 
     fn head_seq(&self, group_name: &str) -> Result<u64, StoreError> {
-        let newest = first(&self.messages, doc! {"group_name": group_name}, Some(doc! {"seq": -1}))?;
+        let newest = first(
+            &self.messages,
+            doc! {"group_name": group_name},
+            Some(doc! {"seq": -1}),
+        )?;
         Ok(newest.and_then(|m| seq_of(&m)).unwrap_or(0))
     }
 
@@ -106,7 +136,12 @@ impl MongoStore {
         Ok(())
     }
 
-    fn find_messages(&self, filter: Document, ascending: bool, limit: u32) -> Result<Vec<Message>, StoreError> {
+    fn find_messages(
+        &self,
+        filter: Document,
+        ascending: bool,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
         let cursor = self
             .messages
             .find(filter)
@@ -122,27 +157,39 @@ impl MongoStore {
     }
 
     /// Stores the messages of one group (all from members) under fresh `seq` numbers.
-    fn insert_with_seq(&self, group_name: &str, pending: &mut Vec<(usize, Message)>) -> Result<(), StoreError> {
+    fn insert_with_seq(
+        &self,
+        group_name: &str,
+        pending: &mut Vec<(usize, Message)>,
+    ) -> Result<(), StoreError> {
         let mut attempts = 0;
         let mut stored = Vec::new();
         while !pending.is_empty() {
             attempts += 1;
             if attempts > MAX_SEQ_RETRIES {
-                return Err(StoreError::Unavailable("too much contention assigning seq".into()));
+                return Err(StoreError::Unavailable(
+                    "too much contention assigning seq".into(),
+                ));
             }
-            let head = self.head_seq(group_name)?;
+            let head = if attempts == 1 {
+                self.head_hint(group_name)?
+            } else {
+                self.head_seq(group_name)?
+            };
             for (offset, (_, message)) in pending.iter_mut().enumerate() {
                 message.seq = head + 1 + offset as u64;
             }
-            let documents: Vec<Document> = pending.iter().map(|(_, m)| message_document(m)).collect();
+            let documents: Vec<Document> =
+                pending.iter().map(|(_, m)| message_document(m)).collect();
             match self.messages.insert_many(documents).ordered(true).run() {
                 Ok(_) => {
                     stored.append(pending);
                 }
                 Err(error) if is_duplicate_key(&error) => {
                     let landed = self.landed_ids(pending)?;
-                    let (done, rest): (Vec<_>, Vec<_>) =
-                        pending.drain(..).partition(|(_, m)| landed.contains_key(&m.id));
+                    let (done, rest): (Vec<_>, Vec<_>) = pending
+                        .drain(..)
+                        .partition(|(_, m)| landed.contains_key(&m.id));
                     stored.extend(done);
                     *pending = rest;
                 }
@@ -152,14 +199,44 @@ impl MongoStore {
                 }
             }
         }
+        if let Some(top) = stored.iter().map(|(_, m)| m.seq).max() {
+            self.raise_head_hint(group_name, top);
+        }
         *pending = stored;
         Ok(())
     }
 
+    /// The group's head `seq` as the `counters` hint has it (0 when there is none yet).
+    fn head_hint(&self, group_name: &str) -> Result<u64, StoreError> {
+        let counter = first(&self.counters, doc! {"_id": group_name}, None)?;
+        Ok(counter.and_then(|c| seq_of(&c)).unwrap_or(0))
+    }
+
+    /// Raises the hint to `seq`. Failing here loses nothing: the next insert under a stale hint
+    /// meets the unique index and falls back to the real head.
+    fn raise_head_hint(&self, group_name: &str, seq: u64) {
+        let raised = self
+            .counters
+            .update_one(doc! {"_id": group_name}, doc! {"$max": {"seq": seq as i64}})
+            .upsert(true)
+            .run();
+        if let Err(error) = raised {
+            log::debug!("seq hint for {group_name} not raised: {error}");
+        }
+    }
+
     /// Which of these messages are in the database (after a partly failed insert).
     fn landed_ids(&self, pending: &[(usize, Message)]) -> Result<HashMap<String, ()>, StoreError> {
-        let ids: Vec<Bson> = pending.iter().filter_map(|(_, m)| ObjectId::parse_str(&m.id).ok()).map(Bson::ObjectId).collect();
-        let cursor = self.messages.find(doc! {"_id": {"$in": ids}}).projection(doc! {"_id": 1}).run()?;
+        let ids: Vec<Bson> = pending
+            .iter()
+            .filter_map(|(_, m)| ObjectId::parse_str(&m.id).ok())
+            .map(Bson::ObjectId)
+            .collect();
+        let cursor = self
+            .messages
+            .find(doc! {"_id": {"$in": ids}})
+            .projection(doc! {"_id": 1})
+            .run()?;
         let mut landed = HashMap::new();
         for document in cursor {
             if let Ok(id) = document?.get_object_id("_id") {
@@ -169,26 +246,44 @@ impl MongoStore {
         Ok(landed)
     }
 
-    fn append_group(&self, group_name: &str, items: Vec<(usize, &NewMessage)>, now: &str) -> Vec<(usize, Result<Message, StoreError>)> {
+    fn append_group(
+        &self,
+        group_name: &str,
+        items: Vec<(usize, &NewMessage)>,
+        now: &str,
+    ) -> Vec<(usize, Result<Message, StoreError>)> {
         let group = match self.group(group_name) {
             Ok(group) => group,
-            Err(error) => return items.into_iter().map(|(i, _)| (i, Err(error.clone()))).collect(),
+            Err(error) => {
+                return items
+                    .into_iter()
+                    .map(|(i, _)| (i, Err(error.clone())))
+                    .collect()
+            }
         };
         let members = member_names(&group);
-        let (members_items, strangers): (Vec<_>, Vec<_>) =
-            items.into_iter().partition(|(_, m)| members.iter().any(|name| *name == m.username));
-        let mut results: Vec<(usize, Result<Message, StoreError>)> =
-            strangers.into_iter().map(|(i, _)| (i, Err(StoreError::NotAMember))).collect();
+        let (members_items, strangers): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(_, m)| members.contains(&m.username));
+        let mut results: Vec<(usize, Result<Message, StoreError>)> = strangers
+            .into_iter()
+            .map(|(i, _)| (i, Err(StoreError::NotAMember)))
+            .collect();
         let mut pending: Vec<(usize, Message)> = members_items
             .into_iter()
-            .map(|(i, m)| (i, Message {
-                id: ObjectId::new().to_hex(),
-                group_name: m.group_name.clone(),
-                username: m.username.clone(),
-                text: m.text.clone(),
-                timestamp: now.to_string(),
-                seq: 0,
-            }))
+            .map(|(i, m)| {
+                (
+                    i,
+                    Message {
+                        id: ObjectId::new().to_hex(),
+                        group_name: m.group_name.clone(),
+                        username: m.username.clone(),
+                        text: m.text.clone(),
+                        timestamp: now.to_string(),
+                        seq: 0,
+                    },
+                )
+            })
             .collect();
         let indexes: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
         match self.insert_with_seq(group_name, &mut pending) {
@@ -208,7 +303,11 @@ impl MongoStore {
 
 /// The first matching document. (`find_one` sends `limit: -1`, which some MongoDB-compatible
 /// servers refuse; `limit: 1` means the same everywhere.)
-fn first(collection: &Collection<Document>, filter: Document, sort: Option<Document>) -> Result<Option<Document>, StoreError> {
+fn first(
+    collection: &Collection<Document>,
+    filter: Document,
+    sort: Option<Document>,
+) -> Result<Option<Document>, StoreError> {
     let mut cursor = collection.find(filter).limit(1);
     if let Some(sort) = sort {
         cursor = cursor.sort(sort);
@@ -219,7 +318,11 @@ fn first(collection: &Collection<Document>, filter: Document, sort: Option<Docum
 fn is_duplicate_key(error: &MongoError) -> bool {
     match error.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
-        ErrorKind::InsertMany(e) => e.write_errors.iter().flatten().any(|w| w.code == DUPLICATE_KEY),
+        ErrorKind::InsertMany(e) => e
+            .write_errors
+            .iter()
+            .flatten()
+            .any(|w| w.code == DUPLICATE_KEY),
         ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
         _ => false,
     }
@@ -240,7 +343,9 @@ fn timestamp_of(value: Option<&Bson>) -> String {
         Some(Bson::String(text)) => return text.clone(),
         _ => 0,
     };
-    DateTime::<Utc>::from_timestamp_millis(millis).map(format_timestamp).unwrap_or_default()
+    DateTime::<Utc>::from_timestamp_millis(millis)
+        .map(format_timestamp)
+        .unwrap_or_default()
 }
 
 fn datetime_from(timestamp: &str) -> mongodb::bson::DateTime {
@@ -266,7 +371,10 @@ fn message_from(document: &Document) -> Result<Message, StoreError> {
     let text = |field: &str| document.get_str(field).map(str::to_string);
     let broken = |e| StoreError::Unavailable(format!("malformed message document: {e}"));
     Ok(Message {
-        id: document.get_object_id("_id").map(|id| id.to_hex()).map_err(broken)?,
+        id: document
+            .get_object_id("_id")
+            .map(|id| id.to_hex())
+            .map_err(broken)?,
         group_name: text("group_name").map_err(broken)?,
         username: text("username").map_err(broken)?,
         text: text("text").map_err(broken)?,
@@ -277,7 +385,9 @@ fn message_from(document: &Document) -> Result<Message, StoreError> {
 
 /// The `group.user` entries as (name, last_read).
 fn members_of(group: &Document) -> Vec<(String, String)> {
-    let Ok(entries) = group.get_array("user") else { return Vec::new() };
+    let Ok(entries) = group.get_array("user") else {
+        return Vec::new();
+    };
     entries
         .iter()
         .filter_map(Bson::as_document)
@@ -289,17 +399,30 @@ fn members_of(group: &Document) -> Vec<(String, String)> {
 }
 
 fn member_names(group: &Document) -> Vec<String> {
-    members_of(group).into_iter().map(|(name, _)| name).collect()
+    members_of(group)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
 }
 
 fn group_ref(group: &Document, group_name: &str) -> GroupRef {
-    let group_id = group.get_object_id("_id").map(|id| id.to_hex()).unwrap_or_default();
-    GroupRef { group_id, group_name: group_name.to_string() }
+    let group_id = group
+        .get_object_id("_id")
+        .map(|id| id.to_hex())
+        .unwrap_or_default();
+    GroupRef {
+        group_id,
+        group_name: group_name.to_string(),
+    }
 }
 
 /// The member's `last_read` in the group, or why there is none.
 fn member_last_read(group: &Document, username: &str) -> Result<String, StoreError> {
-    members_of(group).into_iter().find(|(name, _)| name == username).map(|(_, read)| read).ok_or(StoreError::NotAMember)
+    members_of(group)
+        .into_iter()
+        .find(|(name, _)| name == username)
+        .map(|(_, read)| read)
+        .ok_or(StoreError::NotAMember)
 }
 
 impl Store for MongoStore {
@@ -307,27 +430,53 @@ impl Store for MongoStore {
         self.ensure_indexes()?;
         let existing = first(&self.users, doc! {"username": username}, None)?;
         let (id, created) = match existing {
-            Some(user) => (user.get_object_id("_id").map(|id| id.to_hex()).unwrap_or_default(), false),
+            Some(user) => (
+                user.get_object_id("_id")
+                    .map(|id| id.to_hex())
+                    .unwrap_or_default(),
+                false,
+            ),
             None => {
                 let id = ObjectId::new();
-                match self.users.insert_one(doc! {"_id": id, "username": username}).run() {
+                match self
+                    .users
+                    .insert_one(doc! {"_id": id, "username": username})
+                    .run()
+                {
                     Ok(_) => (id.to_hex(), true),
-                    Err(error) if is_duplicate_key(&error) => return self.find_or_create_user(username),
+                    Err(error) if is_duplicate_key(&error) => {
+                        return self.find_or_create_user(username)
+                    }
                     Err(error) => return Err(error.into()),
                 }
             }
         };
-        let cursor = self.groups.find(doc! {"user.name_ID": username}).projection(doc! {"group_name": 1}).run()?;
+        let cursor = self
+            .groups
+            .find(doc! {"user.name_ID": username})
+            .projection(doc! {"group_name": 1})
+            .run()?;
         let mut group_list = Vec::new();
         for group in cursor {
             if let Ok(name) = group?.get_str("group_name") {
                 group_list.push(name.to_string());
             }
         }
-        Ok((UserProfile { id, username: username.to_string(), group_list }, created))
+        Ok((
+            UserProfile {
+                id,
+                username: username.to_string(),
+                group_list,
+            },
+            created,
+        ))
     }
 
-    fn create_group(&mut self, username: &str, group_name: &str) -> Result<CreatedGroup, StoreError> {
+    fn create_group(
+        &mut self,
+        username: &str,
+        group_name: &str,
+    ) -> Result<CreatedGroup, StoreError> {
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
@@ -344,8 +493,14 @@ impl Store for MongoStore {
             Err(error) => return Err(error.into()),
         }
         let last_read = timestamp_of(Some(&Bson::DateTime(now)));
-        let user = vec![Member { name_id: username.to_string(), last_read }];
-        Ok(CreatedGroup { group_name: group_name.to_string(), user })
+        let user = vec![Member {
+            name_id: username.to_string(),
+            last_read,
+        }];
+        Ok(CreatedGroup {
+            group_name: group_name.to_string(),
+            user,
+        })
     }
 
     fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
@@ -389,27 +544,42 @@ impl Store for MongoStore {
         let now = crate::model::now_timestamp();
         let mut by_group: Vec<(&str, Vec<(usize, &NewMessage)>)> = Vec::new();
         for (index, message) in batch.iter().enumerate() {
-            match by_group.iter_mut().find(|(name, _)| *name == message.group_name) {
+            match by_group
+                .iter_mut()
+                .find(|(name, _)| *name == message.group_name)
+            {
                 Some((_, items)) => items.push((index, message)),
                 None => by_group.push((&message.group_name, vec![(index, message)])),
             }
         }
-        let mut results: Vec<Option<Result<Message, StoreError>>> = batch.iter().map(|_| None).collect();
+        let mut results: Vec<Option<Result<Message, StoreError>>> =
+            batch.iter().map(|_| None).collect();
         for (group_name, items) in by_group {
             for (index, outcome) in self.append_group(group_name, items, &now) {
                 results[index] = Some(outcome);
             }
         }
-        results.into_iter().map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("lost result".into())))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("lost result".into()))))
+            .collect()
     }
 
-    fn visit_group(&mut self, username: &str, group_name: &str, leaving: Option<&str>) -> Result<Visit, StoreError> {
+    fn visit_group(
+        &mut self,
+        username: &str,
+        group_name: &str,
+        leaving: Option<&str>,
+    ) -> Result<Visit, StoreError> {
         self.ensure_indexes()?;
         let last_read = member_last_read(&self.group(group_name)?, username)?;
         if let Some(left) = leaving {
             self.set_last_read(username, left)?;
         }
-        Ok(Visit { last_read, head_seq: self.head_seq(group_name)? })
+        Ok(Visit {
+            last_read,
+            head_seq: self.head_seq(group_name)?,
+        })
     }
 
     fn enter_group(
@@ -422,21 +592,34 @@ impl Store for MongoStore {
         let last_read = datetime_from(&member_last_read(&self.group(group_name)?, username)?);
         let head_seq = self.head_seq(group_name)?;
         let unread = doc! {"group_name": group_name, "timestamp": {"$gt": last_read}, "seq": {"$lte": head_seq as i64}};
-        let (unread, unread_has_more) = split_page(self.find_messages(unread, true, MAX_UNREAD_ON_ENTER + 1)?, MAX_UNREAD_ON_ENTER);
+        let (unread, unread_has_more) = split_page(
+            self.find_messages(unread, true, MAX_UNREAD_ON_ENTER + 1)?,
+            MAX_UNREAD_ON_ENTER,
+        );
         let read = doc! {"group_name": group_name, "timestamp": {"$lte": last_read}};
         let mut read = self.find_messages(read, false, MAX_READ_ON_ENTER)?;
         read.reverse();
         for group in leaving.into_iter().chain(Some(group_name)) {
             self.set_last_read(username, group)?;
         }
-        Ok(GroupHistory { unread, unread_has_more, read, head_seq })
+        Ok(GroupHistory {
+            unread,
+            unread_has_more,
+            read,
+            head_seq,
+        })
     }
 
     fn mark_read(&mut self, username: &str, group_name: &str) -> Result<(), StoreError> {
         self.set_last_read(username, group_name)
     }
 
-    fn fetch_messages(&mut self, username: &str, group_name: &str, page: PageQuery) -> Result<MessagePage, StoreError> {
+    fn fetch_messages(
+        &mut self,
+        username: &str,
+        group_name: &str,
+        page: PageQuery,
+    ) -> Result<MessagePage, StoreError> {
         self.ensure_indexes()?;
         member_last_read(&self.group(group_name)?, username)?;
         let mut seq_range = doc! {"$gt": page.after_seq.unwrap_or(0) as i64};
@@ -444,7 +627,11 @@ impl Store for MongoStore {
             seq_range.insert("$lt", before.min(i64::MAX as u64) as i64);
         }
         let ascending = page.after_seq.is_some();
-        let rows = self.find_messages(doc! {"group_name": group_name, "seq": seq_range}, ascending, page.limit + 1)?;
+        let rows = self.find_messages(
+            doc! {"group_name": group_name, "seq": seq_range},
+            ascending,
+            page.limit + 1,
+        )?;
         let (mut messages, has_more) = split_page(rows, page.limit);
         if !ascending {
             messages.reverse();
@@ -453,18 +640,35 @@ impl Store for MongoStore {
     }
 
     fn list_groups(&mut self) -> Result<Vec<GroupSummary>, StoreError> {
-        let cursor = self.groups.find(doc! {}).sort(doc! {"group_name": 1}).max_time(self.max_time).run()?;
+        let cursor = self
+            .groups
+            .find(doc! {})
+            .sort(doc! {"group_name": 1})
+            .max_time(self.max_time)
+            .run()?;
         let mut groups = Vec::new();
         for group in cursor {
             let group = group?;
             let group_name = group.get_str("group_name").unwrap_or_default().to_string();
-            groups.push(GroupSummary { group_name, members: member_names(&group) });
+            groups.push(GroupSummary {
+                group_name,
+                members: member_names(&group),
+            });
         }
         Ok(groups)
     }
 
-    fn messages_after(&mut self, group_name: &str, after_seq: u64, limit: u32) -> Result<Vec<Message>, StoreError> {
-        self.find_messages(doc! {"group_name": group_name, "seq": {"$gt": after_seq as i64}}, true, limit)
+    fn messages_after(
+        &mut self,
+        group_name: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.find_messages(
+            doc! {"group_name": group_name, "seq": {"$gt": after_seq as i64}},
+            true,
+            limit,
+        )
     }
 }
 
@@ -475,10 +679,12 @@ mod tests {
     /// Runs the store contract against the MongoDB named by `NOOMNIM_TEST_MONGODB_URI`.
     #[test]
     fn satisfies_the_store_contract() {
-        let uri = std::env::var("NOOMNIM_TEST_MONGODB_URI")
-            .expect("NOOMNIM_TEST_MONGODB_URI is not set: start tools/services.sh (bash .ci/run does)");
+        let uri = std::env::var("NOOMNIM_TEST_MONGODB_URI").expect(
+            "NOOMNIM_TEST_MONGODB_URI is not set: start tools/services.sh (bash .ci/run does)",
+        );
         let database = format!("noomnim_contract_{}", std::process::id());
-        let mut store = MongoStore::connect(&uri, &database, Duration::from_secs(5)).expect("connect");
+        let mut store =
+            MongoStore::connect(&uri, &database, Duration::from_secs(5)).expect("connect");
         super::super::contract::check_all(store.as_mut(), "");
     }
 }

@@ -150,6 +150,17 @@ impl Server {
         Client::connect(self.addr)
     }
 
+    /// A client whose kernel receive buffer is tiny, so that when it stops reading the server's
+    /// output backs up after a few hundred kilobytes instead of many megabytes.
+    pub fn connect_small_window(&self) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let socket =
+            Socket::new(Domain::for_address(self.addr), Type::STREAM, None).expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&self.addr.into()).expect("connect");
+        Client::from_stream(socket.into())
+    }
+
     /// A logged-in client.
     pub fn login(&self, username: &str) -> Client {
         let mut client = self.connect();
@@ -213,11 +224,16 @@ pub struct Client {
     pub stream: TcpStream,
     reader: BufReader<TcpStream>,
     next_id: u64,
+    /// The start of a line whose end has not arrived yet.
+    partial: String,
 }
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Client::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
         stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .expect("timeout");
@@ -226,6 +242,7 @@ impl Client {
             stream,
             reader,
             next_id: 1,
+            partial: String::new(),
         }
     }
 
@@ -241,7 +258,7 @@ impl Client {
 
     /// The next line from the server, parsed.
     pub fn recv(&mut self) -> Value {
-        let mut line = String::new();
+        let mut line = std::mem::take(&mut self.partial);
         match self.reader.read_line(&mut line) {
             Ok(0) => panic!("server closed the connection"),
             Ok(_) => serde_json::from_str(&line)
@@ -251,17 +268,18 @@ impl Client {
     }
 
     /// Like `recv`, but `None` if nothing arrives within `wait`.
+    /// A line cut by the timeout is kept and completed by the next call.
     pub fn try_recv(&mut self, wait: Duration) -> Option<Value> {
         self.stream.set_read_timeout(Some(wait)).expect("timeout");
-        let mut line = String::new();
-        let got = self.reader.read_line(&mut line);
+        let got = self.reader.read_line(&mut self.partial);
         self.stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .expect("timeout");
-        match got {
-            Ok(n) if n > 0 => Some(serde_json::from_str(&line).expect("server line is json")),
-            _ => None,
+        if got.is_err() || !self.partial.ends_with('\n') {
+            return None;
         }
+        let line = std::mem::take(&mut self.partial);
+        Some(serde_json::from_str(&line).expect("server line is json"))
     }
 
     /// Sends a request with a fresh id and returns its reply (skipping broadcasts before it).
@@ -319,4 +337,107 @@ macro_rules! backend_tests {
             $( #[test] fn $name() { super::$name($crate::common::Backend::Mongo) } )*
         }
     };
+}
+
+/// Every stored message of a group, oldest first, paged through `fetch_messages {after_seq}`.
+pub fn fetch_all(client: &mut Client, username: &str, group_name: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |m| m["seq"].as_u64().unwrap_or(0));
+        let page = client.request(
+            "fetch_messages",
+            json!({"username": username, "group_name": group_name, "after_seq": after, "limit": 100}),
+        );
+        assert_eq!(page["event"], "messages", "fetch failed: {page}");
+        let messages = page["data"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let more = page["data"]["has_more"] == true;
+        all.extend(messages);
+        if !more {
+            return all;
+        }
+    }
+}
+
+/// Sends `count` messages from a logged-in member, `window` at a time, and returns the acks.
+pub fn send_many(
+    client: &mut Client,
+    username: &str,
+    group_name: &str,
+    count: usize,
+    window: usize,
+) -> Vec<Value> {
+    let mut acks = Vec::with_capacity(count);
+    let mut sent = 0;
+    while sent < count {
+        let burst = window.min(count - sent);
+        for i in sent..sent + burst {
+            let text = format!("{username}#{i}");
+            client.send(&json!({"event": "send_message", "data": msg(username, group_name, &text), "id": i}));
+        }
+        while acks.len() < sent + burst {
+            let line = client.recv();
+            if line.get("id").is_some() {
+                assert_eq!(line["event"], "message_sent", "send failed: {line}");
+                acks.push(line["data"].clone());
+            }
+        }
+        sent += burst;
+    }
+    acks
+}
+
+/// A private redis-server on a free loopback port, for tests that stop and restart it.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut redis = RedisServer { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts it (again) on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (bash .ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

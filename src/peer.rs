@@ -1,0 +1,365 @@
+//! Peer relay: in peer mode, stored messages go to the other instances through Redis pub/sub.
+//!
+//! Two threads own the Redis side so the event loop never waits on it. The publisher takes this
+//! node's stored messages from a channel and `PUBLISH`es them; the subscriber `SUBSCRIBE`s, and
+//! hands other nodes' messages (its own are recognised by node id and dropped) and link state
+//! changes to the loop through a channel and the `mio::Waker`. Both reconnect with back-off and
+//! log each state change once. Nothing is queued across an outage: what the publisher could not
+//! send is dropped, and once it can publish again it sends a resync notice. Subscribers treat
+//! that notice, and their own reconnection, as "read what you missed from the database".
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use mio::Waker;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Message;
+
+/// The Redis channel the instances of one deployment (one database) share.
+pub fn channel_for(database: &str) -> String {
+    format!("noomnim:{database}:messages")
+}
+/// Messages waiting to be published before new ones are dropped (peers then read them from
+/// the database when they notice the gap).
+const PUBLISH_QUEUE: usize = 65536;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the subscriber waits for a message before checking the link with a `PING`.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the subscriber tells the event loop.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// Another instance stored this message.
+    Relayed(Message),
+    /// Subscribed (again): anything published meanwhile must be read from the database.
+    LinkUp,
+    /// A peer could not publish for a while: read what it stored from the database.
+    Resync,
+    LinkDown,
+}
+
+/// One relayed message on the wire; no message means "resync from the store".
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    node: String,
+    message: Option<Message>,
+}
+
+/// The loop's handle on the relay threads.
+pub struct PeerLink {
+    outgoing: Sender<Message>,
+    pub events: Receiver<PeerEvent>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PeerLink {
+    /// Starts the publisher and subscriber threads; nothing here waits for Redis.
+    pub fn start(
+        redis_url: &str,
+        channel: &str,
+        node_id: &str,
+        waker: Arc<Waker>,
+    ) -> std::io::Result<PeerLink> {
+        let client = redis::Client::open(redis_url)
+            .map_err(|e| std::io::Error::other(format!("REDIS_URL: {e}")))?;
+        let (outgoing, to_publish) = crossbeam_channel::bounded(PUBLISH_QUEUE);
+        let (deliver, events) = crossbeam_channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        let publisher = Publisher {
+            client: client.clone(),
+            node_id: node_id.to_string(),
+            channel: channel.to_string(),
+            queue: to_publish,
+            stop: stop.clone(),
+        };
+        let subscriber = Subscriber {
+            client,
+            node_id: node_id.to_string(),
+            channel: channel.to_string(),
+            deliver,
+            waker,
+            stop: stop.clone(),
+        };
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("peer-publish".into())
+                .spawn(move || publisher.run())?,
+            std::thread::Builder::new()
+                .name("peer-subscribe".into())
+                .spawn(move || subscriber.run())?,
+        ];
+        Ok(PeerLink {
+            outgoing,
+            events,
+            stop,
+            threads,
+        })
+    }
+
+    /// Queues a message this node stored for the other instances (never blocks).
+    pub fn publish(&self, message: &Message) {
+        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(message.clone()) {
+            log::warn!("peer publish queue full; peers will read the message from the store");
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        drop(self.outgoing);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Doubles a back-off delay up to the maximum.
+fn next_backoff(delay: Duration) -> Duration {
+    (delay * 2).min(MAX_BACKOFF)
+}
+
+/// Logs a link state once per change.
+struct LinkLog {
+    what: &'static str,
+    up: Option<bool>,
+}
+
+impl LinkLog {
+    fn up(&mut self) {
+        if self.up != Some(true) {
+            log::info!("peer {}: connected to Redis", self.what);
+        }
+        self.up = Some(true);
+    }
+
+    fn down(&mut self, error: &redis::RedisError) {
+        if self.up != Some(false) {
+            log::warn!(
+                "peer {}: Redis link down ({error}); retrying with back-off",
+                self.what
+            );
+        }
+        self.up = Some(false);
+    }
+}
+
+struct Publisher {
+    client: redis::Client,
+    node_id: String,
+    channel: String,
+    queue: Receiver<Message>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    fn run(self) {
+        let mut link = LinkLog {
+            what: "publisher",
+            up: None,
+        };
+        let mut connection: Option<redis::Connection> = None;
+        let mut backoff = FIRST_BACKOFF;
+        let mut retry_at: Option<Instant> = None;
+        let mut dropped = 0u64;
+        loop {
+            let message = match self.queue.recv_timeout(IDLE_CHECK) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) if self.stop.load(Ordering::SeqCst) => return,
+                Err(RecvTimeoutError::Timeout) if dropped > 0 => None,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if retry_at.is_some_and(|at| Instant::now() < at) {
+                dropped += u64::from(message.is_some());
+                continue;
+            }
+            let sent = if dropped > 0 {
+                self.publish(&mut connection, None)
+                    .and_then(|()| self.publish(&mut connection, message.as_ref()))
+            } else {
+                self.publish(&mut connection, message.as_ref())
+            };
+            match sent {
+                Ok(()) => {
+                    if dropped > 0 {
+                        log::info!("peer publisher: {dropped} message(s) not relayed during the outage; peers read them from the store");
+                    }
+                    link.up();
+                    backoff = FIRST_BACKOFF;
+                    retry_at = None;
+                    dropped = 0;
+                }
+                Err(error) => {
+                    link.down(&error);
+                    connection = None;
+                    dropped += 1;
+                    retry_at = Some(Instant::now() + backoff);
+                    backoff = next_backoff(backoff);
+                }
+            }
+        }
+    }
+
+    /// Publishes a message, or with `None` a resync notice.
+    fn publish(
+        &self,
+        connection: &mut Option<redis::Connection>,
+        message: Option<&Message>,
+    ) -> redis::RedisResult<()> {
+        let Some(message) = message else {
+            return self.publish_envelope(connection, None);
+        };
+        self.publish_envelope(connection, Some(message.clone()))
+    }
+
+    fn publish_envelope(
+        &self,
+        connection: &mut Option<redis::Connection>,
+        message: Option<Message>,
+    ) -> redis::RedisResult<()> {
+        let envelope = Envelope {
+            node: self.node_id.clone(),
+            message,
+        };
+        let payload = serde_json::to_vec(&envelope).map_err(|e| {
+            redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
+        })?;
+        if connection.is_none() {
+            *connection = Some(self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?);
+        }
+        let Some(open) = connection.as_mut() else {
+            return Ok(());
+        };
+        redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .query::<i64>(open)?;
+        Ok(())
+    }
+}
+
+struct Subscriber {
+    client: redis::Client,
+    node_id: String,
+    channel: String,
+    deliver: Sender<PeerEvent>,
+    waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    fn run(self) {
+        let mut link = LinkLog {
+            what: "subscriber",
+            up: None,
+        };
+        let mut backoff = FIRST_BACKOFF;
+        let mut reported_up = false;
+        while !self.stop.load(Ordering::SeqCst) {
+            let mut connection = match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+                Ok(connection) => connection,
+                Err(error) => {
+                    link.down(&error);
+                    std::thread::sleep(backoff);
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+            };
+            let error = self.listen(&mut connection, &mut link, &mut reported_up, &mut backoff);
+            if let Some(error) = error {
+                link.down(&error);
+            }
+            if reported_up {
+                self.tell(PeerEvent::LinkDown);
+                reported_up = false;
+            }
+        }
+    }
+
+    /// Subscribes and forwards messages until the link fails (the error) or the server stops.
+    fn listen(
+        &self,
+        connection: &mut redis::Connection,
+        link: &mut LinkLog,
+        reported_up: &mut bool,
+        backoff: &mut Duration,
+    ) -> Option<redis::RedisError> {
+        let mut pubsub = connection.as_pubsub();
+        if let Err(error) = pubsub
+            .subscribe(&self.channel)
+            .and_then(|()| pubsub.set_read_timeout(Some(IDLE_CHECK)))
+        {
+            return Some(error);
+        }
+        link.up();
+        *backoff = FIRST_BACKOFF;
+        *reported_up = true;
+        self.tell(PeerEvent::LinkUp);
+        while !self.stop.load(Ordering::SeqCst) {
+            match pubsub.get_message() {
+                Ok(message) => self.forward(message.get_payload_bytes()),
+                Err(error) if error.is_timeout() => {
+                    if let Err(error) = pubsub.ping::<redis::Value>() {
+                        return Some(error);
+                    }
+                }
+                Err(error) => return Some(error),
+            }
+        }
+        None
+    }
+
+    fn forward(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Envelope>(payload) {
+            Ok(envelope) if envelope.node == self.node_id => {}
+            Ok(Envelope {
+                message: Some(message),
+                ..
+            }) => self.tell(PeerEvent::Relayed(message)),
+            Ok(Envelope { message: None, .. }) => self.tell(PeerEvent::Resync),
+            Err(error) => log::warn!("ignoring a malformed relayed message: {error}"),
+        }
+    }
+
+    fn tell(&self, event: PeerEvent) {
+        if self.deliver.send(event).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(next_backoff(FIRST_BACKOFF), FIRST_BACKOFF * 2);
+        assert_eq!(next_backoff(MAX_BACKOFF), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let message = Message {
+            id: "0".repeat(24),
+            group_name: "g".into(),
+            username: "u".into(),
+            text: "hi\n\"there\"".into(),
+            timestamp: "2026-11-25T00:00:00.000Z".into(),
+            seq: 9,
+        };
+        let bytes = serde_json::to_vec(&Envelope {
+            node: "a".into(),
+            message: Some(message.clone()),
+        })
+        .expect("encode");
+        let back: Envelope = serde_json::from_slice(&bytes).expect("decode");
+        assert_eq!(back.message, Some(message));
+    }
+}

@@ -1,0 +1,306 @@
+//! Per-group delivery order: every stored message reaches this node's rooms once, in `seq` order.
+//!
+//! Messages arrive from this node's workers (already in order) and, in peer mode, from other
+//! instances through Redis (in any order, possibly twice, possibly not at all). For each group
+//! whose room is occupied here, a `GroupOrder` remembers the highest `seq` released to the room
+//! and holds anything that arrives early. A gap older than `GAP_WAIT` (or any sign that the room
+//! is behind: a later head seen at `enter_group`, a peer link that came back) asks the event loop
+//! to read the missing range from the database.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::model::Message;
+use crate::workers::Requester;
+
+/// How long a missing `seq` may be waited for before it is read from the database.
+pub const GAP_WAIT: Duration = Duration::from_millis(250);
+/// Released messages kept per group, to catch up a connection whose `enter_group` raced them.
+const RECENT: usize = 1024;
+/// Most messages one database catch-up read returns.
+pub const CATCH_UP_BATCH: u32 = 1000;
+
+/// A message ready for the room, with who stored it (that connection already has its reply).
+pub type Release = (Message, Requester);
+
+#[derive(Debug)]
+struct GroupOrder {
+    delivered: u64,
+    held: BTreeMap<u64, Release>,
+    recent: VecDeque<Message>,
+    /// When the room first noticed it was behind (a gap, or a newer head elsewhere).
+    behind_since: Option<Instant>,
+    /// A head `seq` known to exist beyond `delivered`.
+    known_head: u64,
+    fetching: bool,
+}
+
+/// A database read the event loop should make: messages of `group_name` after `after_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatchUp {
+    pub group_name: String,
+    pub after_seq: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Sequencer {
+    groups: HashMap<String, GroupOrder>,
+}
+
+impl GroupOrder {
+    fn new(floor: u64) -> GroupOrder {
+        GroupOrder {
+            delivered: floor,
+            held: BTreeMap::new(),
+            recent: VecDeque::new(),
+            behind_since: None,
+            known_head: floor,
+            fetching: false,
+        }
+    }
+
+    fn release_ready(&mut self, out: &mut Vec<Release>) {
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() > self.delivered + 1 {
+                break;
+            }
+            let (seq, release) = entry.remove_entry();
+            if seq == self.delivered + 1 {
+                self.delivered = seq;
+                self.remember(&release.0);
+                out.push(release);
+            }
+        }
+        self.known_head = self.known_head.max(self.delivered);
+        if self.held.is_empty() && self.known_head <= self.delivered {
+            self.behind_since = None;
+        } else if self.behind_since.is_none() {
+            self.behind_since = Some(Instant::now());
+        }
+    }
+
+    fn remember(&mut self, message: &Message) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(message.clone());
+    }
+}
+
+impl Sequencer {
+    /// A connection entered the group's room with history up to `floor`. Returns the released
+    /// messages it missed (those after `floor` that the room already had).
+    pub fn enter(&mut self, group_name: &str, floor: u64) -> Vec<Message> {
+        let order = self
+            .groups
+            .entry(group_name.to_string())
+            .or_insert_with(|| GroupOrder::new(floor));
+        if floor > order.delivered {
+            order.known_head = order.known_head.max(floor);
+            order.behind_since.get_or_insert_with(Instant::now);
+        }
+        let missed: Vec<Message> = order
+            .recent
+            .iter()
+            .filter(|m| m.seq > floor)
+            .cloned()
+            .collect();
+        let oldest_kept = order.recent.front().map_or(order.delivered + 1, |m| m.seq);
+        if floor + 1 < oldest_kept && floor < order.delivered {
+            log::warn!(
+                "{group_name}: a connection entered at seq {floor}, older than the {RECENT} kept; it recovers with fetch_messages"
+            );
+        }
+        missed
+    }
+
+    /// The room of this group emptied on this node.
+    pub fn forget(&mut self, group_name: &str) {
+        self.groups.remove(group_name);
+    }
+
+    /// A stored message arrived; returns what can now go to the room, in order.
+    pub fn offer(&mut self, message: Message, origin: Requester) -> Vec<Release> {
+        let mut out = Vec::new();
+        let Some(order) = self.groups.get_mut(&message.group_name) else {
+            return out;
+        };
+        if message.seq <= order.delivered {
+            return out;
+        }
+        order.known_head = order.known_head.max(message.seq);
+        order.held.entry(message.seq).or_insert((message, origin));
+        order.release_ready(&mut out);
+        out
+    }
+
+    /// Every occupied group should check the database for messages it may have missed.
+    pub fn suspect_all(&mut self) {
+        let now = Instant::now();
+        for order in self.groups.values_mut() {
+            order.known_head = u64::MAX;
+            order.behind_since = Some(now - GAP_WAIT);
+        }
+    }
+
+    /// Catch-up reads that are due now (each group has at most one in flight).
+    pub fn due_catch_ups(&mut self, now: Instant) -> Vec<CatchUp> {
+        let mut due = Vec::new();
+        for (group_name, order) in &mut self.groups {
+            let overdue = order
+                .behind_since
+                .is_some_and(|since| now.duration_since(since) >= GAP_WAIT);
+            if overdue && !order.fetching {
+                order.fetching = true;
+                due.push(CatchUp {
+                    group_name: group_name.clone(),
+                    after_seq: order.delivered,
+                });
+            }
+        }
+        due
+    }
+
+    /// The answer to a catch-up read: the stored messages after `after_seq`, in order (`None`
+    /// when the read failed). A gap the database cannot fill is skipped, so the room never stalls.
+    pub fn caught_up(&mut self, group_name: &str, found: Option<Vec<Message>>) -> Vec<Release> {
+        let mut out = Vec::new();
+        let Some(order) = self.groups.get_mut(group_name) else {
+            return out;
+        };
+        order.fetching = false;
+        let Some(found) = found else {
+            order.behind_since = Some(Instant::now());
+            return out;
+        };
+        let complete = found.len() < CATCH_UP_BATCH as usize;
+        for message in found {
+            if message.seq > order.delivered {
+                order
+                    .held
+                    .entry(message.seq)
+                    .or_insert((message, Requester::Server));
+            }
+        }
+        order.release_ready(&mut out);
+        if complete {
+            if let Some(&first_held) = order.held.keys().next() {
+                log::warn!(
+                    "{group_name}: seq {} to {} not found in the store; skipping",
+                    order.delivered + 1,
+                    first_held - 1
+                );
+                order.delivered = first_held - 1;
+                order.release_ready(&mut out);
+            }
+            if order.held.is_empty() {
+                order.known_head = order.delivered;
+                order.behind_since = None;
+            }
+        }
+        out
+    }
+
+    /// When the next catch-up could fall due (for the poll timeout).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.groups
+            .values()
+            .filter(|order| !order.fetching)
+            .filter_map(|order| order.behind_since.map(|since| since + GAP_WAIT))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64) -> Message {
+        Message {
+            id: format!("{seq:024x}"),
+            group_name: "g".into(),
+            username: "u".into(),
+            text: format!("m{seq}"),
+            timestamp: "2026-11-25T00:00:00.000Z".into(),
+            seq,
+        }
+    }
+
+    fn seqs(released: &[Release]) -> Vec<u64> {
+        released.iter().map(|(m, _)| m.seq).collect()
+    }
+
+    #[test]
+    fn holds_early_messages_and_releases_them_in_order() {
+        let mut sequencer = Sequencer::default();
+        sequencer.enter("g", 6);
+        assert!(sequencer.offer(message(8), Requester::Server).is_empty());
+        assert_eq!(
+            seqs(&sequencer.offer(message(7), Requester::Server)),
+            vec![7, 8]
+        );
+        assert!(
+            sequencer.offer(message(8), Requester::Server).is_empty(),
+            "duplicate"
+        );
+        assert!(
+            sequencer.offer(message(3), Requester::Server).is_empty(),
+            "old"
+        );
+    }
+
+    #[test]
+    fn a_gap_becomes_a_catch_up_read_after_the_wait() {
+        let mut sequencer = Sequencer::default();
+        sequencer.enter("g", 0);
+        sequencer.offer(message(2), Requester::Server);
+        assert!(sequencer.due_catch_ups(Instant::now()).is_empty());
+        let later = Instant::now() + GAP_WAIT;
+        let due = sequencer.due_catch_ups(later);
+        assert_eq!(
+            due,
+            vec![CatchUp {
+                group_name: "g".into(),
+                after_seq: 0
+            }]
+        );
+        assert!(
+            sequencer.due_catch_ups(later).is_empty(),
+            "one read in flight"
+        );
+        let released = sequencer.caught_up("g", Some(vec![message(1), message(2)]));
+        assert_eq!(seqs(&released), vec![1, 2]);
+        assert_eq!(sequencer.next_deadline(), None);
+    }
+
+    #[test]
+    fn an_unfillable_gap_is_skipped() {
+        let mut sequencer = Sequencer::default();
+        sequencer.enter("g", 0);
+        sequencer.offer(message(3), Requester::Server);
+        let released = sequencer.caught_up("g", Some(vec![message(3)]));
+        assert_eq!(seqs(&released), vec![3]);
+    }
+
+    #[test]
+    fn a_late_entrant_gets_what_the_room_already_had() {
+        let mut sequencer = Sequencer::default();
+        sequencer.enter("g", 0);
+        for seq in 1..=3 {
+            sequencer.offer(message(seq), Requester::Server);
+        }
+        let missed: Vec<u64> = sequencer.enter("g", 1).iter().map(|m| m.seq).collect();
+        assert_eq!(missed, vec![2, 3]);
+    }
+
+    #[test]
+    fn an_entrant_ahead_of_the_room_triggers_a_catch_up() {
+        let mut sequencer = Sequencer::default();
+        sequencer.enter("g", 0);
+        sequencer.enter("g", 5);
+        let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT);
+        assert_eq!(due.len(), 1);
+        assert!(sequencer.caught_up("g", Some(vec![])).is_empty());
+        assert_eq!(sequencer.next_deadline(), None, "nothing more to find");
+    }
+}

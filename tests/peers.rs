@@ -1,0 +1,197 @@
+//! Peer mode: several instances on one MongoDB relay messages through Redis. Every client in a
+//! group gets every message exactly once, broadcasts in `seq` order, across a Redis restart.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{msg, ug, unique, Backend, Client, RedisServer, Server, Storage};
+use serde_json::json;
+
+const INSTANCES: usize = 3;
+const CLIENTS_PER_INSTANCE: usize = 2;
+
+/// A group with clients spread over the instances, every one of them in the group's room.
+struct Cluster {
+    servers: Vec<Server>,
+    group: String,
+    clients: Vec<(String, Client)>,
+}
+
+impl Cluster {
+    fn start(storage: &Storage, redis_url: &str) -> Cluster {
+        let servers: Vec<Server> = (0..INSTANCES)
+            .map(|i| {
+                let node = format!("node{i}");
+                Server::start_with(
+                    storage,
+                    &[
+                        ("PEER", "true"),
+                        ("REDIS_URL", redis_url),
+                        ("NODE_ID", &node),
+                    ],
+                )
+            })
+            .collect();
+        let group = unique("peers");
+        let mut owner = servers[0].login("owner");
+        owner.request("create_group", ug("owner", &group));
+        let mut clients = Vec::new();
+        for (s, server) in servers.iter().enumerate() {
+            for c in 0..CLIENTS_PER_INSTANCE {
+                let name = format!("member{s}_{c}");
+                let mut client = server.login(&name);
+                client.request("join_group", ug(&name, &group));
+                assert_eq!(
+                    client.request("enter_group", ug(&name, &group))["event"],
+                    "enter_group"
+                );
+                clients.push((name, client));
+            }
+        }
+        wait_for_links(&servers);
+        Cluster {
+            servers,
+            group,
+            clients,
+        }
+    }
+}
+
+/// Waits until every instance logged that its subscriber is connected.
+fn wait_for_links(servers: &[Server]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !servers
+        .iter()
+        .all(|s| s.log_text().contains("peer subscriber: connected"))
+    {
+        assert!(Instant::now() < deadline, "peers did not connect to Redis");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What one client saw: broadcasts (in arrival order) and its own acks.
+#[derive(Default)]
+struct Seen {
+    broadcast: Vec<u64>,
+    acked: Vec<u64>,
+}
+
+/// Sends `count` messages (pausing `pause` between them, calling `midway` once halfway through
+/// the first client's storm) and reads until `total` distinct seqs arrived.
+fn run_client(
+    name: String,
+    mut client: Client,
+    group: String,
+    count: usize,
+    pause: Duration,
+    total: u64,
+) -> Seen {
+    let mut seen = Seen::default();
+    for i in 0..count {
+        let text = format!("{name}#{i}");
+        client.send(&json!({"event": "send_message", "data": msg(&name, &group, &text), "id": i}));
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+            drain(&mut client, &mut seen);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (seen.broadcast.len() + seen.acked.len()) < total as usize && Instant::now() < deadline {
+        match client.try_recv(Duration::from_millis(500)) {
+            Some(line) => record(&line, &mut seen),
+            None => continue,
+        }
+    }
+    // Anything extra (a duplicate) would arrive shortly after.
+    while let Some(line) = client.try_recv(Duration::from_millis(300)) {
+        record(&line, &mut seen);
+    }
+    seen
+}
+
+fn drain(client: &mut Client, seen: &mut Seen) {
+    while let Some(line) = client.try_recv(Duration::from_millis(1)) {
+        record(&line, seen);
+    }
+}
+
+fn record(line: &serde_json::Value, seen: &mut Seen) {
+    assert_eq!(line["event"], "message_sent", "unexpected line: {line}");
+    let seq = line["data"]["seq"].as_u64().expect("seq");
+    if line.get("id").is_some() {
+        seen.acked.push(seq);
+    } else {
+        seen.broadcast.push(seq);
+    }
+}
+
+/// Every client saw each of 1..=total exactly once, its broadcasts in increasing order.
+fn check_exactly_once_in_order(name: &str, seen: &Seen, total: u64) {
+    let increasing = seen.broadcast.windows(2).all(|w| w[0] < w[1]);
+    assert!(
+        increasing,
+        "{name}: broadcasts out of seq order: {:?}",
+        seen.broadcast
+    );
+    let mut all: Vec<u64> = seen.broadcast.iter().chain(&seen.acked).copied().collect();
+    all.sort_unstable();
+    let distinct: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(all.len(), distinct.len(), "{name}: a message arrived twice");
+    assert_eq!(
+        distinct,
+        (1..=total).collect::<BTreeSet<_>>(),
+        "{name}: messages missing"
+    );
+}
+
+/// One sender per instance; everyone checks; `disturb` runs once while the storm is on.
+fn storm(cluster: Cluster, per_sender: usize, pause: Duration, disturb: impl FnOnce()) {
+    let total = (INSTANCES * per_sender) as u64;
+    let group = cluster.group.clone();
+    let threads: Vec<_> = cluster
+        .clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, client))| {
+            let count = if i % CLIENTS_PER_INSTANCE == 0 {
+                per_sender
+            } else {
+                0
+            };
+            let group = group.clone();
+            std::thread::spawn(move || {
+                let seen = run_client(name.clone(), client, group, count, pause, total);
+                (name, seen)
+            })
+        })
+        .collect();
+    disturb();
+    for thread in threads {
+        let (name, seen) = thread.join().expect("client");
+        check_exactly_once_in_order(&name, &seen, total);
+    }
+    drop(cluster.servers);
+}
+
+#[test]
+fn three_peers_deliver_every_message_once_in_seq_order() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = RedisServer::start();
+    let cluster = Cluster::start(&storage, &redis.url());
+    storm(cluster, 100, Duration::ZERO, || {});
+}
+
+#[test]
+fn a_redis_restart_mid_storm_loses_and_duplicates_nothing() {
+    let storage = Storage::new(Backend::Mongo);
+    let mut redis = RedisServer::start();
+    let cluster = Cluster::start(&storage, &redis.url());
+    storm(cluster, 120, Duration::from_millis(20), || {
+        std::thread::sleep(Duration::from_millis(700));
+        redis.stop();
+        std::thread::sleep(Duration::from_millis(800));
+        redis.restart();
+    });
+}
