@@ -33,6 +33,16 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     pub store_timeout: Duration,
     pub node_id: String,
+    /// Port of the Prometheus `/metrics` endpoint (on `bind`); `None`: off.
+    pub metrics_port: Option<u16>,
+    /// Store-bound requests per second a connection may make on average; 0: unlimited.
+    pub rate_limit: f64,
+    /// How many store-bound requests a connection may make at once above the average.
+    pub rate_burst: f64,
+    /// How long a connection may stay without logging in.
+    pub login_timeout: Duration,
+    /// Simultaneous connections from one IP address; 0: unlimited.
+    pub max_connections_per_ip: usize,
 }
 
 /// Why a configuration was refused (printed as one line, exit code 2).
@@ -113,6 +123,31 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "how long a store call may take before the request gets `unavailable`",
     ),
     ("NODE_ID", "(random)", "this instance's id in peer mode"),
+    (
+        "METRICS_PORT",
+        "(unset)",
+        "serve Prometheus text at GET /metrics on this port (same BIND address)",
+    ),
+    (
+        "RATE_LIMIT",
+        "1000",
+        "requests per second one connection may make (ping excepted); 0: unlimited",
+    ),
+    (
+        "RATE_BURST",
+        "2000",
+        "requests one connection may make at once",
+    ),
+    (
+        "LOGIN_TIMEOUT_MS",
+        "30000",
+        "connections that have not sent find_user by then are closed",
+    ),
+    (
+        "MAX_CONNECTIONS_PER_IP",
+        "0",
+        "simultaneous connections from one IP address; 0: unlimited",
+    ),
     ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
 ];
 
@@ -187,6 +222,28 @@ impl Config {
             node_id: get("NODE_ID")
                 .map(str::to_string)
                 .unwrap_or_else(random_node_id),
+            metrics_port: match get("METRICS_PORT") {
+                Some(text) => Some(parse_value(
+                    Some(text),
+                    "METRICS_PORT",
+                    None,
+                    "a port number 0-65535",
+                )?),
+                None => None,
+            },
+            rate_limit: parse_rate(get("RATE_LIMIT"), "RATE_LIMIT", 1000.0)?,
+            rate_burst: parse_rate(get("RATE_BURST"), "RATE_BURST", 2000.0)?.max(1.0),
+            login_timeout: Duration::from_millis(parse_positive(
+                get("LOGIN_TIMEOUT_MS"),
+                "LOGIN_TIMEOUT_MS",
+                30000,
+            )? as u64),
+            max_connections_per_ip: parse_value(
+                get("MAX_CONNECTIONS_PER_IP"),
+                "MAX_CONNECTIONS_PER_IP",
+                Some(0),
+                "a whole number (0: unlimited)",
+            )?,
         })
     }
 
@@ -224,6 +281,14 @@ fn parse_positive(
     let value: usize = parse_value(raw, name, Some(default), "a positive whole number")?;
     if value == 0 {
         return Err(invalid(name, "0", "a positive whole number"));
+    }
+    Ok(value)
+}
+
+fn parse_rate(raw: Option<&str>, name: &'static str, default: f64) -> Result<f64, ConfigError> {
+    let value: f64 = parse_value(raw, name, Some(default), "a number >= 0")?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(invalid(name, &value.to_string(), "a number >= 0"));
     }
     Ok(value)
 }
@@ -276,5 +341,11 @@ mod tests {
         assert!(err.to_string().contains("PORT"), "{err}");
         assert!(Config::from_map(&env(&[("MAX_CONNECTIONS", "0")])).is_err());
         assert!(Config::from_map(&env(&[("PEER", "maybe")])).is_err());
+        assert!(Config::from_map(&env(&[("RATE_LIMIT", "-1")])).is_err());
+        assert!(Config::from_map(&env(&[("METRICS_PORT", "http")])).is_err());
+        let limits = Config::from_map(&env(&[("RATE_LIMIT", "0"), ("METRICS_PORT", "9100")]))
+            .expect("valid");
+        assert_eq!(limits.rate_limit, 0.0);
+        assert_eq!(limits.metrics_port, Some(9100));
     }
 }

@@ -6,11 +6,13 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use serde_json::Value;
 
 use crate::framing::{Frame, LineFramer};
+use crate::limits::TokenBucket;
 use crate::session::Session;
 
 /// Most buffers handed to one `writev`.
@@ -52,6 +54,9 @@ pub struct Connection {
     pub read_state: ReadState,
     /// Set when the connection must be dropped without further writes.
     pub doomed: bool,
+    pub opened_at: Instant,
+    /// Store-bound requests this connection may still make (see `limits`).
+    pub bucket: TokenBucket,
     framer: LineFramer,
     inbox: VecDeque<Frame>,
     outbox: VecDeque<Chunk>,
@@ -60,8 +65,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(socket: TcpStream, peer: SocketAddr, max_line: usize) -> Connection {
+    pub fn new(socket: TcpStream, peer: SocketAddr, max_line: usize, burst: f64) -> Connection {
+        let opened_at = Instant::now();
         Connection {
+            opened_at,
+            bucket: TokenBucket::full(burst, opened_at),
             socket,
             peer,
             session: Session::default(),

@@ -4,8 +4,11 @@
 mod config;
 mod connection;
 mod framing;
+mod limits;
 mod logging;
+mod metrics;
 mod model;
+mod notify;
 mod peer;
 mod protocol;
 mod rooms;
@@ -66,6 +69,10 @@ fn run(config: Config) -> Result<(), String> {
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     install_signal_handlers(&server)?;
     log::info!("listening on {addr} ({})", describe_store(&config));
+    if let Some(metrics) = server.metrics_addr() {
+        log::info!("metrics on http://{metrics}/metrics");
+    }
+    notify::notify("READY=1");
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }
 

@@ -201,6 +201,11 @@ impl Sequencer {
         out
     }
 
+    /// Messages held back across all groups (waiting for an earlier seq).
+    pub fn held(&self) -> usize {
+        self.groups.values().map(|order| order.held.len()).sum()
+    }
+
     /// When the next catch-up could fall due (for the poll timeout).
     pub fn next_deadline(&self) -> Option<Instant> {
         self.groups

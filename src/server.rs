@@ -17,6 +17,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::{Config, StoreKind};
 use crate::connection::{Chunk, Connection, ReadState};
+use crate::limits::PerIp;
+use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient};
 use crate::model::Message;
 use crate::peer::{channel_for, PeerEvent, PeerLink};
 use crate::protocol::{encode_broadcast, encode_failure, ErrorCode, ProtocolError};
@@ -28,7 +30,12 @@ use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-const FIRST_CONNECTION: usize = 2;
+const METRICS_LISTENER: Token = Token(2);
+const FIRST_CONNECTION: usize = 3;
+/// Tokens of metrics HTTP clients start here, far above any client connection's.
+const FIRST_METRICS_CLIENT: usize = usize::MAX / 2;
+/// How often connections are checked for the login timeout.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Framed requests a connection may have waiting before the loop stops reading its socket.
 /// The kernel send buffer of each client socket. Fixed (not autotuned up to 4 MiB) so that a
 /// client that stops reading is noticed by the `MAX_OUTPUT_BYTES` bound soon, and so that the
@@ -57,6 +64,12 @@ pub struct Server {
     next_token: usize,
     touched: Vec<Token>,
     read_buffer: Vec<u8>,
+    metrics: Metrics,
+    metrics_listener: Option<TcpListener>,
+    metrics_clients: HashMap<Token, MetricsClient>,
+    next_metrics_token: usize,
+    per_ip: PerIp,
+    last_sweep: Instant,
 }
 
 impl Server {
@@ -67,6 +80,15 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let metrics_listener = match config.metrics_port {
+            Some(port) => {
+                let mut listener = TcpListener::bind(SocketAddr::new(config.bind, port))?;
+                poll.registry()
+                    .register(&mut listener, METRICS_LISTENER, Interest::READABLE)?;
+                Some(listener)
+            }
+            None => None,
+        };
         let (done, completions) = crossbeam_channel::unbounded();
         let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout)?;
         let peer = match (&config.store, config.peer) {
@@ -95,6 +117,12 @@ impl Server {
             next_token: FIRST_CONNECTION,
             touched: Vec::new(),
             read_buffer: vec![0; READ_BUFFER_BYTES],
+            metrics: Metrics::default(),
+            metrics_listener,
+            metrics_clients: HashMap::new(),
+            next_metrics_token: FIRST_METRICS_CLIENT,
+            per_ip: PerIp::default(),
+            last_sweep: Instant::now(),
         })
     }
 
@@ -103,6 +131,13 @@ impl Server {
             Some(listener) => listener.local_addr(),
             None => Err(io::ErrorKind::NotConnected.into()),
         }
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// A flag and waker that make the loop shut down gracefully when set (from a signal thread).
@@ -125,6 +160,8 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     WAKER => {}
+                    METRICS_LISTENER => self.accept_metrics_clients(),
+                    token if token.0 >= FIRST_METRICS_CLIENT => self.serve_metrics(token),
                     token => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read_from(token);
@@ -136,6 +173,7 @@ impl Server {
             self.take_completions();
             self.take_peer_events();
             self.start_catch_ups();
+            self.sweep_logins();
             self.service_touched();
             if self.shutdown_step() {
                 break;
@@ -158,16 +196,17 @@ impl Server {
             .next_deadline()
             .map(|due| due.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
         let draining = self.draining_since.map(|_| Duration::from_millis(50));
-        match (catch_up, draining) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [catch_up, draining, Some(SWEEP_EVERY)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Starts draining on a stop request; true once draining is complete.
     fn shutdown_step(&mut self) -> bool {
         if self.draining_since.is_none() && self.stop_requested.load(Ordering::SeqCst) {
             log::info!("shutting down: no new connections, finishing work in flight");
+            crate::notify::notify("STOPPING=1");
             if let Some(mut listener) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
@@ -207,16 +246,28 @@ impl Server {
     }
 
     fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr) {
-        if self.connections.len() >= self.config.max_connections {
-            log::warn!(
-                "refusing {peer}: MAX_CONNECTIONS ({}) reached",
-                self.config.max_connections
-            );
-            let error =
-                ProtocolError::new(ErrorCode::Unavailable, "Server is at its connection limit.");
+        let refusal = if self.connections.len() >= self.config.max_connections {
+            Some(("MAX_CONNECTIONS", "Server is at its connection limit."))
+        } else if !self
+            .per_ip
+            .admit(peer.ip(), self.config.max_connections_per_ip)
+        {
+            Some((
+                "MAX_CONNECTIONS_PER_IP",
+                "Too many connections from your address.",
+            ))
+        } else {
+            None
+        };
+        if let Some((limit, text)) = refusal {
+            log::warn!("refusing {peer}: {limit} reached");
+            self.metrics.connections_refused += 1;
+            self.metrics.error(ErrorCode::Unavailable);
+            let error = ProtocolError::new(ErrorCode::Unavailable, text);
             let _ = socket.write(&encode_failure(&error.into(), None));
             return;
         }
+        self.metrics.connections_accepted += 1;
         let token = Token(self.next_token);
         self.next_token += 1;
         if let Err(e) = self.poll.registry().register(
@@ -225,6 +276,7 @@ impl Server {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("cannot register {peer}: {e}");
+            self.per_ip.release(peer.ip());
             return;
         }
         let _ = socket.set_nodelay(true);
@@ -232,7 +284,12 @@ impl Server {
         log::debug!("connection {} from {peer}", token.0);
         self.connections.insert(
             token,
-            Connection::new(socket, peer, self.config.max_line_bytes),
+            Connection::new(
+                socket,
+                peer,
+                self.config.max_line_bytes,
+                self.config.rate_burst,
+            ),
         );
     }
 
@@ -257,8 +314,11 @@ impl Server {
             requester,
             op,
             result,
+            elapsed,
         } = completion;
+        self.metrics.store_latency(elapsed);
         if let Ok(StoreOutput::Stored(message)) = &result {
+            self.metrics.messages_stored += 1;
             if let Some(peer) = &self.peer {
                 peer.publish(message);
             }
@@ -274,6 +334,7 @@ impl Server {
         };
         let id = connection.awaiting.take().flatten();
         let (reply, effect) = session::complete(op, result, id.as_ref());
+        count_reply(&mut self.metrics, &reply);
         connection.queue(Chunk::Owned(reply));
         self.apply(token, effect);
         self.touched.push(token);
@@ -303,6 +364,7 @@ impl Server {
         for event in events {
             match event {
                 PeerEvent::Relayed(message) => {
+                    self.metrics.messages_relayed_in += 1;
                     let released = self.sequencer.offer(message, Requester::Server);
                     self.broadcast_all(released);
                 }
@@ -356,6 +418,7 @@ impl Server {
             if !session::receives(&connection.session, message) {
                 continue;
             }
+            self.metrics.messages_delivered += 1;
             if connection.queue(Chunk::Shared(line.clone())) > self.config.max_output_bytes
                 && !connection.doomed
             {
@@ -447,7 +510,22 @@ impl Server {
                 };
                 match session::plan(&connection.session, frame) {
                     Plan::Reply(line) => {
+                        count_reply(&mut self.metrics, &line);
                         connection.queue(Chunk::Owned(line));
+                    }
+                    Plan::Store { id, .. }
+                        if !connection.bucket.take(
+                            Instant::now(),
+                            self.config.rate_limit,
+                            self.config.rate_burst,
+                        ) =>
+                    {
+                        self.metrics.error(ErrorCode::RateLimited);
+                        let error = ProtocolError::new(
+                            ErrorCode::RateLimited,
+                            "Too many requests; slow down.",
+                        );
+                        connection.queue(Chunk::Owned(encode_failure(&error.into(), id.as_ref())));
                     }
                     Plan::Store { op, id } => {
                         connection.awaiting = Some(id);
@@ -480,6 +558,7 @@ impl Server {
             return;
         };
         let _ = self.poll.registry().deregister(&mut connection.socket);
+        self.per_ip.release(connection.peer.ip());
         log::debug!("connection {} from {} closed", token.0, connection.peer);
         let (Some(username), Some(room)) = (connection.session.username, connection.session.room)
         else {
@@ -494,6 +573,86 @@ impl Server {
                     group_name: room.group_name,
                 },
             );
+        }
+    }
+}
+
+/// Counts a reply line in the metrics: delivered messages and error codes.
+fn count_reply(metrics: &mut Metrics, line: &[u8]) {
+    if line.starts_with(b"{\"event\":\"message_sent\"") {
+        metrics.messages_delivered += 1;
+    } else if line.starts_with(b"{\"event\":\"error\"") {
+        metrics.error_line(line);
+    }
+}
+
+impl Server {
+    /// Closes connections that never logged in within `LOGIN_TIMEOUT_MS`.
+    fn sweep_logins(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        let timeout = self.config.login_timeout;
+        let expired: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                c.session.username.is_none() && now.duration_since(c.opened_at) > timeout
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            if let Some(connection) = self.connections.get(&token) {
+                log::info!(
+                    "closing {}: no find_user within LOGIN_TIMEOUT_MS",
+                    connection.peer
+                );
+            }
+            self.close(token);
+        }
+    }
+
+    fn accept_metrics_clients(&mut self) {
+        let Some(listener) = &self.metrics_listener else {
+            return;
+        };
+        while let Ok((mut socket, _)) = listener.accept() {
+            let token = Token(self.next_metrics_token);
+            self.next_metrics_token += 1;
+            let registered = self.poll.registry().register(
+                &mut socket,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            if registered.is_ok() {
+                self.metrics_clients
+                    .insert(token, MetricsClient::new(socket));
+            }
+        }
+    }
+
+    fn serve_metrics(&mut self, token: Token) {
+        let gauges = Gauges {
+            connections: self.connections.len(),
+            rooms_held_messages: self.sequencer.held(),
+            peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
+        };
+        let Some(client) = self.metrics_clients.get_mut(&token) else {
+            return;
+        };
+        let mut progress = client.read();
+        if let HttpProgress::Requested { path_ok } = progress {
+            client.respond(path_ok.then(|| self.metrics.render(gauges)));
+            progress = client.write();
+        } else if progress == HttpProgress::Reading {
+            progress = client.write();
+        }
+        if progress == HttpProgress::Done {
+            if let Some(mut client) = self.metrics_clients.remove(&token) {
+                let _ = self.poll.registry().deregister(&mut client.socket);
+            }
         }
     }
 }

@@ -125,6 +125,8 @@ pub struct Completion {
     pub requester: Requester,
     pub op: StoreOp,
     pub result: Result<StoreOutput, StoreError>,
+    /// From queueing the job to its result.
+    pub elapsed: Duration,
 }
 
 /// Handle the event loop uses to submit jobs.
@@ -275,6 +277,7 @@ impl Worker {
             requester: job.requester,
             op: job.op,
             result,
+            elapsed: job.queued_at.elapsed(),
         };
         if self.done.send(completion).is_err() {
             log::debug!("event loop gone; completion dropped");

@@ -299,6 +299,17 @@ impl Client {
         }
     }
 
+    /// True if the server answers a ping (false if it refused or closed the connection).
+    pub fn try_request_ping(&mut self) -> bool {
+        let sent = self
+            .stream
+            .write_all(b"{\"event\":\"ping\",\"id\":\"probe\"}\n")
+            .is_ok();
+        sent && self
+            .try_recv(REPLY_TIMEOUT)
+            .is_some_and(|reply| reply["event"] == "pong")
+    }
+
     /// Reads until the peer closes; true if it did within `wait`.
     pub fn closed_within(&mut self, wait: Duration) -> bool {
         self.stream.set_read_timeout(Some(wait)).expect("timeout");

@@ -1,0 +1,288 @@
+//! Operational counters and their Prometheus text rendering, plus the tiny HTTP side that serves
+//! `GET /metrics` from the event loop (one request per connection, then close).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use mio::net::TcpStream;
+
+use crate::protocol::ErrorCode;
+
+/// Upper bounds (seconds) of the store latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+/// Largest HTTP request head a metrics client may send.
+const MAX_REQUEST_BYTES: usize = 8192;
+
+/// Everything the server counts. Gauges are read from the loop's state when rendering.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub messages_stored: u64,
+    pub messages_delivered: u64,
+    pub messages_relayed_in: u64,
+    errors: HashMap<&'static str, u64>,
+    latency_counts: [u64; LATENCY_BUCKETS.len()],
+    latency_sum: f64,
+    latency_total: u64,
+}
+
+/// Gauges sampled at render time.
+#[derive(Debug, Clone, Copy)]
+pub struct Gauges {
+    pub connections: usize,
+    pub rooms_held_messages: usize,
+    /// `None` when not in peer mode.
+    pub peer_link_up: Option<bool>,
+}
+
+impl Metrics {
+    pub fn error(&mut self, code: ErrorCode) {
+        *self.errors.entry(code.as_str()).or_default() += 1;
+    }
+
+    /// Counts an error reply line by reading its code back (for lines built elsewhere).
+    pub fn error_line(&mut self, line: &[u8]) {
+        if let Some(code) = ErrorCode::ALL
+            .iter()
+            .find(|code| contains(line, format!("\"code\":\"{}\"", code.as_str()).as_bytes()))
+        {
+            self.error(*code);
+        }
+    }
+
+    pub fn store_latency(&mut self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (count, bound) in self.latency_counts.iter_mut().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                *count += 1;
+            }
+        }
+        self.latency_sum += seconds;
+        self.latency_total += 1;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, value: usize| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "noomnim_connections",
+            "Open client connections.",
+            gauges.connections,
+        );
+        counter(
+            &mut out,
+            "noomnim_connections_accepted_total",
+            "Client connections accepted.",
+            self.connections_accepted,
+        );
+        counter(
+            &mut out,
+            "noomnim_connections_refused_total",
+            "Client connections refused by a limit.",
+            self.connections_refused,
+        );
+        counter(
+            &mut out,
+            "noomnim_messages_stored_total",
+            "Messages stored by this instance.",
+            self.messages_stored,
+        );
+        counter(
+            &mut out,
+            "noomnim_messages_delivered_total",
+            "message_sent lines queued to clients (replies and broadcasts).",
+            self.messages_delivered,
+        );
+        counter(
+            &mut out,
+            "noomnim_messages_relayed_in_total",
+            "Messages received from peers.",
+            self.messages_relayed_in,
+        );
+        gauge(
+            &mut out,
+            "noomnim_messages_held",
+            "Messages held back waiting for an earlier seq.",
+            gauges.rooms_held_messages,
+        );
+        self.render_errors(&mut out);
+        self.render_latency(&mut out);
+        if let Some(up) = gauges.peer_link_up {
+            gauge(
+                &mut out,
+                "noomnim_peer_link_up",
+                "1 when subscribed to Redis (peer mode).",
+                usize::from(up),
+            );
+        }
+        out
+    }
+
+    fn render_errors(&self, out: &mut String) {
+        out.push_str("# HELP noomnim_errors_total Error replies sent, by code.\n");
+        out.push_str("# TYPE noomnim_errors_total counter\n");
+        for code in ErrorCode::ALL {
+            let count = self.errors.get(code.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "noomnim_errors_total{{code=\"{}\"}} {count}",
+                code.as_str()
+            );
+        }
+    }
+
+    fn render_latency(&self, out: &mut String) {
+        let name = "noomnim_store_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from queueing a store job to its result."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (count, bound) in self.latency_counts.iter().zip(LATENCY_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.latency_total);
+        let _ = writeln!(out, "{name}_sum {}", self.latency_sum);
+        let _ = writeln!(out, "{name}_count {}", self.latency_total);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// One HTTP client of the metrics endpoint.
+pub struct MetricsClient {
+    pub socket: TcpStream,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    written: usize,
+}
+
+/// What a metrics client needs next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HttpProgress {
+    /// Waiting for more of the request.
+    Reading,
+    /// The request is complete; `path_ok` says whether it asked for `GET /metrics`.
+    Requested { path_ok: bool },
+    /// The response is written (or the client is gone): close it.
+    Done,
+}
+
+impl MetricsClient {
+    pub fn new(socket: TcpStream) -> MetricsClient {
+        MetricsClient {
+            socket,
+            request: Vec::new(),
+            response: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// Reads what arrived; reports a complete request once.
+    pub fn read(&mut self) -> HttpProgress {
+        if !self.response.is_empty() {
+            return HttpProgress::Reading;
+        }
+        let mut buffer = [0u8; 1024];
+        loop {
+            match self.socket.read(&mut buffer) {
+                Ok(0) => return HttpProgress::Done,
+                Ok(n) => self.request.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return HttpProgress::Done,
+            }
+            if self.request.len() > MAX_REQUEST_BYTES {
+                return HttpProgress::Requested { path_ok: false };
+            }
+        }
+        if !contains(&self.request, b"\r\n\r\n") && !contains(&self.request, b"\n\n") {
+            return HttpProgress::Reading;
+        }
+        let path_ok = self.request.starts_with(b"GET /metrics ")
+            || self.request.starts_with(b"GET /metrics?");
+        HttpProgress::Requested { path_ok }
+    }
+
+    /// Sets the response: 200 with `body`, or 404.
+    pub fn respond(&mut self, body: Option<String>) {
+        let (status, body) = match body {
+            Some(body) => ("200 OK", body),
+            None => (
+                "404 Not Found",
+                "only GET /metrics is served here\n".to_string(),
+            ),
+        };
+        self.response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+    }
+
+    /// Writes what fits; `Done` once all is written or the socket failed.
+    pub fn write(&mut self) -> HttpProgress {
+        while self.written < self.response.len() {
+            match self.socket.write(&self.response[self.written..]) {
+                Ok(0) => return HttpProgress::Done,
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HttpProgress::Reading,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return HttpProgress::Done,
+            }
+        }
+        if self.response.is_empty() {
+            HttpProgress::Reading
+        } else {
+            HttpProgress::Done
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_errors_and_histogram() {
+        let mut metrics = Metrics::default();
+        metrics.messages_stored = 3;
+        metrics.error(ErrorCode::RateLimited);
+        metrics.error_line(br#"{"event":"error","data":{"Error":"x","code":"bad_json"}}"#);
+        metrics.store_latency(Duration::from_millis(2));
+        let text = metrics.render(Gauges {
+            connections: 2,
+            rooms_held_messages: 0,
+            peer_link_up: Some(true),
+        });
+        assert!(text.contains("noomnim_messages_stored_total 3"));
+        assert!(text.contains("noomnim_errors_total{code=\"rate_limited\"} 1"));
+        assert!(text.contains("noomnim_errors_total{code=\"bad_json\"} 1"));
+        assert!(text.contains("noomnim_store_latency_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("noomnim_store_latency_seconds_bucket{le=\"0.0025\"} 1"));
+        assert!(text.contains("noomnim_peer_link_up 1"));
+        assert!(text.contains("noomnim_connections 2"));
+    }
+}
