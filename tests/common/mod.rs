@@ -300,14 +300,30 @@ impl Client {
     }
 
     /// True if the server answers a ping (false if it refused or closed the connection).
+    /// Replies and broadcasts before the pong are skipped.
     pub fn try_request_ping(&mut self) -> bool {
         let sent = self
             .stream
             .write_all(b"{\"event\":\"ping\",\"id\":\"probe\"}\n")
             .is_ok();
-        sent && self
-            .try_recv(REPLY_TIMEOUT)
-            .is_some_and(|reply| reply["event"] == "pong")
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        while sent && Instant::now() < deadline {
+            match self.try_recv(Duration::from_millis(200)) {
+                Some(reply) if reply["id"] == "probe" => return reply["event"] == "pong",
+                Some(_) => continue,
+                None if self.partial.is_empty() && self.peer_closed() => return false,
+                None => continue,
+            }
+        }
+        false
+    }
+
+    fn peer_closed(&mut self) -> bool {
+        let _ = self.stream.set_nonblocking(true);
+        let mut probe = [0u8; 1];
+        let closed = matches!(self.stream.peek(&mut probe), Ok(0));
+        let _ = self.stream.set_nonblocking(false);
+        closed
     }
 
     /// Reads until the peer closes; true if it did within `wait`.

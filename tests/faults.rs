@@ -1,0 +1,215 @@
+//! Faults: the server killed with SIGKILL in a send storm, and MongoDB stopped and restarted
+//! under load. Acknowledged messages survive; an unreachable store gives `unavailable`, not a
+//! hang, and the server recovers by itself.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fetch_all, msg, ug, unique, Backend, Client, Server, Storage};
+use serde_json::{json, Value};
+
+backend_tests!(acked_messages_survive_kill_9);
+
+/// Sends one message at a time until the connection dies; returns seq → text of every ack.
+fn send_until_cut(mut client: Client, name: String, group: String) -> HashMap<u64, String> {
+    let mut acked = HashMap::new();
+    for i in 0.. {
+        let text = format!("{name}#{i}");
+        client.send(&json!({"event": "send_message", "data": msg(&name, &group, &text), "id": i}));
+        match client.try_recv(Duration::from_secs(10)) {
+            Some(reply) if reply["event"] == "message_sent" => {
+                acked.insert(reply["data"]["seq"].as_u64().expect("seq"), text);
+            }
+            _ => return acked,
+        }
+    }
+    acked
+}
+
+fn acked_messages_survive_kill_9(backend: Backend) {
+    let storage = Storage::new(backend);
+    let mut server = Server::start(&storage);
+    let group = unique("storm");
+    let mut owner = server.login("owner");
+    owner.request("create_group", ug("owner", &group));
+    let senders: Vec<_> = (0..4)
+        .map(|i| {
+            let name = format!("sender{i}");
+            let mut client = server.login(&name);
+            client.request("join_group", ug(&name, &group));
+            let group = group.clone();
+            std::thread::spawn(move || send_until_cut(client, name, group))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill();
+    let mut acked = HashMap::new();
+    for sender in senders {
+        acked.extend(sender.join().expect("sender"));
+    }
+    assert!(
+        acked.len() > 20,
+        "the storm was under way: {} acks",
+        acked.len()
+    );
+    let restarted = Server::start(&storage);
+    let mut reader = restarted.login("owner");
+    let stored = fetch_all(&mut reader, "owner", &group);
+    let by_seq: HashMap<u64, &str> = stored
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap_or(0),
+                m["text"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for (seq, text) in &acked {
+        assert_eq!(
+            by_seq.get(seq),
+            Some(&text.as_str()),
+            "acked seq {seq} survived"
+        );
+    }
+    let seqs: Vec<u64> = stored
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "no gaps"
+    );
+}
+
+/// A private mongoeco server on a fixed port and database file, so it can be restarted.
+struct PrivateMongo {
+    port: u16,
+    file: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateMongo {
+    fn start() -> PrivateMongo {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let file = std::env::temp_dir().join(format!("{}.sqlite", unique("mongoeco")));
+        let mut mongo = PrivateMongo {
+            port,
+            file,
+            child: None,
+        };
+        mongo.restart();
+        mongo
+    }
+
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        let command = std::env::var("NOOMNIM_TEST_MONGOECO").expect(
+            "NOOMNIM_TEST_MONGOECO is not set: start tools/services.sh (bash .ci/run does)",
+        );
+        let mut parts = command.split_whitespace();
+        let program = parts.next().expect("a command");
+        let child = Command::new(program)
+            .args(parts)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--db",
+                &self.file.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mongoeco");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mongoeco did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMongo {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+fn send(client: &mut Client, group: &str, text: &str) -> Value {
+    client.request("send_message", msg("writer", group, text))
+}
+
+#[test]
+fn mongodb_outage_gives_unavailable_then_recovers_without_restart() {
+    let mut mongo = PrivateMongo::start();
+    let uri = mongo.uri();
+    let server = Server::spawn(&[
+        ("MONGODB_URI".to_string(), uri),
+        ("MONGODB_DB".to_string(), unique("outage")),
+        ("STORE_TIMEOUT_MS".to_string(), "1500".to_string()),
+    ]);
+    let group = unique("outage");
+    let mut writer = server.login("writer");
+    writer.request("create_group", ug("writer", &group));
+    assert_eq!(send(&mut writer, &group, "before")["event"], "message_sent");
+
+    mongo.stop();
+    let asked = Instant::now();
+    let reply = send(&mut writer, &group, "during");
+    assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "answered within a bound"
+    );
+    let mut bystander = server.connect();
+    let pinged = Instant::now();
+    writer.send(
+        &json!({"event": "send_message", "data": msg("writer", &group, "pending"), "id": "p"}),
+    );
+    assert_eq!(bystander.request("ping", json!({}))["event"], "pong");
+    assert!(
+        pinged.elapsed() < Duration::from_millis(500),
+        "the loop never waits on MongoDB"
+    );
+    assert_eq!(writer.recv()["data"]["code"], "unavailable");
+
+    mongo.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = send(&mut writer, &group, "after");
+        if reply["event"] == "message_sent" {
+            assert_eq!(
+                reply["data"]["seq"], 2,
+                "nothing was stored during the outage"
+            );
+            break;
+        }
+        assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+        assert!(Instant::now() < deadline, "the server recovered by itself");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let texts: Vec<Value> = fetch_all(&mut writer, "writer", &group)
+        .iter()
+        .map(|m| m["text"].clone())
+        .collect();
+    assert_eq!(texts, vec![json!("before"), json!("after")]);
+}
