@@ -159,7 +159,7 @@ pub fn help_text() -> String {
          Configuration is read from environment variables:\n",
     );
     for (name, default, what) in VARIABLES {
-        out.push_str(&format!("  {name:<18} {what} [default: {default}]\n"));
+        out.push_str(&format!("  {name:<24} {what} [default: {default}]\n"));
     }
     out.push_str("\nProtocol: see docs/ and PROTOCOL.md. Try it with: nc 127.0.0.1 7777\n");
     out
