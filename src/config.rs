@@ -13,9 +13,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     /// SQLite file under `DATA_DIR` (default; no external service needed).
-    Embedded { data_dir: PathBuf },
+    Embedded {
+        data_dir: PathBuf,
+        /// Every commit fsynced before it is acknowledged (`EMBEDDED_SYNC=full`).
+        durable: bool,
+    },
     /// A MongoDB deployment.
     Mongo { uri: String, database: String },
+    /// Benchmark builds only: no storage of message texts (the throughput ceiling).
+    #[cfg(feature = "bench-noop")]
+    Noop,
 }
 
 /// The validated configuration of one server process.
@@ -102,6 +109,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("MONGODB_DB", "noomnim", "MongoDB database name"),
     ("DATA_DIR", "./data", "directory of the embedded store"),
     (
+        "EMBEDDED_SYNC",
+        "full",
+        "full: fsync every commit before acking; normal: survive crashes, not power loss",
+    ),
+    (
         "MAX_LINE_BYTES",
         "65536",
         "longest accepted request line in bytes",
@@ -175,6 +187,13 @@ impl Config {
     pub fn from_map(env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
         let peer = parse_bool(get("PEER"), "PEER")?;
+        #[cfg(feature = "bench-noop")]
+        if get("BENCH_STORE") == Some("noop") {
+            return Config::from_map(&without_store(env)).map(|config| Config {
+                store: StoreKind::Noop,
+                ..config
+            });
+        }
         let store = match get("MONGODB_URI") {
             Some(uri) => StoreKind::Mongo {
                 uri: uri.to_string(),
@@ -182,6 +201,11 @@ impl Config {
             },
             None => StoreKind::Embedded {
                 data_dir: PathBuf::from(get("DATA_DIR").unwrap_or("./data")),
+                durable: match get("EMBEDDED_SYNC") {
+                    None | Some("full") => true,
+                    Some("normal") => false,
+                    Some(other) => return Err(invalid("EMBEDDED_SYNC", other, "full or normal")),
+                },
             },
         };
         if peer && matches!(store, StoreKind::Embedded { .. }) {
@@ -251,6 +275,15 @@ impl Config {
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
     }
+}
+
+#[cfg(feature = "bench-noop")]
+fn without_store(env: &HashMap<String, String>) -> HashMap<String, String> {
+    let mut env = env.clone();
+    for name in ["BENCH_STORE", "MONGODB_URI", "PEER"] {
+        env.remove(name);
+    }
+    env
 }
 
 fn invalid(name: &'static str, value: &str, expected: &'static str) -> ConfigError {
@@ -324,7 +357,8 @@ mod tests {
         assert_eq!(
             config.store,
             StoreKind::Embedded {
-                data_dir: "./data".into()
+                data_dir: "./data".into(),
+                durable: true,
             }
         );
     }

@@ -96,9 +96,11 @@ fn install_signal_handlers(server: &Server) -> Result<(), String> {
 
 fn describe_store(config: &Config) -> String {
     match &config.store {
-        config::StoreKind::Embedded { data_dir } => {
+        config::StoreKind::Embedded { data_dir, .. } => {
             format!("embedded store in {}", data_dir.display())
         }
         config::StoreKind::Mongo { database, .. } => format!("MongoDB database {database}"),
+        #[cfg(feature = "bench-noop")]
+        config::StoreKind::Noop => "no-op store (benchmark build)".to_string(),
     }
 }

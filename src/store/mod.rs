@@ -2,6 +2,8 @@
 //! SQLite backend and the MongoDB backend. Calls are blocking and run only on worker threads.
 
 pub mod mongo;
+#[cfg(feature = "bench-noop")]
+pub mod noop;
 pub mod sqlite;
 
 use std::fmt;
@@ -87,10 +89,14 @@ pub trait Store: Send {
 /// Opens the backend the configuration selects (one call per worker).
 pub fn open(config: &Config) -> Result<Box<dyn Store>, StoreError> {
     match &config.store {
-        StoreKind::Embedded { data_dir } => Ok(Box::new(sqlite::SqliteStore::open(data_dir)?)),
+        StoreKind::Embedded { data_dir, durable } => {
+            Ok(Box::new(sqlite::SqliteStore::open(data_dir, *durable)?))
+        }
         StoreKind::Mongo { uri, database } => {
             mongo::MongoStore::connect(uri, database, config.store_timeout)
         }
+        #[cfg(feature = "bench-noop")]
+        StoreKind::Noop => Ok(Box::new(noop::NoopStore::open())),
     }
 }
 

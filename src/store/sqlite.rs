@@ -55,16 +55,22 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database under `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
+    /// Opens (creating if needed) the database under `data_dir`. `durable`: every commit is
+    /// fsynced before it is acknowledged (`synchronous=FULL`); otherwise commits survive a
+    /// process crash but the last ones may be lost to a power cut (`NORMAL`).
+    pub fn open(data_dir: &Path, durable: bool) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
         })?;
-        let connection = Connection::open(data_dir.join("noomnim.sqlite3"))?;
+        let path = data_dir.join("noomnim.sqlite3");
+        let connection = Connection::open(&path)?;
         connection.busy_timeout(Duration::from_secs(10))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
-        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+        // Checkpoints run on their own thread, so no commit waits for one.
+        connection.pragma_update(None, "wal_autocheckpoint", 0)?;
         connection.execute_batch(SCHEMA)?;
+        start_checkpointer(path);
         Ok(SqliteStore { connection })
     }
 
@@ -72,6 +78,40 @@ impl SqliteStore {
         Ok(self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+}
+
+/// How often the checkpointer copies the WAL back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts (once per process) the thread that checkpoints the WAL in the background.
+fn start_checkpointer(path: std::path::PathBuf) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_forever(&path));
+        if let Err(error) = spawned {
+            log::warn!("cannot start the checkpoint thread: {error}");
+        }
+    });
+}
+
+fn checkpoint_forever(path: &Path) {
+    let connection = match Connection::open(path) {
+        Ok(connection) => connection,
+        Err(error) => {
+            log::warn!("checkpoint thread cannot open {}: {error}", path.display());
+            return;
+        }
+    };
+    let _ = connection.busy_timeout(Duration::from_secs(1));
+    loop {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(error) = done {
+            log::debug!("checkpoint skipped: {error}");
+        }
     }
 }
 
@@ -418,7 +458,7 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("noomnim-sqlite-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        (SqliteStore::open(&dir).expect("open store"), dir)
+        (SqliteStore::open(&dir, true).expect("open store"), dir)
     }
 
     #[test]

@@ -1,0 +1,219 @@
+//! Benchmark-only store (`--features bench-noop`, `BENCH_STORE=noop`): keeps users, groups and
+//! per-group `seq` in memory and throws message texts away. It exists to measure the ceiling the
+//! persisted stores are compared with; a default build cannot select it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::{Store, StoreError};
+use crate::model::{
+    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member,
+    Message, MessagePage, NewMessage, PageQuery, UserProfile, Visit,
+};
+
+#[derive(Default)]
+struct Shared {
+    users: HashSet<String>,
+    groups: HashMap<String, (HashSet<String>, u64)>,
+}
+
+/// All workers share one in-memory state.
+pub struct NoopStore {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl NoopStore {
+    pub fn open() -> NoopStore {
+        static SHARED: OnceLock<Arc<Mutex<Shared>>> = OnceLock::new();
+        NoopStore {
+            shared: SHARED.get_or_init(Default::default).clone(),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Shared) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut shared = self
+            .shared
+            .lock()
+            .map_err(|_| StoreError::Unavailable("noop store poisoned".into()))?;
+        f(&mut shared)
+    }
+}
+
+fn member_of<'a>(
+    shared: &'a mut Shared,
+    username: &str,
+    group_name: &str,
+) -> Result<&'a mut (HashSet<String>, u64), StoreError> {
+    let group = shared
+        .groups
+        .get_mut(group_name)
+        .ok_or(StoreError::GroupNotFound)?;
+    if !group.0.contains(username) {
+        return Err(StoreError::NotAMember);
+    }
+    Ok(group)
+}
+
+fn group_ref(group_name: &str) -> GroupRef {
+    GroupRef {
+        group_id: new_object_id(),
+        group_name: group_name.to_string(),
+    }
+}
+
+impl Store for NoopStore {
+    fn find_or_create_user(&mut self, username: &str) -> Result<(UserProfile, bool), StoreError> {
+        self.with(|shared| {
+            let created = shared.users.insert(username.to_string());
+            let group_list = shared
+                .groups
+                .iter()
+                .filter(|(_, (members, _))| members.contains(username))
+                .map(|(name, _)| name.clone())
+                .collect();
+            let profile = UserProfile {
+                id: new_object_id(),
+                username: username.to_string(),
+                group_list,
+            };
+            Ok((profile, created))
+        })
+    }
+
+    fn create_group(
+        &mut self,
+        username: &str,
+        group_name: &str,
+    ) -> Result<CreatedGroup, StoreError> {
+        self.with(|shared| {
+            if !shared.users.contains(username) {
+                return Err(StoreError::UserNotFound);
+            }
+            if shared.groups.contains_key(group_name) {
+                return Err(StoreError::GroupExists);
+            }
+            let members = HashSet::from([username.to_string()]);
+            shared.groups.insert(group_name.to_string(), (members, 0));
+            Ok(CreatedGroup {
+                group_name: group_name.to_string(),
+                user: vec![Member {
+                    name_id: username.to_string(),
+                    last_read: now_timestamp(),
+                }],
+            })
+        })
+    }
+
+    fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+        self.with(|shared| {
+            if !shared.users.contains(username) {
+                return Err(StoreError::UserNotFound);
+            }
+            let group = shared
+                .groups
+                .get_mut(group_name)
+                .ok_or(StoreError::GroupNotFound)?;
+            group.0.insert(username.to_string());
+            Ok(group_ref(group_name))
+        })
+    }
+
+    fn leave_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+        self.with(|shared| {
+            member_of(shared, username, group_name)?.0.remove(username);
+            Ok(group_ref(group_name))
+        })
+    }
+
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Message, StoreError>> {
+        let timestamp = now_timestamp();
+        batch
+            .iter()
+            .map(|new| {
+                self.with(|shared| {
+                    let group = member_of(shared, &new.username, &new.group_name)?;
+                    group.1 += 1;
+                    Ok(Message {
+                        id: new_object_id(),
+                        group_name: new.group_name.clone(),
+                        username: new.username.clone(),
+                        text: new.text.clone(),
+                        timestamp: timestamp.clone(),
+                        seq: group.1,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    fn visit_group(
+        &mut self,
+        username: &str,
+        group_name: &str,
+        _: Option<&str>,
+    ) -> Result<Visit, StoreError> {
+        self.with(|shared| {
+            let head_seq = member_of(shared, username, group_name)?.1;
+            Ok(Visit {
+                last_read: now_timestamp(),
+                head_seq,
+            })
+        })
+    }
+
+    fn enter_group(
+        &mut self,
+        username: &str,
+        group_name: &str,
+        _: Option<&str>,
+    ) -> Result<GroupHistory, StoreError> {
+        self.with(|shared| {
+            let head_seq = member_of(shared, username, group_name)?.1;
+            Ok(GroupHistory {
+                unread: Vec::new(),
+                unread_has_more: false,
+                read: Vec::new(),
+                head_seq,
+            })
+        })
+    }
+
+    fn mark_read(&mut self, _: &str, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn fetch_messages(
+        &mut self,
+        username: &str,
+        group_name: &str,
+        _: PageQuery,
+    ) -> Result<MessagePage, StoreError> {
+        self.with(|shared| {
+            member_of(shared, username, group_name)?;
+            Ok(MessagePage {
+                messages: Vec::new(),
+                has_more: false,
+            })
+        })
+    }
+
+    fn list_groups(&mut self) -> Result<Vec<GroupSummary>, StoreError> {
+        self.with(|shared| {
+            Ok(shared
+                .groups
+                .iter()
+                .map(|(name, (members, _))| GroupSummary {
+                    group_name: name.clone(),
+                    members: members.iter().cloned().collect(),
+                })
+                .collect())
+        })
+    }
+
+    fn messages_after(&mut self, _: &str, _: u64, _: u32) -> Result<Vec<Message>, StoreError> {
+        Ok(Vec::new())
+    }
+}

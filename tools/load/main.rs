@@ -1,0 +1,561 @@
+//! `noomnim-load`: a load generator for Noomnim Chat (one mio thread, non-blocking sockets).
+//!
+//! It opens C connections (spread over one or more server addresses), logs them in, puts them in
+//! G groups (every client enters its group's room), and has S of them send for T seconds, at full
+//! speed (a window of unacknowledged sends each) or at a fixed total rate. Each text carries its
+//! send time, so every delivery gives an end-to-end latency. It prints messages stored/s,
+//! delivered/s, latency p50/p99/max, lost and duplicated deliveries, and the servers' RSS.
+//!
+//! Other modes: `--idle` (connect and log in, then report server memory per connection) and
+//! `--history N` (store N messages in a group, then time `enter_group`).
+//!
+//! Example: `cargo run --release --bin noomnim-load -- --addr 127.0.0.1:7777 --clients 1000
+//! --groups 10 --senders 50 --seconds 10 --server-pid $(pgrep -x noomnim)`
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+const USAGE: &str =
+    "usage: noomnim-load [--addr HOST:PORT]... [--clients C] [--groups G] [--senders S]
+       [--seconds T] [--rate MSGS_PER_SEC] [--window W] [--text-bytes N] [--tag NAME]
+       [--server-pid PID]... [--idle] [--history N] [--enter-samples K]";
+
+struct Args {
+    addrs: Vec<SocketAddr>,
+    clients: usize,
+    groups: usize,
+    senders: usize,
+    seconds: f64,
+    rate: Option<f64>,
+    window: usize,
+    text_bytes: usize,
+    tag: String,
+    server_pids: Vec<u32>,
+    idle: bool,
+    history: Option<u64>,
+    enter_samples: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        addrs: Vec::new(),
+        clients: 100,
+        groups: 10,
+        senders: 10,
+        seconds: 10.0,
+        rate: None,
+        window: 8,
+        text_bytes: 0,
+        tag: format!("run{}", std::process::id()),
+        server_pids: Vec::new(),
+        idle: false,
+        history: None,
+        enter_samples: 20,
+    };
+    let mut words = std::env::args().skip(1);
+    while let Some(flag) = words.next() {
+        let mut value = || words.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
+        let number = |text: String| {
+            text.parse::<f64>()
+                .map_err(|_| format!("{flag}: not a number: {text}"))
+        };
+        match flag.as_str() {
+            "--addr" => args
+                .addrs
+                .push(value()?.parse().map_err(|e| format!("--addr: {e}"))?),
+            "--clients" => args.clients = number(value()?)? as usize,
+            "--groups" => args.groups = number(value()?)? as usize,
+            "--senders" => args.senders = number(value()?)? as usize,
+            "--seconds" => args.seconds = number(value()?)?,
+            "--rate" => args.rate = Some(number(value()?)?),
+            "--window" => args.window = number(value()?)? as usize,
+            "--text-bytes" => args.text_bytes = number(value()?)? as usize,
+            "--tag" => args.tag = value()?,
+            "--server-pid" => args.server_pids.push(number(value()?)? as u32),
+            "--idle" => args.idle = true,
+            "--history" => args.history = Some(number(value()?)? as u64),
+            "--enter-samples" => args.enter_samples = number(value()?)? as usize,
+            "--help" | "-h" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    if args.addrs.is_empty() {
+        args.addrs.push(SocketAddr::from(([127, 0, 0, 1], 7777)));
+    }
+    args.groups = args.groups.clamp(1, args.clients.max(1));
+    args.senders = args.senders.min(args.clients);
+    args.window = args.window.max(1);
+    Ok(args)
+}
+
+/// One client connection.
+struct Client {
+    stream: TcpStream,
+    inbox: Vec<u8>,
+    outbox: Vec<u8>,
+    written: usize,
+    group: usize,
+    /// Replies (lines with an `id`) still expected.
+    awaiting: usize,
+    /// Per sender: the last message number delivered here.
+    last_from: HashMap<usize, u64>,
+    sent: u64,
+    next_send: Option<Instant>,
+}
+
+impl Client {
+    fn queue(&mut self, line: &str) {
+        self.outbox.extend_from_slice(line.as_bytes());
+        self.outbox.push(b'\n');
+        self.awaiting += 1;
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while self.written < self.outbox.len() {
+            match self.stream.write(&self.outbox[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.written == self.outbox.len() {
+            self.outbox.clear();
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Reads what is there; returns complete lines.
+    fn read_lines(&mut self, buffer: &mut [u8]) -> io::Result<Vec<Vec<u8>>> {
+        loop {
+            match self.stream.read(buffer) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.inbox.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut lines = Vec::new();
+        let mut start = 0;
+        while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
+            lines.push(self.inbox[start..start + end].to_vec());
+            start += end + 1;
+        }
+        self.inbox.drain(..start);
+        Ok(lines)
+    }
+}
+
+/// What the run measured.
+#[derive(Default)]
+struct Tally {
+    stored: u64,
+    delivered: u64,
+    duplicated: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    first_error: Option<String>,
+}
+
+struct Load {
+    poll: Poll,
+    clients: Vec<Client>,
+    started: Instant,
+    tally: Tally,
+    buffer: Vec<u8>,
+    measuring: bool,
+}
+
+fn find(line: &[u8], key: &[u8]) -> Option<usize> {
+    line.windows(key.len())
+        .position(|w| w == key)
+        .map(|at| at + key.len())
+}
+
+fn number_at(line: &[u8], at: usize) -> u64 {
+    line[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0u64, |n, b| n * 10 + u64::from(b - b'0'))
+}
+
+impl Load {
+    fn connect(args: &Args) -> io::Result<Load> {
+        let poll = Poll::new()?;
+        let mut clients = Vec::with_capacity(args.clients);
+        for i in 0..args.clients {
+            let mut stream = TcpStream::connect(args.addrs[i % args.addrs.len()])?;
+            poll.registry().register(
+                &mut stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            clients.push(Client {
+                stream,
+                inbox: Vec::new(),
+                outbox: Vec::new(),
+                written: 0,
+                group: i % args.groups,
+                awaiting: 0,
+                last_from: HashMap::new(),
+                sent: 0,
+                next_send: None,
+            });
+        }
+        Ok(Load {
+            poll,
+            clients,
+            started: Instant::now(),
+            tally: Tally::default(),
+            buffer: vec![0; 65536],
+            measuring: false,
+        })
+    }
+
+    /// Runs the loop for at most `limit`, until `done` holds; sends due messages via `tick`.
+    fn pump(
+        &mut self,
+        limit: Duration,
+        mut tick: impl FnMut(&mut Load),
+        done: impl Fn(&Load) -> bool,
+    ) -> io::Result<()> {
+        let mut events = Events::with_capacity(4096);
+        let deadline = Instant::now() + limit;
+        while !done(self) && Instant::now() < deadline {
+            tick(self);
+            self.poll
+                .poll(&mut events, Some(Duration::from_millis(1)))?;
+            let ready: Vec<(usize, bool)> = events
+                .iter()
+                .map(|e| (e.token().0, e.is_readable()))
+                .collect();
+            for (index, readable) in ready {
+                if readable {
+                    let lines = self.clients[index].read_lines(&mut self.buffer)?;
+                    for line in lines {
+                        self.on_line(index, &line);
+                    }
+                }
+                self.clients[index].flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_line(&mut self, index: usize, line: &[u8]) {
+        let is_reply = find(line, b",\"id\":").is_some();
+        if is_reply {
+            self.clients[index].awaiting = self.clients[index].awaiting.saturating_sub(1);
+        }
+        if line.starts_with(b"{\"event\":\"error\"") || find(line, b"\"Error\"").is_some() {
+            self.tally.errors += 1;
+            self.tally
+                .first_error
+                .get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
+            return;
+        }
+        if !line.starts_with(b"{\"event\":\"message_sent\"") {
+            return;
+        }
+        if is_reply {
+            self.tally.stored += u64::from(self.measuring);
+            return;
+        }
+        let Some(at) = find(line, b"\"text\":\"t:") else {
+            return;
+        };
+        let sent_us = number_at(line, at);
+        let sender_at = at + line[at..].iter().position(|&b| b == b':').unwrap_or(0) + 1;
+        let sender = number_at(line, sender_at) as usize;
+        let n_at = sender_at
+            + line[sender_at..]
+                .iter()
+                .position(|&b| b == b':')
+                .unwrap_or(0)
+            + 1;
+        let n = number_at(line, n_at);
+        let last = self.clients[index].last_from.entry(sender).or_insert(0);
+        if n <= *last {
+            self.tally.duplicated += 1;
+            return;
+        }
+        *last = n;
+        self.tally.delivered += 1;
+        let now_us = self.started.elapsed().as_micros() as u64;
+        if self.tally.latencies_us.len() < 20_000_000 {
+            self.tally
+                .latencies_us
+                .push(now_us.saturating_sub(sent_us) as u32);
+        }
+    }
+
+    /// Sends one request per chosen client and waits for all replies.
+    fn round(
+        &mut self,
+        chosen: &[usize],
+        line_for: impl Fn(usize, &Client) -> String,
+    ) -> io::Result<()> {
+        for &index in chosen {
+            let line = line_for(index, &self.clients[index]);
+            self.clients[index].queue(&line);
+            self.clients[index].flush()?;
+        }
+        self.pump(
+            Duration::from_secs(120),
+            |_| {},
+            |load| load.clients.iter().all(|c| c.awaiting == 0),
+        )?;
+        if self.clients.iter().any(|c| c.awaiting > 0) {
+            return Err(io::Error::other("set-up requests timed out"));
+        }
+        Ok(())
+    }
+
+    fn set_up(&mut self, args: &Args) -> io::Result<()> {
+        let all: Vec<usize> = (0..self.clients.len()).collect();
+        let tag = &args.tag;
+        self.round(&all, |i, _| {
+            format!(r#"{{"event":"find_user","data":{{"username":"{tag}-u{i}"}},"id":0}}"#)
+        })?;
+        let creators: Vec<usize> = (0..args.groups).collect();
+        self.round(&creators, |i, c| {
+            format!(r#"{{"event":"create_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, c.group)
+        })?;
+        let joiners: Vec<usize> = (args.groups..self.clients.len()).collect();
+        self.round(&joiners, |i, c| {
+            format!(r#"{{"event":"join_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, c.group)
+        })?;
+        self.round(&all, |i, c| {
+            format!(r#"{{"event":"enter_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, c.group)
+        })?;
+        self.tally = Tally::default();
+        Ok(())
+    }
+
+    /// Queues the next message of sender `index`.
+    fn send_next(&mut self, index: usize, tag: &str, padding: &str) {
+        let now_us = self.started.elapsed().as_micros();
+        let client = &mut self.clients[index];
+        client.sent += 1;
+        let line = format!(
+            r#"{{"event":"send_message","data":{{"username":"{tag}-u{index}","group_name":"{tag}-g{}","text":"t:{now_us}:{index}:{}:{padding}"}},"id":1}}"#,
+            client.group, client.sent
+        );
+        client.queue(&line);
+    }
+
+    fn storm(&mut self, args: &Args) -> io::Result<f64> {
+        let padding = "x".repeat(args.text_bytes);
+        let per_sender = args
+            .rate
+            .map(|rate| Duration::from_secs_f64(args.senders as f64 / rate.max(0.001)));
+        let start = Instant::now();
+        for index in 0..args.senders {
+            self.clients[index].next_send = Some(start);
+        }
+        let run_for = Duration::from_secs_f64(args.seconds);
+        self.measuring = true;
+        let tag = args.tag.clone();
+        self.pump(
+            run_for,
+            |load| {
+                let now = Instant::now();
+                for index in 0..args.senders {
+                    match per_sender {
+                        None => {
+                            while load.clients[index].awaiting < args.window {
+                                load.send_next(index, &tag, &padding);
+                            }
+                        }
+                        Some(interval) => {
+                            while load.clients[index].next_send.is_some_and(|at| at <= now)
+                                && load.clients[index].awaiting < 10_000
+                            {
+                                load.send_next(index, &tag, &padding);
+                                load.clients[index].next_send =
+                                    load.clients[index].next_send.map(|at| at + interval);
+                            }
+                        }
+                    }
+                    let _ = load.clients[index].flush();
+                }
+            },
+            |_| false,
+        )?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let stored_in_window = self.tally.stored;
+        self.measuring = false;
+        // Drain: wait for outstanding acks and the broadcasts they cause.
+        let expected = |load: &Load| {
+            let sent: u64 = load.clients[..args.senders].iter().map(|c| c.sent).sum();
+            sent * (args.clients / args.groups).saturating_sub(1) as u64
+        };
+        let target = expected(self);
+        self.pump(
+            Duration::from_secs(30),
+            |_| {},
+            |load| load.clients.iter().all(|c| c.awaiting == 0) && load.tally.delivered >= target,
+        )?;
+        self.tally.stored = stored_in_window;
+        Ok(elapsed)
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn total_rss(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|&pid| rss_kib(pid)).sum()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[index]) / 1000.0
+}
+
+fn report_storm(load: &mut Load, args: &Args, elapsed: f64) {
+    let senders = &load.clients[..args.senders];
+    let sent: u64 = senders.iter().map(|c| c.sent).sum();
+    let members_per_group = (args.clients / args.groups) as u64;
+    let expected = sent * members_per_group.saturating_sub(1);
+    let lost = expected.saturating_sub(load.tally.delivered);
+    let latencies = &mut load.tally.latencies_us;
+    latencies.sort_unstable();
+    println!(
+        "clients={} groups={} senders={} seconds={:.1} rate={}",
+        args.clients,
+        args.groups,
+        args.senders,
+        elapsed,
+        args.rate.map_or("full".to_string(), |r| format!("{r}/s"))
+    );
+    println!("stored/s={:.0}", load.tally.stored as f64 / elapsed);
+    println!("delivered/s={:.0}", load.tally.delivered as f64 / elapsed);
+    println!(
+        "latency_ms p50={:.2} p99={:.2} max={:.2}",
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        percentile(latencies, 1.0)
+    );
+    println!(
+        "sent={sent} delivered={} expected={expected} lost={lost} duplicated={}",
+        load.tally.delivered, load.tally.duplicated
+    );
+    println!(
+        "errors={}{}",
+        load.tally.errors,
+        load.tally
+            .first_error
+            .as_ref()
+            .map_or(String::new(), |e| format!(" first: {e}"))
+    );
+    if let Some(rss) = total_rss(&args.server_pids) {
+        println!("server_rss_kib={rss}");
+    }
+}
+
+fn run_history(load: &mut Load, args: &Args, count: u64) -> io::Result<()> {
+    let tag = args.tag.clone();
+    let padding = "x".repeat(args.text_bytes.max(40));
+    let started = Instant::now();
+    while load.clients[0].sent < count {
+        while load.clients[0].awaiting < 64 && load.clients[0].sent < count {
+            load.send_next(0, &tag, &padding);
+        }
+        load.clients[0].flush()?;
+        load.pump(
+            Duration::from_millis(50),
+            |_| {},
+            |l| l.clients[0].awaiting < 32,
+        )?;
+    }
+    load.pump(
+        Duration::from_secs(60),
+        |_| {},
+        |l| l.clients[0].awaiting == 0,
+    )?;
+    println!(
+        "stored {count} messages in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let reader = if load.clients.len() > args.groups {
+        args.groups
+    } else {
+        0
+    };
+    let mut samples = Vec::new();
+    for _ in 0..args.enter_samples {
+        let group = load.clients[reader].group;
+        let line = format!(
+            r#"{{"event":"enter_group","data":{{"username":"{tag}-u{reader}","group_name":"{tag}-g{group}"}},"id":2}}"#
+        );
+        let asked = Instant::now();
+        load.clients[reader].queue(&line);
+        load.clients[reader].flush()?;
+        load.pump(
+            Duration::from_secs(60),
+            |_| {},
+            |l| l.clients[reader].awaiting == 0,
+        )?;
+        samples.push(asked.elapsed().as_micros() as u32);
+    }
+    let first = f64::from(samples[0]) / 1000.0;
+    samples.sort_unstable();
+    println!(
+        "enter_group_ms first={first:.2} p50={:.2} max={:.2} (samples={})",
+        percentile(&samples, 0.5),
+        percentile(&samples, 1.0),
+        samples.len()
+    );
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    let before = total_rss(&args.server_pids);
+    let outcome = Load::connect(&args).and_then(|mut load| {
+        load.set_up(&args)?;
+        if args.idle {
+            std::thread::sleep(Duration::from_millis(500));
+            let after = total_rss(&args.server_pids);
+            println!("idle logged-in connections={}", load.clients.len());
+            if let (Some(before), Some(after)) = (before, after) {
+                let per = (after.saturating_sub(before) * 1024) as f64 / load.clients.len() as f64;
+                println!(
+                    "server_rss_kib before={before} after={after} bytes_per_connection={per:.0}"
+                );
+            }
+            return Ok(());
+        }
+        if let Some(count) = args.history {
+            return run_history(&mut load, &args, count);
+        }
+        let elapsed = load.storm(&args)?;
+        report_storm(&mut load, &args, elapsed);
+        Ok(())
+    });
+    if let Err(error) = outcome {
+        eprintln!("noomnim-load: {error}");
+        std::process::exit(1);
+    }
+}
