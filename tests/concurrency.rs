@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{fetch_all, send_many, ug, unique, Backend, Server, Storage};
+use common::{assert_seqs_are_one_to_n, fetch_all, send_many, ug, unique, Backend, Server, Storage};
 
 backend_tests!(two_servers_writing_one_group_get_seq_without_gaps);
 
@@ -66,15 +66,7 @@ fn two_servers_writing_one_group_get_seq_without_gaps(backend: Backend) {
     let total = SERVERS * CLIENTS_PER_SERVER * per_client;
     assert_eq!(acked.len(), total);
     let stored = fetch_all(&mut owner, "owner", &group);
-    let seqs: Vec<u64> = stored
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap_or(0))
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=total as u64).collect::<Vec<_>>(),
-        "seq is exactly 1..{total}"
-    );
+    assert_seqs_are_one_to_n(&stored, total);
     let texts: HashSet<&str> = stored.iter().filter_map(|m| m["text"].as_str()).collect();
     assert_eq!(texts.len(), total, "every message stored exactly once");
 }

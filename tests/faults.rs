@@ -5,10 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fetch_all, msg, ug, unique, Backend, Client, Server, Storage};
+use common::{
+    assert_seqs_are_one_to_n, fetch_all, free_port, msg, ug, unique, Backend, Client, LocalService,
+    Server, Storage,
+};
 use serde_json::{json, Value};
 
 backend_tests!(acked_messages_survive_kill_9);
@@ -74,82 +76,40 @@ fn acked_messages_survive_kill_9(backend: Backend) {
             "acked seq {seq} survived"
         );
     }
-    let seqs: Vec<u64> = stored
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap_or(0))
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=stored.len() as u64).collect::<Vec<_>>(),
-        "no gaps"
-    );
+    assert_seqs_are_one_to_n(&stored, stored.len());
 }
 
 /// A private mongoeco server on a fixed port and database file, so it can be restarted.
 struct PrivateMongo {
-    port: u16,
+    service: LocalService,
     file: std::path::PathBuf,
-    child: Option<Child>,
 }
 
 impl PrivateMongo {
     fn start() -> PrivateMongo {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let file = std::env::temp_dir().join(format!("{}.sqlite", unique("mongoeco")));
-        let mut mongo = PrivateMongo {
-            port,
-            file,
-            child: None,
-        };
-        mongo.restart();
-        mongo
-    }
-
-    fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
-    }
-
-    fn restart(&mut self) {
-        self.stop();
         let command = std::env::var("NOOMNIM_TEST_MONGOECO").expect(
             "NOOMNIM_TEST_MONGOECO is not set: start tools/services.sh (bash .ci/run does)",
         );
-        let mut parts = command.split_whitespace();
+        let mut parts = command.split_whitespace().map(str::to_string);
         let program = parts.next().expect("a command");
-        let child = Command::new(program)
-            .args(parts)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--db",
-                &self.file.display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mongoeco");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mongoeco did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        let mut args: Vec<String> = parts.collect();
+        args.extend(["--port".into(), port.to_string(), "--db".into(), file.display().to_string()]);
+        PrivateMongo {
+            service: LocalService::start(port, &program, args),
+            file,
         }
     }
 
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.service.port)
     }
 }
 
 impl Drop for PrivateMongo {
     fn drop(&mut self) {
-        self.stop();
+        self.service.stop();
         let _ = std::fs::remove_file(&self.file);
     }
 }
@@ -172,7 +132,7 @@ fn mongodb_outage_gives_unavailable_then_recovers_without_restart() {
     writer.request("create_group", ug("writer", &group));
     assert_eq!(send(&mut writer, &group, "before")["event"], "message_sent");
 
-    mongo.stop();
+    mongo.service.stop();
     let asked = Instant::now();
     let reply = send(&mut writer, &group, "during");
     assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
@@ -192,7 +152,7 @@ fn mongodb_outage_gives_unavailable_then_recovers_without_restart() {
     );
     assert_eq!(writer.recv()["data"]["code"], "unavailable");
 
-    mongo.restart();
+    mongo.service.restart();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let reply = send(&mut writer, &group, "after");

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{msg, ug, unique, Backend, Client, RedisServer, Server, Storage};
+use common::{msg, ug, unique, Backend, Client, LocalService, Server, Storage};
 use serde_json::json;
 
 const INSTANCES: usize = 3;
@@ -178,16 +178,16 @@ fn storm(cluster: Cluster, per_sender: usize, pause: Duration, disturb: impl FnO
 #[test]
 fn three_peers_deliver_every_message_once_in_seq_order() {
     let storage = Storage::new(Backend::Mongo);
-    let redis = RedisServer::start();
-    let cluster = Cluster::start(&storage, &redis.url());
+    let redis = LocalService::redis();
+    let cluster = Cluster::start(&storage, &redis.redis_url());
     storm(cluster, 100, Duration::ZERO, || {});
 }
 
 #[test]
 fn a_redis_restart_mid_storm_loses_and_duplicates_nothing() {
     let storage = Storage::new(Backend::Mongo);
-    let mut redis = RedisServer::start();
-    let cluster = Cluster::start(&storage, &redis.url());
+    let mut redis = LocalService::redis();
+    let cluster = Cluster::start(&storage, &redis.redis_url());
     storm(cluster, 120, Duration::from_millis(20), || {
         std::thread::sleep(Duration::from_millis(700));
         redis.stop();

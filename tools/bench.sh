@@ -35,14 +35,14 @@ esac
 start_server() {
     local port="$1"; shift
     # shellcheck disable=SC2086
-    env "${store_env[@]}" PORT="$port" RATE_LIMIT=0 MAX_CONNECTIONS=20000 LOG_LEVEL=warn ${SERVER_ENV:-} "$@" \
+    env "${store_env[@]}" PORT="$port" RATE_LIMIT=0 MAX_CONNECTIONS=20000 LOGIN_TIMEOUT_MS=600000 STORE_TIMEOUT_MS=60000 LOG_LEVEL=warn ${SERVER_ENV:-} "$@" \
         "$binary" 2>>"$scratch/server.log" &
     pids+=($!)
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return; sleep 0.05; done
     echo "bench: server on $port did not start" >&2; cat "$scratch/server.log" >&2; exit 1
 }
 
-base_port=$((20000 + RANDOM % 20000))
+base_port=$((10000 + RANDOM % 15000))
 load=(target/release/noomnim-load --tag "b$$" --seconds "$seconds")
 [ -n "${RATE:-}" ] && load+=(--rate "$RATE")
 case "$scenario" in

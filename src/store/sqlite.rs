@@ -1,6 +1,7 @@
 //! The embedded store: SQLite (WAL mode) in `DATA_DIR/noomnim.sqlite3`, one connection per worker.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
@@ -74,10 +75,36 @@ impl SqliteStore {
         Ok(SqliteStore { connection })
     }
 
-    fn write(&mut self) -> Result<Transaction<'_>, StoreError> {
-        Ok(self
+    /// Begins a write transaction. Writers of this process take turns on a mutex first: SQLite's
+    /// own lock makes a waiting connection sleep in steps of up to 100 ms, which under load
+    /// turned into second-long stalls; the mutex hands the turn over at once.
+    fn write(&mut self) -> Result<WriteTx<'_>, StoreError> {
+        static TURN: Mutex<()> = Mutex::new(());
+        let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tx = self
             .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Ok(WriteTx { tx, _turn: turn })
+    }
+}
+
+/// A write transaction and this process's writer turn (released after the transaction ends).
+struct WriteTx<'a> {
+    tx: Transaction<'a>,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl<'a> std::ops::Deref for WriteTx<'a> {
+    type Target = Transaction<'a>;
+
+    fn deref(&self) -> &Transaction<'a> {
+        &self.tx
+    }
+}
+
+impl WriteTx<'_> {
+    fn commit(self) -> rusqlite::Result<()> {
+        self.tx.commit()
     }
 }
 

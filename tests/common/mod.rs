@@ -416,41 +416,60 @@ pub fn send_many(
     acks
 }
 
-/// A private redis-server on a free loopback port, for tests that stop and restart it.
-pub struct RedisServer {
+/// A free loopback port (bound and released, so it is free for a moment).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A private service process (redis-server, mongoeco) on a fixed loopback port, so tests can
+/// stop and restart it. Killed when dropped.
+pub struct LocalService {
     pub port: u16,
+    program: String,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut redis = RedisServer { port, child: None };
-        redis.restart();
-        redis
+impl LocalService {
+    /// Starts `program args...` and waits until it accepts connections on `port`.
+    pub fn start(port: u16, program: &str, args: Vec<String>) -> LocalService {
+        let mut service = LocalService {
+            port,
+            program: program.to_string(),
+            args,
+            child: None,
+        };
+        service.restart();
+        service
     }
 
-    pub fn url(&self) -> String {
+    /// A redis-server without persistence on a free port.
+    pub fn redis() -> LocalService {
+        let port = free_port();
+        let args = ["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"];
+        LocalService::start(port, "redis-server", args.iter().map(|a| a.to_string()).collect())
+    }
+
+    pub fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
     /// Starts it (again) on the same port and waits until it accepts connections.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
+        let child = Command::new(&self.program)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server on PATH (bash .ci/run installs it)");
+            .unwrap_or_else(|e| panic!("cannot start {} (bash .ci/run installs it): {e}", self.program));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            assert!(Instant::now() < deadline, "{} did not start", self.program);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -463,8 +482,14 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
+impl Drop for LocalService {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Asserts that messages carry exactly the seqs 1..=N, in order.
+pub fn assert_seqs_are_one_to_n(stored: &[Value], total: usize) {
+    let seqs: Vec<u64> = stored.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>(), "seq is exactly 1..{total}");
 }
