@@ -267,8 +267,10 @@ mod tests {
 
     #[test]
     fn renders_counters_errors_and_histogram() {
-        let mut metrics = Metrics::default();
-        metrics.messages_stored = 3;
+        let mut metrics = Metrics {
+            messages_stored: 3,
+            ..Metrics::default()
+        };
         metrics.error(ErrorCode::RateLimited);
         metrics.error_line(br#"{"event":"error","data":{"Error":"x","code":"bad_json"}}"#);
         metrics.store_latency(Duration::from_millis(2));

@@ -15,8 +15,9 @@ use crate::workers::Requester;
 
 /// How long a missing `seq` may be waited for before it is read from the database.
 pub const GAP_WAIT: Duration = Duration::from_millis(250);
-/// Released messages kept per group, to catch up a connection whose `enter_group` raced them.
-const RECENT: usize = 1024;
+/// Released messages kept per group in peer mode, to catch up a connection whose `enter_group`
+/// raced them (on a single node the workers' order rules that race out, so none are kept).
+pub const RECENT_IN_PEER_MODE: usize = 256;
 /// Most messages one database catch-up read returns.
 pub const CATCH_UP_BATCH: u32 = 1000;
 
@@ -45,6 +46,7 @@ pub struct CatchUp {
 #[derive(Debug, Default)]
 pub struct Sequencer {
     groups: HashMap<String, GroupOrder>,
+    keep_recent: usize,
 }
 
 impl GroupOrder {
@@ -59,7 +61,7 @@ impl GroupOrder {
         }
     }
 
-    fn release_ready(&mut self, out: &mut Vec<Release>) {
+    fn release_ready(&mut self, out: &mut Vec<Release>, keep_recent: usize) {
         while let Some(entry) = self.held.first_entry() {
             if *entry.key() > self.delivered + 1 {
                 break;
@@ -67,7 +69,7 @@ impl GroupOrder {
             let (seq, release) = entry.remove_entry();
             if seq == self.delivered + 1 {
                 self.delivered = seq;
-                self.remember(&release.0);
+                self.remember(&release.0, keep_recent);
                 out.push(release);
             }
         }
@@ -79,8 +81,11 @@ impl GroupOrder {
         }
     }
 
-    fn remember(&mut self, message: &Message) {
-        if self.recent.len() == RECENT {
+    fn remember(&mut self, message: &Message, keep_recent: usize) {
+        if keep_recent == 0 {
+            return;
+        }
+        if self.recent.len() >= keep_recent {
             self.recent.pop_front();
         }
         self.recent.push_back(message.clone());
@@ -88,6 +93,14 @@ impl GroupOrder {
 }
 
 impl Sequencer {
+    /// A sequencer that keeps the last `keep_recent` released messages of each group.
+    pub fn new(keep_recent: usize) -> Sequencer {
+        Sequencer {
+            groups: HashMap::new(),
+            keep_recent,
+        }
+    }
+
     /// A connection entered the group's room with history up to `floor`. Returns the released
     /// messages it missed (those after `floor` that the room already had).
     pub fn enter(&mut self, group_name: &str, floor: u64) -> Vec<Message> {
@@ -108,7 +121,7 @@ impl Sequencer {
         let oldest_kept = order.recent.front().map_or(order.delivered + 1, |m| m.seq);
         if floor + 1 < oldest_kept && floor < order.delivered {
             log::warn!(
-                "{group_name}: a connection entered at seq {floor}, older than the {RECENT} kept; it recovers with fetch_messages"
+                "{group_name}: a connection entered at seq {floor}, older than the messages kept; it recovers with fetch_messages"
             );
         }
         missed
@@ -130,7 +143,7 @@ impl Sequencer {
         }
         order.known_head = order.known_head.max(message.seq);
         order.held.entry(message.seq).or_insert((message, origin));
-        order.release_ready(&mut out);
+        order.release_ready(&mut out, self.keep_recent);
         out
     }
 
@@ -182,7 +195,7 @@ impl Sequencer {
                     .or_insert((message, Requester::Server));
             }
         }
-        order.release_ready(&mut out);
+        order.release_ready(&mut out, self.keep_recent);
         if complete {
             if let Some(&first_held) = order.held.keys().next() {
                 log::warn!(
@@ -191,7 +204,7 @@ impl Sequencer {
                     first_held - 1
                 );
                 order.delivered = first_held - 1;
-                order.release_ready(&mut out);
+                order.release_ready(&mut out, self.keep_recent);
             }
             if order.held.is_empty() {
                 order.known_head = order.delivered;
@@ -237,7 +250,7 @@ mod tests {
 
     #[test]
     fn holds_early_messages_and_releases_them_in_order() {
-        let mut sequencer = Sequencer::default();
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 6);
         assert!(sequencer.offer(message(8), Requester::Server).is_empty());
         assert_eq!(
@@ -256,7 +269,7 @@ mod tests {
 
     #[test]
     fn a_gap_becomes_a_catch_up_read_after_the_wait() {
-        let mut sequencer = Sequencer::default();
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
         sequencer.offer(message(2), Requester::Server);
         assert!(sequencer.due_catch_ups(Instant::now()).is_empty());
@@ -280,7 +293,7 @@ mod tests {
 
     #[test]
     fn an_unfillable_gap_is_skipped() {
-        let mut sequencer = Sequencer::default();
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
         sequencer.offer(message(3), Requester::Server);
         let released = sequencer.caught_up("g", Some(vec![message(3)]));
@@ -289,7 +302,7 @@ mod tests {
 
     #[test]
     fn a_late_entrant_gets_what_the_room_already_had() {
-        let mut sequencer = Sequencer::default();
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
         for seq in 1..=3 {
             sequencer.offer(message(seq), Requester::Server);
@@ -300,7 +313,7 @@ mod tests {
 
     #[test]
     fn an_entrant_ahead_of_the_room_triggers_a_catch_up() {
-        let mut sequencer = Sequencer::default();
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
         sequencer.enter("g", 5);
         let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT);

@@ -23,7 +23,7 @@ use crate::model::Message;
 use crate::peer::{channel_for, PeerEvent, PeerLink};
 use crate::protocol::{encode_broadcast, encode_failure, ErrorCode, ProtocolError};
 use crate::rooms::Rooms;
-use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH};
+use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH, RECENT_IN_PEER_MODE};
 use crate::session::{self, Effect, Plan};
 use crate::store::{Store, StoreError};
 use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool};
@@ -100,6 +100,7 @@ impl Server {
             )?),
             _ => None,
         };
+        let keep_recent = if config.peer { RECENT_IN_PEER_MODE } else { 0 };
         Ok(Server {
             config,
             poll,
@@ -107,7 +108,7 @@ impl Server {
             waker,
             connections: HashMap::new(),
             rooms: Rooms::default(),
-            sequencer: Sequencer::default(),
+            sequencer: Sequencer::new(keep_recent),
             peer,
             peer_link_up: false,
             pool: Some(pool),

@@ -5,7 +5,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{assert_seqs_are_one_to_n, fetch_all, send_many, ug, unique, Backend, Server, Storage};
+use common::{
+    assert_seqs_are_one_to_n, fetch_all, send_many, ug, unique, Backend, Server, Storage,
+};
 
 backend_tests!(two_servers_writing_one_group_get_seq_without_gaps);
 

@@ -95,7 +95,12 @@ impl PrivateMongo {
         let mut parts = command.split_whitespace().map(str::to_string);
         let program = parts.next().expect("a command");
         let mut args: Vec<String> = parts.collect();
-        args.extend(["--port".into(), port.to_string(), "--db".into(), file.display().to_string()]);
+        args.extend([
+            "--port".into(),
+            port.to_string(),
+            "--db".into(),
+            file.display().to_string(),
+        ]);
         PrivateMongo {
             service: LocalService::start(port, &program, args),
             file,
@@ -103,7 +108,10 @@ impl PrivateMongo {
     }
 
     fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.service.port)
+        format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            self.service.port
+        )
     }
 }
 

@@ -35,7 +35,7 @@ esac
 start_server() {
     local port="$1"; shift
     # shellcheck disable=SC2086
-    env "${store_env[@]}" PORT="$port" RATE_LIMIT=0 MAX_CONNECTIONS=20000 LOGIN_TIMEOUT_MS=600000 STORE_TIMEOUT_MS=60000 LOG_LEVEL=warn ${SERVER_ENV:-} "$@" \
+    env "${store_env[@]}" PORT="$port" RATE_LIMIT=0 MAX_CONNECTIONS=20000 LOGIN_TIMEOUT_MS=600000 STORE_TIMEOUT_MS=600000 LOG_LEVEL=warn ${SERVER_ENV:-} "$@" \
         "$binary" 2>>"$scratch/server.log" &
     pids+=($!)
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return; sleep 0.05; done

@@ -449,8 +449,21 @@ impl LocalService {
     /// A redis-server without persistence on a free port.
     pub fn redis() -> LocalService {
         let port = free_port();
-        let args = ["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"];
-        LocalService::start(port, "redis-server", args.iter().map(|a| a.to_string()).collect())
+        let args = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        LocalService::start(
+            port,
+            "redis-server",
+            args.iter().map(|a| a.to_string()).collect(),
+        )
     }
 
     pub fn redis_url(&self) -> String {
@@ -465,7 +478,12 @@ impl LocalService {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} (bash .ci/run installs it): {e}", self.program));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (bash .ci/run installs it): {e}",
+                    self.program
+                )
+            });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -490,6 +508,13 @@ impl Drop for LocalService {
 
 /// Asserts that messages carry exactly the seqs 1..=N, in order.
 pub fn assert_seqs_are_one_to_n(stored: &[Value], total: usize) {
-    let seqs: Vec<u64> = stored.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
-    assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>(), "seq is exactly 1..{total}");
+    let seqs: Vec<u64> = stored
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "seq is exactly 1..{total}"
+    );
 }

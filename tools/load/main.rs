@@ -316,6 +316,11 @@ impl Load {
         if self.clients.iter().any(|c| c.awaiting > 0) {
             return Err(io::Error::other("set-up requests timed out"));
         }
+        if let Some(error) = &self.tally.first_error {
+            return Err(io::Error::other(format!(
+                "a set-up request failed: {error}"
+            )));
+        }
         Ok(())
     }
 
