@@ -3,10 +3,11 @@
 
 mod common;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{Backend, Server, Storage};
 use proptest::prelude::*;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::{json, Value};
 
 const EVENTS: [&str; 11] = [
@@ -33,15 +34,6 @@ const FIELDS: [&str; 9] = [
     "user",
     "",
 ];
-
-fn server() -> &'static (Storage, Server) {
-    static SERVER: OnceLock<(Storage, Server)> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let storage = Storage::new(Backend::Embedded);
-        let server = Server::start_with(&storage, &[("MAX_LINE_BYTES", "4096")]);
-        (storage, server)
-    })
-}
 
 fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -80,33 +72,53 @@ fn request_like() -> impl Strategy<Value = Value> {
 }
 
 /// Sends `bytes`, then a ping; the server must still answer it on the same connection.
-fn survives(bytes: &[u8]) {
-    let (_, server) = server();
+fn survives(server: &Server, bytes: &[u8]) -> Result<(), TestCaseError> {
+    CASES.fetch_add(1, Ordering::SeqCst);
     let mut client = server.connect();
     client.send_raw(bytes);
     client.send_raw(b"\n");
-    assert!(
+    prop_assert!(
         client.try_request_ping(),
-        "no pong after {:?}",
-        String::from_utf8_lossy(bytes)
+        "no pong after {} bytes",
+        bytes.len()
     );
+    Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+/// Cases actually run (so a misconfigured runner cannot pass by running nothing).
+static CASES: AtomicUsize = AtomicUsize::new(0);
 
-    #[test]
-    fn random_bytes_never_break_the_server(bytes in prop::collection::vec(any::<u8>(), 0..6000)) {
-        survives(&bytes);
-    }
+fn runner() -> TestRunner {
+    TestRunner::new(ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })
+}
 
-    #[test]
-    fn random_requests_never_break_the_server(requests in prop::collection::vec(request_like(), 1..8)) {
-        let mut bytes = Vec::new();
-        for request in &requests {
-            bytes.extend(serde_json::to_vec(request).expect("encode"));
-            bytes.push(b'\n');
-        }
-        survives(&bytes);
-    }
+#[test]
+fn random_input_never_breaks_the_server() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(&storage, &[("MAX_LINE_BYTES", "4096")]);
+    runner()
+        .run(&prop::collection::vec(any::<u8>(), 0..6000), |bytes| {
+            survives(&server, &bytes)
+        })
+        .unwrap_or_else(|failure| panic!("random bytes: {failure}"));
+    runner()
+        .run(&prop::collection::vec(request_like(), 1..8), |requests| {
+            let mut bytes = Vec::new();
+            for request in &requests {
+                bytes.extend(serde_json::to_vec(request).expect("encode"));
+                bytes.push(b'\n');
+            }
+            survives(&server, &bytes)
+        })
+        .unwrap_or_else(|failure| panic!("random requests: {failure}"));
+    assert!(
+        CASES.load(Ordering::SeqCst) >= 600,
+        "both runs ran their cases"
+    );
+    let mut client = server.connect();
+    assert!(client.try_request_ping(), "the server is still up");
 }
