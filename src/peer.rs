@@ -212,20 +212,9 @@ impl Publisher {
         connection: &mut Option<redis::Connection>,
         message: Option<&Message>,
     ) -> redis::RedisResult<()> {
-        let Some(message) = message else {
-            return self.publish_envelope(connection, None);
-        };
-        self.publish_envelope(connection, Some(message.clone()))
-    }
-
-    fn publish_envelope(
-        &self,
-        connection: &mut Option<redis::Connection>,
-        message: Option<Message>,
-    ) -> redis::RedisResult<()> {
         let envelope = Envelope {
             node: self.node_id.clone(),
-            message,
+            message: message.cloned(),
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))

@@ -41,6 +41,11 @@ fn two_servers_writing_one_group_get_seq_without_gaps(backend: Backend) {
         for c in 0..CLIENTS_PER_SERVER {
             let name = format!("writer{s}_{c}");
             let mut client = server.login(&name);
+            // On mongoeco at full scale an ack can take many seconds (see above).
+            client
+                .stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(300)))
+                .expect("timeout");
             assert_eq!(
                 client.request("join_group", ug(&name, &group))["event"],
                 "join_success"
