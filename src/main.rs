@@ -3,6 +3,7 @@
 
 mod config;
 mod connection;
+mod fd_limit;
 mod framing;
 mod limits;
 mod logging;
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> Result<(), String> {
+    fd_limit::fit_and_log(config.max_connections);
     let stores = (0..config.workers)
         .map(|_| store::open(&config))
         .collect::<Result<Vec<_>, _>>()

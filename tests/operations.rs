@@ -182,3 +182,45 @@ fn tells_systemd_when_ready_and_when_stopping() {
     assert_eq!(&buffer[..n], b"STOPPING=1");
     let _ = std::fs::remove_file(&socket_path);
 }
+
+/// Started with a soft open-file limit of 64 (a shell default is often 1024, under the
+/// default `MAX_CONNECTIONS`), the server raises it itself and serves every allowed client.
+#[test]
+fn a_low_open_file_limit_is_raised_to_fit_max_connections() {
+    use std::os::unix::process::CommandExt;
+    const CLIENTS: usize = 300;
+    let storage = Storage::new(Backend::Embedded);
+    let mut command = std::process::Command::new(common::BINARY);
+    // SAFETY: only async-signal-safe libc calls run between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = 64;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut env = storage.env();
+    env.push(("MAX_CONNECTIONS".into(), CLIENTS.to_string()));
+    let server = Server::spawn_command(command, &env);
+    assert!(
+        server
+            .log_text()
+            .contains("raised the open-file limit from 64"),
+        "log: {}",
+        server.log_text()
+    );
+    let mut clients: Vec<_> = (0..CLIENTS).map(|_| server.connect()).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let reply = client.request("ping", json!({}));
+        assert_eq!(reply["event"], "pong", "client {i}: {reply}");
+    }
+}

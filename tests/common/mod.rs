@@ -105,7 +105,11 @@ impl Server {
 
     /// Spawns the binary with exactly this environment (plus PATH) and waits for "listening on".
     pub fn spawn(env: &[(String, String)]) -> Server {
-        let mut command = Command::new(BINARY);
+        Server::spawn_command(Command::new(BINARY), env)
+    }
+
+    /// Like `spawn`, from a prepared command for the binary (e.g. with process limits set).
+    pub fn spawn_command(mut command: Command, env: &[(String, String)]) -> Server {
         command
             .env_clear()
             .env("PORT", "0")
