@@ -132,25 +132,23 @@ impl Client {
         Ok(())
     }
 
-    /// Reads what is there; returns complete lines.
-    fn read_lines(&mut self, buffer: &mut [u8]) -> io::Result<Vec<Vec<u8>>> {
+    /// Reads what is there into the inbox. A read shorter than the buffer emptied the socket,
+    /// so it needs no second, would-block read (the next arrival raises a new edge).
+    fn read_available(&mut self, buffer: &mut [u8]) -> io::Result<()> {
         loop {
             match self.stream.read(buffer) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.inbox.extend_from_slice(&buffer[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(n) => {
+                    self.inbox.extend_from_slice(&buffer[..n]);
+                    if n < buffer.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
-        let mut lines = Vec::new();
-        let mut start = 0;
-        while let Some(end) = self.inbox[start..].iter().position(|&b| b == b'\n') {
-            lines.push(self.inbox[start..start + end].to_vec());
-            start += end + 1;
-        }
-        self.inbox.drain(..start);
-        Ok(lines)
     }
 }
 
@@ -193,6 +191,8 @@ impl Load {
         let mut clients = Vec::with_capacity(args.clients);
         for i in 0..args.clients {
             let mut stream = TcpStream::connect(args.addrs[i % args.addrs.len()])?;
+            // Small request lines must not wait for Nagle's algorithm (or delayed ACKs).
+            stream.set_nodelay(true)?;
             poll.registry().register(
                 &mut stream,
                 Token(i),
@@ -239,10 +239,8 @@ impl Load {
                 .collect();
             for (index, readable) in ready {
                 if readable {
-                    let lines = self.clients[index].read_lines(&mut self.buffer)?;
-                    for line in lines {
-                        self.on_line(index, &line);
-                    }
+                    self.clients[index].read_available(&mut self.buffer)?;
+                    self.take_lines(index);
                 }
                 self.clients[index].flush()?;
             }
@@ -250,12 +248,29 @@ impl Load {
         Ok(())
     }
 
+    /// Handles every complete line in a client's inbox, in place.
+    fn take_lines(&mut self, index: usize) {
+        let inbox = std::mem::take(&mut self.clients[index].inbox);
+        let mut start = 0;
+        while let Some(end) = inbox[start..].iter().position(|&b| b == b'\n') {
+            self.on_line(index, &inbox[start..start + end]);
+            start += end + 1;
+        }
+        let mut rest = inbox;
+        rest.drain(..start);
+        self.clients[index].inbox = rest;
+    }
+
     fn on_line(&mut self, index: usize, line: &[u8]) {
-        let is_reply = find(line, b",\"id\":").is_some();
+        // Replies end with the request's numeric `"id":N}`; broadcasts and id-less errors
+        // with the close of `data`.
+        let is_reply = !line.ends_with(b"}}");
         if is_reply {
             self.clients[index].awaiting = self.clients[index].awaiting.saturating_sub(1);
         }
-        if line.starts_with(b"{\"event\":\"error\"") || find(line, b"\"Error\"").is_some() {
+        // Every error reply's data starts with "Error", right after the event name.
+        let head = &line[..line.len().min(64)];
+        if find(head, b"\"data\":{\"Error\"").is_some() {
             self.tally.errors += 1;
             self.tally
                 .first_error
@@ -363,8 +378,13 @@ impl Load {
             .rate
             .map(|rate| Duration::from_secs_f64(args.senders as f64 / rate.max(0.001)));
         let start = Instant::now();
+        // Senders are spread evenly over one interval, so a fixed total rate arrives as a
+        // steady stream, not as bursts of every sender at once.
         for index in 0..args.senders {
-            self.clients[index].next_send = Some(start);
+            let phase = per_sender.map_or(Duration::ZERO, |interval| {
+                interval.mul_f64(index as f64 / args.senders as f64)
+            });
+            self.clients[index].next_send = Some(start + phase);
         }
         let run_for = Duration::from_secs_f64(args.seconds);
         self.measuring = true;
