@@ -26,7 +26,7 @@ use crate::rooms::Rooms;
 use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH, RECENT_IN_PEER_MODE};
 use crate::session::{self, Effect, Plan};
 use crate::store::{Store, StoreError};
-use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool};
+use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool, WriteRouting};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -90,7 +90,11 @@ impl Server {
             None => None,
         };
         let (done, completions) = crossbeam_channel::unbounded();
-        let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout)?;
+        let routing = match config.store {
+            StoreKind::Mongo { .. } => WriteRouting::ByGroup,
+            _ => WriteRouting::OneWriter,
+        };
+        let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout, routing)?;
         let peer = match (&config.store, config.peer) {
             (StoreKind::Mongo { database, .. }, true) => Some(PeerLink::start(
                 &config.redis_url,

@@ -3,7 +3,9 @@
 //!
 //! Jobs that name a group always go to the same worker, so one node stores and reports a group's
 //! messages in `seq` order. A worker drains its queue and stores all waiting messages in one
-//! commit (group commit).
+//! commit (group commit). With a single-writer database (SQLite), every message and every room
+//! entry goes to one writer worker instead, so one commit covers the waiting messages of all
+//! groups rather than one commit per worker taking turns on the database lock.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -69,7 +71,25 @@ pub enum StoreOp {
     },
 }
 
+/// How message writes are spread over the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteRouting {
+    /// By group: writers run in parallel (a database that takes concurrent writes).
+    ByGroup,
+    /// Messages and room entries all go to the first worker (a single-writer database).
+    OneWriter,
+}
+
 impl StoreOp {
+    /// Jobs ordered against a group's message stream: storing messages, and entering a room
+    /// (whose reply fixes the `seq` after which live broadcasts start).
+    fn orders_with_messages(&self) -> bool {
+        matches!(
+            self,
+            StoreOp::SendMessage(_) | StoreOp::VisitGroup { .. } | StoreOp::EnterGroup { .. }
+        )
+    }
+
     /// The key that picks the worker: the group when there is one.
     fn routing_key(&self) -> Option<&str> {
         match self {
@@ -134,6 +154,7 @@ pub struct WorkerPool {
     queues: Vec<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
     next: usize,
+    routing: WriteRouting,
 }
 
 impl WorkerPool {
@@ -143,6 +164,7 @@ impl WorkerPool {
         done: Sender<Completion>,
         waker: Arc<Waker>,
         timeout: Duration,
+        routing: WriteRouting,
     ) -> std::io::Result<WorkerPool> {
         let mut queues = Vec::new();
         let mut threads = Vec::new();
@@ -165,12 +187,15 @@ impl WorkerPool {
             queues,
             threads,
             next: 0,
+            routing,
         })
     }
 
     /// Queues a job; never blocks.
     pub fn submit(&mut self, requester: Requester, op: StoreOp) {
+        let one_writer = self.routing == WriteRouting::OneWriter && op.orders_with_messages();
         let index = match op.routing_key() {
+            _ if one_writer => 0,
             Some(key) => {
                 let mut hasher = DefaultHasher::new();
                 key.hash(&mut hasher);
@@ -345,4 +370,77 @@ fn execute(store: &mut dyn Store, op: &StoreOp) -> Result<StoreOutput, StoreErro
             limit,
         } => StoreOutput::Messages(store.messages_after(group_name, *after_seq, *limit)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool of `n` queues without threads, and the receiving ends to inspect.
+    fn pool(n: usize, routing: WriteRouting) -> (WorkerPool, Vec<Receiver<Job>>) {
+        let (queues, receivers) = (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
+        let pool = WorkerPool {
+            queues,
+            threads: Vec::new(),
+            next: 0,
+            routing,
+        };
+        (pool, receivers)
+    }
+
+    fn send(group: &str) -> StoreOp {
+        StoreOp::SendMessage(NewMessage {
+            group_name: group.into(),
+            username: "u".into(),
+            text: "t".into(),
+        })
+    }
+
+    fn enter(group: &str) -> StoreOp {
+        StoreOp::EnterGroup {
+            username: "u".into(),
+            group_name: group.into(),
+            leaving: None,
+        }
+    }
+
+    fn queue_lengths(receivers: &[Receiver<Job>]) -> Vec<usize> {
+        receivers.iter().map(Receiver::len).collect()
+    }
+
+    #[test]
+    fn one_writer_takes_every_message_and_room_entry() {
+        let (mut pool, receivers) = pool(4, WriteRouting::OneWriter);
+        for group in 0..20 {
+            pool.submit(Requester::Server, send(&format!("g{group}")));
+            pool.submit(Requester::Server, enter(&format!("g{group}")));
+        }
+        assert_eq!(queue_lengths(&receivers), vec![40, 0, 0, 0]);
+    }
+
+    #[test]
+    fn by_group_spreads_groups_but_keeps_each_on_one_worker() {
+        let (mut pool, receivers) = pool(4, WriteRouting::ByGroup);
+        for group in 0..20 {
+            pool.submit(Requester::Server, send(&format!("g{group}")));
+        }
+        let lengths = queue_lengths(&receivers);
+        assert!(
+            lengths.iter().filter(|&&n| n > 0).count() > 1,
+            "{lengths:?}"
+        );
+        pool.submit(Requester::Server, enter("g7"));
+        pool.submit(Requester::Server, send("g7"));
+        let g7_per_worker: Vec<usize> = receivers
+            .iter()
+            .map(|r| {
+                r.try_iter()
+                    .filter(|job| job.op.routing_key() == Some("g7"))
+                    .count()
+            })
+            .collect();
+        let mut sorted = g7_per_worker.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 0, 0, 3], "{g7_per_worker:?}");
+    }
 }
