@@ -193,19 +193,7 @@ impl WorkerPool {
 
     /// Queues a job; never blocks.
     pub fn submit(&mut self, requester: Requester, op: StoreOp) {
-        let one_writer = self.routing == WriteRouting::OneWriter && op.orders_with_messages();
-        let index = match op.routing_key() {
-            _ if one_writer => 0,
-            Some(key) => {
-                let mut hasher = DefaultHasher::new();
-                key.hash(&mut hasher);
-                (hasher.finish() % self.queues.len() as u64) as usize
-            }
-            None => {
-                self.next = (self.next + 1) % self.queues.len();
-                self.next
-            }
-        };
+        let index = self.worker_for(&op);
         let job = Job {
             requester,
             op,
@@ -216,6 +204,24 @@ impl WorkerPool {
                 "store worker {index} has stopped; job dropped: {:?}",
                 error.0.op
             );
+        }
+    }
+
+    /// Which worker runs `op`: the one writer, the group's (or user's) worker, or the next in turn.
+    fn worker_for(&mut self, op: &StoreOp) -> usize {
+        if self.routing == WriteRouting::OneWriter && op.orders_with_messages() {
+            return 0;
+        }
+        match op.routing_key() {
+            Some(key) => {
+                let mut hasher = DefaultHasher::new();
+                key.hash(&mut hasher);
+                (hasher.finish() % self.queues.len() as u64) as usize
+            }
+            None => {
+                self.next = (self.next + 1) % self.queues.len();
+                self.next
+            }
         }
     }
 
