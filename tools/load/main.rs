@@ -6,8 +6,9 @@
 //! send time, so every delivery gives an end-to-end latency. It prints messages stored/s,
 //! delivered/s, latency p50/p99/max, lost and duplicated deliveries, and the servers' RSS.
 //!
-//! Other modes: `--idle` (connect and log in, then report server memory per connection) and
-//! `--history N` (store N messages in a group, then time `enter_group`).
+//! Other modes: `--idle` (connect and log in, then report server memory per connection),
+//! `--history N` (store N messages in a group, then time `enter_group`), and `--irc` (the same
+//! storm spoken as IRC, to measure an IRC server on the same shape).
 //!
 //! Example: `cargo run --release --bin noomnim-load -- --addr 127.0.0.1:7777 --clients 1000
 //! --groups 10 --senders 50 --seconds 10 --server-pid $(pgrep -x noomnim)`
@@ -23,7 +24,10 @@ use mio::{Events, Interest, Poll, Token};
 const USAGE: &str =
     "usage: noomnim-load [--addr HOST:PORT]... [--clients C] [--groups G] [--senders S]
        [--seconds T] [--rate MSGS_PER_SEC] [--window W] [--text-bytes N] [--tag NAME]
-       [--server-pid PID]... [--idle] [--history N] [--enter-samples K]";
+       [--server-pid PID]... [--idle] [--history N] [--enter-samples K] [--irc]
+
+--irc speaks IRC instead (NICK/USER/JOIN, PRIVMSG to #channels, each message followed by a
+PING whose PONG stands in for the ack), to measure an IRC server on the same shape.";
 
 struct Args {
     addrs: Vec<SocketAddr>,
@@ -37,6 +41,7 @@ struct Args {
     tag: String,
     server_pids: Vec<u32>,
     idle: bool,
+    irc: bool,
     history: Option<u64>,
     enter_samples: usize,
 }
@@ -54,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
         tag: format!("run{}", std::process::id()),
         server_pids: Vec::new(),
         idle: false,
+        irc: false,
         history: None,
         enter_samples: 20,
     };
@@ -78,11 +84,15 @@ fn parse_args() -> Result<Args, String> {
             "--tag" => args.tag = value()?,
             "--server-pid" => args.server_pids.push(number(value()?)? as u32),
             "--idle" => args.idle = true,
+            "--irc" => args.irc = true,
             "--history" => args.history = Some(number(value()?)? as u64),
             "--enter-samples" => args.enter_samples = number(value()?)? as usize,
             "--help" | "-h" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
+    }
+    if args.irc && args.history.is_some() {
+        return Err("--history needs the Noomnim protocol, not --irc".to_string());
     }
     if args.addrs.is_empty() {
         args.addrs.push(SocketAddr::from(([127, 0, 0, 1], 7777)));
@@ -152,6 +162,66 @@ impl Client {
     }
 }
 
+/// The protocol spoken: Noomnim's JSON lines, or IRC for a comparison run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Json,
+    Irc,
+}
+
+/// IRC: the token of the PING sent after each message (its PONG is the message's "ack").
+const IRC_MESSAGE_PING: &str = "m";
+
+impl Dialect {
+    /// A reply to one of our requests. JSON replies end with the request's numeric `"id":N}`
+    /// (broadcasts and id-less errors with the close of `data`); IRC ones are PONGs.
+    fn is_reply(self, line: &[u8]) -> bool {
+        match self {
+            Dialect::Json => !line.ends_with(b"}}"),
+            Dialect::Irc => find(line, b" PONG ").is_some(),
+        }
+    }
+
+    /// An error reply: JSON data starting with "Error"; an IRC 4xx/5xx numeric.
+    fn is_error(self, line: &[u8]) -> bool {
+        match self {
+            Dialect::Json => find(&line[..line.len().min(64)], b"\"data\":{\"Error\"").is_some(),
+            Dialect::Irc => {
+                let mut words = line.split(|&b| b == b' ');
+                let numeric = words.nth(1).unwrap_or_default();
+                numeric.len() == 3 && matches!(numeric[0], b'4' | b'5')
+            }
+        }
+    }
+
+    /// Whether a reply acknowledges a sent message.
+    fn acks_message(self, line: &[u8]) -> bool {
+        match self {
+            Dialect::Json => line.starts_with(b"{\"event\":\"message_sent\""),
+            Dialect::Irc => line.ends_with(format!(" :{IRC_MESSAGE_PING}").as_bytes()),
+        }
+    }
+
+    /// What stands right before a delivered message's text.
+    fn text_marker(self) -> &'static [u8] {
+        match self {
+            Dialect::Json => b"\"text\":\"t:",
+            Dialect::Irc => b" :t:",
+        }
+    }
+
+    fn message_line(self, tag: &str, sender: usize, group: usize, text: &str) -> String {
+        match self {
+            Dialect::Json => format!(
+                r#"{{"event":"send_message","data":{{"username":"{tag}-u{sender}","group_name":"{tag}-g{group}","text":"{text}"}},"id":1}}"#
+            ),
+            Dialect::Irc => {
+                format!("PRIVMSG #{tag}-g{group} :{text}\r\nPING :{IRC_MESSAGE_PING}\r")
+            }
+        }
+    }
+}
+
 /// What the run measured.
 #[derive(Default)]
 struct Tally {
@@ -164,6 +234,7 @@ struct Tally {
 }
 
 struct Load {
+    dialect: Dialect,
     poll: Poll,
     clients: Vec<Client>,
     started: Instant,
@@ -210,7 +281,13 @@ impl Load {
                 next_send: None,
             });
         }
+        let dialect = if args.irc {
+            Dialect::Irc
+        } else {
+            Dialect::Json
+        };
         Ok(Load {
+            dialect,
             poll,
             clients,
             started: Instant::now(),
@@ -253,7 +330,8 @@ impl Load {
         let inbox = std::mem::take(&mut self.clients[index].inbox);
         let mut start = 0;
         while let Some(end) = inbox[start..].iter().position(|&b| b == b'\n') {
-            self.on_line(index, &inbox[start..start + end]);
+            let line = &inbox[start..start + end];
+            self.on_line(index, line.strip_suffix(b"\r").unwrap_or(line));
             start += end + 1;
         }
         let mut rest = inbox;
@@ -262,29 +340,25 @@ impl Load {
     }
 
     fn on_line(&mut self, index: usize, line: &[u8]) {
-        // Replies end with the request's numeric `"id":N}`; broadcasts and id-less errors
-        // with the close of `data`.
-        let is_reply = !line.ends_with(b"}}");
+        let dialect = self.dialect;
+        let is_reply = dialect.is_reply(line);
         if is_reply {
             self.clients[index].awaiting = self.clients[index].awaiting.saturating_sub(1);
         }
-        // Every error reply's data starts with "Error", right after the event name.
-        let head = &line[..line.len().min(64)];
-        if find(head, b"\"data\":{\"Error\"").is_some() {
+        if dialect.is_error(line) {
             self.tally.errors += 1;
             self.tally
                 .first_error
                 .get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
             return;
         }
-        if !line.starts_with(b"{\"event\":\"message_sent\"") {
-            return;
-        }
         if is_reply {
-            self.tally.stored += u64::from(self.measuring);
+            if dialect.acks_message(line) {
+                self.tally.stored += u64::from(self.measuring);
+            }
             return;
         }
-        let Some(at) = find(line, b"\"text\":\"t:") else {
+        let Some(at) = find(line, dialect.text_marker()) else {
             return;
         };
         let sent_us = number_at(line, at);
@@ -342,6 +416,17 @@ impl Load {
     fn set_up(&mut self, args: &Args) -> io::Result<()> {
         let all: Vec<usize> = (0..self.clients.len()).collect();
         let tag = &args.tag;
+        if self.dialect == Dialect::Irc {
+            // One round: the PONG comes after registration and the JOIN's replies.
+            self.round(&all, |i, c| {
+                format!(
+                    "NICK {tag}u{i}\r\nUSER u 0 * :u\r\nJOIN #{tag}-g{}\r\nPING :ready\r",
+                    c.group
+                )
+            })?;
+            self.tally = Tally::default();
+            return Ok(());
+        }
         self.round(&all, |i, _| {
             format!(r#"{{"event":"find_user","data":{{"username":"{tag}-u{i}"}},"id":0}}"#)
         })?;
@@ -365,10 +450,8 @@ impl Load {
         let now_us = self.started.elapsed().as_micros();
         let client = &mut self.clients[index];
         client.sent += 1;
-        let line = format!(
-            r#"{{"event":"send_message","data":{{"username":"{tag}-u{index}","group_name":"{tag}-g{}","text":"t:{now_us}:{index}:{}:{padding}"}},"id":1}}"#,
-            client.group, client.sent
-        );
+        let text = format!("t:{now_us}:{index}:{}:{padding}", client.sent);
+        let line = self.dialect.message_line(tag, index, client.group, &text);
         client.queue(&line);
     }
 
