@@ -171,6 +171,8 @@ enum Dialect {
 
 /// IRC: the token of the PING sent after each message (its PONG is the message's "ack").
 const IRC_MESSAGE_PING: &str = "m";
+/// How the PONG answering that PING ends: `... PONG server :m`.
+const IRC_MESSAGE_PONG_END: &[u8] = b" :m";
 
 impl Dialect {
     /// A reply to one of our requests. JSON replies end with the request's numeric `"id":N}`
@@ -198,7 +200,7 @@ impl Dialect {
     fn acks_message(self, line: &[u8]) -> bool {
         match self {
             Dialect::Json => line.starts_with(b"{\"event\":\"message_sent\""),
-            Dialect::Irc => line.ends_with(format!(" :{IRC_MESSAGE_PING}").as_bytes()),
+            Dialect::Irc => line.ends_with(IRC_MESSAGE_PONG_END),
         }
     }
 
