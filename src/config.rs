@@ -17,6 +17,8 @@ pub enum StoreKind {
         data_dir: PathBuf,
         /// Every commit fsynced before it is acknowledged (`EMBEDDED_SYNC=full`).
         durable: bool,
+        /// WAL size past which it is checkpointed and truncated (`EMBEDDED_WAL_LIMIT_BYTES`).
+        wal_limit: u64,
     },
     /// A MongoDB deployment.
     Mongo { uri: String, database: String },
@@ -35,6 +37,10 @@ pub struct Config {
     pub store: StoreKind,
     pub max_line_bytes: usize,
     pub max_output_bytes: usize,
+    /// Longest reply line; history replies shrink their page to fit.
+    pub max_reply_bytes: usize,
+    /// Groups one user may create; 0: no limit.
+    pub max_groups_per_user: usize,
     pub max_connections: usize,
     pub workers: usize,
     pub log_level: log::LevelFilter,
@@ -83,6 +89,10 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Room a reply needs beyond an echoed id: the longest message (4000 characters, up to 6
+/// bytes each when escaped) and the reply's own fields.
+const MIN_REPLY_HEADROOM: usize = 32768;
+
 /// One documented environment variable: name, default shown in `--help`, description.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
@@ -114,6 +124,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "full: fsync every commit before acking; normal: survive crashes, not power loss",
     ),
     (
+        "EMBEDDED_WAL_LIMIT_BYTES",
+        "67108864",
+        "the embedded store's write-ahead log is checkpointed and truncated past this size",
+    ),
+    (
         "MAX_LINE_BYTES",
         "65536",
         "longest accepted request line in bytes",
@@ -121,7 +136,17 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "MAX_OUTPUT_BYTES",
         "1048576",
-        "pending output after which a non-reading client is dropped",
+        "unread broadcast bytes after which a non-reading client is dropped",
+    ),
+    (
+        "MAX_REPLY_BYTES",
+        "1048576",
+        "longest reply line; history replies shrink their page (has_more) to fit",
+    ),
+    (
+        "MAX_GROUPS_PER_USER",
+        "100",
+        "groups one user may create (quota_exceeded beyond); 0: no limit",
     ),
     (
         "MAX_CONNECTIONS",
@@ -206,6 +231,11 @@ impl Config {
                     Some("normal") => false,
                     Some(other) => return Err(invalid("EMBEDDED_SYNC", other, "full or normal")),
                 },
+                wal_limit: parse_positive(
+                    get("EMBEDDED_WAL_LIMIT_BYTES"),
+                    "EMBEDDED_WAL_LIMIT_BYTES",
+                    64 << 20,
+                )? as u64,
             },
         };
         if peer && matches!(store, StoreKind::Embedded { .. }) {
@@ -217,7 +247,7 @@ impl Config {
         if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
             return Err(invalid("REDIS_URL", &redis_url, "a redis:// URL"));
         }
-        Ok(Config {
+        Config {
             bind: parse_value(
                 get("BIND"),
                 "BIND",
@@ -230,6 +260,13 @@ impl Config {
             store,
             max_line_bytes: parse_positive(get("MAX_LINE_BYTES"), "MAX_LINE_BYTES", 65536)?,
             max_output_bytes: parse_positive(get("MAX_OUTPUT_BYTES"), "MAX_OUTPUT_BYTES", 1 << 20)?,
+            max_reply_bytes: parse_positive(get("MAX_REPLY_BYTES"), "MAX_REPLY_BYTES", 1 << 20)?,
+            max_groups_per_user: parse_value(
+                get("MAX_GROUPS_PER_USER"),
+                "MAX_GROUPS_PER_USER",
+                Some(100),
+                "a whole number (0: no limit)",
+            )?,
             max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
             workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
             log_level: parse_value(
@@ -268,7 +305,22 @@ impl Config {
                 Some(0),
                 "a whole number (0: unlimited)",
             )?,
-        })
+        }
+        .checked()
+    }
+
+    /// Checks the limits against each other: every reply must be able to carry an `id` as
+    /// long as a request line and the longest message.
+    fn checked(self) -> Result<Config, ConfigError> {
+        let least = self.max_line_bytes + MIN_REPLY_HEADROOM;
+        if self.max_reply_bytes < least {
+            return Err(ConfigError::Invalid {
+                name: "MAX_REPLY_BYTES",
+                value: self.max_reply_bytes.to_string(),
+                expected: "at least MAX_LINE_BYTES + 32768",
+            });
+        }
+        Ok(self)
     }
 
     /// The address to listen on.
@@ -359,6 +411,7 @@ mod tests {
             StoreKind::Embedded {
                 data_dir: "./data".into(),
                 durable: true,
+                wal_limit: 64 << 20,
             }
         );
     }

@@ -1,6 +1,9 @@
 //! One client connection: its socket, the framed requests waiting to be handled (the inbox), the
 //! bytes waiting to be written (the outbox, written with vectored writes that survive partial
-//! writes), and its session. Owns no policy beyond "read until told to stop, write what fits".
+//! writes), and its session. Owns no policy beyond "read until told to stop, write what fits",
+//! and the bookkeeping the limits need: bytes waiting in the inbox, broadcast bytes and reply
+//! bytes waiting in the outbox (counted apart: only unread broadcasts make a slow consumer),
+//! and which of its room's messages have really reached the client (for read marks).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -9,14 +12,24 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
-use serde_json::Value;
 
 use crate::framing::{Frame, LineFramer};
 use crate::limits::TokenBucket;
+use crate::protocol::RequestId;
 use crate::session::Session;
 
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
+/// Framed requests a connection may have waiting before its socket is no longer read.
+pub const MAX_INBOX_FRAMES: usize = 256;
+/// Bytes of framed requests a connection may have waiting before its socket is no longer read.
+/// With the frame cap this bounds the inbox to this plus one read (64 KiB) of new lines, so a
+/// client that sends 64 KB lines and never reads its replies cannot make the server buffer
+/// 256 of them (16 MiB).
+pub const MAX_INBOX_BYTES: usize = 64 * 1024;
+/// Room lines written but not yet known to be acknowledged by the client's kernel, kept before
+/// the connection asks the kernel (one `ioctl`) how far the client got.
+const SETTLE_AFTER: usize = 512;
 
 /// Bytes waiting to be written: a reply of its own, or a broadcast shared with other connections.
 #[derive(Debug, Clone)]
@@ -45,23 +58,52 @@ pub enum ReadState {
     Closed,
 }
 
+/// Which messages of the connection's room a queued line carries: seqs `first..=last`, queued
+/// during room visit `visit` (lines queued for a room since left count for nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shows {
+    pub first: u64,
+    pub last: u64,
+    visit: u64,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    chunk: Chunk,
+    broadcast: bool,
+    shows: Option<Shows>,
+}
+
 pub struct Connection {
     pub socket: TcpStream,
     pub peer: SocketAddr,
     pub session: Session,
     /// The request `id` of the store job in flight, if one is.
-    pub awaiting: Option<Option<Value>>,
+    pub awaiting: Option<Option<RequestId>>,
     pub read_state: ReadState,
     /// Set when the connection must be dropped without further writes.
     pub doomed: bool,
     pub opened_at: Instant,
     /// Store-bound requests this connection may still make (see `limits`).
     pub bucket: TokenBucket,
+    /// The server's leave clock when this connection's job in flight was submitted.
+    pub leave_clock_at_submit: u64,
     framer: LineFramer,
     inbox: VecDeque<Frame>,
-    outbox: VecDeque<Chunk>,
+    inbox_bytes: usize,
+    outbox: VecDeque<Outgoing>,
     written_of_front: usize,
     pending_bytes: usize,
+    pending_broadcast_bytes: usize,
+    /// Counts room entries, so lines queued for an earlier visit are told apart.
+    visit: u64,
+    /// Bytes written to the socket since it opened.
+    written_total: u64,
+    /// Room lines written to the kernel, with the `written_total` at their end, not yet known
+    /// to have reached the client: a written line is not a delivered one (a client cut off as
+    /// a slow consumer loses what sat in the kernel's send buffer), so read marks count a line
+    /// only once the client's kernel acknowledged it.
+    unsettled: VecDeque<(u64, Shows)>,
 }
 
 impl Connection {
@@ -70,6 +112,7 @@ impl Connection {
         Connection {
             opened_at,
             bucket: TokenBucket::full(burst, opened_at),
+            leave_clock_at_submit: 0,
             socket,
             peer,
             session: Session::default(),
@@ -78,16 +121,22 @@ impl Connection {
             doomed: false,
             framer: LineFramer::new(max_line),
             inbox: VecDeque::new(),
+            inbox_bytes: 0,
             outbox: VecDeque::new(),
             written_of_front: 0,
             pending_bytes: 0,
+            pending_broadcast_bytes: 0,
+            visit: 0,
+            written_total: 0,
+            unsettled: VecDeque::new(),
         }
     }
 
-    /// Reads until the socket is drained, closed, or the inbox holds `max_inbox` frames.
-    pub fn read_available(&mut self, buffer: &mut [u8], max_inbox: usize) -> io::Result<ReadState> {
+    /// Reads until the socket is drained, closed, or the inbox is full (`MAX_INBOX_FRAMES` or
+    /// `MAX_INBOX_BYTES`).
+    pub fn read_available(&mut self, buffer: &mut [u8]) -> io::Result<ReadState> {
         loop {
-            if self.inbox.len() >= max_inbox {
+            if self.inbox_full() {
                 self.read_state = ReadState::Paused;
                 return Ok(self.read_state);
             }
@@ -96,7 +145,15 @@ impl Connection {
                     self.read_state = ReadState::Closed;
                     return Ok(self.read_state);
                 }
-                Ok(n) => self.framer.feed(&buffer[..n], &mut self.inbox),
+                Ok(n) => {
+                    let before = self.inbox.len();
+                    self.framer.feed(&buffer[..n], &mut self.inbox);
+                    self.inbox_bytes += self
+                        .inbox
+                        .range(before..)
+                        .map(Frame::bytes_held)
+                        .sum::<usize>();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.read_state = ReadState::Drained;
                     return Ok(self.read_state);
@@ -107,23 +164,64 @@ impl Connection {
         }
     }
 
+    fn inbox_full(&self) -> bool {
+        self.inbox.len() >= MAX_INBOX_FRAMES || self.inbox_bytes >= MAX_INBOX_BYTES
+    }
+
+    /// Whether a paused socket should be read again: the inbox has drained to half its bounds
+    /// (hysteresis, so a busy client is not read one line at a time).
+    pub fn inbox_has_room(&self) -> bool {
+        self.inbox.len() < MAX_INBOX_FRAMES / 2 && self.inbox_bytes < MAX_INBOX_BYTES / 2
+    }
+
     pub fn next_frame(&mut self) -> Option<Frame> {
-        self.inbox.pop_front()
+        let frame = self.inbox.pop_front()?;
+        self.inbox_bytes -= frame.bytes_held();
+        Some(frame)
     }
 
-    pub fn inbox_len(&self) -> usize {
-        self.inbox.len()
+    /// Queues a reply line; `shows` names the room messages it carries, if any.
+    pub fn queue_reply(&mut self, line: Vec<u8>, shows: Option<(u64, u64)>) {
+        self.push(Chunk::Owned(line), false, shows);
     }
 
-    /// Queues bytes for writing; returns the pending output size after.
-    pub fn queue(&mut self, chunk: Chunk) -> usize {
-        self.pending_bytes += chunk.bytes().len();
-        self.outbox.push_back(chunk);
-        self.pending_bytes
+    /// Queues one message of the room, shared with the room's other connections (or owned,
+    /// for a catch-up line). Returns the broadcast bytes now waiting (the slow-consumer measure).
+    pub fn queue_broadcast(&mut self, chunk: Chunk, seq: u64) -> usize {
+        self.push(chunk, true, Some((seq, seq)));
+        self.pending_broadcast_bytes
+    }
+
+    fn push(&mut self, chunk: Chunk, broadcast: bool, shows: Option<(u64, u64)>) {
+        let len = chunk.bytes().len();
+        self.pending_bytes += len;
+        if broadcast {
+            self.pending_broadcast_bytes += len;
+        }
+        let visit = self.visit;
+        let shows = shows.map(|(first, last)| Shows { first, last, visit });
+        self.outbox.push_back(Outgoing {
+            chunk,
+            broadcast,
+            shows,
+        });
+    }
+
+    /// The connection entered a room (or left one): lines queued before count for nothing.
+    pub fn new_visit(&mut self) {
+        self.visit += 1;
+        self.unsettled.clear();
     }
 
     pub fn pending_output(&self) -> usize {
         self.pending_bytes
+    }
+
+    /// Bytes of replies (not broadcasts) waiting to be written.
+    pub fn pending_reply_bytes(&self) -> usize {
+        // Saturating: a broadcast partly written counts whole in the broadcast bytes.
+        self.pending_bytes
+            .saturating_sub(self.pending_broadcast_bytes)
     }
 
     /// Writes as much of the outbox as the socket takes now.
@@ -134,11 +232,11 @@ impl Connection {
                 .iter()
                 .take(MAX_IOVECS)
                 .enumerate()
-                .map(|(i, chunk)| {
+                .map(|(i, out)| {
                     IoSlice::new(if i == 0 {
-                        &chunk.bytes()[self.written_of_front..]
+                        &out.chunk.bytes()[self.written_of_front..]
                     } else {
-                        chunk.bytes()
+                        out.chunk.bytes()
                     })
                 })
                 .collect();
@@ -155,16 +253,60 @@ impl Connection {
 
     fn consume(&mut self, mut written: usize) {
         self.pending_bytes -= written;
+        self.written_total += written as u64;
         while let Some(front) = self.outbox.front() {
-            let left = front.bytes().len() - self.written_of_front;
+            let len = front.chunk.bytes().len();
+            let left = len - self.written_of_front;
             if written < left {
                 self.written_of_front += written;
                 return;
             }
             written -= left;
             self.written_of_front = 0;
-            self.outbox.pop_front();
+            if let Some(out) = self.outbox.pop_front() {
+                if out.broadcast {
+                    self.pending_broadcast_bytes -= len;
+                }
+                if let Some(shows) = out.shows.filter(|s| s.visit == self.visit) {
+                    let end = self.written_total - written as u64;
+                    self.unsettled.push_back((end, shows));
+                }
+            }
         }
+        if self.unsettled.len() >= SETTLE_AFTER {
+            self.settle();
+        }
+    }
+
+    /// Moves the room's read frontier over the lines the client's kernel has acknowledged
+    /// (everything written minus what is still in the socket's send queue). Call before
+    /// reading `session.leaving_mark()`.
+    pub fn settle(&mut self) {
+        if self.unsettled.is_empty() {
+            return;
+        }
+        let acked = self
+            .written_total
+            .saturating_sub(unacknowledged_bytes(&self.socket));
+        while let Some(&(end, shows)) = self.unsettled.front() {
+            if end > acked {
+                break;
+            }
+            self.unsettled.pop_front();
+            if let Some(room) = self
+                .session
+                .room
+                .as_mut()
+                .filter(|_| shows.visit == self.visit)
+            {
+                room.frontier.written(shows.first, shows.last);
+            }
+        }
+    }
+
+    /// Whether some room lines wait for `settle`.
+    pub fn has_unsettled(&self) -> bool {
+        !self.unsettled.is_empty()
     }
 
     /// True once the peer has closed and every request it sent is answered and written.
@@ -173,5 +315,19 @@ impl Connection {
             && self.inbox.is_empty()
             && self.awaiting.is_none()
             && self.outbox.is_empty()
+    }
+}
+
+/// Bytes in the socket's send queue that the peer has not acknowledged (Linux `SIOCOUTQ`).
+/// If the kernel cannot tell, everything written counts as unacknowledged (nothing is marked).
+fn unacknowledged_bytes(socket: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points to a live c_int.
+    let done = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if done == 0 && queued >= 0 {
+        queued as u64
+    } else {
+        u64::MAX
     }
 }

@@ -10,6 +10,16 @@ pub enum Frame {
     TooLong,
 }
 
+impl Frame {
+    /// Bytes the frame holds (what it costs in a connection's inbox).
+    pub fn bytes_held(&self) -> usize {
+        match self {
+            Frame::Line(line) => line.len(),
+            Frame::TooLong => 0,
+        }
+    }
+}
+
 /// Accumulates bytes across reads and cuts them into frames.
 #[derive(Debug)]
 pub struct LineFramer {

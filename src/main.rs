@@ -12,6 +12,7 @@ mod model;
 mod notify;
 mod peer;
 mod protocol;
+mod read_marker;
 mod rooms;
 mod sequencer;
 mod server;
@@ -70,10 +71,13 @@ fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen_addr()))?;
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     install_signal_handlers(&server)?;
-    log::info!("listening on {addr} ({})", describe_store(&config));
-    if let Some(metrics) = server.metrics_addr() {
-        log::info!("metrics on http://{metrics}/metrics");
-    }
+    // One line carries every bound address, so whoever waits for readiness (tests, operators'
+    // scripts) has all of them as soon as it sees "listening on".
+    let metrics = server
+        .metrics_addr()
+        .map(|metrics| format!("; metrics on http://{metrics}/metrics"))
+        .unwrap_or_default();
+    log::info!("listening on {addr} ({}){metrics}", describe_store(&config));
     notify::notify("READY=1");
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }

@@ -174,6 +174,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// One HTTP client of the metrics endpoint.
 pub struct MetricsClient {
     pub socket: TcpStream,
+    /// When it connected: a client that has not been answered within the timeout is closed.
+    pub opened_at: std::time::Instant,
     request: Vec<u8>,
     response: Vec<u8>,
     written: usize,
@@ -194,6 +196,7 @@ impl MetricsClient {
     pub fn new(socket: TcpStream) -> MetricsClient {
         MetricsClient {
             socket,
+            opened_at: std::time::Instant::now(),
             request: Vec::new(),
             response: Vec::new(),
             written: 0,

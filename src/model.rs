@@ -71,6 +71,9 @@ pub struct GroupHistory {
     pub read: Vec<Message>,
     /// The newest `seq` of the group when the history was read (0: no messages yet).
     pub head_seq: u64,
+    /// The member's `last_read_seq` after entering: everything up to it was in this reply or
+    /// read before. Below `head_seq` when the unread list was cut short (`unread_has_more`).
+    pub read_seq: u64,
 }
 
 /// A page of `fetch_messages`.
@@ -93,6 +96,16 @@ pub struct PageQuery {
 pub struct Visit {
     pub last_read: String,
     pub head_seq: u64,
+    /// The member's marker in the visited group (messages up to it count as read).
+    pub last_read_seq: u64,
+}
+
+/// Raise `username`'s read marker in `group_name` to `seq` (never lowers it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMark {
+    pub username: String,
+    pub group_name: String,
+    pub seq: u64,
 }
 
 /// Most unread messages `enter_group` returns at once; the rest come with `fetch_messages`.

@@ -7,6 +7,8 @@
 //! log each state change once. Nothing is queued across an outage: what the publisher could not
 //! send is dropped, and once it can publish again it sends a resync notice. Subscribers treat
 //! that notice, and their own reconnection, as "read what you missed from the database".
+//! Leaves travel the same way, so a user who leaves a group on one instance is taken out of
+//! the group's room on every instance.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -42,18 +44,36 @@ pub enum PeerEvent {
     /// A peer could not publish for a while: read what it stored from the database.
     Resync,
     LinkDown,
+    /// A user left a group on another instance.
+    Left(Departure),
 }
 
-/// One relayed message on the wire; no message means "resync from the store".
+/// A user who left a group (and so must leave its room everywhere).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    pub username: String,
+    pub group_name: String,
+}
+
+/// What this node relays.
+#[derive(Debug, Clone)]
+enum Relay {
+    Message(Message),
+    Left(Departure),
+}
+
+/// One relayed item on the wire: a message, a leave, or (neither) "resync from the store".
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     node: String,
     message: Option<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    left: Option<Departure>,
 }
 
 /// The loop's handle on the relay threads.
 pub struct PeerLink {
-    outgoing: Sender<Message>,
+    outgoing: Sender<Relay>,
     pub events: Receiver<PeerEvent>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -105,8 +125,16 @@ impl PeerLink {
 
     /// Queues a message this node stored for the other instances (never blocks).
     pub fn publish(&self, message: &Message) {
-        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(message.clone()) {
+        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::Message(message.clone()))
+        {
             log::warn!("peer publish queue full; peers will read the message from the store");
+        }
+    }
+
+    /// Tells the other instances that a user left a group (never blocks).
+    pub fn publish_leave(&self, departure: Departure) {
+        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::Left(departure)) {
+            log::warn!("peer publish queue full; a leave was not relayed");
         }
     }
 
@@ -153,7 +181,7 @@ struct Publisher {
     client: redis::Client,
     node_id: String,
     channel: String,
-    queue: Receiver<Message>,
+    queue: Receiver<Relay>,
     stop: Arc<AtomicBool>,
 }
 
@@ -206,15 +234,22 @@ impl Publisher {
         }
     }
 
-    /// Publishes a message, or with `None` a resync notice.
+    /// Publishes a message or a leave, or with `None` a resync notice.
     fn publish(
         &self,
         connection: &mut Option<redis::Connection>,
-        message: Option<&Message>,
+        relay: Option<&Relay>,
     ) -> redis::RedisResult<()> {
         let envelope = Envelope {
             node: self.node_id.clone(),
-            message: message.cloned(),
+            message: match relay {
+                Some(Relay::Message(message)) => Some(message.clone()),
+                _ => None,
+            },
+            left: match relay {
+                Some(Relay::Left(departure)) => Some(departure.clone()),
+                _ => None,
+            },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
@@ -311,6 +346,10 @@ impl Subscriber {
                 message: Some(message),
                 ..
             }) => self.tell(PeerEvent::Relayed(message)),
+            Ok(Envelope {
+                left: Some(departure),
+                ..
+            }) => self.tell(PeerEvent::Left(departure)),
             Ok(Envelope { message: None, .. }) => self.tell(PeerEvent::Resync),
             Err(error) => log::warn!("ignoring a malformed relayed message: {error}"),
         }
@@ -346,6 +385,7 @@ mod tests {
         let bytes = serde_json::to_vec(&Envelope {
             node: "a".into(),
             message: Some(message.clone()),
+            left: None,
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");

@@ -156,6 +156,19 @@ impl Sequencer {
         }
     }
 
+    /// Every occupied group not already catching up reads the database after what it
+    /// delivered, once `GAP_WAIT` has passed. Finds a silent tail: messages a peer stored but
+    /// never relayed (it died in between), which no later message will reveal as a gap.
+    pub fn check_tails(&mut self) {
+        let now = Instant::now();
+        for order in self.groups.values_mut() {
+            if !order.fetching && order.behind_since.is_none() {
+                order.known_head = order.known_head.max(order.delivered + 1);
+                order.behind_since = Some(now);
+            }
+        }
+    }
+
     /// Catch-up reads that are due now (each group has at most one in flight).
     pub fn due_catch_ups(&mut self, now: Instant) -> Vec<CatchUp> {
         let mut due = Vec::new();
@@ -309,6 +322,26 @@ mod tests {
         }
         let missed: Vec<u64> = sequencer.enter("g", 1).iter().map(|m| m.seq).collect();
         assert_eq!(missed, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_tail_check_reads_after_what_was_delivered() {
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
+        sequencer.enter("g", 0);
+        sequencer.offer(message(1), Requester::Server);
+        sequencer.check_tails();
+        let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT);
+        assert_eq!(
+            due,
+            vec![CatchUp {
+                group_name: "g".into(),
+                after_seq: 1
+            }]
+        );
+        let released = sequencer.caught_up("g", Some(vec![message(2)]));
+        assert_eq!(seqs(&released), vec![2], "the unrelayed tail is delivered");
+        assert!(sequencer.caught_up("g", Some(vec![])).is_empty());
+        assert_eq!(sequencer.next_deadline(), None);
     }
 
     #[test]

@@ -20,11 +20,12 @@ use crate::connection::{Chunk, Connection, ReadState};
 use crate::limits::PerIp;
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient};
 use crate::model::Message;
-use crate::peer::{channel_for, PeerEvent, PeerLink};
+use crate::model::ReadMark;
+use crate::peer::{channel_for, Departure, PeerEvent, PeerLink};
 use crate::protocol::{encode_broadcast, encode_failure, ErrorCode, ProtocolError};
 use crate::rooms::Rooms;
 use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH, RECENT_IN_PEER_MODE};
-use crate::session::{self, Effect, Plan};
+use crate::session::{self, Effect, Plan, Rules};
 use crate::store::{Store, StoreError};
 use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool, WriteRouting};
 
@@ -36,13 +37,30 @@ const FIRST_CONNECTION: usize = 3;
 const FIRST_METRICS_CLIENT: usize = usize::MAX / 2;
 /// How often connections are checked for the login timeout.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Framed requests a connection may have waiting before the loop stops reading its socket.
 /// The kernel send buffer of each client socket. Fixed (not autotuned up to 4 MiB) so that a
 /// client that stops reading is noticed by the `MAX_OUTPUT_BYTES` bound soon, and so that the
 /// memory a slow client can pin is bounded.
 const KERNEL_SEND_BUFFER_BYTES: usize = 128 * 1024;
-const MAX_INBOX: usize = 256;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Reply bytes a connection may have waiting before the loop stops taking its requests
+/// (back-pressure: a client that does not read its replies stops being served, it is not cut
+/// off; broadcasts are bounded separately by `MAX_OUTPUT_BYTES`).
+const REPLY_BACKLOG_BYTES: usize = 256 * 1024;
+/// Simultaneous metrics HTTP clients; more are closed at once, so scrapers can never use up
+/// the descriptors chat clients need.
+const MAX_METRICS_CLIENTS: usize = 16;
+/// A metrics client that has not received its response by then (idle, or a request that
+/// never ends) is closed.
+const METRICS_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// While `accept` fails for lack of descriptors, how often it is retried (also retried at
+/// once whenever a connection closes).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long a leave is remembered: an `enter_group` submitted before it but completing after
+/// it must not put the user back in the room.
+const LEAVE_MEMORY: Duration = Duration::from_secs(60);
+/// In peer mode, how often every occupied room checks the database for messages it was never
+/// relayed (a peer that stored a message and died before publishing it).
+const TAIL_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for in-flight work and unsent output.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
@@ -70,6 +88,13 @@ pub struct Server {
     next_metrics_token: usize,
     per_ip: PerIp,
     last_sweep: Instant,
+    /// Set while `accept` fails with EMFILE/ENFILE: queued clients are accepted on a timer
+    /// and whenever a connection closes (an edge-triggered listener is not woken again).
+    accept_blocked: bool,
+    /// Leaves seen (here or from peers) by (username, group): the leave clock when seen.
+    recent_leaves: HashMap<(String, String), (u64, Instant)>,
+    leave_clock: u64,
+    last_tail_check: Instant,
 }
 
 impl Server {
@@ -128,6 +153,10 @@ impl Server {
             next_metrics_token: FIRST_METRICS_CLIENT,
             per_ip: PerIp::default(),
             last_sweep: Instant::now(),
+            accept_blocked: false,
+            recent_leaves: HashMap::new(),
+            leave_clock: 0,
+            last_tail_check: Instant::now(),
         })
     }
 
@@ -175,8 +204,12 @@ impl Server {
                     }
                 }
             }
+            if self.accept_blocked {
+                self.accept_all();
+            }
             self.take_completions();
             self.take_peer_events();
+            self.check_tails();
             self.start_catch_ups();
             self.sweep_logins();
             self.service_touched();
@@ -201,7 +234,8 @@ impl Server {
             .next_deadline()
             .map(|due| due.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
         let draining = self.draining_since.map(|_| Duration::from_millis(50));
-        [catch_up, draining, Some(SWEEP_EVERY)]
+        let accept = self.accept_blocked.then_some(ACCEPT_RETRY);
+        [catch_up, draining, accept, Some(SWEEP_EVERY)]
             .into_iter()
             .flatten()
             .min()
@@ -239,11 +273,25 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((socket, peer)) => self.admit(socket, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Ok((socket, peer)) => {
+                    if self.accept_blocked {
+                        log::info!("accepting again: a descriptor is free");
+                    }
+                    self.accept_blocked = false;
+                    self.admit(socket, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_blocked = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("accept failed: {e}");
+                    // EMFILE/ENFILE (or another transient failure): the client stays in the
+                    // kernel's accept queue; retry on a timer and when a descriptor is freed.
+                    if !self.accept_blocked {
+                        log::warn!("accept failed: {e}; clients wait in the accept queue");
+                    }
+                    self.accept_blocked = true;
                     return;
                 }
             }
@@ -302,7 +350,7 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
-        if let Err(e) = connection.read_available(&mut self.read_buffer, MAX_INBOX) {
+        if let Err(e) = connection.read_available(&mut self.read_buffer) {
             log::debug!("read from {} failed: {e}", connection.peer);
             connection.doomed = true;
         }
@@ -338,11 +386,39 @@ impl Server {
             return;
         };
         let id = connection.awaiting.take().flatten();
-        let (reply, effect) = session::complete(op, result, id.as_ref());
-        count_reply(&mut self.metrics, &reply);
-        connection.queue(Chunk::Owned(reply));
+        let leaves_before = connection.leave_clock_at_submit;
+        let completed = session::complete(op, result, id.as_deref());
+        count_reply(&mut self.metrics, &completed.line);
+        let shows = completed
+            .shows
+            .filter(|(group, _, _)| connection.session.room_name() == Some(group.as_str()))
+            .map(|(_, first, last)| (first, last));
+        connection.queue_reply(completed.line, shows);
+        let effect = match completed.effect {
+            // The user left this group after the enter was submitted (on this node or another):
+            // in that order the enter happened first and the leave took the user out again.
+            Effect::EnterRoom(room) if self.left_since(token, &room.group_name, leaves_before) => {
+                log::debug!("not entering {}: left meanwhile", room.group_name);
+                Effect::None
+            }
+            effect => effect,
+        };
         self.apply(token, effect);
         self.touched.push(token);
+    }
+
+    /// Whether the connection's user left `group_name` after the leave clock read `since`.
+    fn left_since(&self, token: Token, group_name: &str, since: u64) -> bool {
+        let Some(username) = self
+            .connections
+            .get(&token)
+            .and_then(|c| c.session.username.clone())
+        else {
+            return false;
+        };
+        self.recent_leaves
+            .get(&(username, group_name.to_string()))
+            .is_some_and(|(clock, _)| *clock > since)
     }
 
     /// A job the server itself asked for: a catch-up read, or bookkeeping.
@@ -379,6 +455,7 @@ impl Server {
                 }
                 PeerEvent::Resync => self.sequencer.suspect_all(),
                 PeerEvent::LinkDown => self.peer_link_up = false,
+                PeerEvent::Left(departure) => self.user_left(departure),
             }
         }
     }
@@ -424,9 +501,8 @@ impl Server {
                 continue;
             }
             self.metrics.messages_delivered += 1;
-            if connection.queue(Chunk::Shared(line.clone())) > self.config.max_output_bytes
-                && !connection.doomed
-            {
+            let pending = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
+            if pending > self.config.max_output_bytes && !connection.doomed {
                 log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", connection.peer);
                 connection.doomed = true;
             }
@@ -456,17 +532,35 @@ impl Server {
                 username,
                 group_name,
             } => {
-                for member in self.rooms.members(&group_name) {
-                    let Some(connection) = self.connections.get_mut(&member) else {
-                        continue;
-                    };
-                    if connection.session.username.as_deref() == Some(username.as_str()) {
-                        connection.session.room = None;
-                        self.leave_room(&group_name, member);
-                    }
+                let departure = Departure {
+                    username,
+                    group_name,
+                };
+                if let Some(peer) = &self.peer {
+                    peer.publish_leave(departure.clone());
                 }
+                self.user_left(departure);
             }
         }
+    }
+
+    /// A user left a group (here or on a peer): every connection of theirs leaves its room, and
+    /// the leave is remembered so that an enter already in flight does not undo it.
+    fn user_left(&mut self, departure: Departure) {
+        self.leave_clock += 1;
+        for member in self.rooms.members(&departure.group_name) {
+            let Some(connection) = self.connections.get_mut(&member) else {
+                continue;
+            };
+            if connection.session.username.as_deref() == Some(departure.username.as_str()) {
+                connection.session.room = None;
+                connection.new_visit();
+                self.leave_room(&departure.group_name, member);
+            }
+        }
+        let key = (departure.username, departure.group_name);
+        self.recent_leaves
+            .insert(key, (self.leave_clock, Instant::now()));
     }
 
     /// Puts a connection in a room and sends it what the room got after its history ended.
@@ -477,8 +571,9 @@ impl Server {
             return;
         };
         connection.session.room = Some(room);
+        connection.new_visit();
         for message in missed {
-            connection.queue(Chunk::Owned(encode_broadcast(&message)));
+            connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq);
         }
     }
 
@@ -503,20 +598,28 @@ impl Server {
     /// Handles waiting requests, writes pending output, and closes the connection when done.
     fn service(&mut self, token: Token) {
         let draining = self.draining_since.is_some();
+        let rules = Rules {
+            max_reply_bytes: self.config.max_reply_bytes,
+            max_groups_per_user: self.config.max_groups_per_user,
+        };
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
         while !draining && !connection.doomed {
             while connection.awaiting.is_none()
-                && connection.pending_output() <= self.config.max_output_bytes
+                && connection.pending_reply_bytes() <= REPLY_BACKLOG_BYTES
             {
                 let Some(frame) = connection.next_frame() else {
                     break;
                 };
-                match session::plan(&connection.session, frame) {
+                // Read marks the request may imply count only what reached the client.
+                if connection.has_unsettled() {
+                    connection.settle();
+                }
+                match session::plan(&connection.session, frame, rules) {
                     Plan::Reply(line) => {
                         count_reply(&mut self.metrics, &line);
-                        connection.queue(Chunk::Owned(line));
+                        connection.queue_reply(line, None);
                     }
                     Plan::Store { id, .. }
                         if !connection.bucket.take(
@@ -530,21 +633,21 @@ impl Server {
                             ErrorCode::RateLimited,
                             "Too many requests; slow down.",
                         );
-                        connection.queue(Chunk::Owned(encode_failure(&error.into(), id.as_ref())));
+                        connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
                     }
                     Plan::Store { op, id } => {
                         connection.awaiting = Some(id);
+                        connection.leave_clock_at_submit = self.leave_clock;
                         if let Some(pool) = self.pool.as_mut() {
                             pool.submit(Requester::Connection(token), op);
                         }
                     }
                 }
             }
-            let has_room = connection.inbox_len() < MAX_INBOX / 2;
-            if connection.read_state != ReadState::Paused || !has_room {
+            if connection.read_state != ReadState::Paused || !connection.inbox_has_room() {
                 break;
             }
-            if let Err(e) = connection.read_available(&mut self.read_buffer, MAX_INBOX) {
+            if let Err(e) = connection.read_available(&mut self.read_buffer) {
                 log::debug!("read from {} failed: {e}", connection.peer);
                 connection.doomed = true;
             }
@@ -565,19 +668,20 @@ impl Server {
         let _ = self.poll.registry().deregister(&mut connection.socket);
         self.per_ip.release(connection.peer.ip());
         log::debug!("connection {} from {} closed", token.0, connection.peer);
-        let (Some(username), Some(room)) = (connection.session.username, connection.session.room)
-        else {
+        // A descriptor was freed: clients waiting in the accept queue can come in now.
+        if self.accept_blocked {
+            self.accept_all();
+        }
+        connection.settle();
+        let mark: Option<ReadMark> = connection.session.leaving_mark();
+        let Some(room) = connection.session.room else {
             return;
         };
         self.leave_room(&room.group_name, token);
-        if let Some(pool) = self.pool.as_mut() {
-            pool.submit(
-                Requester::Server,
-                StoreOp::MarkRead {
-                    username,
-                    group_name: room.group_name,
-                },
-            );
+        // Only what was really written to this client is marked read, and only when that is
+        // more than the store already has (most closes then cost no write at all).
+        if let (Some(mark), Some(pool)) = (mark, self.pool.as_mut()) {
+            pool.submit(Requester::Server, StoreOp::MarkRead(mark));
         }
     }
 }
@@ -599,6 +703,10 @@ impl Server {
             return;
         }
         self.last_sweep = now;
+        let memory = LEAVE_MEMORY;
+        self.recent_leaves
+            .retain(|_, (_, seen)| now.duration_since(*seen) < memory);
+        self.expire_metrics_clients(now);
         let timeout = self.config.login_timeout;
         let expired: Vec<Token> = self
             .connections
@@ -619,11 +727,40 @@ impl Server {
         }
     }
 
+    /// In peer mode, asks every occupied room to look for messages it was never relayed.
+    fn check_tails(&mut self) {
+        if self.peer.is_none() || self.last_tail_check.elapsed() < TAIL_CHECK_EVERY {
+            return;
+        }
+        self.last_tail_check = Instant::now();
+        self.sequencer.check_tails();
+    }
+
+    /// Closes metrics clients that have not been answered within the timeout.
+    fn expire_metrics_clients(&mut self, now: Instant) {
+        let expired: Vec<Token> = self
+            .metrics_clients
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.opened_at) > METRICS_CLIENT_TIMEOUT)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            if let Some(mut client) = self.metrics_clients.remove(&token) {
+                let _ = self.poll.registry().deregister(&mut client.socket);
+            }
+        }
+    }
+
     fn accept_metrics_clients(&mut self) {
         let Some(listener) = &self.metrics_listener else {
             return;
         };
         while let Ok((mut socket, _)) = listener.accept() {
+            if self.metrics_clients.len() >= MAX_METRICS_CLIENTS {
+                // Closed at once (dropping the socket): the descriptor is back immediately.
+                log::debug!("metrics client refused: {MAX_METRICS_CLIENTS} already connected");
+                continue;
+            }
             let token = Token(self.next_metrics_token);
             self.next_metrics_token += 1;
             let registered = self.poll.registry().register(

@@ -3,14 +3,13 @@
 //!
 //! Pure functions over the session state; the event loop applies the effects.
 
-use serde_json::Value;
-
 use crate::framing::Frame;
-use crate::model::{now_timestamp, Message, NewMessage};
+use crate::model::{now_timestamp, Message, NewMessage, ReadMark};
 use crate::protocol::{
     decode_envelope, encode_failure, encode_reply, ErrorCode, EventError, Failure, ProtocolError,
-    Reply, Request,
+    Reply, Request, RequestId,
 };
+use crate::read_marker::ReadFrontier;
 use crate::store::StoreError;
 use crate::workers::{StoreOp, StoreOutput};
 
@@ -20,7 +19,32 @@ use crate::workers::{StoreOp, StoreOutput};
 pub struct Room {
     pub group_name: String,
     pub floor_seq: u64,
+    /// What of this room the client has really been sent (for the implicit read mark).
+    pub frontier: ReadFrontier,
 }
+
+impl Room {
+    pub fn new(group_name: String, floor_seq: u64, read_seq: u64) -> Room {
+        Room {
+            group_name,
+            floor_seq,
+            frontier: ReadFrontier::new(read_seq),
+        }
+    }
+}
+
+/// Limits of the running configuration that shape store requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// No reply line may be longer (`MAX_REPLY_BYTES`).
+    pub max_reply_bytes: usize,
+    /// Groups one user may create (`MAX_GROUPS_PER_USER`, 0: no limit).
+    pub max_groups_per_user: usize,
+}
+
+/// Bytes of a history reply that are not messages: the event name, `group_name`, flags and the
+/// request `id` are added to this.
+const REPLY_OVERHEAD: usize = 512;
 
 /// What a connection is logged in as and where it is.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -33,6 +57,17 @@ impl Session {
     pub fn room_name(&self) -> Option<&str> {
         self.room.as_ref().map(|room| room.group_name.as_str())
     }
+
+    /// The read mark leaving the current room implies: up to what the client was really sent,
+    /// and only when that is beyond what the store already has.
+    pub fn leaving_mark(&self) -> Option<ReadMark> {
+        let (username, room) = (self.username.as_ref()?, self.room.as_ref()?);
+        room.frontier.mark_due().map(|seq| ReadMark {
+            username: username.clone(),
+            group_name: room.group_name.clone(),
+            seq,
+        })
+    }
 }
 
 /// What to do with one request line.
@@ -41,7 +76,7 @@ pub enum Plan {
     /// Answer now with this line.
     Reply(Vec<u8>),
     /// Run this store job; its completion produces the reply.
-    Store { op: StoreOp, id: Option<Value> },
+    Store { op: StoreOp, id: Option<RequestId> },
 }
 
 /// How a finished job changes the connection's session.
@@ -58,7 +93,7 @@ pub enum Effect {
 }
 
 /// Plans one framed request.
-pub fn plan(session: &Session, frame: Frame) -> Plan {
+pub fn plan(session: &Session, frame: Frame, rules: Rules) -> Plan {
     let line = match frame {
         Frame::Line(line) => line,
         Frame::TooLong => {
@@ -69,14 +104,21 @@ pub fn plan(session: &Session, frame: Frame) -> Plan {
     let envelope = match decode_envelope(&line) {
         Ok(envelope) => envelope,
         Err(rejected) => {
-            return Plan::Reply(encode_failure(&rejected.error.into(), rejected.id.as_ref()))
+            return Plan::Reply(encode_failure(
+                &rejected.error.into(),
+                rejected.id.as_deref(),
+            ))
         }
     };
     let id = envelope.id.clone();
-    match check_and_plan(session, envelope) {
-        Ok(Planned::Now(reply)) => Plan::Reply(encode_reply(&reply, id.as_ref())),
+    // A history reply must fit `max_reply_bytes` with the id echoed in it.
+    let budget = rules
+        .max_reply_bytes
+        .saturating_sub(REPLY_OVERHEAD + id.as_ref().map_or(0, |id| id.get().len()));
+    match check_and_plan(session, envelope, rules, budget) {
+        Ok(Planned::Now(reply)) => Plan::Reply(encode_reply(&reply, id.as_deref())),
         Ok(Planned::Later(op)) => Plan::Store { op, id },
-        Err(failure) => Plan::Reply(encode_failure(&failure, id.as_ref())),
+        Err(failure) => Plan::Reply(encode_failure(&failure, id.as_deref())),
     }
 }
 
@@ -88,6 +130,8 @@ enum Planned {
 fn check_and_plan(
     session: &Session,
     envelope: crate::protocol::Envelope,
+    rules: Rules,
+    budget: usize,
 ) -> Result<Planned, Failure> {
     if session.username.is_none() && !envelope.kind.allowed_before_login() {
         return Err(
@@ -105,7 +149,10 @@ fn check_and_plan(
         Request::Ping => Planned::Now(Reply::Pong {
             time: now_timestamp(),
         }),
-        Request::FindUser { username } => Planned::Later(StoreOp::FindUser { username }),
+        Request::FindUser { username, new_name } => Planned::Later(StoreOp::FindUser {
+            username,
+            new_name: new_name.err(),
+        }),
         Request::ListGroups => Planned::Later(StoreOp::ListGroups),
         Request::CreateGroup {
             username,
@@ -113,6 +160,7 @@ fn check_and_plan(
         } => Planned::Later(StoreOp::CreateGroup {
             username,
             group_name,
+            max_per_user: rules.max_groups_per_user,
         }),
         Request::JoinGroup {
             username,
@@ -144,7 +192,7 @@ fn check_and_plan(
             if session.room_name() == Some(group_name.as_str()) {
                 return Err(EventError::AlreadyInTheGroup.into());
             }
-            let leaving = session.room_name().map(str::to_string);
+            let leaving = session.leaving_mark();
             Planned::Later(StoreOp::VisitGroup {
                 username,
                 group_name,
@@ -156,13 +204,13 @@ fn check_and_plan(
             group_name,
         } => {
             let leaving = session
-                .room_name()
-                .filter(|room| *room != group_name)
-                .map(str::to_string);
+                .leaving_mark()
+                .filter(|mark| mark.group_name != group_name);
             Planned::Later(StoreOp::EnterGroup {
                 username,
                 group_name,
                 leaving,
+                reply_budget: budget,
             })
         }
         Request::FetchMessages {
@@ -173,25 +221,69 @@ fn check_and_plan(
             username,
             group_name,
             page,
+            reply_budget: budget,
         }),
     })
+}
+
+/// A finished job, ready for the requester.
+#[derive(Debug)]
+pub struct Completed {
+    pub line: Vec<u8>,
+    pub effect: Effect,
+    /// The group messages the line carries: (group, first seq, last seq), contiguous.
+    pub shows: Option<(String, u64, u64)>,
 }
 
 /// Turns a finished job into the reply line for the requester and the session effect.
 pub fn complete(
     op: StoreOp,
     result: Result<StoreOutput, StoreError>,
-    id: Option<&Value>,
-) -> (Vec<u8>, Effect) {
+    id: Option<&serde_json::value::RawValue>,
+) -> Completed {
+    let new_name = match &op {
+        StoreOp::FindUser { new_name, .. } => new_name.clone(),
+        _ => None,
+    };
     match result.map(|output| success(op, output)) {
-        Ok((reply, effect)) => (encode_reply(&reply, id), effect),
-        Err(error) => (encode_failure(&failure_of(error), id), Effect::None),
+        Ok((reply, effect)) => Completed {
+            shows: shown_messages(&reply),
+            line: encode_reply(&reply, id),
+            effect,
+        },
+        // A name the creation rules refuse was not found among existing users.
+        Err(StoreError::UserNotFound) if new_name.is_some() => {
+            let text = new_name.unwrap_or_default();
+            let failure = ProtocolError::new(ErrorCode::BadRequest, &text).into();
+            Completed {
+                line: encode_failure(&failure, id),
+                effect: Effect::None,
+                shows: None,
+            }
+        }
+        Err(error) => Completed {
+            line: encode_failure(&failure_of(error), id),
+            effect: Effect::None,
+            shows: None,
+        },
+    }
+}
+
+/// Which group messages a reply shows the client (history pages and the sender's own ack).
+fn shown_messages(reply: &Reply) -> Option<(String, u64, u64)> {
+    match reply {
+        Reply::MessageSent(message) => Some((message.group_name.clone(), message.seq, message.seq)),
+        Reply::Messages { group_name, page } => {
+            let (first, last) = (page.messages.first()?, page.messages.last()?);
+            Some((group_name.clone(), first.seq, last.seq))
+        }
+        _ => None,
     }
 }
 
 fn success(op: StoreOp, output: StoreOutput) -> (Reply, Effect) {
     match (op, output) {
-        (StoreOp::FindUser { username }, StoreOutput::User { profile, created }) => {
+        (StoreOp::FindUser { username, .. }, StoreOutput::User { profile, created }) => {
             let reply = if created {
                 Reply::UserCreated(profile)
             } else {
@@ -223,10 +315,7 @@ fn success(op: StoreOp, output: StoreOutput) -> (Reply, Effect) {
             },
             StoreOutput::Visited(visit),
         ) => {
-            let room = Room {
-                group_name: group_name.clone(),
-                floor_seq: visit.head_seq,
-            };
+            let room = Room::new(group_name.clone(), visit.head_seq, visit.last_read_seq);
             let reply = Reply::UserVisited {
                 username,
                 group_name,
@@ -235,10 +324,7 @@ fn success(op: StoreOp, output: StoreOutput) -> (Reply, Effect) {
             (reply, Effect::EnterRoom(room))
         }
         (StoreOp::EnterGroup { group_name, .. }, StoreOutput::Entered(history)) => {
-            let room = Room {
-                group_name: group_name.clone(),
-                floor_seq: history.head_seq,
-            };
+            let room = Room::new(group_name.clone(), history.head_seq, history.read_seq);
             (
                 Reply::EnterGroup {
                     group_name,
@@ -270,6 +356,11 @@ pub fn failure_of(error: StoreError) -> Failure {
         StoreError::GroupExists => EventError::GroupAlreadyCreated.into(),
         StoreError::GroupNotFound => EventError::GroupNotFound.into(),
         StoreError::NotAMember => EventError::NotAMember.into(),
+        StoreError::QuotaExceeded => ProtocolError::new(
+            ErrorCode::QuotaExceeded,
+            "You have created as many groups as one user may (MAX_GROUPS_PER_USER).",
+        )
+        .into(),
         StoreError::Unavailable(_) => ProtocolError::new(
             ErrorCode::Unavailable,
             "The store is unavailable; nothing was stored.",
@@ -288,10 +379,14 @@ mod tests {
     use super::*;
 
     fn plan_line(session: &Session, line: &str) -> Plan {
-        plan(session, Frame::Line(line.as_bytes().to_vec()))
+        let rules = Rules {
+            max_reply_bytes: 1 << 20,
+            max_groups_per_user: 0,
+        };
+        plan(session, Frame::Line(line.as_bytes().to_vec()), rules)
     }
 
-    fn reply_json(plan: Plan) -> Value {
+    fn reply_json(plan: Plan) -> serde_json::Value {
         match plan {
             Plan::Reply(bytes) => serde_json::from_slice(&bytes).expect("reply is json"),
             Plan::Store { op, .. } => panic!("expected an immediate reply, got job {op:?}"),
@@ -325,10 +420,7 @@ mod tests {
     #[test]
     fn visiting_the_current_room_is_already_in_the_group() {
         let mut session = logged_in("alice");
-        session.room = Some(Room {
-            group_name: "g".into(),
-            floor_seq: 0,
-        });
+        session.room = Some(Room::new("g".into(), 0, 0));
         let line = r#"{"event":"visit_group","data":{"username":"alice","group_name":"g"}}"#;
         let reply = reply_json(plan_line(&session, line));
         assert_eq!(reply["event"], "already_in_the_group");
@@ -341,10 +433,7 @@ mod tests {
     #[test]
     fn broadcasts_skip_messages_already_in_history() {
         let mut session = logged_in("alice");
-        session.room = Some(Room {
-            group_name: "g".into(),
-            floor_seq: 5,
-        });
+        session.room = Some(Room::new("g".into(), 5, 5));
         let mut message = Message {
             id: String::new(),
             group_name: "g".into(),

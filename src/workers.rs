@@ -18,9 +18,9 @@ use mio::{Token, Waker};
 
 use crate::model::{
     CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, NewMessage,
-    PageQuery, UserProfile, Visit,
+    PageQuery, ReadMark, UserProfile, Visit,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{fit_messages, Store, StoreError};
 
 /// Most jobs a worker takes from its queue in one round.
 const MAX_BATCH: usize = 512;
@@ -30,10 +30,13 @@ const MAX_BATCH: usize = 512;
 pub enum StoreOp {
     FindUser {
         username: String,
+        /// Why the name may not be used for a new user (`None`: it may).
+        new_name: Option<String>,
     },
     CreateGroup {
         username: String,
         group_name: String,
+        max_per_user: usize,
     },
     JoinGroup {
         username: String,
@@ -47,21 +50,22 @@ pub enum StoreOp {
     VisitGroup {
         username: String,
         group_name: String,
-        leaving: Option<String>,
+        leaving: Option<ReadMark>,
     },
     EnterGroup {
         username: String,
         group_name: String,
-        leaving: Option<String>,
+        leaving: Option<ReadMark>,
+        /// Encoded bytes the history may take in the reply.
+        reply_budget: usize,
     },
-    MarkRead {
-        username: String,
-        group_name: String,
-    },
+    /// An implicit read mark (a connection closed in a room).
+    MarkRead(ReadMark),
     FetchMessages {
         username: String,
         group_name: String,
         page: PageQuery,
+        reply_budget: usize,
     },
     ListGroups,
     MessagesAfter {
@@ -81,12 +85,20 @@ pub enum WriteRouting {
 }
 
 impl StoreOp {
-    /// Jobs ordered against a group's message stream: storing messages, and entering a room
-    /// (whose reply fixes the `seq` after which live broadcasts start).
+    /// Jobs ordered against a group's message stream and its room: storing messages, entering
+    /// a room (whose reply fixes the `seq` after which live broadcasts start), joining and
+    /// leaving (so a leave can never complete before an earlier-submitted enter of the same
+    /// user and leave it in the room), and read marks (batched into the writer's commits, so a
+    /// closing connection never waits for, or holds up, the writers' turn).
     fn orders_with_messages(&self) -> bool {
         matches!(
             self,
-            StoreOp::SendMessage(_) | StoreOp::VisitGroup { .. } | StoreOp::EnterGroup { .. }
+            StoreOp::SendMessage(_)
+                | StoreOp::VisitGroup { .. }
+                | StoreOp::EnterGroup { .. }
+                | StoreOp::JoinGroup { .. }
+                | StoreOp::LeaveGroup { .. }
+                | StoreOp::MarkRead(_)
         )
     }
 
@@ -98,11 +110,11 @@ impl StoreOp {
             | StoreOp::LeaveGroup { group_name, .. }
             | StoreOp::VisitGroup { group_name, .. }
             | StoreOp::EnterGroup { group_name, .. }
-            | StoreOp::MarkRead { group_name, .. }
             | StoreOp::FetchMessages { group_name, .. }
             | StoreOp::MessagesAfter { group_name, .. } => Some(group_name),
+            StoreOp::MarkRead(mark) => Some(&mark.group_name),
             StoreOp::SendMessage(message) => Some(&message.group_name),
-            StoreOp::FindUser { username } => Some(username),
+            StoreOp::FindUser { username, .. } => Some(username),
             StoreOp::ListGroups => None,
         }
     }
@@ -254,12 +266,19 @@ impl Worker {
         }
     }
 
-    /// Runs a batch in order, storing each run of consecutive messages in one commit.
+    /// Runs a batch in order, storing each run of consecutive messages in one commit. Read
+    /// marks (monotonic, so their order against the rest does not matter) are applied together
+    /// in one commit after the batch.
     fn run_batch(&mut self, batch: Vec<Job>) {
         let mut messages: Vec<Job> = Vec::new();
+        let mut marks: Vec<Job> = Vec::new();
         for job in batch {
             if matches!(job.op, StoreOp::SendMessage(_)) {
                 messages.push(job);
+                continue;
+            }
+            if matches!(job.op, StoreOp::MarkRead(_)) {
+                marks.push(job);
                 continue;
             }
             self.store_messages(std::mem::take(&mut messages));
@@ -271,6 +290,24 @@ impl Worker {
             self.finish(job, result);
         }
         self.store_messages(messages);
+        self.store_marks(marks);
+    }
+
+    fn store_marks(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let marks: Vec<ReadMark> = jobs
+            .iter()
+            .filter_map(|job| match &job.op {
+                StoreOp::MarkRead(mark) => Some(mark.clone()),
+                _ => None,
+            })
+            .collect();
+        let result = self.store.mark_read(&marks).map(|()| StoreOutput::Done);
+        for job in jobs {
+            self.finish(job, result.clone());
+        }
     }
 
     fn store_messages(&mut self, jobs: Vec<Job>) {
@@ -323,14 +360,15 @@ fn expired() -> StoreError {
 /// Runs one non-batched operation.
 fn execute(store: &mut dyn Store, op: &StoreOp) -> Result<StoreOutput, StoreError> {
     Ok(match op {
-        StoreOp::FindUser { username } => {
-            let (profile, created) = store.find_or_create_user(username)?;
+        StoreOp::FindUser { username, new_name } => {
+            let (profile, created) = store.find_or_create_user(username, new_name.is_none())?;
             StoreOutput::User { profile, created }
         }
         StoreOp::CreateGroup {
             username,
             group_name,
-        } => StoreOutput::GroupCreated(store.create_group(username, group_name)?),
+            max_per_user,
+        } => StoreOutput::GroupCreated(store.create_group(username, group_name, *max_per_user)?),
         StoreOp::JoinGroup {
             username,
             group_name,
@@ -351,24 +389,37 @@ fn execute(store: &mut dyn Store, op: &StoreOp) -> Result<StoreOutput, StoreErro
             username,
             group_name,
             leaving,
-        } => StoreOutput::Visited(store.visit_group(username, group_name, leaving.as_deref())?),
+        } => StoreOutput::Visited(store.visit_group(username, group_name, leaving.as_ref())?),
         StoreOp::EnterGroup {
             username,
             group_name,
             leaving,
-        } => StoreOutput::Entered(store.enter_group(username, group_name, leaving.as_deref())?),
-        StoreOp::MarkRead {
+            reply_budget,
+        } => StoreOutput::Entered(store.enter_group(
             username,
             group_name,
-        } => {
-            store.mark_read(username, group_name)?;
+            leaving.as_ref(),
+            *reply_budget,
+        )?),
+        StoreOp::MarkRead(mark) => {
+            store.mark_read(std::slice::from_ref(mark))?;
             StoreOutput::Done
         }
         StoreOp::FetchMessages {
             username,
             group_name,
             page,
-        } => StoreOutput::Page(store.fetch_messages(username, group_name, *page)?),
+            reply_budget,
+        } => {
+            let mut found = store.fetch_messages(username, group_name, *page)?;
+            // Pages after a seq keep their oldest messages, pages before one their newest, so
+            // the next page continues where this one stopped.
+            let (messages, cut) =
+                fit_messages(found.messages, page.after_seq.is_some(), *reply_budget);
+            found.messages = messages;
+            found.has_more |= cut;
+            StoreOutput::Page(found)
+        }
         StoreOp::ListGroups => StoreOutput::Groups(store.list_groups()?),
         StoreOp::MessagesAfter {
             group_name,
@@ -407,6 +458,7 @@ mod tests {
             username: "u".into(),
             group_name: group.into(),
             leaving: None,
+            reply_budget: 1 << 20,
         }
     }
 
@@ -422,6 +474,40 @@ mod tests {
             pool.submit(Requester::Server, enter(&format!("g{group}")));
         }
         assert_eq!(queue_lengths(&receivers), vec![40, 0, 0, 0]);
+    }
+
+    /// Issue 11 items 5 and 6: a close-time read mark used to go to any worker and wait there
+    /// for the writers' turn (stalling that worker's other requests for seconds in a storm),
+    /// and a leave could overtake an enter of the same user. Both now queue behind the writer.
+    #[test]
+    fn marks_leaves_and_joins_queue_with_the_writer() {
+        let (mut pool, receivers) = pool(4, WriteRouting::OneWriter);
+        for group in 0..20 {
+            let group_name = format!("g{group}");
+            pool.submit(
+                Requester::Server,
+                StoreOp::MarkRead(ReadMark {
+                    username: "u".into(),
+                    group_name: group_name.clone(),
+                    seq: 3,
+                }),
+            );
+            pool.submit(
+                Requester::Server,
+                StoreOp::LeaveGroup {
+                    username: "u".into(),
+                    group_name: group_name.clone(),
+                },
+            );
+            pool.submit(
+                Requester::Server,
+                StoreOp::JoinGroup {
+                    username: "u".into(),
+                    group_name,
+                },
+            );
+        }
+        assert_eq!(queue_lengths(&receivers), vec![60, 0, 0, 0]);
     }
 
     #[test]

@@ -181,3 +181,32 @@ fn mongodb_outage_gives_unavailable_then_recovers_without_restart() {
         .collect();
     assert_eq!(texts, vec![json!("before"), json!("after")]);
 }
+
+/// Issue 11 item 7: with the database frozen (not gone: the socket stays open and silent), a
+/// call already in flight waited for the driver's own detection (13.9 s with
+/// STORE_TIMEOUT_MS=2000) instead of the configured timeout.
+#[test]
+fn a_frozen_mongodb_is_answered_within_the_store_timeout() {
+    let mongo = PrivateMongo::start();
+    let server = Server::spawn(&[
+        ("MONGODB_URI".to_string(), mongo.uri()),
+        ("MONGODB_DB".to_string(), unique("frozen")),
+        ("STORE_TIMEOUT_MS".to_string(), "2000".to_string()),
+    ]);
+    let group = unique("frozen");
+    let mut writer = server.login("writer");
+    writer.request("create_group", ug("writer", &group));
+    assert_eq!(send(&mut writer, &group, "before")["event"], "message_sent");
+    let pid = mongo.service.pid().expect("mongoeco runs").to_string();
+    common::signal(pid.parse().expect("pid"), "STOP");
+    let asked = Instant::now();
+    let reply = send(&mut writer, &group, "frozen");
+    let waited = asked.elapsed();
+    common::signal(pid.parse().expect("pid"), "CONT");
+    assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+    // The bound: the timeout plus a margin for scheduling, far below the driver's own ~14 s.
+    assert!(
+        waited < Duration::from_millis(2000 + 2500),
+        "answered after {waited:?}"
+    );
+}

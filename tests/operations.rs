@@ -122,13 +122,7 @@ fn metric(body: &str, name: &str) -> f64 {
 fn metrics_endpoint_serves_prometheus_text() {
     let storage = Storage::new(Backend::Embedded);
     let server = Server::start_with(&storage, &[("METRICS_PORT", "0")]);
-    let addr = server
-        .log_text()
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("metrics address logged")
-        .to_string();
+    let addr = server.metrics_addr().expect("metrics address logged");
     let group = unique("metered");
     let mut alice = server.login("alice");
     alice.request("create_group", ug("alice", &group));
@@ -212,9 +206,7 @@ fn a_low_open_file_limit_is_raised_to_fit_max_connections() {
     env.push(("MAX_CONNECTIONS".into(), CLIENTS.to_string()));
     let server = Server::spawn_command(command, &env);
     assert!(
-        server
-            .log_text()
-            .contains("raised the open-file limit from 64"),
+        server.logged("raised the open-file limit from 64"),
         "log: {}",
         server.log_text()
     );

@@ -6,4 +6,4 @@ pub mod request;
 
 pub use errors::{ErrorCode, EventError, Failure, ProtocolError};
 pub use reply::{encode_broadcast, encode_failure, encode_reply, Reply};
-pub use request::{decode_envelope, Envelope, Request};
+pub use request::{decode_envelope, Envelope, Request, RequestId};

@@ -1,7 +1,8 @@
 //! Reply encoding: typed server events → one compact JSON line each, ended by `\n`.
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::errors::Failure;
 use crate::model::{
@@ -41,11 +42,11 @@ struct Line<'a, T: Serialize> {
     event: &'a str,
     data: &'a T,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a Value>,
+    id: Option<&'a RawValue>,
 }
 
 /// Encodes one server line.
-pub fn encode_line<T: Serialize>(event: &str, data: &T, id: Option<&Value>) -> Vec<u8> {
+pub fn encode_line<T: Serialize>(event: &str, data: &T, id: Option<&RawValue>) -> Vec<u8> {
     let mut out = serde_json::to_vec(&Line { event, data, id }).unwrap_or_else(|error| {
         // Only a non-string map key can fail here, and no reply type has one.
         log::error!("cannot encode {event} reply: {error}");
@@ -57,7 +58,7 @@ pub fn encode_line<T: Serialize>(event: &str, data: &T, id: Option<&Value>) -> V
 }
 
 /// Encodes a success reply, carrying the request `id` when there was one.
-pub fn encode_reply(reply: &Reply, id: Option<&Value>) -> Vec<u8> {
+pub fn encode_reply(reply: &Reply, id: Option<&RawValue>) -> Vec<u8> {
     match reply {
         Reply::UserCreated(user) => encode_line("user_created", user, id),
         Reply::UserFound(user) => encode_line("user_found", user, id),
@@ -99,7 +100,7 @@ pub fn encode_reply(reply: &Reply, id: Option<&Value>) -> Vec<u8> {
 }
 
 /// Encodes an error reply.
-pub fn encode_failure(failure: &Failure, id: Option<&Value>) -> Vec<u8> {
+pub fn encode_failure(failure: &Failure, id: Option<&RawValue>) -> Vec<u8> {
     match failure {
         Failure::Event(error) => encode_line(error.event(), &json!({ "Error": error.text() }), id),
         Failure::Protocol(error) => encode_line(
@@ -132,8 +133,9 @@ mod tests {
     #[test]
     fn protocol_error_carries_code_and_id() {
         let failure = Failure::Protocol(ProtocolError::new(ErrorCode::Forbidden, "no"));
-        let line = encode_failure(&failure, Some(&Value::from("r1")));
-        let value: Value = serde_json::from_slice(&line).expect("valid json");
+        let id = RawValue::from_string("\"r1\"".into()).expect("json");
+        let line = encode_failure(&failure, Some(&id));
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("valid json");
         assert_eq!(
             value,
             json!({"event":"error","data":{"Error":"no","code":"forbidden"},"id":"r1"})

@@ -3,7 +3,10 @@
 //! Decoding is split in two so the session check (`not_logged_in`) can run between knowing the
 //! event and validating its fields, as PROTOCOL.md orders the errors.
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use unicode_normalization::{is_nfc, UnicodeNormalization};
 
 use super::errors::{ErrorCode, ProtocolError};
 use crate::model::PageQuery;
@@ -15,6 +18,9 @@ pub const MAX_NAME_CHARS: usize = 64;
 /// Default and largest `limit` of `fetch_messages`.
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 pub const MAX_PAGE_LIMIT: u32 = 100;
+
+/// Largest `seq` / count a request may carry (seqs are signed 64-bit in both stores).
+pub const MAX_COUNT: u64 = i64::MAX as u64;
 
 /// The events a client may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,18 +60,22 @@ impl EventKind {
     }
 }
 
+/// A request `id` exactly as the client wrote it (e.g. `-0` or a 30-digit integer), so the
+/// reply echoes the same JSON text rather than a float approximation of it.
+pub type RequestId = Box<RawValue>;
+
 /// A decoded line whose event is known; its fields are not validated yet.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Envelope {
     pub kind: EventKind,
     pub data: Map<String, Value>,
-    pub id: Option<Value>,
+    pub id: Option<RequestId>,
 }
 
 /// A line that could not be decoded, with the request id when one could be read.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Rejected {
-    pub id: Option<Value>,
+    pub id: Option<RequestId>,
     pub error: ProtocolError,
 }
 
@@ -74,6 +84,9 @@ pub struct Rejected {
 pub enum Request {
     FindUser {
         username: String,
+        /// Whether the name may be used for a new user: `Err(reason)` when it breaks the
+        /// rules for new names (it may still log in an existing user of that name).
+        new_name: Result<(), String>,
     },
     CreateGroup {
         username: String,
@@ -113,7 +126,7 @@ impl Request {
     /// The `username` the request acts for, if it names one.
     pub fn username(&self) -> Option<&str> {
         match self {
-            Request::FindUser { username }
+            Request::FindUser { username, .. }
             | Request::CreateGroup { username, .. }
             | Request::JoinGroup { username, .. }
             | Request::LeaveGroup { username, .. }
@@ -158,7 +171,8 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
     };
     let id = match object.remove("id") {
         None | Some(Value::Null) => None,
-        Some(id @ (Value::String(_) | Value::Number(_))) => Some(id),
+        Some(Value::String(text)) => string_id(&text),
+        Some(Value::Number(number)) => Some(number_id(line, &number)),
         Some(_) => {
             return Err(reject(
                 None,
@@ -183,6 +197,29 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
     match decode_data(object.remove("data")) {
         Ok(data) => Ok(Envelope { kind, data, id }),
         Err(error) => Err(Rejected { id, error }),
+    }
+}
+
+/// A string id, re-encoded (its value is exact; only escapes may be written differently).
+fn string_id(text: &str) -> Option<RequestId> {
+    serde_json::to_string(text)
+        .ok()
+        .and_then(|json| RawValue::from_string(json).ok())
+}
+
+/// A number id as the client spelled it. `serde_json::Value` keeps numbers as f64/i64/u64,
+/// which turns `-0` into `-0.0` and rounds long integers, so the text is read again as raw.
+fn number_id(line: &[u8], parsed: &serde_json::Number) -> RequestId {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    match serde_json::from_slice::<IdOnly<'_>>(line) {
+        Ok(IdOnly { id: Some(raw) }) => raw.to_owned(),
+        // A duplicated "id" key: fall back to the value serde_json kept (the last one).
+        _ => RawValue::from_string(parsed.to_string())
+            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON")),
     }
 }
 
@@ -222,11 +259,16 @@ impl Envelope {
         Ok(match self.kind {
             EventKind::Ping => Request::Ping,
             EventKind::ListGroups => Request::ListGroups,
-            EventKind::FindUser => Request::FindUser {
-                username: name_field(data, "username")?,
-            },
+            EventKind::FindUser => {
+                let username = name_field(data, "username")?;
+                Request::FindUser {
+                    new_name: new_name_rules(&username, "username"),
+                    username,
+                }
+            }
             EventKind::CreateGroup => {
                 let (username, group_name) = user_and_group()?;
+                new_name_rules(&group_name, "group_name").map_err(bad_request)?;
                 Request::CreateGroup {
                     username,
                     group_name,
@@ -280,7 +322,7 @@ impl Envelope {
     }
 }
 
-fn bad_request(text: String) -> ProtocolError {
+pub(crate) fn bad_request(text: String) -> ProtocolError {
     ProtocolError::new(ErrorCode::BadRequest, &text)
 }
 
@@ -292,8 +334,15 @@ fn string_field<'a>(data: &'a Map<String, Value>, name: &str) -> Result<&'a str,
     }
 }
 
+/// A name as the server compares and stores it: Unicode NFC, so a composed and a decomposed
+/// "é" are the same user. Checks the rules every name meets (length, no control characters).
 fn name_field(data: &Map<String, Value>, name: &str) -> Result<String, ProtocolError> {
-    let text = string_field(data, name)?;
+    let raw = string_field(data, name)?;
+    let text: String = if is_nfc(raw) {
+        raw.to_string()
+    } else {
+        raw.nfc().collect()
+    };
     let chars = text.chars().count();
     if chars == 0 || chars > MAX_NAME_CHARS {
         return Err(bad_request(format!(
@@ -305,7 +354,48 @@ fn name_field(data: &Map<String, Value>, name: &str) -> Result<String, ProtocolE
             "Field '{name}' must not contain control characters."
         )));
     }
-    Ok(text.to_string())
+    Ok(text)
+}
+
+/// The rules a *new* user or group name must also meet, so that two names a person cannot
+/// tell apart are not two accounts (after Ergo's and PRECIS's nickname rules): no invisible
+/// format characters (bidi overrides such as U+202E, zero-width spaces and joiners, soft
+/// hyphens), no line or paragraph separators, no blank fillers, and no whitespace at either
+/// end (so "bob" and "bob " are not both possible). Names created before these rules existed
+/// keep working: only creation is refused.
+fn new_name_rules(text: &str, name: &str) -> Result<(), String> {
+    if text.chars().all(char::is_whitespace) {
+        return Err(format!("Field '{name}' must not be only whitespace."));
+    }
+    if text.starts_with(char::is_whitespace) || text.ends_with(char::is_whitespace) {
+        return Err(format!(
+            "Field '{name}' must not start or end with whitespace."
+        ));
+    }
+    if text.chars().any(is_invisible) {
+        return Err(format!(
+            "Field '{name}' must not contain invisible or formatting characters (such as zero-width or bidi-override characters)."
+        ));
+    }
+    Ok(())
+}
+
+/// Characters that render as nothing or rearrange the text around them.
+fn is_invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+            | GeneralCategory::Control
+            | GeneralCategory::Unassigned
+            | GeneralCategory::PrivateUse
+            | GeneralCategory::Surrogate
+    ) || matches!(
+        c,
+        '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+    )
 }
 
 fn text_field(data: &Map<String, Value>) -> Result<String, ProtocolError> {
@@ -324,10 +414,17 @@ fn text_field(data: &Map<String, Value>) -> Result<String, ProtocolError> {
 fn optional_count(data: &Map<String, Value>, name: &str) -> Result<Option<u64>, ProtocolError> {
     match data.get(name) {
         None | Some(Value::Null) => Ok(None),
+        // Seqs are stored as signed 64-bit integers: anything above i64::MAX is refused here
+        // rather than wrapped to a negative number by a cast further down.
         Some(value) => value
             .as_u64()
+            .filter(|&count| count <= MAX_COUNT)
             .map(Some)
-            .ok_or_else(|| bad_request(format!("Field '{name}' must be a whole number >= 0."))),
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "Field '{name}' must be a whole number 0-{MAX_COUNT}."
+                ))
+            }),
     }
 }
 
@@ -391,7 +488,8 @@ mod tests {
         assert_eq!(
             request,
             Ok(Request::FindUser {
-                username: "bob".into()
+                username: "bob".into(),
+                new_name: Ok(())
             })
         );
     }
@@ -439,9 +537,32 @@ mod tests {
     }
 
     #[test]
+    fn names_are_nfc_and_new_names_must_be_visible() {
+        let decomposed = r#"{"event":"find_user","data":{"username":"Jose\u0301"}}"#;
+        let Ok(Request::FindUser { username, new_name }) = decode(decomposed) else {
+            panic!("decodes");
+        };
+        assert_eq!(username, "Jos\u{e9}");
+        assert_eq!(new_name, Ok(()));
+        for bad in [
+            "ev\u{202E}il",
+            "a\u{200B}b",
+            "bob ",
+            " bob",
+            "   ",
+            "\u{3164}",
+        ] {
+            assert!(new_name_rules(bad, "username").is_err(), "{bad:?}");
+        }
+        assert!(new_name_rules("Zo\u{eb} 2", "username").is_ok());
+        let line = r#"{"event":"create_group","data":{"username":"a","group_name":"g\u200d"}}"#;
+        assert_eq!(decode(line).map_err(|e| e.code), Err(ErrorCode::BadRequest));
+    }
+
+    #[test]
     fn unknown_event_keeps_the_request_id() {
         let rejected = decode_envelope(br#"{"event":"dance","id":7}"#).expect_err("unknown");
-        assert_eq!(rejected.id, Some(Value::from(7)));
+        assert_eq!(rejected.id.map(|id| id.get().to_string()), Some("7".into()));
     }
 
     #[test]

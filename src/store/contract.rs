@@ -1,7 +1,7 @@
 //! Behaviour every `Store` backend must have, checked against a real backend instance.
 
 use super::{Store, StoreError};
-use crate::model::{NewMessage, PageQuery};
+use crate::model::{NewMessage, PageQuery, ReadMark};
 
 fn message(group: &str, user: &str, text: &str) -> NewMessage {
     NewMessage {
@@ -19,27 +19,106 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_users_and_groups(store, &alice, &bob, &group);
     check_messages(store, &alice, &bob, &group);
     check_history(store, &alice, &group);
+    check_read_marks(store, &alice, &bob, &group);
+    check_creation_limits(store, prefix);
+}
+
+fn mark(user: &str, group: &str, seq: u64) -> ReadMark {
+    ReadMark {
+        username: user.into(),
+        group_name: group.into(),
+        seq,
+    }
+}
+
+/// Markers only rise; entering splits by them; a reply budget cuts the unread list and marks
+/// only what was handed over.
+fn check_read_marks(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
+    store.join_group(bob, group).expect("bob joins again");
+    let visit = store.visit_group(bob, group, None).expect("bob visits");
+    assert_eq!(
+        visit.last_read_seq, 10,
+        "joining counts earlier messages as read"
+    );
+    let batch: Vec<NewMessage> = (11..=20)
+        .map(|i| message(group, alice, &format!("{i}").repeat(100)))
+        .collect();
+    assert!(store.append_messages(&batch).iter().all(Result::is_ok));
+    store.mark_read(&[mark(bob, group, 12)]).expect("mark");
+    store
+        .mark_read(&[mark(bob, group, 11)])
+        .expect("a lower mark");
+    let visit = store.visit_group(bob, group, None).expect("visit");
+    assert_eq!(
+        visit.last_read_seq, 12,
+        "a lower mark never lowers the marker"
+    );
+    let one_message = super::encoded_len(&store.messages_after(group, 12, 1).expect("read")[0]);
+    let history = store
+        .enter_group(bob, group, None, one_message * 3)
+        .expect("enter with a small budget");
+    let unread: Vec<u64> = history.unread.iter().map(|m| m.seq).collect();
+    assert_eq!(unread, vec![13, 14, 15], "the oldest unread that fit");
+    assert!(history.unread_has_more);
+    assert_eq!(history.read_seq, 15);
+    let history = store
+        .enter_group(bob, group, None, 1 << 20)
+        .expect("enter again");
+    let unread: Vec<u64> = history.unread.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        unread,
+        (16..=20).collect::<Vec<_>>(),
+        "the rest is still unread"
+    );
+    assert_eq!(history.read_seq, 20);
+    assert!(!history.unread_has_more);
+}
+
+fn check_creation_limits(store: &mut dyn Store, prefix: &str) {
+    let carol = format!("{prefix}carol");
+    assert_eq!(
+        store.find_or_create_user(&carol, false).map(|(_, new)| new),
+        Err(StoreError::UserNotFound),
+        "a name that may not be created is not"
+    );
+    store
+        .find_or_create_user(&carol, true)
+        .expect("create carol");
+    for i in 0..2 {
+        store
+            .create_group(&carol, &format!("{prefix}carol-{i}"), 2)
+            .expect("within the quota");
+    }
+    assert_eq!(
+        store.create_group(&carol, &format!("{prefix}carol-2"), 2),
+        Err(StoreError::QuotaExceeded)
+    );
+    assert!(store
+        .create_group(&carol, &format!("{prefix}carol-3"), 0)
+        .is_ok());
 }
 
 fn check_users_and_groups(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
-    let (created, is_new) = store.find_or_create_user(alice).expect("create alice");
+    let (created, is_new) = store
+        .find_or_create_user(alice, true)
+        .expect("create alice");
     assert!(is_new);
     assert!(created.group_list.is_empty());
-    let (found, is_new) = store.find_or_create_user(alice).expect("find alice");
+    let (found, is_new) = store.find_or_create_user(alice, true).expect("find alice");
     assert!(!is_new);
     assert_eq!(found.id, created.id);
     assert_eq!(
-        store.create_group("nobody-here", group),
+        store.create_group("nobody-here", group, 0),
         Err(StoreError::UserNotFound)
     );
-    let made = store.create_group(alice, group).expect("create group");
+    let made = store.create_group(alice, group, 0).expect("create group");
     assert_eq!(made.user.len(), 1);
     assert_eq!(made.user[0].name_id, alice);
     assert_eq!(
-        store.create_group(alice, group),
+        store.create_group(alice, group, 0),
         Err(StoreError::GroupExists)
     );
-    store.find_or_create_user(bob).expect("create bob");
+    store.find_or_create_user(bob, true).expect("create bob");
     assert_eq!(
         store.join_group(bob, "no-such-group-x"),
         Err(StoreError::GroupNotFound)
@@ -50,7 +129,7 @@ fn check_users_and_groups(store: &mut dyn Store, alice: &str, bob: &str, group: 
         Ok(joined.clone()),
         "join is idempotent"
     );
-    let (bob_profile, _) = store.find_or_create_user(bob).expect("find bob");
+    let (bob_profile, _) = store.find_or_create_user(bob, true).expect("find bob");
     assert_eq!(bob_profile.group_list, vec![group.to_string()]);
     let listed = store.list_groups().expect("list");
     let row = listed
@@ -127,7 +206,9 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
 }
 
 fn check_history(store: &mut dyn Store, alice: &str, group: &str) {
-    let history = store.enter_group(alice, group, None).expect("enter");
+    let history = store
+        .enter_group(alice, group, None, 1 << 20)
+        .expect("enter");
     assert_eq!(history.head_seq, 10);
     assert_eq!(history.unread.len() + history.read.len(), 10);
     let seqs: Vec<u64> = history
@@ -142,17 +223,19 @@ fn check_history(store: &mut dyn Store, alice: &str, group: &str) {
         "read then unread, oldest first"
     );
     std::thread::sleep(std::time::Duration::from_millis(5));
-    let again = store.enter_group(alice, group, None).expect("enter again");
+    let again = store
+        .enter_group(alice, group, None, 1 << 20)
+        .expect("enter again");
     assert!(again.unread.is_empty(), "entering marks everything read");
     assert_eq!(again.read.len(), 10);
-    let visit = store.visit_group(alice, group, Some(group)).expect("visit");
+    let visit = store.visit_group(alice, group, None).expect("visit");
     assert_eq!(visit.head_seq, 10);
     assert_eq!(
         store.visit_group("nobody-here", group, None),
         Err(StoreError::NotAMember)
     );
     assert_eq!(
-        store.enter_group(alice, "no-such-group-z", None),
+        store.enter_group(alice, "no-such-group-z", None, 1 << 20),
         Err(StoreError::GroupNotFound)
     );
 }

@@ -11,7 +11,7 @@ use std::fmt;
 use crate::config::{Config, StoreKind};
 use crate::model::{
     CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, NewMessage,
-    PageQuery, UserProfile, Visit,
+    PageQuery, ReadMark, UserProfile, Visit,
 };
 
 /// Why a store call failed.
@@ -21,6 +21,8 @@ pub enum StoreError {
     GroupExists,
     GroupNotFound,
     NotAMember,
+    /// The user already created `MAX_GROUPS_PER_USER` groups.
+    QuotaExceeded,
     /// The database could not be reached or failed; nothing was changed.
     Unavailable(String),
 }
@@ -32,6 +34,7 @@ impl fmt::Display for StoreError {
             StoreError::GroupExists => write!(f, "group exists"),
             StoreError::GroupNotFound => write!(f, "group not found"),
             StoreError::NotAMember => write!(f, "not a member"),
+            StoreError::QuotaExceeded => write!(f, "group quota reached"),
             StoreError::Unavailable(reason) => write!(f, "store unavailable: {reason}"),
         }
     }
@@ -41,12 +44,20 @@ impl std::error::Error for StoreError {}
 
 /// Persistent chat state. One instance per worker thread.
 pub trait Store: Send {
-    /// Finds the user, creating it if new; `true` when it was created.
-    fn find_or_create_user(&mut self, username: &str) -> Result<(UserProfile, bool), StoreError>;
+    /// Finds the user, creating it if new and `may_create`; `true` when it was created.
+    /// A missing user that may not be created is `UserNotFound`.
+    fn find_or_create_user(
+        &mut self,
+        username: &str,
+        may_create: bool,
+    ) -> Result<(UserProfile, bool), StoreError>;
+    /// Creates a group with its creator as first member. `max_per_user` (0: no limit) caps how
+    /// many groups one user may have created (`QuotaExceeded` beyond).
     fn create_group(
         &mut self,
         username: &str,
         group_name: &str,
+        max_per_user: usize,
     ) -> Result<CreatedGroup, StoreError>;
     /// Adds the user to the group; a member joining again is a success that changes nothing.
     fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError>;
@@ -54,22 +65,28 @@ pub trait Store: Send {
     /// Stores a batch of messages in one commit, each with the next `seq` of its group.
     /// The result has one entry per input, in order.
     fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Message, StoreError>>;
-    /// Enters a room: marks `leaving` read (if any) and reports the member's `last_read` in `group_name`.
+    /// Enters a room: applies `leaving` (the mark for the room left, if any) and reports the
+    /// member's read state in `group_name`.
     fn visit_group(
         &mut self,
         username: &str,
         group_name: &str,
-        leaving: Option<&str>,
+        leaving: Option<&ReadMark>,
     ) -> Result<Visit, StoreError>;
-    /// Like `visit_group`, and returns the history and marks `group_name` read.
+    /// Like `visit_group`, and returns the history (split by the member's `last_read_seq`,
+    /// trimmed by `fit_history` to `reply_budget` encoded bytes) and marks read exactly what it
+    /// returns.
     fn enter_group(
         &mut self,
         username: &str,
         group_name: &str,
-        leaving: Option<&str>,
+        leaving: Option<&ReadMark>,
+        reply_budget: usize,
     ) -> Result<GroupHistory, StoreError>;
-    /// Sets the member's `last_read` in the group to now (a no-op for non-members).
-    fn mark_read(&mut self, username: &str, group_name: &str) -> Result<(), StoreError>;
+    /// Raises read markers (a no-op for non-members and for marks below the current one).
+    /// The timestamp `last_read` becomes now when the mark reaches the group's newest message,
+    /// else the marked message's time.
+    fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError>;
     fn fetch_messages(
         &mut self,
         username: &str,
@@ -89,14 +106,106 @@ pub trait Store: Send {
 /// Opens the backend the configuration selects (one call per worker).
 pub fn open(config: &Config) -> Result<Box<dyn Store>, StoreError> {
     match &config.store {
-        StoreKind::Embedded { data_dir, durable } => {
-            Ok(Box::new(sqlite::SqliteStore::open(data_dir, *durable)?))
-        }
+        StoreKind::Embedded {
+            data_dir,
+            durable,
+            wal_limit,
+        } => Ok(Box::new(sqlite::SqliteStore::open(
+            data_dir, *durable, *wal_limit,
+        )?)),
         StoreKind::Mongo { uri, database } => {
             mongo::MongoStore::connect(uri, database, config.store_timeout)
         }
         #[cfg(feature = "bench-noop")]
         StoreKind::Noop => Ok(Box::new(noop::NoopStore::open())),
+    }
+}
+
+/// Bytes one message adds to a JSON reply (its encoding and a separating comma), counted
+/// without building the encoding.
+pub(crate) fn encoded_len(message: &Message) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(1);
+    // Encoding a plain struct of strings and numbers cannot fail; count 0 bytes if it did.
+    let _ = serde_json::to_writer(&mut counter, message);
+    counter.0
+}
+
+/// Keeps the longest run of `messages` (oldest first) that fits `budget` bytes: from the oldest
+/// end when `keep_oldest`, else from the newest. Returns what was kept and whether any was cut.
+/// At least one message is always kept, so a reply always makes progress.
+pub fn fit_messages(
+    messages: Vec<Message>,
+    keep_oldest: bool,
+    budget: usize,
+) -> (Vec<Message>, bool) {
+    fit(messages, keep_oldest, budget, true)
+}
+
+fn fit(
+    mut messages: Vec<Message>,
+    keep_oldest: bool,
+    budget: usize,
+    at_least_one: bool,
+) -> (Vec<Message>, bool) {
+    let mut used = 0;
+    let mut kept = 0;
+    let sizes = messages.iter().map(encoded_len);
+    let sizes: Vec<usize> = if keep_oldest {
+        sizes.collect()
+    } else {
+        sizes.rev().collect()
+    };
+    for size in sizes {
+        if used + size > budget && (kept > 0 || !at_least_one) {
+            break;
+        }
+        used += size;
+        kept += 1;
+    }
+    let cut = kept < messages.len();
+    if keep_oldest {
+        messages.truncate(kept);
+    } else {
+        messages.drain(..messages.len() - kept);
+    }
+    (messages, cut)
+}
+
+/// Fits an `enter_group` history into `budget` bytes: unread first (oldest kept, the rest is
+/// `unread_has_more`), then as many of the newest read messages as still fit.
+pub(crate) fn fit_history(
+    unread: Vec<Message>,
+    unread_has_more: bool,
+    read: Vec<Message>,
+    budget: usize,
+) -> (Vec<Message>, bool, Vec<Message>) {
+    let (unread, cut) = fit_messages(unread, true, budget);
+    let used: usize = unread.iter().map(encoded_len).sum();
+    let read = fit(read, false, budget.saturating_sub(used), false).0;
+    (unread, unread_has_more || cut, read)
+}
+
+/// The marker after entering: the newest message handed over, or the head when all were.
+pub(crate) fn read_seq_after_enter(
+    previous: u64,
+    head_seq: u64,
+    unread: &[Message],
+    unread_has_more: bool,
+) -> u64 {
+    if unread_has_more {
+        unread.last().map_or(previous, |m| m.seq).max(previous)
+    } else {
+        head_seq.max(previous)
     }
 }
 

@@ -23,10 +23,11 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::sync::{Client, Collection, Database};
 use mongodb::IndexModel;
 
-use super::{split_page, Store, StoreError};
+use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
     format_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member, Message,
-    MessagePage, NewMessage, PageQuery, UserProfile, Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_READ_ON_ENTER,
+    MAX_UNREAD_ON_ENTER,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -56,8 +57,13 @@ impl MongoStore {
         timeout: Duration,
     ) -> Result<Box<dyn Store>, StoreError> {
         let mut options = ClientOptions::parse(uri).run()?;
+        // Every call must end within STORE_TIMEOUT_MS even when the server is up but silent
+        // (frozen, partitioned): selecting a server, connecting, and noticing a dead server
+        // (the monitor's heartbeat, whose failure interrupts the calls in flight) all fit in
+        // it. Queries also carry `maxTimeMS`.
         options.server_selection_timeout = Some(timeout);
-        options.connect_timeout = Some(timeout.min(Duration::from_secs(5)));
+        options.connect_timeout = Some((timeout / 2).min(Duration::from_secs(5)));
+        options.heartbeat_freq = Some((timeout / 4).max(Duration::from_millis(500)));
         options.app_name = Some("noomnim".into());
         let client = Client::with_options(options)?;
         let db: Database = client.database(database);
@@ -95,6 +101,9 @@ impl MongoStore {
         self.groups
             .create_index(IndexModel::builder().keys(doc! {"user.name_ID": 1}).build())
             .run()?;
+        self.groups
+            .create_index(IndexModel::builder().keys(doc! {"creator": 1}).build())
+            .run()?;
         self.messages
             .create_index(unique(doc! {"group_name": 1, "seq": 1}))
             .run()?;
@@ -126,14 +135,56 @@ impl MongoStore {
         Ok(newest.and_then(|m| seq_of(&m)).unwrap_or(0))
     }
 
-    fn set_last_read(&self, username: &str, group_name: &str) -> Result<(), StoreError> {
+    /// Raises a read marker (see `Store::mark_read`); `head_seq` is the group's newest seq.
+    fn set_read(&self, mark: &ReadMark, head_seq: u64) -> Result<(), StoreError> {
+        let seq = mark.seq.min(i64::MAX as u64) as i64;
+        if mark.seq >= head_seq {
+            // Caught up with the head: `last_read` is now, as the seed's enter/visit set it.
+            self.groups
+                .update_one(
+                    doc! {"group_name": &mark.group_name, "user.name_ID": &mark.username},
+                    doc! {
+                        "$set": {"user.$.last_read": mongodb::bson::DateTime::now()},
+                        "$max": {"user.$.last_read_seq": seq},
+                    },
+                )
+                .run()?;
+            return Ok(());
+        }
+        let marked = first(
+            &self.messages,
+            doc! {"group_name": &mark.group_name, "seq": seq},
+            None,
+        )?;
+        let Some(time) = marked.map(|m| timestamp_of(m.get("timestamp"))) else {
+            return Ok(());
+        };
+        // Only a marker below the new one (or none yet) moves, and `last_read` moves with it.
+        let below = doc! {"name_ID": &mark.username, "last_read_seq": {"$not": {"$gte": seq}}};
         self.groups
             .update_one(
-                doc! {"group_name": group_name, "user.name_ID": username},
-                doc! {"$set": {"user.$.last_read": mongodb::bson::DateTime::now()}},
+                doc! {"group_name": &mark.group_name, "user": {"$elemMatch": below}},
+                doc! {"$set": {"user.$.last_read": datetime_from(&time), "user.$.last_read_seq": seq}},
             )
             .run()?;
         Ok(())
+    }
+
+    /// The member's read marker. Entries written before markers existed have only the
+    /// `last_read` time: the marker is then the newest message at or before it.
+    fn member_read_seq(&self, group: &Document, username: &str) -> Result<u64, StoreError> {
+        let entry = member_entry(group, username).ok_or(StoreError::NotAMember)?;
+        if let Some(seq) = seq_of_field(entry, "last_read_seq") {
+            return Ok(seq);
+        }
+        let group_name = group.get_str("group_name").unwrap_or_default();
+        let last_read = datetime_from(&timestamp_of(entry.get("last_read")));
+        let newest_read = first(
+            &self.messages,
+            doc! {"group_name": group_name, "timestamp": {"$lte": last_read}},
+            Some(doc! {"seq": -1}),
+        )?;
+        Ok(newest_read.and_then(|m| seq_of(&m)).unwrap_or(0))
     }
 
     fn find_messages(
@@ -329,7 +380,11 @@ fn is_duplicate_key(error: &MongoError) -> bool {
 }
 
 fn seq_of(document: &Document) -> Option<u64> {
-    match document.get("seq") {
+    seq_of_field(document, "seq")
+}
+
+fn seq_of_field(document: &Document, field: &str) -> Option<u64> {
+    match document.get(field) {
         Some(Bson::Int64(seq)) => Some(*seq as u64),
         Some(Bson::Int32(seq)) => Some(*seq as u64),
         Some(Bson::Double(seq)) => Some(*seq as u64),
@@ -418,15 +473,27 @@ fn group_ref(group: &Document, group_name: &str) -> GroupRef {
 
 /// The member's `last_read` in the group, or why there is none.
 fn member_last_read(group: &Document, username: &str) -> Result<String, StoreError> {
-    members_of(group)
-        .into_iter()
-        .find(|(name, _)| name == username)
-        .map(|(_, read)| read)
+    member_entry(group, username)
+        .map(|entry| timestamp_of(entry.get("last_read")))
         .ok_or(StoreError::NotAMember)
 }
 
+/// The member's entry in `group.user`.
+fn member_entry<'a>(group: &'a Document, username: &str) -> Option<&'a Document> {
+    group
+        .get_array("user")
+        .ok()?
+        .iter()
+        .filter_map(Bson::as_document)
+        .find(|entry| entry.get_str("name_ID") == Ok(username))
+}
+
 impl Store for MongoStore {
-    fn find_or_create_user(&mut self, username: &str) -> Result<(UserProfile, bool), StoreError> {
+    fn find_or_create_user(
+        &mut self,
+        username: &str,
+        may_create: bool,
+    ) -> Result<(UserProfile, bool), StoreError> {
         self.ensure_indexes()?;
         let existing = first(&self.users, doc! {"username": username}, None)?;
         let (id, created) = match existing {
@@ -436,6 +503,7 @@ impl Store for MongoStore {
                     .unwrap_or_default(),
                 false,
             ),
+            None if !may_create => return Err(StoreError::UserNotFound),
             None => {
                 let id = ObjectId::new();
                 match self
@@ -445,7 +513,7 @@ impl Store for MongoStore {
                 {
                     Ok(_) => (id.to_hex(), true),
                     Err(error) if is_duplicate_key(&error) => {
-                        return self.find_or_create_user(username)
+                        return self.find_or_create_user(username, false)
                     }
                     Err(error) => return Err(error.into()),
                 }
@@ -476,16 +544,30 @@ impl Store for MongoStore {
         &mut self,
         username: &str,
         group_name: &str,
+        max_per_user: usize,
     ) -> Result<CreatedGroup, StoreError> {
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
         }
+        if first(&self.groups, doc! {"group_name": group_name}, None)?.is_some() {
+            return Err(StoreError::GroupExists);
+        }
+        if max_per_user > 0 {
+            let created = self
+                .groups
+                .count_documents(doc! {"creator": username})
+                .run()?;
+            if created >= max_per_user as u64 {
+                return Err(StoreError::QuotaExceeded);
+            }
+        }
         let now = mongodb::bson::DateTime::now();
         let group = doc! {
             "_id": ObjectId::new(),
             "group_name": group_name,
-            "user": [{"name_ID": username, "last_read": now}],
+            "creator": username,
+            "user": [{"name_ID": username, "last_read": now, "last_read_seq": 0_i64}],
         };
         match self.groups.insert_one(group).run() {
             Ok(_) => {}
@@ -512,7 +594,7 @@ impl Store for MongoStore {
         self.groups
             .update_one(
                 doc! {"group_name": group_name, "user.name_ID": {"$ne": username}},
-                doc! {"$push": {"user": {"name_ID": username, "last_read": mongodb::bson::DateTime::now()}}},
+                doc! {"$push": {"user": {"name_ID": username, "last_read": mongodb::bson::DateTime::now(), "last_read_seq": self.head_seq(group_name)? as i64}}},
             )
             .run()?;
         Ok(group_ref(&group, group_name))
@@ -569,16 +651,19 @@ impl Store for MongoStore {
         &mut self,
         username: &str,
         group_name: &str,
-        leaving: Option<&str>,
+        leaving: Option<&ReadMark>,
     ) -> Result<Visit, StoreError> {
         self.ensure_indexes()?;
-        let last_read = member_last_read(&self.group(group_name)?, username)?;
-        if let Some(left) = leaving {
-            self.set_last_read(username, left)?;
+        let group = self.group(group_name)?;
+        let last_read = member_last_read(&group, username)?;
+        let last_read_seq = self.member_read_seq(&group, username)?;
+        if let Some(mark) = leaving {
+            self.mark_read(std::slice::from_ref(mark))?;
         }
         Ok(Visit {
             last_read,
             head_seq: self.head_seq(group_name)?,
+            last_read_seq,
         })
     }
 
@@ -586,32 +671,49 @@ impl Store for MongoStore {
         &mut self,
         username: &str,
         group_name: &str,
-        leaving: Option<&str>,
+        leaving: Option<&ReadMark>,
+        reply_budget: usize,
     ) -> Result<GroupHistory, StoreError> {
         self.ensure_indexes()?;
-        let last_read = datetime_from(&member_last_read(&self.group(group_name)?, username)?);
+        let last_read_seq = self.member_read_seq(&self.group(group_name)?, username)?;
+        let marker = last_read_seq.min(i64::MAX as u64) as i64;
         let head_seq = self.head_seq(group_name)?;
-        let unread = doc! {"group_name": group_name, "timestamp": {"$gt": last_read}, "seq": {"$lte": head_seq as i64}};
+        let unread =
+            doc! {"group_name": group_name, "seq": {"$gt": marker, "$lte": head_seq as i64}};
         let (unread, unread_has_more) = split_page(
             self.find_messages(unread, true, MAX_UNREAD_ON_ENTER + 1)?,
             MAX_UNREAD_ON_ENTER,
         );
-        let read = doc! {"group_name": group_name, "timestamp": {"$lte": last_read}};
+        let read = doc! {"group_name": group_name, "seq": {"$lte": marker}};
         let mut read = self.find_messages(read, false, MAX_READ_ON_ENTER)?;
         read.reverse();
-        for group in leaving.into_iter().chain(Some(group_name)) {
-            self.set_last_read(username, group)?;
+        let (unread, unread_has_more, read) =
+            fit_history(unread, unread_has_more, read, reply_budget);
+        let read_seq = read_seq_after_enter(last_read_seq, head_seq, &unread, unread_has_more);
+        if let Some(mark) = leaving {
+            self.mark_read(std::slice::from_ref(mark))?;
         }
+        let entered = ReadMark {
+            username: username.to_string(),
+            group_name: group_name.to_string(),
+            seq: read_seq,
+        };
+        self.set_read(&entered, head_seq)?;
         Ok(GroupHistory {
             unread,
             unread_has_more,
             read,
             head_seq,
+            read_seq,
         })
     }
 
-    fn mark_read(&mut self, username: &str, group_name: &str) -> Result<(), StoreError> {
-        self.set_last_read(username, group_name)
+    fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError> {
+        for mark in marks {
+            let head_seq = self.head_seq(&mark.group_name)?;
+            self.set_read(mark, head_seq)?;
+        }
+        Ok(())
     }
 
     fn fetch_messages(
@@ -622,7 +724,7 @@ impl Store for MongoStore {
     ) -> Result<MessagePage, StoreError> {
         self.ensure_indexes()?;
         member_last_read(&self.group(group_name)?, username)?;
-        let mut seq_range = doc! {"$gt": page.after_seq.unwrap_or(0) as i64};
+        let mut seq_range = doc! {"$gt": page.after_seq.unwrap_or(0).min(i64::MAX as u64) as i64};
         if let Some(before) = page.before_seq {
             seq_range.insert("$lt", before.min(i64::MAX as u64) as i64);
         }
@@ -665,7 +767,7 @@ impl Store for MongoStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         self.find_messages(
-            doc! {"group_name": group_name, "seq": {"$gt": after_seq as i64}},
+            doc! {"group_name": group_name, "seq": {"$gt": after_seq.min(i64::MAX as u64) as i64}},
             true,
             limit,
         )

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::{Store, StoreError};
 use crate::model::{
     new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member,
-    Message, MessagePage, NewMessage, PageQuery, UserProfile, Visit,
+    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 
 #[derive(Default)]
@@ -65,8 +65,15 @@ fn group_ref(group_name: &str) -> GroupRef {
 }
 
 impl Store for NoopStore {
-    fn find_or_create_user(&mut self, username: &str) -> Result<(UserProfile, bool), StoreError> {
+    fn find_or_create_user(
+        &mut self,
+        username: &str,
+        may_create: bool,
+    ) -> Result<(UserProfile, bool), StoreError> {
         self.with(|shared| {
+            if !may_create && !shared.users.contains(username) {
+                return Err(StoreError::UserNotFound);
+            }
             let created = shared.users.insert(username.to_string());
             let group_list = shared
                 .groups
@@ -87,6 +94,7 @@ impl Store for NoopStore {
         &mut self,
         username: &str,
         group_name: &str,
+        _max_per_user: usize,
     ) -> Result<CreatedGroup, StoreError> {
         self.with(|shared| {
             if !shared.users.contains(username) {
@@ -153,13 +161,14 @@ impl Store for NoopStore {
         &mut self,
         username: &str,
         group_name: &str,
-        _: Option<&str>,
+        _: Option<&ReadMark>,
     ) -> Result<Visit, StoreError> {
         self.with(|shared| {
             let head_seq = member_of(shared, username, group_name)?.1;
             Ok(Visit {
                 last_read: now_timestamp(),
                 head_seq,
+                last_read_seq: head_seq,
             })
         })
     }
@@ -168,7 +177,8 @@ impl Store for NoopStore {
         &mut self,
         username: &str,
         group_name: &str,
-        _: Option<&str>,
+        _: Option<&ReadMark>,
+        _: usize,
     ) -> Result<GroupHistory, StoreError> {
         self.with(|shared| {
             let head_seq = member_of(shared, username, group_name)?.1;
@@ -177,11 +187,12 @@ impl Store for NoopStore {
                 unread_has_more: false,
                 read: Vec::new(),
                 head_seq,
+                read_seq: head_seq,
             })
         })
     }
 
-    fn mark_read(&mut self, _: &str, _: &str) -> Result<(), StoreError> {
+    fn mark_read(&mut self, _: &[ReadMark]) -> Result<(), StoreError> {
         Ok(())
     }
 

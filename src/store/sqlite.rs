@@ -6,14 +6,19 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::{split_page, Store, StoreError};
+use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
     new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member,
-    Message, MessagePage, NewMessage, PageQuery, UserProfile, Visit, MAX_READ_ON_ENTER,
+    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_READ_ON_ENTER,
     MAX_UNREAD_ON_ENTER,
 };
 
-const SCHEMA: &str = "
+/// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
+/// versions existed (v1: no read marker by seq, no group creator), or a new file.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The v1 tables, as the first release created them; migrations run from here.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS users (
     username TEXT PRIMARY KEY NOT NULL,
     id TEXT NOT NULL
@@ -42,6 +47,19 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (group_name, timestamp);
 ";
 
+/// v1 → v2: a read marker by seq beside the seed's `last_read` time (filled from it, so what
+/// was read stays read), and who created each group (for `MAX_GROUPS_PER_USER`; groups made
+/// before v2 have no creator and count for nobody).
+const MIGRATE_V1_TO_V2: &str = "
+ALTER TABLE members ADD COLUMN last_read_seq INTEGER NOT NULL DEFAULT 0;
+UPDATE members SET last_read_seq = (
+    SELECT COALESCE(MAX(m.seq), 0) FROM messages m
+    WHERE m.group_name = members.group_name AND m.timestamp <= members.last_read
+);
+ALTER TABLE groups ADD COLUMN creator TEXT;
+CREATE INDEX IF NOT EXISTS groups_by_creator ON groups (creator);
+";
+
 const MESSAGE_COLUMNS: &str = "id, group_name, username, text, timestamp, seq";
 
 /// One worker's connection to the embedded database.
@@ -59,7 +77,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database under `data_dir`. `durable`: every commit is
     /// fsynced before it is acknowledged (`synchronous=FULL`); otherwise commits survive a
     /// process crash but the last ones may be lost to a power cut (`NORMAL`).
-    pub fn open(data_dir: &Path, durable: bool) -> Result<SqliteStore, StoreError> {
+    pub fn open(data_dir: &Path, durable: bool, wal_limit: u64) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
         })?;
@@ -70,22 +88,50 @@ impl SqliteStore {
         connection.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
         // Checkpoints run on their own thread, so no commit waits for one.
         connection.pragma_update(None, "wal_autocheckpoint", 0)?;
-        connection.execute_batch(SCHEMA)?;
-        start_checkpointer(path);
-        Ok(SqliteStore { connection })
+        // After a checkpoint resets the WAL, SQLite truncates the file back to this size, so a
+        // burst of writes does not leave a huge WAL on disk for good.
+        connection.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
+        let mut store = SqliteStore { connection };
+        store.migrate()?;
+        start_checkpointer(path, wal_limit);
+        Ok(store)
+    }
+
+    /// Brings the schema to `SCHEMA_VERSION`, one step at a time, in one transaction.
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(format!(
+                "the database has schema version {version}, newer than this server's {SCHEMA_VERSION}"
+            )));
+        }
+        if version < 2 {
+            tx.execute_batch(SCHEMA_V1)?;
+            tx.execute_batch(MIGRATE_V1_TO_V2)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Begins a write transaction. Writers of this process take turns on a mutex first: SQLite's
     /// own lock makes a waiting connection sleep in steps of up to 100 ms, which under load
     /// turned into second-long stalls; the mutex hands the turn over at once.
     fn write(&mut self) -> Result<WriteTx<'_>, StoreError> {
-        static TURN: Mutex<()> = Mutex::new(());
-        let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let turn = writer_turn();
         let tx = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         Ok(WriteTx { tx, _turn: turn })
     }
+}
+
+/// This process's writers (and the checkpointer when it must reset the WAL) take turns here.
+static TURN: Mutex<()> = Mutex::new(());
+
+fn writer_turn() -> MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A write transaction and this process's writer turn (released after the transaction ends).
@@ -109,22 +155,23 @@ impl WriteTx<'_> {
 }
 
 /// How often the checkpointer copies the WAL back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Starts (once per process) the thread that checkpoints the WAL in the background.
-fn start_checkpointer(path: std::path::PathBuf) {
+fn start_checkpointer(path: std::path::PathBuf, wal_limit: u64) {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
         let spawned = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_forever(&path));
+            .spawn(move || checkpoint_forever(&path, wal_limit));
         if let Err(error) = spawned {
             log::warn!("cannot start the checkpoint thread: {error}");
         }
     });
 }
 
-fn checkpoint_forever(path: &Path) {
+/// Checkpoints every `CHECKPOINT_EVERY`; past `wal_limit` bytes of WAL, also resets it.
+fn checkpoint_forever(path: &Path, wal_limit: u64) {
     let connection = match Connection::open(path) {
         Ok(connection) => connection,
         Err(error) => {
@@ -133,9 +180,19 @@ fn checkpoint_forever(path: &Path) {
         }
     };
     let _ = connection.busy_timeout(Duration::from_secs(1));
+    let wal = path.with_extension("sqlite3-wal");
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
-        let done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        // A passive checkpoint never blocks a writer, but under a steady stream of commits it
+        // never catches up with the WAL's end, and the WAL only starts over from its beginning
+        // once a checkpoint has caught up: so it grows without bound. Past the limit, one
+        // TRUNCATE checkpoint during the writers' turn catches up (most pages were already copied
+        // by the passive ones, so the pause is short) and resets the file to zero bytes.
+        let mut done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if done.is_ok() && std::fs::metadata(&wal).is_ok_and(|m| m.len() > wal_limit) {
+            let _turn = writer_turn();
+            done = connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
         if let Err(error) = done {
             log::debug!("checkpoint skipped: {error}");
         }
@@ -177,22 +234,44 @@ fn group_id(tx: &Connection, group_name: &str) -> Result<String, StoreError> {
         .ok_or(StoreError::GroupNotFound)
 }
 
-/// The member's `last_read`, after checking that the group exists and the user belongs to it.
-fn member_last_read(
+/// The member's `last_read` and `last_read_seq`, after checking that the group exists and the
+/// user belongs to it.
+fn member_state(
     tx: &Connection,
     username: &str,
     group_name: &str,
-) -> Result<String, StoreError> {
+) -> Result<(String, u64), StoreError> {
     group_id(tx, group_name)?;
-    tx.prepare_cached("SELECT last_read FROM members WHERE group_name = ?1 AND username = ?2")?
-        .query_row([group_name, username], |row| row.get(0))
-        .optional()?
-        .ok_or(StoreError::NotAMember)
+    tx.prepare_cached(
+        "SELECT last_read, last_read_seq FROM members WHERE group_name = ?1 AND username = ?2",
+    )?
+    .query_row([group_name, username], |row| {
+        Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+    })
+    .optional()?
+    .ok_or(StoreError::NotAMember)
 }
 
-fn set_last_read(tx: &Connection, username: &str, group_name: &str) -> Result<(), StoreError> {
-    tx.prepare_cached("UPDATE members SET last_read = ?3 WHERE group_name = ?1 AND username = ?2")?
-        .execute(params![group_name, username, now_timestamp()])?;
+/// Raises a read marker (see `Store::mark_read`). SQLite evaluates every `SET` expression
+/// against the row as it was, so `last_read_seq` on the right is the old marker.
+fn set_read(tx: &Connection, mark: &ReadMark) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE members SET
+            last_read = CASE
+                WHEN ?3 >= (SELECT last_seq FROM groups g WHERE g.group_name = ?1) THEN ?4
+                WHEN ?3 > last_read_seq THEN COALESCE(
+                    (SELECT timestamp FROM messages m WHERE m.group_name = ?1 AND m.seq = ?3),
+                    last_read)
+                ELSE last_read END,
+            last_read_seq = MAX(last_read_seq, ?3)
+         WHERE group_name = ?1 AND username = ?2",
+    )?
+    .execute(params![
+        mark.group_name,
+        mark.username,
+        mark.seq.min(i64::MAX as u64) as i64,
+        now_timestamp()
+    ])?;
     Ok(())
 }
 
@@ -208,7 +287,7 @@ fn append_one(
     message: &NewMessage,
     timestamp: &str,
 ) -> Result<Message, StoreError> {
-    member_last_read(tx, &message.username, &message.group_name)?;
+    member_state(tx, &message.username, &message.group_name)?;
     let seq: i64 = tx
         .prepare_cached(
             "UPDATE groups SET last_seq = last_seq + 1 WHERE group_name = ?1 RETURNING last_seq",
@@ -230,7 +309,11 @@ fn append_one(
 }
 
 impl Store for SqliteStore {
-    fn find_or_create_user(&mut self, username: &str) -> Result<(UserProfile, bool), StoreError> {
+    fn find_or_create_user(
+        &mut self,
+        username: &str,
+        may_create: bool,
+    ) -> Result<(UserProfile, bool), StoreError> {
         let tx = self.write()?;
         let existing: Option<String> = tx
             .prepare_cached("SELECT id FROM users WHERE username = ?1")?
@@ -239,6 +322,7 @@ impl Store for SqliteStore {
         let created = existing.is_none();
         let id = match existing {
             Some(id) => id,
+            None if !may_create => return Err(StoreError::UserNotFound),
             None => {
                 let id = new_object_id();
                 tx.execute(
@@ -267,6 +351,7 @@ impl Store for SqliteStore {
         &mut self,
         username: &str,
         group_name: &str,
+        max_per_user: usize,
     ) -> Result<CreatedGroup, StoreError> {
         let tx = self.write()?;
         if !user_exists(&tx, username)? {
@@ -275,10 +360,18 @@ impl Store for SqliteStore {
         if group_id(&tx, group_name).is_ok() {
             return Err(StoreError::GroupExists);
         }
+        if max_per_user > 0 {
+            let created: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM groups WHERE creator = ?1")?
+                .query_row([username], |row| row.get(0))?;
+            if created as usize >= max_per_user {
+                return Err(StoreError::QuotaExceeded);
+            }
+        }
         let last_read = now_timestamp();
         tx.execute(
-            "INSERT INTO groups (group_name, id) VALUES (?1, ?2)",
-            [group_name, &new_object_id()],
+            "INSERT INTO groups (group_name, id, creator) VALUES (?1, ?2, ?3)",
+            [group_name, &new_object_id(), username],
         )?;
         tx.execute(
             "INSERT INTO members (group_name, username, last_read) VALUES (?1, ?2, ?3)",
@@ -302,7 +395,9 @@ impl Store for SqliteStore {
         }
         let group_id = group_id(&tx, group_name)?;
         tx.execute(
-            "INSERT OR IGNORE INTO members (group_name, username, last_read) VALUES (?1, ?2, ?3)",
+            // What was said before joining counts as read, as the seed's `last_read := now` had it.
+            "INSERT OR IGNORE INTO members (group_name, username, last_read, last_read_seq)
+             VALUES (?1, ?2, ?3, (SELECT last_seq FROM groups WHERE group_name = ?1))",
             [group_name, username, &now_timestamp()],
         )?;
         tx.commit()?;
@@ -356,18 +451,19 @@ impl Store for SqliteStore {
         &mut self,
         username: &str,
         group_name: &str,
-        leaving: Option<&str>,
+        leaving: Option<&ReadMark>,
     ) -> Result<Visit, StoreError> {
         let tx = self.write()?;
-        let last_read = member_last_read(&tx, username, group_name)?;
-        if let Some(left) = leaving {
-            set_last_read(&tx, username, left)?;
+        let (last_read, last_read_seq) = member_state(&tx, username, group_name)?;
+        if let Some(mark) = leaving {
+            set_read(&tx, mark)?;
         }
         let head_seq = head_seq(&tx, group_name)?;
         tx.commit()?;
         Ok(Visit {
             last_read,
             head_seq,
+            last_read_seq,
         })
     }
 
@@ -375,37 +471,56 @@ impl Store for SqliteStore {
         &mut self,
         username: &str,
         group_name: &str,
-        leaving: Option<&str>,
+        leaving: Option<&ReadMark>,
+        reply_budget: usize,
     ) -> Result<GroupHistory, StoreError> {
         let tx = self.write()?;
-        let last_read = member_last_read(&tx, username, group_name)?;
+        let (_, last_read_seq) = member_state(&tx, username, group_name)?;
+        let marker = last_read_seq as i64;
         let unread = query_messages(
             &tx,
-            "group_name = ?1 AND timestamp > ?2 ORDER BY seq LIMIT ?3",
-            params![group_name, last_read, MAX_UNREAD_ON_ENTER + 1],
+            "group_name = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            params![group_name, marker, MAX_UNREAD_ON_ENTER + 1],
         )?;
         let (unread, unread_has_more) = split_page(unread, MAX_UNREAD_ON_ENTER);
         let mut read = query_messages(
             &tx,
-            "group_name = ?1 AND timestamp <= ?2 ORDER BY seq DESC LIMIT ?3",
-            params![group_name, last_read, MAX_READ_ON_ENTER],
+            "group_name = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT ?3",
+            params![group_name, marker, MAX_READ_ON_ENTER],
         )?;
         read.reverse();
-        for group in leaving.into_iter().chain(Some(group_name)) {
-            set_last_read(&tx, username, group)?;
-        }
+        let (unread, unread_has_more, read) =
+            fit_history(unread, unread_has_more, read, reply_budget);
         let head_seq = head_seq(&tx, group_name)?;
+        let read_seq = read_seq_after_enter(last_read_seq, head_seq, &unread, unread_has_more);
+        let entered = ReadMark {
+            username: username.to_string(),
+            group_name: group_name.to_string(),
+            seq: read_seq,
+        };
+        for mark in leaving.into_iter().chain(Some(&entered)) {
+            set_read(&tx, mark)?;
+        }
         tx.commit()?;
         Ok(GroupHistory {
             unread,
             unread_has_more,
             read,
             head_seq,
+            read_seq,
         })
     }
 
-    fn mark_read(&mut self, username: &str, group_name: &str) -> Result<(), StoreError> {
-        set_last_read(&self.connection, username, group_name)
+    fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let tx = self.write()?;
+        for mark in marks {
+            set_read(&tx, mark)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn fetch_messages(
@@ -415,8 +530,8 @@ impl Store for SqliteStore {
         page: PageQuery,
     ) -> Result<MessagePage, StoreError> {
         let tx = self.connection.transaction()?;
-        member_last_read(&tx, username, group_name)?;
-        let after = page.after_seq.unwrap_or(0) as i64;
+        member_state(&tx, username, group_name)?;
+        let after = page.after_seq.unwrap_or(0).min(i64::MAX as u64) as i64;
         let before = page
             .before_seq
             .map_or(i64::MAX, |seq| seq.min(i64::MAX as u64) as i64);
@@ -472,7 +587,7 @@ impl Store for SqliteStore {
         query_messages(
             &self.connection,
             "group_name = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            params![group_name, after_seq as i64, limit],
+            params![group_name, after_seq.min(i64::MAX as u64) as i64, limit],
         )
     }
 }
@@ -485,7 +600,10 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("noomnim-sqlite-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        (SqliteStore::open(&dir, true).expect("open store"), dir)
+        (
+            SqliteStore::open(&dir, true, 64 << 20).expect("open store"),
+            dir,
+        )
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The start-up line that says "listening on"; it names every address the server bound.
+    pub ready_line: String,
 }
 
 impl Server {
@@ -126,19 +128,14 @@ impl Server {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let _ = found.send(addr);
+                if line.contains("listening on ") {
+                    let _ = found.send(line.clone());
                 }
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr.parse().expect("listen address"),
+        let ready_line = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -147,7 +144,23 @@ impl Server {
                 );
             }
         };
-        Server { child, addr, log }
+        let addr = address_after(&ready_line, "listening on ")
+            .parse()
+            .expect("listen address");
+        Server {
+            child,
+            addr,
+            log,
+            ready_line,
+        }
+    }
+
+    /// The `/metrics` address, read from the start-up line (None: METRICS_PORT not set).
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.ready_line
+            .contains("metrics on http://")
+            .then(|| address_after(&self.ready_line, "metrics on http://"))
+            .map(|addr| addr.trim_end_matches("/metrics").to_string())
     }
 
     pub fn connect(&self) -> Client {
@@ -190,12 +203,37 @@ impl Server {
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
     }
+
+    /// True once a log line containing `needle` has been read from the server's stderr (waits
+    /// up to `REPLY_TIMEOUT`: the log is read on another thread, so a line the server wrote
+    /// just now may not be in `log_text` yet).
+    pub fn logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The whitespace-delimited word after `marker` in `line`.
+fn address_after(line: &str, marker: &str) -> String {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
 }
 
 pub fn signal(pid: u32, name: &str) {
@@ -258,6 +296,31 @@ impl Client {
         let mut bytes = serde_json::to_vec(line).expect("encode");
         bytes.push(b'\n');
         self.send_raw(&bytes);
+    }
+
+    /// The next line from the server exactly as sent (with its `\n`).
+    pub fn recv_line(&mut self) -> String {
+        let mut line = std::mem::take(&mut self.partial);
+        match self.reader.read_line(&mut line) {
+            Ok(0) => panic!("server closed the connection"),
+            Ok(_) => line,
+            Err(e) => panic!("no line from server: {e}"),
+        }
+    }
+
+    /// The next line from the server, or `None` once the server has closed the connection.
+    pub fn recv_or_closed(&mut self) -> Option<Value> {
+        let mut line = std::mem::take(&mut self.partial);
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) if !line.ends_with('\n') => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad server line {line:?}: {e}")),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("no line from server: {e}"),
+        }
     }
 
     /// The next line from the server, parsed.
@@ -420,6 +483,30 @@ pub fn send_many(
     acks
 }
 
+/// The resident memory of a process, in bytes (from /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kb| kb * 1024)
+        .expect("VmRSS in /proc status")
+}
+
+/// How many file descriptors a process has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
 /// A free loopback port (bound and released, so it is free for a moment).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -494,6 +581,11 @@ impl LocalService {
             assert!(Instant::now() < deadline, "{} did not start", self.program);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn stop(&mut self) {
