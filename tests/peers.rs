@@ -60,7 +60,7 @@ impl Cluster {
 }
 
 /// Waits until every instance logged that its subscriber is connected.
-fn wait_for_links(servers: &[Server]) {
+fn wait_for_links<'a>(servers: impl IntoIterator<Item = &'a Server>) {
     for server in servers {
         assert!(
             server.logged("peer subscriber: connected"),
@@ -192,4 +192,87 @@ fn a_redis_restart_mid_storm_loses_and_duplicates_nothing() {
         std::thread::sleep(Duration::from_millis(800));
         redis.restart();
     });
+}
+
+/// Two peers on one database and Redis, without the storm harness.
+fn two_peers(storage: &Storage, redis_url: &str) -> (Server, Server) {
+    let start = |node: &str| {
+        Server::start_with(
+            storage,
+            &[("PEER", "true"), ("REDIS_URL", redis_url), ("NODE_ID", node)],
+        )
+    };
+    let servers = (start("left_a"), start("left_b"));
+    wait_for_links([&servers.0, &servers.1]);
+    servers
+}
+
+/// Issue 11 item 5 (peer mode): after a user left a group on instance A, the same user's
+/// connection on instance B kept receiving the group's messages.
+#[test]
+fn a_leave_on_one_peer_takes_the_user_out_of_rooms_on_every_peer() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let (a, b) = two_peers(&storage, &redis.redis_url());
+    let group = unique("leave");
+    let mut carol = a.login("carol");
+    carol.request("create_group", ug("carol", &group));
+    let mut dave = b.login("dave");
+    dave.request("join_group", ug("dave", &group));
+    dave.request("enter_group", ug("dave", &group));
+    let mut alice_on_b = b.login("alice");
+    alice_on_b.request("join_group", ug("alice", &group));
+    alice_on_b.request("enter_group", ug("alice", &group));
+    // Both rooms on B are live: a message from A reaches them.
+    carol.request("send_message", msg("carol", &group, "before"));
+    assert_eq!(dave.recv()["data"]["text"], "before");
+    assert_eq!(alice_on_b.recv()["data"]["text"], "before");
+
+    let mut alice_on_a = a.login("alice");
+    let left = alice_on_a.request("leave_group", ug("alice", &group));
+    assert_eq!(left["event"], "leave_success", "{left}");
+    carol.request("send_message", msg("carol", &group, "after"));
+    // Dave, on B, got it: B has handled the message (and, relayed before it, the leave).
+    assert_eq!(dave.recv()["data"]["text"], "after");
+    alice_on_b.send(&json!({"event": "ping", "id": "probe"}));
+    let next = alice_on_b.recv();
+    assert_eq!(
+        next["id"], "probe",
+        "alice, no longer a member, got a broadcast on B: {next}"
+    );
+}
+
+/// Issue 11 item 9: a message stored by an instance that could not relay it (it died, or its
+/// Redis link is gone) reached other instances' clients only when a later message arrived.
+#[test]
+fn a_stored_but_unrelayed_message_still_reaches_other_peers() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let dead_redis = format!("redis://127.0.0.1:{}/", common::free_port());
+    let silent = Server::start_with(
+        &storage,
+        &[("PEER", "true"), ("REDIS_URL", &dead_redis), ("NODE_ID", "silent")],
+    );
+    let listening = Server::start_with(
+        &storage,
+        &[
+            ("PEER", "true"),
+            ("REDIS_URL", &redis.redis_url()),
+            ("NODE_ID", "listening"),
+        ],
+    );
+    wait_for_links([&listening]);
+    let group = unique("tail");
+    let mut writer = silent.login("writer");
+    writer.request("create_group", ug("writer", &group));
+    let mut reader = listening.login("reader");
+    reader.request("join_group", ug("reader", &group));
+    reader.request("enter_group", ug("reader", &group));
+    let ack = writer.request("send_message", msg("writer", &group, "never relayed"));
+    assert_eq!(ack["event"], "message_sent", "{ack}");
+    // No later message comes: the listening peer must find this one by itself.
+    let line = reader.recv();
+    assert_eq!(line["event"], "message_sent", "{line}");
+    assert_eq!(line["data"]["text"], "never relayed");
+    assert_eq!(line["data"]["seq"], 1);
 }
