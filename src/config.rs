@@ -54,6 +54,13 @@ pub struct Config {
     pub rate_burst: f64,
     /// How long a connection may stay without logging in.
     pub login_timeout: Duration,
+    /// How long a connection may send nothing before it is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive on client sockets: idle time before the first probe, between probes,
+    /// and unanswered probes before the kernel gives the connection up.
+    pub keepalive_idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_probes: u32,
     /// Simultaneous connections from one IP address; 0: unlimited.
     pub max_connections_per_ip: usize,
 }
@@ -185,6 +192,26 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "0",
         "simultaneous connections from one IP address; 0: unlimited",
     ),
+    (
+        "IDLE_TIMEOUT_MS",
+        "0",
+        "connections that send nothing for this long are closed (closing idle_timeout); 0: never",
+    ),
+    (
+        "KEEPALIVE_IDLE_MS",
+        "60000",
+        "TCP keepalive: quiet time before the kernel probes a client",
+    ),
+    (
+        "KEEPALIVE_INTERVAL_MS",
+        "10000",
+        "TCP keepalive: time between probes",
+    ),
+    (
+        "KEEPALIVE_PROBES",
+        "6",
+        "TCP keepalive: unanswered probes before a dead client is dropped",
+    ),
     ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
 ];
 
@@ -305,6 +332,27 @@ impl Config {
                 Some(0),
                 "a whole number (0: unlimited)",
             )?,
+            idle_timeout: match parse_value(
+                get("IDLE_TIMEOUT_MS"),
+                "IDLE_TIMEOUT_MS",
+                Some(0u64),
+                "a whole number of milliseconds (0: never)",
+            )? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            keepalive_idle: Duration::from_millis(parse_positive(
+                get("KEEPALIVE_IDLE_MS"),
+                "KEEPALIVE_IDLE_MS",
+                60000,
+            )? as u64),
+            keepalive_interval: Duration::from_millis(parse_positive(
+                get("KEEPALIVE_INTERVAL_MS"),
+                "KEEPALIVE_INTERVAL_MS",
+                10000,
+            )? as u64),
+            keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES", 6)?
+                as u32,
         }
         .checked()
     }

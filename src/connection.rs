@@ -58,6 +58,37 @@ pub enum ReadState {
     Closed,
 }
 
+/// Why the server closes a connection on its own (the `code` of the `closing` line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    LoginTimeout,
+    IdleTimeout,
+    Shutdown,
+    SlowConsumer,
+}
+
+impl Closing {
+    pub fn code(self) -> &'static str {
+        match self {
+            Closing::LoginTimeout => "login_timeout",
+            Closing::IdleTimeout => "idle_timeout",
+            Closing::Shutdown => "shutdown",
+            Closing::SlowConsumer => "slow_consumer",
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            Closing::LoginTimeout => "No find_user within LOGIN_TIMEOUT_MS; closing.",
+            Closing::IdleTimeout => "Nothing received within IDLE_TIMEOUT_MS; closing.",
+            Closing::Shutdown => "The server is shutting down.",
+            Closing::SlowConsumer => {
+                "Too much unread output (over MAX_OUTPUT_BYTES); closing. Reconnect and fetch what you missed."
+            }
+        }
+    }
+}
+
 /// Which messages of the connection's room a queued line carries: seqs `first..=last`, queued
 /// during room visit `visit` (lines queued for a room since left count for nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +119,16 @@ pub struct Connection {
     pub bucket: TokenBucket,
     /// The server's leave clock when this connection's job in flight was submitted.
     pub leave_clock_at_submit: u64,
+    /// Numbers this connection's store requests; the one in flight has the current number.
+    pub ticket: u64,
+    /// When the request in flight was submitted.
+    pub awaiting_since: Instant,
+    /// When the client last sent anything (for `IDLE_TIMEOUT_MS`).
+    pub last_heard: Instant,
+    /// Why the server is cutting this connection off, announced in a `closing` line.
+    pub closing: Option<Closing>,
+    /// Set once the `closing` line is queued and the connection only waits for it to be written.
+    pub lingering_since: Option<Instant>,
     framer: LineFramer,
     inbox: VecDeque<Frame>,
     inbox_bytes: usize,
@@ -113,6 +154,11 @@ impl Connection {
             opened_at,
             bucket: TokenBucket::full(burst, opened_at),
             leave_clock_at_submit: 0,
+            ticket: 0,
+            awaiting_since: opened_at,
+            last_heard: opened_at,
+            closing: None,
+            lingering_since: None,
             socket,
             peer,
             session: Session::default(),
@@ -146,8 +192,12 @@ impl Connection {
                     return Ok(self.read_state);
                 }
                 Ok(n) => {
+                    self.last_heard = Instant::now();
                     let before = self.inbox.len();
                     self.framer.feed(&buffer[..n], &mut self.inbox);
+                    if let Some(answers) = self.framer.take_telnet_answers() {
+                        self.queue_reply(answers, None);
+                    }
                     self.inbox_bytes += self
                         .inbox
                         .range(before..)
@@ -304,9 +354,34 @@ impl Connection {
         }
     }
 
+    /// Whether the store request numbered `ticket` is the one this connection awaits.
+    pub fn awaits(&self, ticket: u64) -> bool {
+        self.awaiting.is_some() && self.ticket == ticket
+    }
+
     /// Whether some room lines wait for `settle`.
     pub fn has_unsettled(&self) -> bool {
         !self.unsettled.is_empty()
+    }
+
+    /// Says goodbye: whatever is still unwritten is dropped (a line already partly written is
+    /// kept whole, so the stream stays line-aligned), one `closing` line takes its place, and
+    /// what the socket takes now is written. Best effort: a client that does not read may
+    /// never see it.
+    pub fn say_closing(&mut self, line: Vec<u8>) {
+        let keep = usize::from(self.written_of_front > 0);
+        while self.outbox.len() > keep {
+            let Some(out) = self.outbox.pop_back() else {
+                break;
+            };
+            let len = out.chunk.bytes().len();
+            self.pending_bytes -= len;
+            if out.broadcast {
+                self.pending_broadcast_bytes -= len;
+            }
+        }
+        self.queue_reply(line, None);
+        let _ = self.flush();
     }
 
     /// True once the peer has closed and every request it sent is answered and written.

@@ -2,6 +2,12 @@
 //!
 //! Lines end with `\n`; a `\r` before it is dropped and empty lines are skipped. A line longer
 //! than the limit yields one `TooLong` and the rest of it is discarded up to its `\n`.
+//!
+//! People type at this server with `telnet` too, which sends option negotiation (RFC 854: IAC
+//! = 0xFF, then a command) and, on Ctrl-C and the like, waits for an answer: without one the
+//! session freezes. 0xFF never occurs in UTF-8 or JSON, so every IAC sequence is taken out of
+//! the stream, and each offer is refused (`DO x` → `WONT x`, `WILL x` → `DONT x`) through
+//! `take_telnet_answers`.
 
 /// One framed unit of input.
 #[derive(Debug, PartialEq, Eq)]
@@ -20,12 +26,36 @@ impl Frame {
     }
 }
 
+const IAC: u8 = 255;
+const DONT: u8 = 254;
+const DO: u8 = 253;
+const WONT: u8 = 252;
+const WILL: u8 = 251;
+const SB: u8 = 250;
+const SE: u8 = 240;
+
+/// Where the framer is inside a telnet command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Telnet {
+    Data,
+    /// After IAC.
+    Command,
+    /// After IAC and WILL/WONT/DO/DONT: the option byte comes next.
+    Option(u8),
+    /// Inside a subnegotiation (IAC SB ... IAC SE).
+    Sub,
+    /// After IAC inside a subnegotiation.
+    SubCommand,
+}
+
 /// Accumulates bytes across reads and cuts them into frames.
 #[derive(Debug)]
 pub struct LineFramer {
     partial: Vec<u8>,
     discarding: bool,
     max_line: usize,
+    telnet: Telnet,
+    answers: Vec<u8>,
 }
 
 impl LineFramer {
@@ -34,11 +64,51 @@ impl LineFramer {
             partial: Vec::new(),
             discarding: false,
             max_line,
+            telnet: Telnet::Data,
+            answers: Vec::new(),
         }
     }
 
+    /// Bytes to send back for the telnet negotiation seen so far (refusals), if any.
+    pub fn take_telnet_answers(&mut self) -> Option<Vec<u8>> {
+        (!self.answers.is_empty()).then(|| std::mem::take(&mut self.answers))
+    }
+
     /// Feeds newly read bytes; complete frames are pushed onto `out`.
-    pub fn feed(&mut self, mut bytes: &[u8], out: &mut impl Extend<Frame>) {
+    pub fn feed(&mut self, bytes: &[u8], out: &mut impl Extend<Frame>) {
+        if self.telnet == Telnet::Data && !bytes.contains(&IAC) {
+            return self.feed_data(bytes, out);
+        }
+        let mut data = Vec::with_capacity(bytes.len());
+        for &byte in bytes {
+            self.telnet = match (self.telnet, byte) {
+                (Telnet::Data, IAC) => Telnet::Command,
+                (Telnet::Data, _) => {
+                    data.push(byte);
+                    Telnet::Data
+                }
+                (Telnet::Command, WILL | WONT | DO | DONT) => Telnet::Option(byte),
+                (Telnet::Command, SB) => Telnet::Sub,
+                // IAC IAC is a literal 0xFF: not valid in a JSON line, so it stays out too.
+                (Telnet::Command, _) => Telnet::Data,
+                (Telnet::Option(command), option) => {
+                    match command {
+                        DO => self.answers.extend_from_slice(&[IAC, WONT, option]),
+                        WILL => self.answers.extend_from_slice(&[IAC, DONT, option]),
+                        _ => {}
+                    }
+                    Telnet::Data
+                }
+                (Telnet::Sub, IAC) => Telnet::SubCommand,
+                (Telnet::Sub, _) => Telnet::Sub,
+                (Telnet::SubCommand, SE) => Telnet::Data,
+                (Telnet::SubCommand, _) => Telnet::Sub,
+            };
+        }
+        self.feed_data(&data, out);
+    }
+
+    fn feed_data(&mut self, mut bytes: &[u8], out: &mut impl Extend<Frame>) {
         while !bytes.is_empty() {
             match bytes.iter().position(|&b| b == b'\n') {
                 Some(end) => {
@@ -122,6 +192,25 @@ mod tests {
         let long = vec![b'x'; 25];
         let got = frames(10, &[&long, &long, b"tail\nok\n"]);
         assert_eq!(got, vec![Frame::TooLong, line("ok")]);
+    }
+
+    #[test]
+    fn telnet_negotiation_is_taken_out_and_refused() {
+        let mut framer = LineFramer::new(100);
+        let mut out = Vec::new();
+        // DO ECHO, WILL SUPPRESS-GO-AHEAD, a subnegotiation, then a line with IAC IP inside.
+        framer.feed(
+            &[IAC, DO, 1, IAC, WILL, 3, IAC, SB, 24, 1, IAC, SE],
+            &mut out,
+        );
+        framer.feed(b"{\"a\":", &mut out);
+        framer.feed(&[IAC, 244, b'1', b'}', b'\r', b'\n'], &mut out);
+        assert_eq!(out, vec![line("{\"a\":1}")]);
+        assert_eq!(
+            framer.take_telnet_answers(),
+            Some(vec![IAC, WONT, 1, IAC, DONT, 3])
+        );
+        assert_eq!(framer.take_telnet_answers(), None);
     }
 
     #[test]

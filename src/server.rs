@@ -16,13 +16,15 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::{Config, StoreKind};
-use crate::connection::{Chunk, Connection, ReadState};
+use crate::connection::{Chunk, Closing, Connection, ReadState};
 use crate::limits::PerIp;
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient};
 use crate::model::Message;
 use crate::model::ReadMark;
 use crate::peer::{channel_for, Departure, PeerEvent, PeerLink};
-use crate::protocol::{encode_broadcast, encode_failure, ErrorCode, ProtocolError};
+use crate::protocol::{
+    encode_broadcast, encode_failure, hello_data, ErrorCode, HelloInfo, ProtocolError,
+};
 use crate::rooms::Rooms;
 use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH, RECENT_IN_PEER_MODE};
 use crate::session::{self, Effect, Plan, Rules};
@@ -55,6 +57,11 @@ const METRICS_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// While `accept` fails for lack of descriptors, how often it is retried (also retried at
 /// once whenever a connection closes).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Slack past `STORE_TIMEOUT_MS` before the loop answers a request whose store call has not
+/// returned (the workers' own timeout answers first when they can).
+const STORE_DEADLINE_MARGIN: Duration = Duration::from_millis(250);
+/// How long a connection the server cut off may take to receive its `closing` line.
+const CLOSING_LINGER: Duration = Duration::from_secs(2);
 /// How long a leave is remembered: an `enter_group` submitted before it but completing after
 /// it must not put the user back in the room.
 const LEAVE_MEMORY: Duration = Duration::from_secs(60);
@@ -95,6 +102,7 @@ pub struct Server {
     recent_leaves: HashMap<(String, String), (u64, Instant)>,
     leave_clock: u64,
     last_tail_check: Instant,
+    rules: Rules,
 }
 
 impl Server {
@@ -130,6 +138,7 @@ impl Server {
             _ => None,
         };
         let keep_recent = if config.peer { RECENT_IN_PEER_MODE } else { 0 };
+        let rules = rules_of(&config);
         Ok(Server {
             config,
             poll,
@@ -157,6 +166,7 @@ impl Server {
             recent_leaves: HashMap::new(),
             leave_clock: 0,
             last_tail_check: Instant::now(),
+            rules,
         })
     }
 
@@ -216,6 +226,12 @@ impl Server {
             if self.shutdown_step() {
                 break;
             }
+        }
+        for token in self.connections.keys().copied().collect::<Vec<_>>() {
+            if let Some(connection) = self.connections.get_mut(&token) {
+                connection.closing = Some(Closing::Shutdown);
+            }
+            self.close(token);
         }
         if let Some(pool) = self.pool.take() {
             pool.shutdown();
@@ -333,7 +349,15 @@ impl Server {
             return;
         }
         let _ = socket.set_nodelay(true);
-        let _ = socket2::SockRef::from(&socket).set_send_buffer_size(KERNEL_SEND_BUFFER_BYTES);
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_send_buffer_size(KERNEL_SEND_BUFFER_BYTES);
+        // Dead peers (unplugged, vanished NAT state) are found by the kernel without any help
+        // from the client, and their descriptors come back.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.config.keepalive_idle)
+            .with_interval(self.config.keepalive_interval)
+            .with_retries(self.config.keepalive_probes);
+        let _ = sock.set_tcp_keepalive(&keepalive);
         log::debug!("connection {} from {peer}", token.0);
         self.connections.insert(
             token,
@@ -378,13 +402,18 @@ impl Server {
             let released = self.sequencer.offer(message.clone(), requester);
             self.broadcast_all(released);
         }
-        let Requester::Connection(token) = requester else {
+        let Requester::Connection(token, ticket) = requester else {
             self.complete_background(op, result);
             return;
         };
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
+        if !connection.awaits(ticket) {
+            // Already answered `unavailable` when it outlived STORE_TIMEOUT_MS.
+            log::debug!("late store result for {} dropped", connection.peer);
+            return;
+        }
         let id = connection.awaiting.take().flatten();
         let leaves_before = connection.leave_clock_at_submit;
         let completed = session::complete(op, result, id.as_deref());
@@ -491,12 +520,15 @@ impl Server {
         }
         let line = Rc::new(encode_broadcast(message));
         for token in members {
-            if sender == Requester::Connection(token) {
-                continue;
-            }
             let Some(connection) = self.connections.get_mut(&token) else {
                 continue;
             };
+            // The sender gets its own message as the reply to its request, unless that request
+            // was already answered (`unavailable` after the store timeout): then as a broadcast.
+            if matches!(sender, Requester::Connection(asker, ticket) if asker == token && connection.awaits(ticket))
+            {
+                continue;
+            }
             if !session::receives(&connection.session, message) {
                 continue;
             }
@@ -505,6 +537,7 @@ impl Server {
             if pending > self.config.max_output_bytes && !connection.doomed {
                 log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", connection.peer);
                 connection.doomed = true;
+                connection.closing = Some(Closing::SlowConsumer);
             }
             self.touched.push(token);
         }
@@ -598,10 +631,7 @@ impl Server {
     /// Handles waiting requests, writes pending output, and closes the connection when done.
     fn service(&mut self, token: Token) {
         let draining = self.draining_since.is_some();
-        let rules = Rules {
-            max_reply_bytes: self.config.max_reply_bytes,
-            max_groups_per_user: self.config.max_groups_per_user,
-        };
+        let rules = &self.rules;
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
@@ -637,9 +667,11 @@ impl Server {
                     }
                     Plan::Store { op, id } => {
                         connection.awaiting = Some(id);
+                        connection.ticket += 1;
+                        connection.awaiting_since = Instant::now();
                         connection.leave_clock_at_submit = self.leave_clock;
                         if let Some(pool) = self.pool.as_mut() {
-                            pool.submit(Requester::Connection(token), op);
+                            pool.submit(Requester::Connection(token, connection.ticket), op);
                         }
                     }
                 }
@@ -661,7 +693,32 @@ impl Server {
         }
     }
 
+    /// Closes a connection. One the server cuts off for a reason first gets its `closing` line;
+    /// if that cannot be written at once, the connection lingers (out of its room, reading
+    /// nothing) until it is written or `CLOSING_LINGER` passes.
     fn close(&mut self, token: Token) {
+        let draining = self.draining_since.is_some();
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        if let Some(reason) = connection.closing.take() {
+            connection.say_closing(encode_closing(reason));
+            if connection.pending_output() > 0 && !draining {
+                connection.lingering_since = Some(Instant::now());
+                connection.doomed = true;
+                self.leave_room_on_close(token);
+                return;
+            }
+        }
+        if connection.lingering_since.is_some() && connection.pending_output() > 0 && !draining {
+            return;
+        }
+        self.close_now(token);
+    }
+
+    /// Drops a connection and frees its descriptor.
+    fn close_now(&mut self, token: Token) {
+        self.leave_room_on_close(token);
         let Some(mut connection) = self.connections.remove(&token) else {
             return;
         };
@@ -672,18 +729,64 @@ impl Server {
         if self.accept_blocked {
             self.accept_all();
         }
-        connection.settle();
-        let mark: Option<ReadMark> = connection.session.leaving_mark();
-        let Some(room) = connection.session.room else {
+    }
+
+    /// Takes a closing connection out of its room, marking read what reached the client.
+    fn leave_room_on_close(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
+        connection.settle();
+        let mark: Option<ReadMark> = connection.session.leaving_mark();
+        let Some(room) = connection.session.room.take() else {
+            return;
+        };
+        connection.new_visit();
         self.leave_room(&room.group_name, token);
-        // Only what was really written to this client is marked read, and only when that is
-        // more than the store already has (most closes then cost no write at all).
+        // Only what really reached this client is marked read, and only when that is more
+        // than the store already has (most closes then cost no write at all).
         if let (Some(mark), Some(pool)) = (mark, self.pool.as_mut()) {
             pool.submit(Requester::Server, StoreOp::MarkRead(mark));
         }
     }
+}
+
+/// What of the configuration shapes replies (built once; `hello` reports it).
+fn rules_of(config: &Config) -> Rules {
+    let idle_timeout_ms = config
+        .idle_timeout
+        .map_or(0, |idle| idle.as_millis() as u64);
+    // How often a client should ping to notice a dead connection itself: well inside the idle
+    // timeout when there is one, else as often as the kernel's keepalive would probe.
+    let keepalive_hint_ms = match idle_timeout_ms {
+        0 => config.keepalive_idle.as_millis() as u64,
+        idle => idle / 2,
+    };
+    let info = HelloInfo {
+        node_id: config.node_id.clone(),
+        max_line_bytes: config.max_line_bytes,
+        max_output_bytes: config.max_output_bytes,
+        max_reply_bytes: config.max_reply_bytes,
+        rate_limit: config.rate_limit,
+        rate_burst: config.rate_burst,
+        login_timeout_ms: config.login_timeout.as_millis() as u64,
+        idle_timeout_ms,
+        keepalive_hint_ms,
+    };
+    Rules {
+        max_reply_bytes: config.max_reply_bytes,
+        max_groups_per_user: config.max_groups_per_user,
+        hello: Rc::new(hello_data(&info)),
+    }
+}
+
+/// The `closing` line announcing why the server closes a connection.
+fn encode_closing(reason: Closing) -> Vec<u8> {
+    crate::protocol::reply::encode_line(
+        "closing",
+        &serde_json::json!({"code": reason.code(), "Error": reason.text()}),
+        None,
+    )
 }
 
 /// Counts a reply line in the metrics: delivered messages and error codes.
@@ -707,23 +810,70 @@ impl Server {
         self.recent_leaves
             .retain(|_, (_, seen)| now.duration_since(*seen) < memory);
         self.expire_metrics_clients(now);
-        let timeout = self.config.login_timeout;
-        let expired: Vec<Token> = self
+        let login_timeout = self.config.login_timeout;
+        let idle_timeout = self.config.idle_timeout;
+        let expired: Vec<(Token, Closing)> = self
+            .connections
+            .iter()
+            .filter_map(|(token, c)| {
+                if c.session.username.is_none() && now.duration_since(c.opened_at) > login_timeout {
+                    Some((*token, Closing::LoginTimeout))
+                } else if idle_timeout.is_some_and(|idle| now.duration_since(c.last_heard) > idle) {
+                    Some((*token, Closing::IdleTimeout))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (token, reason) in expired {
+            if let Some(connection) = self.connections.get_mut(&token) {
+                log::info!("closing {}: {}", connection.peer, reason.code());
+                connection.closing = Some(reason);
+            }
+            self.close(token);
+        }
+        self.expire_store_waits(now);
+        let lingered: Vec<Token> = self
             .connections
             .iter()
             .filter(|(_, c)| {
-                c.session.username.is_none() && now.duration_since(c.opened_at) > timeout
+                c.lingering_since
+                    .is_some_and(|t| now.duration_since(t) > CLOSING_LINGER)
             })
             .map(|(token, _)| *token)
             .collect();
+        for token in lingered {
+            self.close_now(token);
+        }
+    }
+
+    /// Answers `unavailable` to requests whose store call outlived `STORE_TIMEOUT_MS`: the
+    /// workers cannot interrupt a database call, so the loop keeps the promise itself. A late
+    /// result is then dropped (a message it stored is still broadcast, to its sender too).
+    fn expire_store_waits(&mut self, now: Instant) {
+        let limit = self.config.store_timeout + STORE_DEADLINE_MARGIN;
+        let expired: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.awaiting.is_some() && now.duration_since(c.awaiting_since) > limit)
+            .map(|(token, _)| *token)
+            .collect();
         for token in expired {
-            if let Some(connection) = self.connections.get(&token) {
-                log::info!(
-                    "closing {}: no find_user within LOGIN_TIMEOUT_MS",
-                    connection.peer
-                );
-            }
-            self.close(token);
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            let id = connection.awaiting.take().flatten();
+            log::warn!(
+                "store call for {} outlived STORE_TIMEOUT_MS",
+                connection.peer
+            );
+            self.metrics.error(ErrorCode::Unavailable);
+            let error = ProtocolError::new(
+                ErrorCode::Unavailable,
+                "The store did not answer within STORE_TIMEOUT_MS; the request may not have been carried out.",
+            );
+            connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
+            self.touched.push(token);
         }
     }
 

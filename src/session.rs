@@ -33,13 +33,15 @@ impl Room {
     }
 }
 
-/// Limits of the running configuration that shape store requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What of the running configuration shapes replies and store requests.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rules {
     /// No reply line may be longer (`MAX_REPLY_BYTES`).
     pub max_reply_bytes: usize,
     /// Groups one user may create (`MAX_GROUPS_PER_USER`, 0: no limit).
     pub max_groups_per_user: usize,
+    /// The `hello` reply's data, built once.
+    pub hello: std::rc::Rc<serde_json::Value>,
 }
 
 /// Bytes of a history reply that are not messages: the event name, `group_name`, flags and the
@@ -93,7 +95,7 @@ pub enum Effect {
 }
 
 /// Plans one framed request.
-pub fn plan(session: &Session, frame: Frame, rules: Rules) -> Plan {
+pub fn plan(session: &Session, frame: Frame, rules: &Rules) -> Plan {
     let line = match frame {
         Frame::Line(line) => line,
         Frame::TooLong => {
@@ -130,7 +132,7 @@ enum Planned {
 fn check_and_plan(
     session: &Session,
     envelope: crate::protocol::Envelope,
-    rules: Rules,
+    rules: &Rules,
     budget: usize,
 ) -> Result<Planned, Failure> {
     if session.username.is_none() && !envelope.kind.allowed_before_login() {
@@ -146,6 +148,7 @@ fn check_and_plan(
         }
     }
     Ok(match request {
+        Request::Hello => Planned::Now(Reply::Hello(rules.hello.clone())),
         Request::Ping => Planned::Now(Reply::Pong {
             time: now_timestamp(),
         }),
@@ -382,8 +385,9 @@ mod tests {
         let rules = Rules {
             max_reply_bytes: 1 << 20,
             max_groups_per_user: 0,
+            hello: std::rc::Rc::new(serde_json::json!({"server": "noomnim"})),
         };
-        plan(session, Frame::Line(line.as_bytes().to_vec()), rules)
+        plan(session, Frame::Line(line.as_bytes().to_vec()), &rules)
     }
 
     fn reply_json(plan: Plan) -> serde_json::Value {

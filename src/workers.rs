@@ -136,10 +136,12 @@ pub enum StoreOutput {
     Done,
 }
 
-/// Who asked: a connection's token, or the server itself (peer recovery, bookkeeping).
+/// Who asked: a connection (its token, and which of its requests: a connection's request
+/// answered `unavailable` by the store timeout may still complete later, and must not be
+/// taken for the next one), or the server itself (peer recovery, bookkeeping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requester {
-    Connection(Token),
+    Connection(Token, u64),
     Server,
 }
 

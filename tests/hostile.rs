@@ -228,6 +228,10 @@ fn a_dropped_client_finds_everything_it_missed_unread(backend: Backend) {
     }
     let mut received = Vec::new();
     while let Some(line) = bob.recv_or_closed() {
+        if line["event"] == "closing" {
+            assert_eq!(line["data"]["code"], "slow_consumer", "{line}");
+            continue;
+        }
         assert_eq!(line["event"], "message_sent", "{line}");
         received.push(line["data"]["seq"].as_u64().unwrap_or(0));
     }
@@ -531,4 +535,38 @@ fn replies_alone_never_make_a_slow_consumer() {
         assert_eq!(reply["id"], i, "{reply}");
         assert_eq!(reply["event"], "messages");
     }
+}
+
+/// A database written by the first release (schema v1, no version, no read markers, a user
+/// named "bob " with a trailing space that today's rules would refuse) is migrated at start-up:
+/// everyone's read state carries over and the old name still logs in.
+#[test]
+fn a_v1_database_is_migrated_and_its_names_keep_working() {
+    let storage = Storage::new(Backend::Embedded);
+    std::fs::create_dir_all(&storage.data_dir).expect("data dir");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.sqlite3");
+    std::fs::copy(fixture, storage.data_dir.join("noomnim.sqlite3")).expect("copy fixture");
+    let server = Server::start(&storage);
+    let mut bob = server.connect();
+    let found = bob.request("find_user", json!({"username": "bob "}));
+    assert_eq!(found["event"], "user_found", "{found}");
+    assert_eq!(found["data"]["group_list"], json!(["v1 room"]));
+    // bob had read up to 10:00:03.5 (seqs 1-3); alice had read nothing after 10:00:00.
+    let entered = bob.request("enter_group", ug("bob ", "v1 room"));
+    let seqs = |list: &Value| -> Vec<u64> {
+        list.as_array()
+            .map(|l| l.iter().filter_map(|m| m["seq"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(seqs(&entered["data"]["read"]), vec![1, 2, 3], "{entered}");
+    assert_eq!(seqs(&entered["data"]["unread"]), vec![4, 5]);
+    let mut alice = server.login("alice");
+    let entered = alice.request("enter_group", ug("alice", "v1 room"));
+    assert_eq!(seqs(&entered["data"]["unread"]), vec![1, 2, 3, 4, 5]);
+    let sent = alice.request("send_message", msg("alice", "v1 room", "new"));
+    assert_eq!(sent["data"]["seq"], 6, "seq continues");
+    let reply = server
+        .connect()
+        .request("find_user", json!({"username": "carol "}));
+    assert_eq!(code(&reply), "bad_request", "no new names of that kind");
 }

@@ -199,7 +199,11 @@ fn two_peers(storage: &Storage, redis_url: &str) -> (Server, Server) {
     let start = |node: &str| {
         Server::start_with(
             storage,
-            &[("PEER", "true"), ("REDIS_URL", redis_url), ("NODE_ID", node)],
+            &[
+                ("PEER", "true"),
+                ("REDIS_URL", redis_url),
+                ("NODE_ID", node),
+            ],
         )
     };
     let servers = (start("left_a"), start("left_b"));
@@ -251,7 +255,11 @@ fn a_stored_but_unrelayed_message_still_reaches_other_peers() {
     let dead_redis = format!("redis://127.0.0.1:{}/", common::free_port());
     let silent = Server::start_with(
         &storage,
-        &[("PEER", "true"), ("REDIS_URL", &dead_redis), ("NODE_ID", "silent")],
+        &[
+            ("PEER", "true"),
+            ("REDIS_URL", &dead_redis),
+            ("NODE_ID", "silent"),
+        ],
     );
     let listening = Server::start_with(
         &storage,

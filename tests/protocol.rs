@@ -108,7 +108,7 @@ fn create_group_and_duplicate(backend: Backend) {
     let again = alice.request("create_group", ug("alice", "lobby"));
     assert_eq!(
         again,
-        json!({"event": "group_already_created", "data": {"Error": "Group has already been created."}, "id": again["id"]})
+        json!({"event": "group_already_created", "data": {"Error": "Group has already been created.", "code": "group_already_created"}, "id": again["id"]})
     );
 }
 

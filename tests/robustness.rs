@@ -37,7 +37,7 @@ fn bad_lines_get_errors_and_the_connection_goes_on(backend: Backend) {
     let mut client = server.login("alice");
     let cases: &[(&[u8], &str)] = &[
         (b"{\"event\": \"ping\"", "bad_json"),
-        (b"\xff\xfe\xfd", "bad_json"),
+        (b"\xfe\xfd\x80", "bad_json"),
         (b"{\"event\":\"find_user\",\"data\":{\"username\":\"\xc3\x28\"}}", "bad_json"),
         (b"[1, 2, 3]", "bad_request"),
         (b"42", "bad_request"),
@@ -342,6 +342,9 @@ fn help_lists_every_variable() {
         "DATA_DIR",
         "MAX_LINE_BYTES",
         "MAX_OUTPUT_BYTES",
+        "MAX_REPLY_BYTES",
+        "MAX_GROUPS_PER_USER",
+        "EMBEDDED_WAL_LIMIT_BYTES",
         "MAX_CONNECTIONS",
         "WORKERS",
         "LOG_LEVEL",

@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::errors::Failure;
+use super::errors::{ErrorCode, Failure};
 use crate::model::{
     CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, UserProfile,
 };
@@ -35,6 +35,49 @@ pub enum Reply {
     Pong {
         time: String,
     },
+    /// The handshake: server identity, running limits and the events it knows (built once
+    /// from the configuration, see `hello_data`).
+    Hello(std::rc::Rc<serde_json::Value>),
+}
+
+/// What the server tells a client in `hello`: identity, capabilities and the running limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HelloInfo {
+    pub node_id: String,
+    pub max_line_bytes: usize,
+    pub max_output_bytes: usize,
+    pub max_reply_bytes: usize,
+    pub rate_limit: f64,
+    pub rate_burst: f64,
+    pub login_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub keepalive_hint_ms: u64,
+}
+
+/// The `hello` reply's data.
+pub fn hello_data(info: &HelloInfo) -> serde_json::Value {
+    json!({
+        "server": "noomnim",
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": 2,
+        "node_id": info.node_id,
+        "auth": "none",
+        "tls": false,
+        "events": super::request::event_names(),
+        "limits": {
+            "max_line_bytes": info.max_line_bytes,
+            "max_text_chars": super::request::MAX_TEXT_CHARS,
+            "max_name_chars": super::request::MAX_NAME_CHARS,
+            "max_output_bytes": info.max_output_bytes,
+            "max_reply_bytes": info.max_reply_bytes,
+            "fetch_limit_max": super::request::MAX_PAGE_LIMIT,
+            "rate_limit": info.rate_limit,
+            "rate_burst": info.rate_burst,
+            "login_timeout_ms": info.login_timeout_ms,
+            "idle_timeout_ms": info.idle_timeout_ms,
+            "keepalive_hint_ms": info.keepalive_hint_ms,
+        },
+    })
 }
 
 #[derive(Serialize)]
@@ -96,13 +139,29 @@ pub fn encode_reply(reply: &Reply, id: Option<&RawValue>) -> Vec<u8> {
         }
         Reply::Groups(groups) => encode_line("groups", &json!({ "groups": groups }), id),
         Reply::Pong { time } => encode_line("pong", &json!({ "time": time }), id),
+        Reply::Hello(data) => encode_line("hello", data.as_ref(), id),
     }
 }
 
 /// Encodes an error reply.
 pub fn encode_failure(failure: &Failure, id: Option<&RawValue>) -> Vec<u8> {
     match failure {
-        Failure::Event(error) => encode_line(error.event(), &json!({ "Error": error.text() }), id),
+        // Seed error events keep their name and text; `code` (protocol v2) repeats the name so
+        // every failure has one machine-readable field.
+        Failure::Event(error) => encode_line(
+            error.event(),
+            &json!({ "Error": error.text(), "code": error.event() }),
+            id,
+        ),
+        Failure::Protocol(error) if error.code == ErrorCode::UnknownEvent => encode_line(
+            "error",
+            &json!({
+                "Error": error.text,
+                "code": error.code.as_str(),
+                "events": super::request::event_names(),
+            }),
+            id,
+        ),
         Failure::Protocol(error) => encode_line(
             "error",
             &json!({"Error": error.text, "code": error.code.as_str()}),
@@ -119,14 +178,14 @@ pub fn encode_broadcast(message: &Message) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::errors::{ErrorCode, EventError, ProtocolError};
+    use crate::protocol::errors::{EventError, ProtocolError};
 
     #[test]
     fn seed_error_is_byte_for_byte() {
         let line = encode_failure(&Failure::Event(EventError::NameNotFound), None);
         assert_eq!(
             line,
-            b"{\"event\":\"name_not_found\",\"data\":{\"Error\":\"User could not be found.\"}}\n"
+            b"{\"event\":\"name_not_found\",\"data\":{\"Error\":\"User could not be found.\",\"code\":\"name_not_found\"}}\n"
         );
     }
 

@@ -35,28 +35,43 @@ pub enum EventKind {
     FetchMessages,
     ListGroups,
     Ping,
+    Hello,
+}
+
+/// Every request event, by its wire name (what `hello` and `unknown_event` list).
+pub const EVENTS: [(&str, EventKind); 11] = [
+    ("hello", EventKind::Hello),
+    ("find_user", EventKind::FindUser),
+    ("create_group", EventKind::CreateGroup),
+    ("join_group", EventKind::JoinGroup),
+    ("leave_group", EventKind::LeaveGroup),
+    ("send_message", EventKind::SendMessage),
+    ("visit_group", EventKind::VisitGroup),
+    ("enter_group", EventKind::EnterGroup),
+    ("fetch_messages", EventKind::FetchMessages),
+    ("list_groups", EventKind::ListGroups),
+    ("ping", EventKind::Ping),
+];
+
+/// The wire names of every request event.
+pub fn event_names() -> Vec<&'static str> {
+    EVENTS.iter().map(|(name, _)| *name).collect()
 }
 
 impl EventKind {
     fn from_name(name: &str) -> Option<EventKind> {
-        Some(match name {
-            "find_user" => EventKind::FindUser,
-            "create_group" => EventKind::CreateGroup,
-            "join_group" => EventKind::JoinGroup,
-            "leave_group" => EventKind::LeaveGroup,
-            "send_message" => EventKind::SendMessage,
-            "visit_group" => EventKind::VisitGroup,
-            "enter_group" => EventKind::EnterGroup,
-            "fetch_messages" => EventKind::FetchMessages,
-            "list_groups" => EventKind::ListGroups,
-            "ping" => EventKind::Ping,
-            _ => return None,
-        })
+        EVENTS
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, kind)| *kind)
     }
 
     /// Whether the event may be sent before `find_user` has bound the connection.
     pub fn allowed_before_login(self) -> bool {
-        matches!(self, EventKind::FindUser | EventKind::Ping)
+        matches!(
+            self,
+            EventKind::FindUser | EventKind::Ping | EventKind::Hello
+        )
     }
 }
 
@@ -120,6 +135,7 @@ pub enum Request {
     },
     ListGroups,
     Ping,
+    Hello,
 }
 
 impl Request {
@@ -134,7 +150,7 @@ impl Request {
             | Request::VisitGroup { username, .. }
             | Request::EnterGroup { username, .. }
             | Request::FetchMessages { username, .. } => Some(username),
-            Request::ListGroups | Request::Ping => None,
+            Request::ListGroups | Request::Ping | Request::Hello => None,
         }
     }
 }
@@ -158,8 +174,9 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
             return Err(reject(
                 None,
                 ErrorCode::BadJson,
-                "Request is not valid JSON.",
-            ))
+                // People at a terminal type `help`: tell them what a request looks like.
+                r#"Request is not valid JSON. Send one JSON object per line, e.g. {"event":"hello"} or {"event":"find_user","data":{"username":"alice"}}."#,
+            ));
         }
     };
     let Value::Object(mut object) = value else {
@@ -258,6 +275,7 @@ impl Envelope {
         };
         Ok(match self.kind {
             EventKind::Ping => Request::Ping,
+            EventKind::Hello => Request::Hello,
             EventKind::ListGroups => Request::ListGroups,
             EventKind::FindUser => {
                 let username = name_field(data, "username")?;

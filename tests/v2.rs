@@ -1,0 +1,211 @@
+//! Protocol v2 additions, against the real server: the `hello` handshake, one error shape
+//! (`code` on every failure), `closing` before every server-initiated close, and people typing
+//! at `telnet`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{ug, unique, Backend, Server, Storage};
+use serde_json::{json, Value};
+
+backend_tests!(seed_errors_carry_their_event_name_as_code);
+
+#[test]
+fn hello_reports_the_running_configuration() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(
+        &storage,
+        &[
+            ("MAX_LINE_BYTES", "4096"),
+            ("RATE_LIMIT", "7"),
+            ("IDLE_TIMEOUT_MS", "90000"),
+            ("NODE_ID", "node-x"),
+        ],
+    );
+    let mut client = server.connect();
+    let hello = client.request("hello", json!({}));
+    assert_eq!(hello["event"], "hello", "{hello}");
+    let data = &hello["data"];
+    assert_eq!(data["server"], "noomnim");
+    assert_eq!(data["protocol"], 2);
+    assert_eq!(data["node_id"], "node-x");
+    assert_eq!(data["auth"], "none");
+    assert_eq!(data["tls"], false);
+    assert!(data["version"].is_string());
+    let events: Vec<&str> = data["events"]
+        .as_array()
+        .map(|e| e.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for event in [
+        "hello",
+        "find_user",
+        "send_message",
+        "fetch_messages",
+        "ping",
+    ] {
+        assert!(events.contains(&event), "{event} listed: {events:?}");
+    }
+    let limits = &data["limits"];
+    assert_eq!(limits["max_line_bytes"], 4096);
+    assert_eq!(limits["rate_limit"], 7.0);
+    assert_eq!(limits["idle_timeout_ms"], 90000);
+    assert_eq!(limits["keepalive_hint_ms"], 45000);
+    assert_eq!(limits["max_text_chars"], 4000);
+    assert_eq!(limits["max_name_chars"], 64);
+    assert_eq!(limits["fetch_limit_max"], 100);
+    assert_eq!(limits["max_reply_bytes"], 1 << 20);
+    assert_eq!(limits["login_timeout_ms"], 30000);
+    assert!(limits["max_output_bytes"].is_u64() && limits["rate_burst"].is_number());
+    // hello needs no login and changes nothing: the connection can still log in.
+    let login = client.request("find_user", json!({"username": "after_hello"}));
+    assert_eq!(login["event"], "user_created");
+}
+
+#[test]
+fn unknown_events_list_the_known_ones() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let mut client = server.connect();
+    let reply = client.request("teleport", json!({}));
+    assert_eq!(reply["data"]["code"], "unknown_event");
+    assert!(
+        reply["data"]["events"]
+            .as_array()
+            .is_some_and(|events| events.contains(&json!("hello"))),
+        "{reply}"
+    );
+}
+
+fn seed_errors_carry_their_event_name_as_code(backend: Backend) {
+    let storage = Storage::new(backend);
+    let server = Server::start(&storage);
+    let mut alice = server.login("alice");
+    let group = unique("codes");
+    alice.request("create_group", ug("alice", &group));
+    let cases = [
+        ("create_group", ug("alice", &group), "group_already_created"),
+        (
+            "join_group",
+            ug("alice", "no-such-group"),
+            "group_not_found",
+        ),
+    ];
+    for (event, data, expected) in cases {
+        let reply = alice.request(event, data);
+        assert_eq!(reply["event"], expected, "{reply}");
+        assert_eq!(reply["data"]["code"], expected, "{reply}");
+    }
+    alice.request("visit_group", ug("alice", &group));
+    let reply = alice.request("visit_group", ug("alice", &group));
+    assert_eq!(reply["event"], "already_in_the_group");
+    assert_eq!(
+        reply["data"],
+        json!({"Error": "User is already in selected chatroom.", "code": "already_in_the_group"})
+    );
+    let mut bob = server.login("bob");
+    let reply = bob.request("enter_group", ug("bob", &group));
+    assert_eq!(reply["event"], "not_a_member");
+    assert_eq!(reply["data"]["code"], "not_a_member");
+}
+
+/// The `closing` line a connection gets before the server closes it, then the close.
+fn closing_code(client: &mut common::Client) -> String {
+    loop {
+        match client.recv_or_closed() {
+            Some(line) if line["event"] == "closing" => {
+                let code = line["data"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(line["data"]["Error"].is_string(), "{line}");
+                assert!(client.recv_or_closed().is_none(), "closed after closing");
+                return code;
+            }
+            Some(_) => continue,
+            None => panic!("closed without a closing line"),
+        }
+    }
+}
+
+#[test]
+fn login_and_idle_timeouts_are_announced() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(
+        &storage,
+        &[("LOGIN_TIMEOUT_MS", "1000"), ("IDLE_TIMEOUT_MS", "2500")],
+    );
+    let mut anonymous = server.connect();
+    assert_eq!(closing_code(&mut anonymous), "login_timeout");
+    let mut idle = server.login("idler");
+    assert_eq!(closing_code(&mut idle), "idle_timeout");
+}
+
+#[test]
+fn shutdown_is_announced() {
+    let storage = Storage::new(Backend::Embedded);
+    let mut server = Server::start(&storage);
+    let mut client = server.login("stayer");
+    assert!(client.try_request_ping());
+    assert!(server.terminate().success());
+    assert_eq!(closing_code(&mut client), "shutdown");
+}
+
+#[test]
+fn a_slow_consumer_is_told_why_it_is_cut_off() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(
+        &storage,
+        &[("MAX_OUTPUT_BYTES", "65536"), ("RATE_LIMIT", "0")],
+    );
+    let group = unique("slow");
+    let mut alice = server.login("alice");
+    alice.request("create_group", ug("alice", &group));
+    let mut slow = server.connect_small_window();
+    slow.request("find_user", json!({"username": "slow"}));
+    slow.request("join_group", ug("slow", &group));
+    slow.request("enter_group", ug("slow", &group));
+    let text = "s".repeat(2000);
+    let mut sent = 0;
+    // Until the server gives up on the reader (its socket then reads as closed).
+    while sent < 2000 {
+        alice.send(&json!({"event": "send_message", "data": common::msg("alice", &group, &text), "id": sent}));
+        sent += 1;
+        if sent % 50 == 0 {
+            for _ in 0..50 {
+                assert_eq!(alice.recv()["event"], "message_sent");
+            }
+        }
+    }
+    assert_eq!(closing_code(&mut slow), "slow_consumer");
+}
+
+#[test]
+fn telnet_negotiation_is_refused_and_plain_text_gets_help() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let mut client = server.connect();
+    // What a telnet client sends: IAC DO ECHO, IAC WILL NAWS, then a typed line with "é".
+    client.send_raw(&[255, 253, 1, 255, 251, 31]);
+    client.send_raw("{\"event\":\"find_user\",\"data\":{\"username\":\"Zoé\"}}\r\n".as_bytes());
+    let mut answers = [0u8; 6];
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    client.stream.read_exact(&mut answers).expect("answers");
+    assert_eq!(answers, [255, 252, 1, 255, 254, 31], "WONT ECHO, DONT NAWS");
+    let login = client.recv();
+    assert_eq!(login["event"], "user_created", "{login}");
+    assert_eq!(login["data"]["username"], "Zoé");
+    client.stream.write_all(b"help\r\n").expect("write");
+    let reply = client.recv();
+    assert_eq!(reply["data"]["code"], "bad_json");
+    assert!(
+        reply["data"]["Error"]
+            .as_str()
+            .is_some_and(|text| text.contains(r#"{"event":"hello"}"#)),
+        "{reply}"
+    );
+}
