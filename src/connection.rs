@@ -123,6 +123,9 @@ pub struct Connection {
     pub ticket: u64,
     /// When the request in flight was submitted.
     pub awaiting_since: Instant,
+    /// The latest requests answered `unavailable` by the store timeout (a few are kept: their
+    /// late results must reach the client as broadcasts).
+    timed_out: VecDeque<u64>,
     /// When the client last sent anything (for `IDLE_TIMEOUT_MS`).
     pub last_heard: Instant,
     /// Why the server is cutting this connection off, announced in a `closing` line.
@@ -156,6 +159,7 @@ impl Connection {
             leave_clock_at_submit: 0,
             ticket: 0,
             awaiting_since: opened_at,
+            timed_out: VecDeque::new(),
             last_heard: opened_at,
             closing: None,
             lingering_since: None,
@@ -357,6 +361,19 @@ impl Connection {
     /// Whether the store request numbered `ticket` is the one this connection awaits.
     pub fn awaits(&self, ticket: u64) -> bool {
         self.awaiting.is_some() && self.ticket == ticket
+    }
+
+    /// The request in flight was answered by the store timeout.
+    pub fn give_up_waiting(&mut self) {
+        if self.timed_out.len() >= 16 {
+            self.timed_out.pop_front();
+        }
+        self.timed_out.push_back(self.ticket);
+    }
+
+    /// Whether the request numbered `ticket` was answered by the store timeout.
+    pub fn timed_out(&self, ticket: u64) -> bool {
+        self.timed_out.contains(&ticket)
     }
 
     /// Whether some room lines wait for `settle`.

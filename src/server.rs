@@ -524,8 +524,8 @@ impl Server {
                 continue;
             };
             // The sender gets its own message as the reply to its request, unless that request
-            // was already answered (`unavailable` after the store timeout): then as a broadcast.
-            if matches!(sender, Requester::Connection(asker, ticket) if asker == token && connection.awaits(ticket))
+            // was answered `unavailable` after the store timeout: then as a broadcast.
+            if matches!(sender, Requester::Connection(asker, ticket) if asker == token && !connection.timed_out(ticket))
             {
                 continue;
             }
@@ -863,6 +863,7 @@ impl Server {
                 continue;
             };
             let id = connection.awaiting.take().flatten();
+            connection.give_up_waiting();
             log::warn!(
                 "store call for {} outlived STORE_TIMEOUT_MS",
                 connection.peer

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_seqs_are_one_to_n, fetch_all, free_port, msg, ug, unique, Backend, Client, LocalService,
-    Server, Storage,
+    assert_seqs_are_one_to_n, fetch_all, msg, ug, unique, Backend, Client, PrivateMongo, Server,
+    Storage,
 };
 use serde_json::{json, Value};
 
@@ -77,49 +77,6 @@ fn acked_messages_survive_kill_9(backend: Backend) {
         );
     }
     assert_seqs_are_one_to_n(&stored, stored.len());
-}
-
-/// A private mongoeco server on a fixed port and database file, so it can be restarted.
-struct PrivateMongo {
-    service: LocalService,
-    file: std::path::PathBuf,
-}
-
-impl PrivateMongo {
-    fn start() -> PrivateMongo {
-        let port = free_port();
-        let file = std::env::temp_dir().join(format!("{}.sqlite", unique("mongoeco")));
-        let command = std::env::var("NOOMNIM_TEST_MONGOECO").expect(
-            "NOOMNIM_TEST_MONGOECO is not set: start tools/services.sh (bash .ci/run does)",
-        );
-        let mut parts = command.split_whitespace().map(str::to_string);
-        let program = parts.next().expect("a command");
-        let mut args: Vec<String> = parts.collect();
-        args.extend([
-            "--port".into(),
-            port.to_string(),
-            "--db".into(),
-            file.display().to_string(),
-        ]);
-        PrivateMongo {
-            service: LocalService::start(port, &program, args),
-            file,
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true",
-            self.service.port
-        )
-    }
-}
-
-impl Drop for PrivateMongo {
-    fn drop(&mut self) {
-        self.service.stop();
-        let _ = std::fs::remove_file(&self.file);
-    }
 }
 
 fn send(client: &mut Client, group: &str, text: &str) -> Value {

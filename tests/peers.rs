@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{msg, ug, unique, Backend, Client, LocalService, Server, Storage};
+use common::{msg, ug, unique, Backend, Client, LocalService, PrivateMongo, Server, Storage};
 use serde_json::json;
 
 const INSTANCES: usize = 3;
@@ -173,9 +173,18 @@ fn storm(cluster: Cluster, per_sender: usize, pause: Duration, disturb: impl FnO
     drop(cluster.servers);
 }
 
+/// Storage on a MongoDB of the test's own: the storms are the heaviest MongoDB load of the
+/// suite, and the test server (single-threaded) would otherwise serve two at once.
+fn private_storage(mongo: &PrivateMongo) -> Storage {
+    let mut storage = Storage::new(Backend::Mongo);
+    storage.mongo_uri = Some(mongo.uri());
+    storage
+}
+
 #[test]
 fn three_peers_deliver_every_message_once_in_seq_order() {
-    let storage = Storage::new(Backend::Mongo);
+    let mongo = PrivateMongo::start();
+    let storage = private_storage(&mongo);
     let redis = LocalService::redis();
     let cluster = Cluster::start(&storage, &redis.redis_url());
     storm(cluster, 100, Duration::ZERO, || {});
@@ -183,7 +192,8 @@ fn three_peers_deliver_every_message_once_in_seq_order() {
 
 #[test]
 fn a_redis_restart_mid_storm_loses_and_duplicates_nothing() {
-    let storage = Storage::new(Backend::Mongo);
+    let mongo = PrivateMongo::start();
+    let storage = private_storage(&mongo);
     let mut redis = LocalService::redis();
     let cluster = Cluster::start(&storage, &redis.redis_url());
     storm(cluster, 120, Duration::from_millis(20), || {

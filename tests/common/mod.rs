@@ -42,6 +42,8 @@ pub struct Storage {
     pub backend: Backend,
     pub data_dir: PathBuf,
     pub mongo_db: String,
+    /// A MongoDB of the test's own instead of the shared test server.
+    pub mongo_uri: Option<String>,
 }
 
 impl Storage {
@@ -51,6 +53,7 @@ impl Storage {
             backend,
             data_dir: std::env::temp_dir().join(&name),
             mongo_db: name,
+            mongo_uri: None,
         }
     }
 
@@ -58,7 +61,10 @@ impl Storage {
         match self.backend {
             Backend::Embedded => vec![("DATA_DIR".into(), self.data_dir.display().to_string())],
             Backend::Mongo => vec![
-                ("MONGODB_URI".into(), mongo_uri()),
+                (
+                    "MONGODB_URI".into(),
+                    self.mongo_uri.clone().unwrap_or_else(mongo_uri),
+                ),
                 ("MONGODB_DB".into(), self.mongo_db.clone()),
             ],
         }
@@ -613,4 +619,47 @@ pub fn assert_seqs_are_one_to_n(stored: &[Value], total: usize) {
         (1..=total as u64).collect::<Vec<_>>(),
         "seq is exactly 1..{total}"
     );
+}
+
+/// A private mongoeco server on a fixed port and database file, so it can be restarted.
+pub struct PrivateMongo {
+    pub service: LocalService,
+    file: std::path::PathBuf,
+}
+
+impl PrivateMongo {
+    pub fn start() -> PrivateMongo {
+        let port = free_port();
+        let file = std::env::temp_dir().join(format!("{}.sqlite", unique("mongoeco")));
+        let command = std::env::var("NOOMNIM_TEST_MONGOECO").expect(
+            "NOOMNIM_TEST_MONGOECO is not set: start tools/services.sh (bash .ci/run does)",
+        );
+        let mut parts = command.split_whitespace().map(str::to_string);
+        let program = parts.next().expect("a command");
+        let mut args: Vec<String> = parts.collect();
+        args.extend([
+            "--port".into(),
+            port.to_string(),
+            "--db".into(),
+            file.display().to_string(),
+        ]);
+        PrivateMongo {
+            service: LocalService::start(port, &program, args),
+            file,
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            self.service.port
+        )
+    }
+}
+
+impl Drop for PrivateMongo {
+    fn drop(&mut self) {
+        self.service.stop();
+        let _ = std::fs::remove_file(&self.file);
+    }
 }
