@@ -132,7 +132,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "EMBEDDED_WAL_LIMIT_BYTES",
-        "67108864",
+        "16777216",
         "the embedded store's write-ahead log is checkpointed and truncated past this size",
     ),
     (
@@ -261,7 +261,7 @@ impl Config {
                 wal_limit: parse_positive(
                     get("EMBEDDED_WAL_LIMIT_BYTES"),
                     "EMBEDDED_WAL_LIMIT_BYTES",
-                    64 << 20,
+                    16 << 20,
                 )? as u64,
             },
         };
@@ -459,7 +459,7 @@ mod tests {
             StoreKind::Embedded {
                 data_dir: "./data".into(),
                 durable: true,
-                wal_limit: 64 << 20,
+                wal_limit: 16 << 20,
             }
         );
     }

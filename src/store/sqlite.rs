@@ -155,7 +155,7 @@ impl WriteTx<'_> {
 }
 
 /// How often the checkpointer copies the WAL back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// Starts (once per process) the thread that checkpoints the WAL in the background.
 fn start_checkpointer(path: std::path::PathBuf, wal_limit: u64) {
