@@ -225,7 +225,9 @@ pub fn help_text() -> String {
     for (name, default, what) in VARIABLES {
         out.push_str(&format!("  {name:<24} {what} [default: {default}]\n"));
     }
-    out.push_str("\nProtocol: see docs/ and PROTOCOL.md. Try it with: nc 127.0.0.1 7777\n");
+    out.push_str(
+        "\nProtocol: docs/PROTOCOL.md in the source tree. Try it with: nc 127.0.0.1 7777\n",
+    );
     out
 }
 

@@ -1,6 +1,6 @@
 //! Domain records shared by the store backends, the protocol encoder and the peer relay.
 //!
-//! Field names are the wire names from PROTOCOL.md, so a record serialises straight into a reply.
+//! Field names are the wire names from docs/PROTOCOL.md, so a record serialises straight into a reply.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -113,7 +113,7 @@ pub const MAX_UNREAD_ON_ENTER: u32 = 1000;
 /// Most already-read messages `enter_group` returns.
 pub const MAX_READ_ON_ENTER: u32 = 100;
 
-/// Formats a time as PROTOCOL.md wants: ISO-8601 UTC with milliseconds and a `Z`.
+/// Formats a time as docs/PROTOCOL.md wants: ISO-8601 UTC with milliseconds and a `Z`.
 pub fn format_timestamp(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }

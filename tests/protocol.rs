@@ -1,4 +1,4 @@
-//! One test per event and per error row of PROTOCOL.md, against the real server, on both backends.
+//! One test per event and per error row of docs/PROTOCOL.md, against the real server, on both backends.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The wire protocol of PROTOCOL.md: request decoding, reply encoding and error codes.
+//! The wire protocol of docs/PROTOCOL.md: request decoding, reply encoding and error codes.
 
 pub mod errors;
 pub mod reply;

@@ -1,7 +1,7 @@
 //! Request decoding: one framed line → envelope (event, data, id) → typed, validated `Request`.
 //!
 //! Decoding is split in two so the session check (`not_logged_in`) can run between knowing the
-//! event and validating its fields, as PROTOCOL.md orders the errors.
+//! event and validating its fields, as docs/PROTOCOL.md orders the errors.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
