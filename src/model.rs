@@ -100,6 +100,28 @@ pub struct Visit {
     pub last_read_seq: u64,
 }
 
+/// One membership's read state, as `my_groups` and `mark_read` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupReadState {
+    pub group_name: String,
+    pub group_id: String,
+    pub last_seq: u64,
+    pub last_read_seq: u64,
+    pub unread_count: u64,
+}
+
+impl GroupReadState {
+    pub fn new(group_name: String, group_id: String, last_seq: u64, last_read_seq: u64) -> Self {
+        GroupReadState {
+            group_name,
+            group_id,
+            last_seq,
+            last_read_seq,
+            unread_count: last_seq.saturating_sub(last_read_seq),
+        }
+    }
+}
+
 /// Raise `username`'s read marker in `group_name` to `seq` (never lowers it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadMark {

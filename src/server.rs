@@ -61,7 +61,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// returned (the workers' own timeout answers first when they can).
 const STORE_DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 /// How long a connection the server cut off may take to receive its `closing` line.
-const CLOSING_LINGER: Duration = Duration::from_secs(2);
+const CLOSING_LINGER: Duration = Duration::from_secs(5);
 /// How long a leave is remembered: an `enter_group` submitted before it but completing after
 /// it must not put the user back in the room.
 const LEAVE_MEMORY: Duration = Duration::from_secs(60);

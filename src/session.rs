@@ -140,6 +140,15 @@ fn check_and_plan(
             ProtocolError::new(ErrorCode::NotLoggedIn, "Log in with find_user first.").into(),
         );
     }
+    let mut envelope = envelope;
+    // Protocol v2: after find_user, `username` may be left out and means the bound user.
+    if let Some(bound) = &session.username {
+        if !envelope.data.contains_key("username") && envelope.kind.names_user() {
+            envelope
+                .data
+                .insert("username".into(), serde_json::Value::String(bound.clone()));
+        }
+    }
     let request = envelope.into_request()?;
     if let (Some(bound), Some(named)) = (&session.username, request.username()) {
         if bound != named {
@@ -149,6 +158,16 @@ fn check_and_plan(
     }
     Ok(match request {
         Request::Hello => Planned::Now(Reply::Hello(rules.hello.clone())),
+        Request::MarkRead {
+            username,
+            group_name,
+            seq,
+        } => Planned::Later(StoreOp::MarkReadUpTo(ReadMark {
+            username,
+            group_name,
+            seq,
+        })),
+        Request::MyGroups { username } => Planned::Later(StoreOp::MyGroups { username }),
         Request::Ping => Planned::Now(Reply::Pong {
             time: now_timestamp(),
         }),
@@ -340,6 +359,8 @@ fn success(op: StoreOp, output: StoreOutput) -> (Reply, Effect) {
             (Reply::Messages { group_name, page }, Effect::None)
         }
         (_, StoreOutput::Groups(groups)) => (Reply::Groups(groups), Effect::None),
+        (_, StoreOutput::ReadState(state)) => (Reply::MarkedRead(state), Effect::None),
+        (_, StoreOutput::MyGroups(groups)) => (Reply::MyGroups(groups), Effect::None),
         (op, output) => {
             log::error!("store answered {op:?} with {output:?}");
             (

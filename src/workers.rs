@@ -17,8 +17,8 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::{Token, Waker};
 
 use crate::model::{
-    CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, NewMessage,
-    PageQuery, ReadMark, UserProfile, Visit,
+    CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Message, MessagePage,
+    NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 use crate::store::{fit_messages, Store, StoreError};
 
@@ -61,6 +61,11 @@ pub enum StoreOp {
     },
     /// An implicit read mark (a connection closed in a room).
     MarkRead(ReadMark),
+    /// `mark_read`: raise the marker (clamped to the group's newest seq) and report the state.
+    MarkReadUpTo(ReadMark),
+    MyGroups {
+        username: String,
+    },
     FetchMessages {
         username: String,
         group_name: String,
@@ -99,6 +104,7 @@ impl StoreOp {
                 | StoreOp::JoinGroup { .. }
                 | StoreOp::LeaveGroup { .. }
                 | StoreOp::MarkRead(_)
+                | StoreOp::MarkReadUpTo(_)
         )
     }
 
@@ -112,7 +118,8 @@ impl StoreOp {
             | StoreOp::EnterGroup { group_name, .. }
             | StoreOp::FetchMessages { group_name, .. }
             | StoreOp::MessagesAfter { group_name, .. } => Some(group_name),
-            StoreOp::MarkRead(mark) => Some(&mark.group_name),
+            StoreOp::MarkRead(mark) | StoreOp::MarkReadUpTo(mark) => Some(&mark.group_name),
+            StoreOp::MyGroups { username } => Some(username),
             StoreOp::SendMessage(message) => Some(&message.group_name),
             StoreOp::FindUser { username, .. } => Some(username),
             StoreOp::ListGroups => None,
@@ -133,6 +140,8 @@ pub enum StoreOutput {
     Page(MessagePage),
     Groups(Vec<GroupSummary>),
     Messages(Vec<Message>),
+    ReadState(GroupReadState),
+    MyGroups(Vec<GroupReadState>),
     Done,
 }
 
@@ -407,6 +416,16 @@ fn execute(store: &mut dyn Store, op: &StoreOp) -> Result<StoreOutput, StoreErro
             store.mark_read(std::slice::from_ref(mark))?;
             StoreOutput::Done
         }
+        StoreOp::MarkReadUpTo(mark) => {
+            let before = store.read_state(&mark.username, &mark.group_name)?;
+            let clamped = ReadMark {
+                seq: mark.seq.min(before.last_seq),
+                ..mark.clone()
+            };
+            store.mark_read(std::slice::from_ref(&clamped))?;
+            StoreOutput::ReadState(store.read_state(&mark.username, &mark.group_name)?)
+        }
+        StoreOp::MyGroups { username } => StoreOutput::MyGroups(store.my_groups(username)?),
         StoreOp::FetchMessages {
             username,
             group_name,

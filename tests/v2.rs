@@ -10,7 +10,10 @@ use std::time::Duration;
 use common::{ug, unique, Backend, Server, Storage};
 use serde_json::{json, Value};
 
-backend_tests!(seed_errors_carry_their_event_name_as_code);
+backend_tests!(
+    seed_errors_carry_their_event_name_as_code,
+    read_state_by_seq_with_mark_read_and_my_groups
+);
 
 #[test]
 fn hello_reports_the_running_configuration() {
@@ -167,18 +170,35 @@ fn a_slow_consumer_is_told_why_it_is_cut_off() {
     slow.request("join_group", ug("slow", &group));
     slow.request("enter_group", ug("slow", &group));
     let text = "s".repeat(2000);
-    let mut sent = 0;
-    // Until the server gives up on the reader (its socket then reads as closed).
-    while sent < 2000 {
-        alice.send(&json!({"event": "send_message", "data": common::msg("alice", &group, &text), "id": sent}));
-        sent += 1;
-        if sent % 50 == 0 {
-            for _ in 0..50 {
-                assert_eq!(alice.recv()["event"], "message_sent");
+    let sender = std::thread::spawn(move || {
+        for sent in 0..2000 {
+            alice.send(&json!({"event": "send_message", "data": common::msg("alice", &group, &text), "id": sent}));
+            if sent % 50 == 49 {
+                for _ in 0..50 {
+                    assert_eq!(alice.recv()["event"], "message_sent");
+                }
             }
         }
-    }
-    assert_eq!(closing_code(&mut slow), "slow_consumer");
+    });
+    // A reader slower than the storm: it falls behind, is cut off, and reads on to the end.
+    let code = loop {
+        match slow.recv_or_closed() {
+            Some(line) if line["event"] == "closing" => {
+                assert!(slow.recv_or_closed().is_none(), "closed after closing");
+                break line["data"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            Some(line) => {
+                assert_eq!(line["event"], "message_sent", "{line}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            None => panic!("closed without a closing line"),
+        }
+    };
+    assert_eq!(code, "slow_consumer");
+    sender.join().expect("sender");
 }
 
 #[test]
@@ -208,4 +228,49 @@ fn telnet_negotiation_is_refused_and_plain_text_gets_help() {
             .is_some_and(|text| text.contains(r#"{"event":"hello"}"#)),
         "{reply}"
     );
+}
+
+fn read_state_by_seq_with_mark_read_and_my_groups(backend: Backend) {
+    let storage = Storage::new(backend);
+    let server = Server::start(&storage);
+    let group = unique("marks");
+    let mut alice = server.login("alice");
+    alice.request("create_group", ug("alice", &group));
+    let mut bob = server.login("bob");
+    // `username` may be left out after find_user.
+    let joined = bob.request("join_group", json!({ "group_name": group }));
+    assert_eq!(joined["event"], "join_success", "{joined}");
+    for i in 0..5 {
+        alice.request(
+            "send_message",
+            common::msg("alice", &group, &format!("m{i}")),
+        );
+    }
+    let mine = bob.request("my_groups", json!({}));
+    assert_eq!(
+        mine["data"]["groups"],
+        json!([{"group_name": group, "group_id": joined["data"]["group_id"], "last_seq": 5, "last_read_seq": 0, "unread_count": 5}]),
+        "{mine}"
+    );
+    let marked = bob.request("mark_read", json!({"group_name": group, "seq": 3}));
+    assert_eq!(
+        marked["data"],
+        json!({"group_name": group, "last_read_seq": 3, "unread_count": 2})
+    );
+    let lower = bob.request("mark_read", json!({"group_name": group, "seq": 1}));
+    assert_eq!(lower["data"]["last_read_seq"], 3, "markers never go back");
+    let entered = bob.request("enter_group", json!({ "group_name": group }));
+    let unread: Vec<u64> = entered["data"]["unread"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|m| m["seq"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(unread, vec![4, 5], "enter_group splits by the marker");
+    let clamped = bob.request("mark_read", json!({"group_name": group, "seq": 1000}));
+    assert_eq!(clamped["data"]["last_read_seq"], 5, "clamped to the newest");
+    let stranger = server
+        .login("carol")
+        .request("mark_read", json!({"group_name": group, "seq": 1}));
+    assert_eq!(stranger["data"]["code"], "not_a_member", "{stranger}");
+    let missing = bob.request("mark_read", json!({ "group_name": group }));
+    assert_eq!(missing["data"]["code"], "bad_request");
 }

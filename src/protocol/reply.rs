@@ -6,7 +6,8 @@ use serde_json::value::RawValue;
 
 use super::errors::{ErrorCode, Failure};
 use crate::model::{
-    CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, UserProfile,
+    CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Message, MessagePage,
+    UserProfile,
 };
 
 /// A successful reply to a request.
@@ -38,6 +39,8 @@ pub enum Reply {
     /// The handshake: server identity, running limits and the events it knows (built once
     /// from the configuration, see `hello_data`).
     Hello(std::rc::Rc<serde_json::Value>),
+    MarkedRead(GroupReadState),
+    MyGroups(Vec<GroupReadState>),
 }
 
 /// What the server tells a client in `hello`: identity, capabilities and the running limits.
@@ -140,6 +143,16 @@ pub fn encode_reply(reply: &Reply, id: Option<&RawValue>) -> Vec<u8> {
         Reply::Groups(groups) => encode_line("groups", &json!({ "groups": groups }), id),
         Reply::Pong { time } => encode_line("pong", &json!({ "time": time }), id),
         Reply::Hello(data) => encode_line("hello", data.as_ref(), id),
+        Reply::MarkedRead(state) => encode_line(
+            "marked_read",
+            &json!({
+                "group_name": state.group_name,
+                "last_read_seq": state.last_read_seq,
+                "unread_count": state.unread_count,
+            }),
+            id,
+        ),
+        Reply::MyGroups(groups) => encode_line("my_groups", &json!({ "groups": groups }), id),
     }
 }
 

@@ -36,10 +36,12 @@ pub enum EventKind {
     ListGroups,
     Ping,
     Hello,
+    MarkRead,
+    MyGroups,
 }
 
 /// Every request event, by its wire name (what `hello` and `unknown_event` list).
-pub const EVENTS: [(&str, EventKind); 11] = [
+pub const EVENTS: [(&str, EventKind); 13] = [
     ("hello", EventKind::Hello),
     ("find_user", EventKind::FindUser),
     ("create_group", EventKind::CreateGroup),
@@ -51,6 +53,8 @@ pub const EVENTS: [(&str, EventKind); 11] = [
     ("fetch_messages", EventKind::FetchMessages),
     ("list_groups", EventKind::ListGroups),
     ("ping", EventKind::Ping),
+    ("mark_read", EventKind::MarkRead),
+    ("my_groups", EventKind::MyGroups),
 ];
 
 /// The wire names of every request event.
@@ -64,6 +68,14 @@ impl EventKind {
             .iter()
             .find(|(known, _)| *known == name)
             .map(|(_, kind)| *kind)
+    }
+
+    /// Whether the event's data names the acting user (`username`).
+    pub fn names_user(self) -> bool {
+        !matches!(
+            self,
+            EventKind::FindUser | EventKind::ListGroups | EventKind::Ping | EventKind::Hello
+        )
     }
 
     /// Whether the event may be sent before `find_user` has bound the connection.
@@ -136,6 +148,14 @@ pub enum Request {
     ListGroups,
     Ping,
     Hello,
+    MarkRead {
+        username: String,
+        group_name: String,
+        seq: u64,
+    },
+    MyGroups {
+        username: String,
+    },
 }
 
 impl Request {
@@ -149,7 +169,9 @@ impl Request {
             | Request::SendMessage { username, .. }
             | Request::VisitGroup { username, .. }
             | Request::EnterGroup { username, .. }
-            | Request::FetchMessages { username, .. } => Some(username),
+            | Request::FetchMessages { username, .. }
+            | Request::MarkRead { username, .. }
+            | Request::MyGroups { username } => Some(username),
             Request::ListGroups | Request::Ping | Request::Hello => None,
         }
     }
@@ -276,6 +298,19 @@ impl Envelope {
         Ok(match self.kind {
             EventKind::Ping => Request::Ping,
             EventKind::Hello => Request::Hello,
+            EventKind::MyGroups => Request::MyGroups {
+                username: name_field(data, "username")?,
+            },
+            EventKind::MarkRead => {
+                let (username, group_name) = user_and_group()?;
+                let seq = optional_count(data, "seq")?
+                    .ok_or_else(|| bad_request("Field 'seq' is missing.".to_string()))?;
+                Request::MarkRead {
+                    username,
+                    group_name,
+                    seq,
+                }
+            }
             EventKind::ListGroups => Request::ListGroups,
             EventKind::FindUser => {
                 let username = name_field(data, "username")?;

@@ -10,8 +10,8 @@ use std::fmt;
 
 use crate::config::{Config, StoreKind};
 use crate::model::{
-    CreatedGroup, GroupHistory, GroupRef, GroupSummary, Message, MessagePage, NewMessage,
-    PageQuery, ReadMark, UserProfile, Visit,
+    CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Message, MessagePage,
+    NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 
 /// Why a store call failed.
@@ -87,6 +87,14 @@ pub trait Store: Send {
     /// The timestamp `last_read` becomes now when the mark reaches the group's newest message,
     /// else the marked message's time.
     fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError>;
+    /// One membership's read state (`GroupNotFound`, `NotAMember`); O(1) per group.
+    fn read_state(
+        &mut self,
+        username: &str,
+        group_name: &str,
+    ) -> Result<GroupReadState, StoreError>;
+    /// Every membership of the user with its read state, in joining order; O(1) per group.
+    fn my_groups(&mut self, username: &str) -> Result<Vec<GroupReadState>, StoreError>;
     fn fetch_messages(
         &mut self,
         username: &str,

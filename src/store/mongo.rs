@@ -25,8 +25,8 @@ use mongodb::IndexModel;
 
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
-    format_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member, Message,
-    MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_READ_ON_ENTER,
+    format_timestamp, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Member,
+    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_READ_ON_ENTER,
     MAX_UNREAD_ON_ENTER,
 };
 
@@ -713,6 +713,42 @@ impl Store for MongoStore {
             self.set_read(mark, head_seq)?;
         }
         Ok(())
+    }
+
+    fn read_state(
+        &mut self,
+        username: &str,
+        group_name: &str,
+    ) -> Result<GroupReadState, StoreError> {
+        self.ensure_indexes()?;
+        let group = self.group(group_name)?;
+        let last_read_seq = self.member_read_seq(&group, username)?;
+        let id = group_ref(&group, group_name).group_id;
+        Ok(GroupReadState::new(
+            group_name.to_string(),
+            id,
+            self.head_seq(group_name)?,
+            last_read_seq,
+        ))
+    }
+
+    fn my_groups(&mut self, username: &str) -> Result<Vec<GroupReadState>, StoreError> {
+        self.ensure_indexes()?;
+        let cursor = self
+            .groups
+            .find(doc! {"user.name_ID": username})
+            .max_time(self.max_time)
+            .run()?;
+        let mut states = Vec::new();
+        for group in cursor {
+            let group = group?;
+            let group_name = group.get_str("group_name").unwrap_or_default().to_string();
+            let last_read_seq = self.member_read_seq(&group, username)?;
+            let id = group_ref(&group, &group_name).group_id;
+            let last_seq = self.head_seq(&group_name)?;
+            states.push(GroupReadState::new(group_name, id, last_seq, last_read_seq));
+        }
+        Ok(states)
     }
 
     fn fetch_messages(

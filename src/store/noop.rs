@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{Store, StoreError};
 use crate::model::{
-    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member,
-    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
+    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
+    GroupSummary, Member, Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile,
+    Visit,
 };
 
 #[derive(Default)]
@@ -194,6 +195,26 @@ impl Store for NoopStore {
 
     fn mark_read(&mut self, _: &[ReadMark]) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn read_state(
+        &mut self,
+        username: &str,
+        group_name: &str,
+    ) -> Result<GroupReadState, StoreError> {
+        self.with(|shared| {
+            let head = member_of(shared, username, group_name)?.1;
+            Ok(GroupReadState::new(
+                group_name.to_string(),
+                new_object_id(),
+                head,
+                head,
+            ))
+        })
+    }
+
+    fn my_groups(&mut self, _: &str) -> Result<Vec<GroupReadState>, StoreError> {
+        Ok(Vec::new())
     }
 
     fn fetch_messages(

@@ -8,9 +8,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
-    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupRef, GroupSummary, Member,
-    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_READ_ON_ENTER,
-    MAX_UNREAD_ON_ENTER,
+    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
+    GroupSummary, Member, Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile,
+    Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
@@ -521,6 +521,38 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn read_state(
+        &mut self,
+        username: &str,
+        group_name: &str,
+    ) -> Result<GroupReadState, StoreError> {
+        let id = group_id(&self.connection, group_name)?;
+        let (_, last_read_seq) = member_state(&self.connection, username, group_name)?;
+        let last_seq = head_seq(&self.connection, group_name)?;
+        Ok(GroupReadState::new(
+            group_name.to_string(),
+            id,
+            last_seq,
+            last_read_seq,
+        ))
+    }
+
+    fn my_groups(&mut self, username: &str) -> Result<Vec<GroupReadState>, StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq FROM members m
+             JOIN groups g ON g.group_name = m.group_name WHERE m.username = ?1 ORDER BY m.rowid",
+        )?;
+        let rows = statement.query_map([username], |row| {
+            Ok(GroupReadState::new(
+                row.get(0)?,
+                row.get(1)?,
+                row.get::<_, i64>(2)? as u64,
+                row.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     fn fetch_messages(
