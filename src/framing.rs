@@ -42,11 +42,16 @@ enum Telnet {
     Command,
     /// After IAC and WILL/WONT/DO/DONT: the option byte comes next.
     Option(u8),
-    /// Inside a subnegotiation (IAC SB ... IAC SE).
-    Sub,
+    /// Inside a subnegotiation (IAC SB ... IAC SE), with the bytes seen so far.
+    Sub(usize),
     /// After IAC inside a subnegotiation.
-    SubCommand,
+    SubCommand(usize),
 }
+
+/// Longest subnegotiation accepted; real ones (window size, terminal type) are a few bytes. A
+/// stray `IAC SB` in garbage must not make the connection deaf: past this, or at a newline,
+/// the framer is back to plain data.
+const MAX_SUBNEGOTIATION: usize = 64;
 
 /// Accumulates bytes across reads and cuts them into frames.
 #[derive(Debug)]
@@ -82,13 +87,18 @@ impl LineFramer {
         let mut data = Vec::with_capacity(bytes.len());
         for &byte in bytes {
             self.telnet = match (self.telnet, byte) {
+                // A newline always ends a line: no telnet command spans one.
+                (_, b'\n') => {
+                    data.push(byte);
+                    Telnet::Data
+                }
                 (Telnet::Data, IAC) => Telnet::Command,
                 (Telnet::Data, _) => {
                     data.push(byte);
                     Telnet::Data
                 }
                 (Telnet::Command, WILL | WONT | DO | DONT) => Telnet::Option(byte),
-                (Telnet::Command, SB) => Telnet::Sub,
+                (Telnet::Command, SB) => Telnet::Sub(0),
                 // IAC IAC is a literal 0xFF: not valid in a JSON line, so it stays out too.
                 (Telnet::Command, _) => Telnet::Data,
                 (Telnet::Option(command), option) => {
@@ -99,10 +109,13 @@ impl LineFramer {
                     }
                     Telnet::Data
                 }
-                (Telnet::Sub, IAC) => Telnet::SubCommand,
-                (Telnet::Sub, _) => Telnet::Sub,
-                (Telnet::SubCommand, SE) => Telnet::Data,
-                (Telnet::SubCommand, _) => Telnet::Sub,
+                (Telnet::Sub(n) | Telnet::SubCommand(n), _) if n >= MAX_SUBNEGOTIATION => {
+                    Telnet::Data
+                }
+                (Telnet::Sub(n), IAC) => Telnet::SubCommand(n + 1),
+                (Telnet::Sub(n), _) => Telnet::Sub(n + 1),
+                (Telnet::SubCommand(_), SE) => Telnet::Data,
+                (Telnet::SubCommand(n), _) => Telnet::Sub(n + 1),
             };
         }
         self.feed_data(&data, out);
@@ -211,6 +224,24 @@ mod tests {
             Some(vec![IAC, WONT, 1, IAC, DONT, 3])
         );
         assert_eq!(framer.take_telnet_answers(), None);
+    }
+
+    #[test]
+    fn garbage_telnet_commands_never_swallow_the_next_line() {
+        let mut framer = LineFramer::new(100);
+        let mut out = Vec::new();
+        framer.feed(&[b'x', IAC, SB, b'y', b'\n'], &mut out);
+        framer.feed(b"ping\n", &mut out);
+        framer.feed(&[IAC, DO, b'\n', b'a', b'\n'], &mut out);
+        framer.feed(&[IAC, SB], &mut out);
+        framer.feed(&[b'z'; 100], &mut out);
+        framer.feed(b"\nok\n", &mut out);
+        // Past 64 bytes a subnegotiation is given up: the rest of that line is data.
+        let rest = "z".repeat(35);
+        assert_eq!(
+            out,
+            vec![line("x"), line("ping"), line("a"), line(&rest), line("ok")]
+        );
     }
 
     #[test]
