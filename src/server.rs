@@ -221,7 +221,7 @@ impl Server {
             self.take_peer_events();
             self.check_tails();
             self.start_catch_ups();
-            self.sweep_logins();
+            self.sweep();
             self.service_touched();
             if self.shutdown_step() {
                 break;
@@ -780,6 +780,15 @@ fn rules_of(config: &Config) -> Rules {
     }
 }
 
+/// What the sweep found due on a connection.
+enum Overdue {
+    /// Its `closing` line had `CLOSING_LINGER` to be written.
+    Lingered,
+    Timeout(Closing),
+    /// Its store call outlived `STORE_TIMEOUT_MS`.
+    StoreCall,
+}
+
 /// The `closing` line announcing why the server closes a connection.
 fn encode_closing(reason: Closing) -> Vec<u8> {
     crate::protocol::reply::encode_line(
@@ -799,83 +808,81 @@ fn count_reply(metrics: &mut Metrics, line: &[u8]) {
 }
 
 impl Server {
-    /// Closes connections that never logged in within `LOGIN_TIMEOUT_MS`.
-    fn sweep_logins(&mut self) {
+    /// Once per `SWEEP_EVERY`, in one pass over the connections: closes those past the login or
+    /// idle timeout, answers requests whose store call outlived `STORE_TIMEOUT_MS`, and drops
+    /// connections that lingered too long for their `closing` line; also forgets old leaves
+    /// and idle metrics clients.
+    fn sweep(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.last_sweep) < SWEEP_EVERY {
             return;
         }
         self.last_sweep = now;
-        let memory = LEAVE_MEMORY;
         self.recent_leaves
-            .retain(|_, (_, seen)| now.duration_since(*seen) < memory);
+            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
         self.expire_metrics_clients(now);
         let login_timeout = self.config.login_timeout;
         let idle_timeout = self.config.idle_timeout;
-        let expired: Vec<(Token, Closing)> = self
+        let store_limit = self.config.store_timeout + STORE_DEADLINE_MARGIN;
+        let due: Vec<(Token, Overdue)> = self
             .connections
             .iter()
             .filter_map(|(token, c)| {
-                if c.session.username.is_none() && now.duration_since(c.opened_at) > login_timeout {
-                    Some((*token, Closing::LoginTimeout))
-                } else if idle_timeout.is_some_and(|idle| now.duration_since(c.last_heard) > idle) {
-                    Some((*token, Closing::IdleTimeout))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for (token, reason) in expired {
-            if let Some(connection) = self.connections.get_mut(&token) {
-                log::info!("closing {}: {}", connection.peer, reason.code());
-                connection.closing = Some(reason);
-            }
-            self.close(token);
-        }
-        self.expire_store_waits(now);
-        let lingered: Vec<Token> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| {
-                c.lingering_since
+                let overdue = if c
+                    .lingering_since
                     .is_some_and(|t| now.duration_since(t) > CLOSING_LINGER)
+                {
+                    Overdue::Lingered
+                } else if c.session.username.is_none()
+                    && now.duration_since(c.opened_at) > login_timeout
+                {
+                    Overdue::Timeout(Closing::LoginTimeout)
+                } else if idle_timeout.is_some_and(|idle| now.duration_since(c.last_heard) > idle) {
+                    Overdue::Timeout(Closing::IdleTimeout)
+                } else if c.awaiting.is_some() && now.duration_since(c.awaiting_since) > store_limit
+                {
+                    Overdue::StoreCall
+                } else {
+                    return None;
+                };
+                Some((*token, overdue))
             })
-            .map(|(token, _)| *token)
             .collect();
-        for token in lingered {
-            self.close_now(token);
+        for (token, overdue) in due {
+            match overdue {
+                Overdue::Lingered => self.close_now(token),
+                Overdue::Timeout(reason) => {
+                    if let Some(connection) = self.connections.get_mut(&token) {
+                        log::info!("closing {}: {}", connection.peer, reason.code());
+                        connection.closing = Some(reason);
+                    }
+                    self.close(token);
+                }
+                Overdue::StoreCall => self.answer_overdue_store_call(token),
+            }
         }
     }
 
-    /// Answers `unavailable` to requests whose store call outlived `STORE_TIMEOUT_MS`: the
+    /// Answers `unavailable` to a request whose store call outlived `STORE_TIMEOUT_MS`: the
     /// workers cannot interrupt a database call, so the loop keeps the promise itself. A late
     /// result is then dropped (a message it stored is still broadcast, to its sender too).
-    fn expire_store_waits(&mut self, now: Instant) {
-        let limit = self.config.store_timeout + STORE_DEADLINE_MARGIN;
-        let expired: Vec<Token> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| c.awaiting.is_some() && now.duration_since(c.awaiting_since) > limit)
-            .map(|(token, _)| *token)
-            .collect();
-        for token in expired {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            let id = connection.awaiting.take().flatten();
-            connection.give_up_waiting();
-            log::warn!(
-                "store call for {} outlived STORE_TIMEOUT_MS",
-                connection.peer
-            );
-            self.metrics.error(ErrorCode::Unavailable);
-            let error = ProtocolError::new(
-                ErrorCode::Unavailable,
-                "The store did not answer within STORE_TIMEOUT_MS; the request may not have been carried out.",
-            );
-            connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
-            self.touched.push(token);
-        }
+    fn answer_overdue_store_call(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let id = connection.awaiting.take().flatten();
+        connection.give_up_waiting();
+        log::warn!(
+            "store call for {} outlived STORE_TIMEOUT_MS",
+            connection.peer
+        );
+        self.metrics.error(ErrorCode::Unavailable);
+        let error = ProtocolError::new(
+            ErrorCode::Unavailable,
+            "The store did not answer within STORE_TIMEOUT_MS; the request may not have been carried out.",
+        );
+        connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
+        self.touched.push(token);
     }
 
     /// In peer mode, asks every occupied room to look for messages it was never relayed.
