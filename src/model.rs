@@ -15,6 +15,9 @@ pub struct Message {
     pub text: String,
     pub timestamp: String,
     pub seq: u64,
+    /// The sender's idempotency key (`send_message {client_msg_id}`), when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
 }
 
 /// A message waiting to be stored.
@@ -23,6 +26,33 @@ pub struct NewMessage {
     pub group_name: String,
     pub username: String,
     pub text: String,
+    /// At most one message is ever stored per (username, client_msg_id).
+    pub client_msg_id: Option<String>,
+}
+
+/// The outcome of storing one `NewMessage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub message: Message,
+    /// The sender already stored a message under this `client_msg_id`: `message` is that
+    /// original, and nothing new was stored (so nothing is broadcast).
+    pub duplicate: bool,
+}
+
+impl Appended {
+    pub fn new(message: Message) -> Appended {
+        Appended {
+            message,
+            duplicate: false,
+        }
+    }
+
+    pub fn duplicate(message: Message) -> Appended {
+        Appended {
+            message,
+            duplicate: true,
+        }
+    }
 }
 
 /// A group member entry, shaped like the original backend's `groups.user` items.
@@ -60,8 +90,39 @@ pub struct GroupRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GroupSummary {
     pub group_name: String,
-    pub members: Vec<String>,
+    pub member_count: u64,
+    /// v1's member list, kept only while it has at most `MAX_LISTED_MEMBERS` names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<String>>,
 }
+
+impl GroupSummary {
+    /// A row from the group's full member list (in joining order).
+    pub fn new(group_name: String, members: Vec<String>) -> GroupSummary {
+        GroupSummary {
+            group_name,
+            member_count: members.len() as u64,
+            members: (members.len() <= MAX_LISTED_MEMBERS).then_some(members),
+        }
+    }
+}
+
+/// A page of `list_groups`, by group name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupsPage {
+    pub groups: Vec<GroupSummary>,
+    pub has_more: bool,
+}
+
+/// Which page of `list_groups`: groups named after `after` (byte order), at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupsQuery {
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+/// Groups with more members than this list only `member_count` in `list_groups`.
+pub const MAX_LISTED_MEMBERS: usize = 100;
 
 /// History returned by `enter_group`, both lists oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +135,8 @@ pub struct GroupHistory {
     /// The member's `last_read_seq` after entering: everything up to it was in this reply or
     /// read before. Below `head_seq` when the unread list was cut short (`unread_has_more`).
     pub read_seq: u64,
+    /// The group's seq numbering identity (see `MessagePage::epoch`).
+    pub epoch: String,
 }
 
 /// A page of `fetch_messages`.
@@ -81,6 +144,9 @@ pub struct GroupHistory {
 pub struct MessagePage {
     pub messages: Vec<Message>,
     pub has_more: bool,
+    /// Changes if and only if the group's `seq` numbering restarted: it is the group's id,
+    /// which a re-created group or a replaced store does not share.
+    pub epoch: String,
 }
 
 /// Which page of a group's history `fetch_messages` wants.

@@ -381,6 +381,7 @@ mod tests {
             text: "hi\n\"there\"".into(),
             timestamp: "2026-11-25T00:00:00.000Z".into(),
             seq: 9,
+            client_msg_id: Some("k-1".into()),
         };
         let bytes = serde_json::to_vec(&Envelope {
             node: "a".into(),

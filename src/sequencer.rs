@@ -254,6 +254,7 @@ mod tests {
             text: format!("m{seq}"),
             timestamp: "2026-11-25T00:00:00.000Z".into(),
             seq,
+            client_msg_id: None,
         }
     }
 

@@ -19,8 +19,8 @@ use crate::config::{Config, StoreKind};
 use crate::connection::{Chunk, Closing, Connection, ReadState};
 use crate::limits::PerIp;
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient};
-use crate::model::Message;
 use crate::model::ReadMark;
+use crate::model::{Appended, Message};
 use crate::peer::{channel_for, Departure, PeerEvent, PeerLink};
 use crate::protocol::{
     encode_broadcast, encode_failure, hello_data, ErrorCode, HelloInfo, ProtocolError,
@@ -394,7 +394,12 @@ impl Server {
             elapsed,
         } = completion;
         self.metrics.store_latency(elapsed);
-        if let Ok(StoreOutput::Stored(message)) = &result {
+        // A `client_msg_id` repeat stored nothing: only its sender hears of it, in the ack.
+        if let Ok(StoreOutput::Stored(Appended {
+            message,
+            duplicate: false,
+        })) = &result
+        {
             self.metrics.messages_stored += 1;
             if let Some(peer) = &self.peer {
                 peer.publish(message);

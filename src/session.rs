@@ -175,7 +175,7 @@ fn check_and_plan(
             username,
             new_name: new_name.err(),
         }),
-        Request::ListGroups => Planned::Later(StoreOp::ListGroups),
+        Request::ListGroups(query) => Planned::Later(StoreOp::ListGroups(query)),
         Request::CreateGroup {
             username,
             group_name,
@@ -202,10 +202,12 @@ fn check_and_plan(
             username,
             group_name,
             text,
+            client_msg_id,
         } => Planned::Later(StoreOp::SendMessage(NewMessage {
             group_name,
             username,
             text,
+            client_msg_id,
         })),
         Request::VisitGroup {
             username,
@@ -294,7 +296,11 @@ pub fn complete(
 /// Which group messages a reply shows the client (history pages and the sender's own ack).
 fn shown_messages(reply: &Reply) -> Option<(String, u64, u64)> {
     match reply {
-        Reply::MessageSent(message) => Some((message.group_name.clone(), message.seq, message.seq)),
+        Reply::MessageSent(sent) => Some((
+            sent.message.group_name.clone(),
+            sent.message.seq,
+            sent.message.seq,
+        )),
         Reply::Messages { group_name, page } => {
             let (first, last) = (page.messages.first()?, page.messages.last()?);
             Some((group_name.clone(), first.seq, last.seq))
@@ -328,7 +334,7 @@ fn success(op: StoreOp, output: StoreOutput) -> (Reply, Effect) {
                 group_name,
             },
         ),
-        (_, StoreOutput::Stored(message)) => (Reply::MessageSent(message), Effect::None),
+        (_, StoreOutput::Stored(sent)) => (Reply::MessageSent(sent), Effect::None),
         (
             StoreOp::VisitGroup {
                 username,
@@ -466,6 +472,7 @@ mod tests {
             text: "x".into(),
             timestamp: String::new(),
             seq: 5,
+            client_msg_id: None,
         };
         assert!(!receives(&session, &message));
         message.seq = 6;

@@ -17,8 +17,8 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::{Token, Waker};
 
 use crate::model::{
-    CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Message, MessagePage,
-    NewMessage, PageQuery, ReadMark, UserProfile, Visit,
+    Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
+    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 use crate::store::{fit_messages, Store, StoreError};
 
@@ -72,7 +72,7 @@ pub enum StoreOp {
         page: PageQuery,
         reply_budget: usize,
     },
-    ListGroups,
+    ListGroups(GroupsQuery),
     MessagesAfter {
         group_name: String,
         after_seq: u64,
@@ -122,7 +122,7 @@ impl StoreOp {
             StoreOp::MyGroups { username } => Some(username),
             StoreOp::SendMessage(message) => Some(&message.group_name),
             StoreOp::FindUser { username, .. } => Some(username),
-            StoreOp::ListGroups => None,
+            StoreOp::ListGroups(_) => None,
         }
     }
 }
@@ -134,11 +134,11 @@ pub enum StoreOutput {
     GroupCreated(CreatedGroup),
     Joined(GroupRef),
     Left(GroupRef),
-    Stored(Message),
+    Stored(Appended),
     Visited(Visit),
     Entered(GroupHistory),
     Page(MessagePage),
-    Groups(Vec<GroupSummary>),
+    Groups(GroupsPage),
     Messages(Vec<Message>),
     ReadState(GroupReadState),
     MyGroups(Vec<GroupReadState>),
@@ -441,7 +441,7 @@ fn execute(store: &mut dyn Store, op: &StoreOp) -> Result<StoreOutput, StoreErro
             found.has_more |= cut;
             StoreOutput::Page(found)
         }
-        StoreOp::ListGroups => StoreOutput::Groups(store.list_groups()?),
+        StoreOp::ListGroups(query) => StoreOutput::Groups(store.list_groups(query)?),
         StoreOp::MessagesAfter {
             group_name,
             after_seq,
@@ -471,6 +471,7 @@ mod tests {
             group_name: group.into(),
             username: "u".into(),
             text: "t".into(),
+            client_msg_id: None,
         })
     }
 

@@ -294,3 +294,43 @@ fn a_stored_but_unrelayed_message_still_reaches_other_peers() {
     assert_eq!(line["data"]["text"], "never relayed");
     assert_eq!(line["data"]["seq"], 1);
 }
+
+/// Issue 13: the same user on two instances sends the same keys at once (a client that moved
+/// to another instance and retried). Each key is stored once, both senders get the same
+/// message, and the room on each instance sees every message once, in order.
+#[test]
+fn keyed_sends_racing_on_two_peers_are_stored_and_delivered_once() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let (a, b) = two_peers(&storage, &redis.redis_url());
+    let group = unique("keyed");
+    let mut carol = a.login("carol");
+    carol.request("create_group", ug("carol", &group));
+    let mut alice_a = a.login("alice");
+    alice_a.request("join_group", ug("alice", &group));
+    carol.request("enter_group", ug("carol", &group));
+    let mut dave = b.login("dave");
+    dave.request("join_group", ug("dave", &group));
+    dave.request("enter_group", ug("dave", &group));
+    let mut alice_b = b.login("alice");
+
+    let keys: Vec<String> = (1..=30).map(|i| format!("p-{i}")).collect();
+    let racer = {
+        let (keys, group) = (keys.clone(), group.clone());
+        std::thread::spawn(move || common::send_keyed(&mut alice_b, &group, &keys))
+    };
+    let on_a = common::send_keyed(&mut alice_a, &group, &keys);
+    let on_b = racer.join().expect("racer");
+    for (x, y) in on_a.iter().zip(&on_b) {
+        assert_eq!(x["_id"], y["_id"], "one message per key: {x} {y}");
+    }
+    alice_a.request("send_message", common::keyed_msg(&group, "end", "end"));
+    for (name, observer) in [("carol", &mut carol), ("dave", &mut dave)] {
+        let seqs: Vec<u64> = common::broadcasts_until(observer, "end")
+            .iter()
+            .filter_map(|m| m["seq"].as_u64())
+            .collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "{name}");
+    }
+    assert_eq!(common::fetch_all(&mut carol, "carol", &group).len(), 31);
+}

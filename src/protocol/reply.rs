@@ -6,8 +6,8 @@ use serde_json::value::RawValue;
 
 use super::errors::{ErrorCode, Failure};
 use crate::model::{
-    CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Message, MessagePage,
-    UserProfile,
+    Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, Message,
+    MessagePage, UserProfile,
 };
 
 /// A successful reply to a request.
@@ -18,7 +18,8 @@ pub enum Reply {
     GroupCreated(CreatedGroup),
     JoinSuccess(GroupRef),
     LeaveSuccess(GroupRef),
-    MessageSent(Message),
+    /// The sender's ack: the stored message, or the original of a `client_msg_id` repeat.
+    MessageSent(Appended),
     UserVisited {
         username: String,
         group_name: String,
@@ -32,7 +33,7 @@ pub enum Reply {
         group_name: String,
         page: MessagePage,
     },
-    Groups(Vec<GroupSummary>),
+    Groups(GroupsPage),
     Pong {
         time: String,
     },
@@ -111,7 +112,20 @@ pub fn encode_reply(reply: &Reply, id: Option<&RawValue>) -> Vec<u8> {
         Reply::GroupCreated(group) => encode_line("group_created", group, id),
         Reply::JoinSuccess(group) => encode_line("join_success", group, id),
         Reply::LeaveSuccess(group) => encode_line("leave_success", group, id),
-        Reply::MessageSent(message) => encode_line("message_sent", message, id),
+        Reply::MessageSent(sent) if sent.duplicate => {
+            #[derive(Serialize)]
+            struct Repeat<'a> {
+                #[serde(flatten)]
+                message: &'a Message,
+                duplicate: bool,
+            }
+            let data = Repeat {
+                message: &sent.message,
+                duplicate: true,
+            };
+            encode_line("message_sent", &data, id)
+        }
+        Reply::MessageSent(sent) => encode_line("message_sent", &sent.message, id),
         Reply::UserVisited {
             username,
             group_name,
@@ -133,14 +147,24 @@ pub fn encode_reply(reply: &Reply, id: Option<&RawValue>) -> Vec<u8> {
                 "unread": history.unread,
                 "read": history.read,
                 "unread_has_more": history.unread_has_more,
+                "epoch": history.epoch,
             });
             encode_line("enter_group", &data, id)
         }
         Reply::Messages { group_name, page } => {
-            let data = json!({"group_name": group_name, "messages": page.messages, "has_more": page.has_more});
+            let data = json!({
+                "group_name": group_name,
+                "messages": page.messages,
+                "has_more": page.has_more,
+                "epoch": page.epoch,
+            });
             encode_line("messages", &data, id)
         }
-        Reply::Groups(groups) => encode_line("groups", &json!({ "groups": groups }), id),
+        Reply::Groups(page) => encode_line(
+            "groups",
+            &json!({ "groups": page.groups, "has_more": page.has_more }),
+            id,
+        ),
         Reply::Pong { time } => encode_line("pong", &json!({ "time": time }), id),
         Reply::Hello(data) => encode_line("hello", data.as_ref(), id),
         Reply::MarkedRead(state) => encode_line(
@@ -223,6 +247,7 @@ mod tests {
             text: "two\nlines".into(),
             timestamp: "t".into(),
             seq: 1,
+            client_msg_id: None,
         };
         let line = encode_broadcast(&message);
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);

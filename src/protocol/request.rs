@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use unicode_normalization::{is_nfc, UnicodeNormalization};
 
 use super::errors::{ErrorCode, ProtocolError};
-use crate::model::PageQuery;
+use crate::model::{GroupsQuery, PageQuery};
 
 /// Longest `text` of a message, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
@@ -18,6 +18,8 @@ pub const MAX_NAME_CHARS: usize = 64;
 /// Default and largest `limit` of `fetch_messages`.
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 pub const MAX_PAGE_LIMIT: u32 = 100;
+/// Longest `client_msg_id`, in characters.
+pub const MAX_CLIENT_MSG_ID_CHARS: usize = 64;
 
 /// Largest `seq` / count a request may carry (seqs are signed 64-bit in both stores).
 pub const MAX_COUNT: u64 = i64::MAX as u64;
@@ -131,6 +133,7 @@ pub enum Request {
         username: String,
         group_name: String,
         text: String,
+        client_msg_id: Option<String>,
     },
     VisitGroup {
         username: String,
@@ -145,7 +148,7 @@ pub enum Request {
         group_name: String,
         page: PageQuery,
     },
-    ListGroups,
+    ListGroups(GroupsQuery),
     Ping,
     Hello,
     MarkRead {
@@ -172,7 +175,7 @@ impl Request {
             | Request::FetchMessages { username, .. }
             | Request::MarkRead { username, .. }
             | Request::MyGroups { username } => Some(username),
-            Request::ListGroups | Request::Ping | Request::Hello => None,
+            Request::ListGroups(_) | Request::Ping | Request::Hello => None,
         }
     }
 }
@@ -311,7 +314,7 @@ impl Envelope {
                     seq,
                 }
             }
-            EventKind::ListGroups => Request::ListGroups,
+            EventKind::ListGroups => Request::ListGroups(groups_query(data)?),
             EventKind::FindUser => {
                 let username = name_field(data, "username")?;
                 Request::FindUser {
@@ -361,6 +364,7 @@ impl Envelope {
                     username,
                     group_name,
                     text: text_field(data)?,
+                    client_msg_id: client_msg_id_field(data)?,
                 }
             }
             EventKind::FetchMessages => {
@@ -464,6 +468,32 @@ fn text_field(data: &Map<String, Value>) -> Result<String, ProtocolError> {
     Ok(text.to_string())
 }
 
+/// `send_message`'s optional idempotency key: a string of 1-`MAX_CLIENT_MSG_ID_CHARS` characters.
+fn client_msg_id_field(data: &Map<String, Value>) -> Result<Option<String>, ProtocolError> {
+    match data.get("client_msg_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) if (1..=MAX_CLIENT_MSG_ID_CHARS).contains(&id.chars().count()) => {
+            Ok(Some(id.clone()))
+        }
+        Some(_) => Err(bad_request(format!(
+            "Field 'client_msg_id' must be a string of 1-{MAX_CLIENT_MSG_ID_CHARS} characters."
+        ))),
+    }
+}
+
+/// `list_groups {after?, limit?}`: groups named after `after`, at most `limit` (default 100).
+fn groups_query(data: &Map<String, Value>) -> Result<GroupsQuery, ProtocolError> {
+    let after = match data.get("after") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(after)) => Some(after.clone()),
+        Some(_) => return Err(bad_request("Field 'after' must be a string.".to_string())),
+    };
+    Ok(GroupsQuery {
+        after,
+        limit: limit_field(data, MAX_PAGE_LIMIT)?,
+    })
+}
+
 fn optional_count(data: &Map<String, Value>, name: &str) -> Result<Option<u64>, ProtocolError> {
     match data.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -481,20 +511,22 @@ fn optional_count(data: &Map<String, Value>, name: &str) -> Result<Option<u64>, 
     }
 }
 
+/// A page size: 1-`MAX_PAGE_LIMIT`, `default` when absent.
+fn limit_field(data: &Map<String, Value>, default: u32) -> Result<u32, ProtocolError> {
+    match optional_count(data, "limit") {
+        Ok(None) => Ok(default),
+        Ok(Some(limit)) if (1..=u64::from(MAX_PAGE_LIMIT)).contains(&limit) => Ok(limit as u32),
+        _ => Err(bad_request(format!(
+            "Field 'limit' must be a whole number 1-{MAX_PAGE_LIMIT}."
+        ))),
+    }
+}
+
 fn page_fields(data: &Map<String, Value>) -> Result<PageQuery, ProtocolError> {
-    let limit = match optional_count(data, "limit") {
-        Ok(None) => DEFAULT_PAGE_LIMIT,
-        Ok(Some(limit)) if (1..=u64::from(MAX_PAGE_LIMIT)).contains(&limit) => limit as u32,
-        _ => {
-            return Err(bad_request(format!(
-                "Field 'limit' must be a whole number 1-{MAX_PAGE_LIMIT}."
-            )))
-        }
-    };
     Ok(PageQuery {
         before_seq: optional_count(data, "before_seq")?,
         after_seq: optional_count(data, "after_seq")?,
-        limit,
+        limit: limit_field(data, DEFAULT_PAGE_LIMIT)?,
     })
 }
 
@@ -530,7 +562,8 @@ mod tests {
             Ok(Request::SendMessage {
                 username: "a".into(),
                 group_name: "g".into(),
-                text: "hi".into()
+                text: "hi".into(),
+                client_msg_id: None,
             })
         );
     }

@@ -1,13 +1,21 @@
 //! Behaviour every `Store` backend must have, checked against a real backend instance.
 
 use super::{Store, StoreError};
-use crate::model::{NewMessage, PageQuery, ReadMark};
+use crate::model::{GroupsQuery, NewMessage, PageQuery, ReadMark, MAX_LISTED_MEMBERS};
 
 fn message(group: &str, user: &str, text: &str) -> NewMessage {
     NewMessage {
         group_name: group.into(),
         username: user.into(),
         text: text.into(),
+        client_msg_id: None,
+    }
+}
+
+fn message_with_id(group: &str, user: &str, text: &str, id: &str) -> NewMessage {
+    NewMessage {
+        client_msg_id: Some(id.into()),
+        ..message(group, user, text)
     }
 }
 
@@ -21,6 +29,144 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_history(store, &alice, &group);
     check_read_marks(store, &alice, &bob, &group);
     check_creation_limits(store, prefix);
+    check_idempotent_sends(store, prefix);
+    check_group_pages(store, prefix);
+}
+
+/// At most one message per (username, client_msg_id): repeats, in a later batch or the same
+/// one, get the original back marked `duplicate`, take no seq and are not stored.
+fn check_idempotent_sends(store: &mut dyn Store, prefix: &str) {
+    let (dave, erin) = (format!("{prefix}dave"), format!("{prefix}erin"));
+    let group = format!("{prefix}retries");
+    store.find_or_create_user(&dave, true).expect("dave");
+    store.find_or_create_user(&erin, true).expect("erin");
+    store.create_group(&dave, &group, 0).expect("group");
+    let joined = store.join_group(&erin, &group).expect("erin joins");
+    let entered = store
+        .enter_group(&erin, &group, None, 1 << 20)
+        .expect("enter");
+    assert_eq!(
+        entered.epoch, joined.group_id,
+        "the epoch is the group's identity"
+    );
+    let first = store.append_messages(&[message_with_id(&group, &dave, "hi", "k1")]);
+    let original = first[0].clone().expect("stored");
+    assert!(!original.duplicate);
+    assert_eq!(original.message.client_msg_id.as_deref(), Some("k1"));
+    let batch = vec![
+        message_with_id(&group, &dave, "hi again", "k1"),
+        message_with_id(&group, &dave, "two", "k2"),
+        message_with_id(&group, &dave, "two, retried in the same batch", "k2"),
+        message_with_id(&group, &erin, "same id, other sender", "k1"),
+        message(&group, &dave, "no id"),
+        message(&group, &dave, "no id"),
+    ];
+    let results: Vec<_> = store
+        .append_messages(&batch)
+        .into_iter()
+        .map(|r| r.expect("stored or found"))
+        .collect();
+    assert_eq!(
+        results[0],
+        crate::model::Appended::duplicate(original.message.clone())
+    );
+    assert!(!results[1].duplicate);
+    assert!(results[2].duplicate, "a repeat within one batch");
+    assert_eq!(results[2].message, results[1].message);
+    assert!(!results[3].duplicate, "ids are per sender");
+    assert!(!results[4].duplicate && !results[5].duplicate);
+    let seqs: Vec<u64> = results
+        .iter()
+        .filter(|r| !r.duplicate)
+        .map(|r| r.message.seq)
+        .collect();
+    assert_eq!(seqs, vec![2, 3, 4, 5], "repeats take no seq");
+    let stored = store.messages_after(&group, 0, 100).expect("history");
+    assert_eq!(stored.len(), 5);
+    let page = store
+        .fetch_messages(
+            &erin,
+            &group,
+            PageQuery {
+                before_seq: None,
+                after_seq: None,
+                limit: 10,
+            },
+        )
+        .expect("page");
+    assert_eq!(page.epoch, joined.group_id);
+    assert_eq!(stored[0].client_msg_id.as_deref(), Some("k1"));
+    store.leave_group(&dave, &group).expect("dave leaves");
+    let retry = store.append_messages(&[message_with_id(&group, &dave, "late retry", "k2")]);
+    assert_eq!(
+        retry[0].as_ref().map(|r| (r.duplicate, r.message.seq)),
+        Ok((true, 2)),
+        "a retry after leaving still gets its original"
+    );
+    let stranger = store.append_messages(&[message_with_id(&group, &dave, "new", "k9")]);
+    assert_eq!(stranger[0], Err(StoreError::NotAMember));
+}
+
+/// `list_groups` pages by name with a member count; big groups leave out the member list.
+fn check_group_pages(store: &mut dyn Store, prefix: &str) {
+    let owner = format!("{prefix}pager");
+    store.find_or_create_user(&owner, true).expect("owner");
+    for i in 0..5 {
+        store
+            .create_group(&owner, &format!("{prefix}page-{i}"), 0)
+            .expect("group");
+    }
+    let mut seen = Vec::new();
+    let mut after = Some(format!("{prefix}page-"));
+    loop {
+        let page = store
+            .list_groups(&GroupsQuery {
+                after: after.clone(),
+                limit: 2,
+            })
+            .expect("page");
+        assert!(page.groups.len() <= 2);
+        let mine: Vec<String> = page
+            .groups
+            .iter()
+            .map(|g| g.group_name.clone())
+            .filter(|name| name.starts_with(&format!("{prefix}page-")))
+            .collect();
+        seen.extend(mine);
+        after = page.groups.last().map(|g| g.group_name.clone());
+        if !page.has_more || seen.len() >= 5 {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..5).map(|i| format!("{prefix}page-{i}")).collect();
+    assert_eq!(seen[..5], expected[..]);
+    let first = store
+        .list_groups(&GroupsQuery {
+            after: Some(format!("{prefix}page-")),
+            limit: 1,
+        })
+        .expect("one");
+    assert_eq!(first.groups[0].member_count, 1);
+    assert_eq!(first.groups[0].members, Some(vec![owner.clone()]));
+    assert!(first.has_more);
+    let crowded = format!("{prefix}page-4");
+    for i in 0..MAX_LISTED_MEMBERS {
+        let member = format!("{prefix}crowd-{i}");
+        store.find_or_create_user(&member, true).expect("member");
+        store.join_group(&member, &crowded).expect("join");
+    }
+    let last = store
+        .list_groups(&GroupsQuery {
+            after: Some(format!("{prefix}page-3")),
+            limit: 1,
+        })
+        .expect("last");
+    assert_eq!(last.groups[0].group_name, crowded);
+    assert_eq!(last.groups[0].member_count, MAX_LISTED_MEMBERS as u64 + 1);
+    assert_eq!(
+        last.groups[0].members, None,
+        "only the count past 100 members"
+    );
 }
 
 fn mark(user: &str, group: &str, seq: u64) -> ReadMark {
@@ -131,12 +277,19 @@ fn check_users_and_groups(store: &mut dyn Store, alice: &str, bob: &str, group: 
     );
     let (bob_profile, _) = store.find_or_create_user(bob, true).expect("find bob");
     assert_eq!(bob_profile.group_list, vec![group.to_string()]);
-    let listed = store.list_groups().expect("list");
+    let listed = store
+        .list_groups(&GroupsQuery {
+            after: None,
+            limit: 100,
+        })
+        .expect("list");
     let row = listed
+        .groups
         .iter()
         .find(|g| g.group_name == group)
         .expect("group listed");
-    assert_eq!(row.members, vec![alice.to_string(), bob.to_string()]);
+    assert_eq!(row.member_count, 2);
+    assert_eq!(row.members, Some(vec![alice.to_string(), bob.to_string()]));
     assert_eq!(store.leave_group(bob, group), Ok(joined));
     assert_eq!(store.leave_group(bob, group), Err(StoreError::NotAMember));
 }
@@ -149,14 +302,14 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
     ];
     let results = store.append_messages(&batch);
     assert_eq!(results.len(), 3);
-    assert_eq!(results[0].as_ref().map(|m| m.seq), Ok(1));
+    assert_eq!(results[0].as_ref().map(|m| m.message.seq), Ok(1));
     assert_eq!(results[1], Err(StoreError::NotAMember));
-    assert_eq!(results[2].as_ref().map(|m| m.seq), Ok(2));
+    assert_eq!(results[2].as_ref().map(|m| m.message.seq), Ok(2));
     let missing = store.append_messages(&[message("no-such-group-y", alice, "x")]);
     assert_eq!(missing, vec![Err(StoreError::GroupNotFound)]);
     for i in 3..=10 {
         let stored = store.append_messages(&[message(group, alice, &format!("m{i}"))]);
-        assert_eq!(stored[0].as_ref().map(|m| m.seq), Ok(i));
+        assert_eq!(stored[0].as_ref().map(|m| m.message.seq), Ok(i));
     }
     let newest = PageQuery {
         before_seq: None,

@@ -10,8 +10,8 @@ use std::fmt;
 
 use crate::config::{Config, StoreKind};
 use crate::model::{
-    CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Message, MessagePage,
-    NewMessage, PageQuery, ReadMark, UserProfile, Visit,
+    Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
+    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 
 /// Why a store call failed.
@@ -63,8 +63,11 @@ pub trait Store: Send {
     fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError>;
     fn leave_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError>;
     /// Stores a batch of messages in one commit, each with the next `seq` of its group.
-    /// The result has one entry per input, in order.
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Message, StoreError>>;
+    /// The result has one entry per input, in order. A message whose (username,
+    /// client_msg_id) was stored before, by any connection or instance, or earlier in the same
+    /// batch, is not stored again: its entry is that original with `duplicate` set (a unique
+    /// index enforces this even against a concurrent writer).
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>>;
     /// Enters a room: applies `leaving` (the mark for the room left, if any) and reports the
     /// member's read state in `group_name`.
     fn visit_group(
@@ -101,7 +104,9 @@ pub trait Store: Send {
         group_name: &str,
         page: PageQuery,
     ) -> Result<MessagePage, StoreError>;
-    fn list_groups(&mut self) -> Result<Vec<GroupSummary>, StoreError>;
+    /// A page of groups by name (byte order), each with its member count and, while small,
+    /// its members.
+    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError>;
     /// Messages of a group with `seq > after_seq`, oldest first, at most `limit` (peer recovery).
     fn messages_after(
         &mut self,

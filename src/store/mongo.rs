@@ -12,6 +12,11 @@
 //! messages that did land are looked up by `_id`, and the rest retry above the real `max(seq)`.
 //! A message is stored with a number or not at all, so no process, crash or outage can leave a
 //! gap (a reserve-then-insert counter would leave one on a crash between the two steps).
+//!
+//! Idempotent sends rest on a second unique index, `{username, client_msg_id}` (partial: only
+//! messages that have an id). Before each insert attempt the batch's ids are looked up; one
+//! that another connection or instance stored meanwhile makes the insert fail with a duplicate
+//! key, and the next attempt finds it and answers with that original.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,9 +30,9 @@ use mongodb::IndexModel;
 
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
-    format_timestamp, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary, Member,
-    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_READ_ON_ENTER,
-    MAX_UNREAD_ON_ENTER,
+    format_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary,
+    GroupsPage, GroupsQuery, Member, Message, MessagePage, NewMessage, PageQuery, ReadMark,
+    UserProfile, Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -110,6 +115,19 @@ impl MongoStore {
             .create_index(
                 IndexModel::builder()
                     .keys(doc! {"group_name": 1, "timestamp": 1})
+                    .build(),
+            )
+            .run()?;
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"username": 1, "client_msg_id": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .unique(true)
+                            .partial_filter_expression(doc! {"client_msg_id": {"$exists": true}})
+                            .build(),
+                    )
                     .build(),
             )
             .run()?;
@@ -206,25 +224,48 @@ impl MongoStore {
         Ok(found)
     }
 
-    /// Stores the messages of one group (all from members) under fresh `seq` numbers.
+    /// Stores the messages of one group (all from members) under fresh `seq` numbers, or
+    /// finds the original of those whose `client_msg_id` their sender already used. Returns
+    /// what was settled and, when it stopped early, the error for the rest.
     fn insert_with_seq(
         &self,
         group_name: &str,
-        pending: &mut Vec<(usize, Message)>,
-    ) -> Result<(), StoreError> {
+        mut pending: Vec<(usize, Message)>,
+    ) -> (Vec<(usize, Appended)>, Option<StoreError>) {
+        let mut settled = Vec::new();
         let mut attempts = 0;
-        let mut stored = Vec::new();
         while !pending.is_empty() {
             attempts += 1;
             if attempts > MAX_SEQ_RETRIES {
-                return Err(StoreError::Unavailable(
-                    "too much contention assigning seq".into(),
-                ));
+                let error = StoreError::Unavailable("too much contention assigning seq".into());
+                return (settled, Some(error));
+            }
+            // On every attempt: a concurrent writer may have stored one of these ids since.
+            match self.sent_before(&pending) {
+                Ok(originals) => {
+                    let (repeats, fresh): (Vec<_>, Vec<_>) = pending
+                        .into_iter()
+                        .partition(|(_, m)| original_of(&originals, m).is_some());
+                    for (index, message) in repeats {
+                        if let Some(original) = original_of(&originals, &message) {
+                            settled.push((index, Appended::duplicate(original.clone())));
+                        }
+                    }
+                    pending = fresh;
+                }
+                Err(error) => return (settled, Some(error)),
+            }
+            if pending.is_empty() {
+                break;
             }
             let head = if attempts == 1 {
-                self.head_hint(group_name)?
+                self.head_hint(group_name)
             } else {
-                self.head_seq(group_name)?
+                self.head_seq(group_name)
+            };
+            let head = match head {
+                Ok(head) => head,
+                Err(error) => return (settled, Some(error)),
             };
             for (offset, (_, message)) in pending.iter_mut().enumerate() {
                 message.seq = head + 1 + offset as u64;
@@ -233,27 +274,48 @@ impl MongoStore {
                 pending.iter().map(|(_, m)| message_document(m)).collect();
             match self.messages.insert_many(documents).ordered(true).run() {
                 Ok(_) => {
-                    stored.append(pending);
+                    settled.extend(pending.drain(..).map(|(i, m)| (i, Appended::new(m))));
                 }
                 Err(error) if is_duplicate_key(&error) => {
-                    let landed = self.landed_ids(pending)?;
+                    let landed = match self.landed_ids(&pending) {
+                        Ok(landed) => landed,
+                        Err(error) => return (settled, Some(error)),
+                    };
                     let (done, rest): (Vec<_>, Vec<_>) = pending
-                        .drain(..)
+                        .into_iter()
                         .partition(|(_, m)| landed.contains_key(&m.id));
-                    stored.extend(done);
-                    *pending = rest;
+                    settled.extend(done.into_iter().map(|(i, m)| (i, Appended::new(m))));
+                    pending = rest;
                 }
-                Err(error) => {
-                    *pending = stored;
-                    return Err(error.into());
-                }
+                Err(error) => return (settled, Some(error.into())),
             }
         }
-        if let Some(top) = stored.iter().map(|(_, m)| m.seq).max() {
+        let top = settled
+            .iter()
+            .filter(|(_, a)| !a.duplicate)
+            .map(|(_, a)| a.message.seq)
+            .max();
+        if let Some(top) = top {
             self.raise_head_hint(group_name, top);
         }
-        *pending = stored;
-        Ok(())
+        (settled, None)
+    }
+
+    /// The stored originals of those pending messages whose sender already used their
+    /// `client_msg_id` (no query when none has an id).
+    fn sent_before(&self, pending: &[(usize, Message)]) -> Result<Vec<Message>, StoreError> {
+        let keys: Vec<Document> = pending
+            .iter()
+            .filter_map(|(_, m)| {
+                let id = m.client_msg_id.as_ref()?;
+                Some(doc! {"username": &m.username, "client_msg_id": id})
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let most = keys.len() as u32;
+        self.find_messages(doc! {"$or": keys}, true, most)
     }
 
     /// The group's head `seq` as the `counters` hint has it (0 when there is none yet).
@@ -301,7 +363,7 @@ impl MongoStore {
         group_name: &str,
         items: Vec<(usize, &NewMessage)>,
         now: &str,
-    ) -> Vec<(usize, Result<Message, StoreError>)> {
+    ) -> Vec<(usize, Result<Appended, StoreError>)> {
         let group = match self.group(group_name) {
             Ok(group) => group,
             Err(error) => {
@@ -314,41 +376,69 @@ impl MongoStore {
         let members = member_names(&group);
         let (members_items, strangers): (Vec<_>, Vec<_>) = items
             .into_iter()
+            .map(|(i, m)| (i, unstored(m, now)))
             .partition(|(_, m)| members.contains(&m.username));
-        let mut results: Vec<(usize, Result<Message, StoreError>)> = strangers
-            .into_iter()
-            .map(|(i, _)| (i, Err(StoreError::NotAMember)))
-            .collect();
-        let mut pending: Vec<(usize, Message)> = members_items
-            .into_iter()
-            .map(|(i, m)| {
-                (
-                    i,
-                    Message {
-                        id: ObjectId::new().to_hex(),
-                        group_name: m.group_name.clone(),
-                        username: m.username.clone(),
-                        text: m.text.clone(),
-                        timestamp: now.to_string(),
-                        seq: 0,
-                    },
-                )
-            })
-            .collect();
-        let indexes: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
-        match self.insert_with_seq(group_name, &mut pending) {
-            Ok(()) => results.extend(pending.into_iter().map(|(i, m)| (i, Ok(m)))),
-            Err(error) => {
-                let stored: HashMap<usize, Message> = pending.into_iter().collect();
-                let mut stored = stored;
-                for i in indexes {
-                    let outcome = stored.remove(&i).ok_or_else(|| error.clone());
-                    results.push((i, outcome));
-                }
-            }
+        let mut results = self.retries_of_strangers(strangers);
+        let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
+        let (settled, error) = self.insert_with_seq(group_name, members_items);
+        let mut settled: HashMap<usize, Appended> = settled.into_iter().collect();
+        for i in indexes {
+            let outcome = settled.remove(&i).ok_or_else(|| {
+                error
+                    .clone()
+                    .unwrap_or_else(|| StoreError::Unavailable("lost result".into()))
+            });
+            results.push((i, outcome));
         }
         results
     }
+
+    /// Messages from non-members are refused, except a retry of one stored before (the sender
+    /// may have left the group since): that gets its original, never a second copy.
+    fn retries_of_strangers(
+        &self,
+        strangers: Vec<(usize, Message)>,
+    ) -> Vec<(usize, Result<Appended, StoreError>)> {
+        let originals = match self.sent_before(&strangers) {
+            Ok(originals) => originals,
+            Err(error) => {
+                return strangers
+                    .into_iter()
+                    .map(|(i, _)| (i, Err(error.clone())))
+                    .collect()
+            }
+        };
+        strangers
+            .into_iter()
+            .map(|(i, message)| {
+                let outcome = original_of(&originals, &message)
+                    .map(|original| Appended::duplicate(original.clone()))
+                    .ok_or(StoreError::NotAMember);
+                (i, outcome)
+            })
+            .collect()
+    }
+}
+
+/// A message about to be stored (its `seq` is set when it is inserted).
+fn unstored(message: &NewMessage, now: &str) -> Message {
+    Message {
+        id: ObjectId::new().to_hex(),
+        group_name: message.group_name.clone(),
+        username: message.username.clone(),
+        text: message.text.clone(),
+        timestamp: now.to_string(),
+        seq: 0,
+        client_msg_id: message.client_msg_id.clone(),
+    }
+}
+
+/// The original of `message` among `originals`: same sender, same `client_msg_id`.
+fn original_of<'a>(originals: &'a [Message], message: &Message) -> Option<&'a Message> {
+    let id = message.client_msg_id.as_ref()?;
+    originals
+        .iter()
+        .find(|o| o.username == message.username && o.client_msg_id.as_ref() == Some(id))
 }
 
 /// The first matching document. (`find_one` sends `limit: -1`, which some MongoDB-compatible
@@ -411,14 +501,18 @@ fn datetime_from(timestamp: &str) -> mongodb::bson::DateTime {
 
 fn message_document(message: &Message) -> Document {
     let id = ObjectId::parse_str(&message.id).unwrap_or_else(|_| ObjectId::new());
-    doc! {
+    let mut document = doc! {
         "_id": id,
         "group_name": &message.group_name,
         "username": &message.username,
         "text": &message.text,
         "timestamp": datetime_from(&message.timestamp),
         "seq": message.seq as i64,
+    };
+    if let Some(id) = &message.client_msg_id {
+        document.insert("client_msg_id", id);
     }
+    document
 }
 
 fn message_from(document: &Document) -> Result<Message, StoreError> {
@@ -434,6 +528,7 @@ fn message_from(document: &Document) -> Result<Message, StoreError> {
         text: text("text").map_err(broken)?,
         timestamp: timestamp_of(document.get("timestamp")),
         seq: seq_of(document).unwrap_or(0),
+        client_msg_id: document.get_str("client_msg_id").ok().map(str::to_string),
     })
 }
 
@@ -618,7 +713,7 @@ impl Store for MongoStore {
         Ok(group_ref(&group, group_name))
     }
 
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Message, StoreError>> {
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>> {
         if let Err(error) = self.ensure_indexes() {
             return batch.iter().map(|_| Err(error.clone())).collect();
         }
@@ -633,7 +728,7 @@ impl Store for MongoStore {
                 None => by_group.push((&message.group_name, vec![(index, message)])),
             }
         }
-        let mut results: Vec<Option<Result<Message, StoreError>>> =
+        let mut results: Vec<Option<Result<Appended, StoreError>>> =
             batch.iter().map(|_| None).collect();
         for (group_name, items) in by_group {
             for (index, outcome) in self.append_group(group_name, items, &now) {
@@ -674,7 +769,8 @@ impl Store for MongoStore {
         reply_budget: usize,
     ) -> Result<GroupHistory, StoreError> {
         self.ensure_indexes()?;
-        let last_read_seq = self.member_read_seq(&self.group(group_name)?, username)?;
+        let group = self.group(group_name)?;
+        let last_read_seq = self.member_read_seq(&group, username)?;
         let marker = last_read_seq.min(i64::MAX as u64) as i64;
         let head_seq = self.head_seq(group_name)?;
         let unread =
@@ -704,6 +800,7 @@ impl Store for MongoStore {
             read,
             head_seq,
             read_seq,
+            epoch: group_ref(&group, group_name).group_id,
         })
     }
 
@@ -758,7 +855,8 @@ impl Store for MongoStore {
         page: PageQuery,
     ) -> Result<MessagePage, StoreError> {
         self.ensure_indexes()?;
-        member_last_read(&self.group(group_name)?, username)?;
+        let group = self.group(group_name)?;
+        member_last_read(&group, username)?;
         let mut seq_range = doc! {"$gt": page.after_seq.unwrap_or(0).min(i64::MAX as u64) as i64};
         if let Some(before) = page.before_seq {
             seq_range.insert("$lt", before.min(i64::MAX as u64) as i64);
@@ -773,26 +871,34 @@ impl Store for MongoStore {
         if !ascending {
             messages.reverse();
         }
-        Ok(MessagePage { messages, has_more })
+        Ok(MessagePage {
+            messages,
+            has_more,
+            epoch: group_ref(&group, group_name).group_id,
+        })
     }
 
-    fn list_groups(&mut self) -> Result<Vec<GroupSummary>, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError> {
+        let filter = match &query.after {
+            Some(after) => doc! {"group_name": {"$gt": after}},
+            None => doc! {},
+        };
         let cursor = self
             .groups
-            .find(doc! {})
+            .find(filter)
             .sort(doc! {"group_name": 1})
+            .limit(i64::from(query.limit) + 1)
             .max_time(self.max_time)
             .run()?;
         let mut groups = Vec::new();
         for group in cursor {
             let group = group?;
             let group_name = group.get_str("group_name").unwrap_or_default().to_string();
-            groups.push(GroupSummary {
-                group_name,
-                members: member_names(&group),
-            });
+            groups.push(GroupSummary::new(group_name, member_names(&group)));
         }
-        Ok(groups)
+        let has_more = groups.len() > query.limit as usize;
+        groups.truncate(query.limit as usize);
+        Ok(GroupsPage { groups, has_more })
     }
 
     fn messages_after(

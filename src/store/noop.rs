@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{Store, StoreError};
 use crate::model::{
-    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
-    GroupSummary, Member, Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile,
-    Visit,
+    new_object_id, now_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
+    GroupSummary, GroupsPage, GroupsQuery, Member, Message, MessagePage, NewMessage, PageQuery,
+    ReadMark, UserProfile, Visit,
 };
+
+/// Every group's `epoch`: this store never restarts a numbering it keeps.
+const NOOP_EPOCH: &str = "noop";
 
 #[derive(Default)]
 struct Shared {
@@ -137,7 +140,8 @@ impl Store for NoopStore {
         })
     }
 
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Message, StoreError>> {
+    /// Keeps no messages, so `client_msg_id` repeats are not recognised (benchmarks only).
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>> {
         let timestamp = now_timestamp();
         batch
             .iter()
@@ -145,14 +149,15 @@ impl Store for NoopStore {
                 self.with(|shared| {
                     let group = member_of(shared, &new.username, &new.group_name)?;
                     group.1 += 1;
-                    Ok(Message {
+                    Ok(Appended::new(Message {
                         id: new_object_id(),
                         group_name: new.group_name.clone(),
                         username: new.username.clone(),
                         text: new.text.clone(),
                         timestamp: timestamp.clone(),
                         seq: group.1,
-                    })
+                        client_msg_id: new.client_msg_id.clone(),
+                    }))
                 })
             })
             .collect()
@@ -189,6 +194,7 @@ impl Store for NoopStore {
                 read: Vec::new(),
                 head_seq,
                 read_seq: head_seq,
+                epoch: NOOP_EPOCH.to_string(),
             })
         })
     }
@@ -228,20 +234,26 @@ impl Store for NoopStore {
             Ok(MessagePage {
                 messages: Vec::new(),
                 has_more: false,
+                epoch: NOOP_EPOCH.to_string(),
             })
         })
     }
 
-    fn list_groups(&mut self) -> Result<Vec<GroupSummary>, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError> {
         self.with(|shared| {
-            Ok(shared
+            let after = query.after.as_deref().unwrap_or("");
+            let mut groups: Vec<GroupSummary> = shared
                 .groups
                 .iter()
-                .map(|(name, (members, _))| GroupSummary {
-                    group_name: name.clone(),
-                    members: members.iter().cloned().collect(),
+                .filter(|(name, _)| name.as_str() > after)
+                .map(|(name, (members, _))| {
+                    GroupSummary::new(name.clone(), members.iter().cloned().collect())
                 })
-                .collect())
+                .collect();
+            groups.sort_by(|a, b| a.group_name.cmp(&b.group_name));
+            let has_more = groups.len() > query.limit as usize;
+            groups.truncate(query.limit as usize);
+            Ok(GroupsPage { groups, has_more })
         })
     }
 

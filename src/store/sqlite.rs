@@ -8,14 +8,14 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
-    new_object_id, now_timestamp, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
-    GroupSummary, Member, Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile,
-    Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    new_object_id, now_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
+    GroupSummary, GroupsPage, GroupsQuery, Member, Message, MessagePage, NewMessage, PageQuery,
+    ReadMark, UserProfile, Visit, MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
 /// versions existed (v1: no read marker by seq, no group creator), or a new file.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The v1 tables, as the first release created them; migrations run from here.
 const SCHEMA_V1: &str = "
@@ -60,7 +60,15 @@ ALTER TABLE groups ADD COLUMN creator TEXT;
 CREATE INDEX IF NOT EXISTS groups_by_creator ON groups (creator);
 ";
 
-const MESSAGE_COLUMNS: &str = "id, group_name, username, text, timestamp, seq";
+/// v2 → v3: idempotent sends. The unique index is the rule "at most one message per
+/// (username, client_msg_id)"; messages sent without an id (NULL) are not in it.
+const MIGRATE_V2_TO_V3: &str = "
+ALTER TABLE messages ADD COLUMN client_msg_id TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_msg_id
+    ON messages (username, client_msg_id) WHERE client_msg_id IS NOT NULL;
+";
+
+const MESSAGE_COLUMNS: &str = "id, group_name, username, text, timestamp, seq, client_msg_id";
 
 /// One worker's connection to the embedded database.
 pub struct SqliteStore {
@@ -109,6 +117,9 @@ impl SqliteStore {
         if version < 2 {
             tx.execute_batch(SCHEMA_V1)?;
             tx.execute_batch(MIGRATE_V1_TO_V2)?;
+        }
+        if version < 3 {
+            tx.execute_batch(MIGRATE_V2_TO_V3)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -207,6 +218,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         text: row.get(3)?,
         timestamp: row.get(4)?,
         seq: row.get::<_, i64>(5)? as u64,
+        client_msg_id: row.get(6)?,
     })
 }
 
@@ -234,22 +246,49 @@ fn group_id(tx: &Connection, group_name: &str) -> Result<String, StoreError> {
         .ok_or(StoreError::GroupNotFound)
 }
 
-/// The member's `last_read` and `last_read_seq`, after checking that the group exists and the
+/// A membership as the queries need it.
+struct MemberState {
+    group_id: String,
+    last_read: String,
+    last_read_seq: u64,
+}
+
+/// The member's read state and the group's id, after checking that the group exists and the
 /// user belongs to it.
 fn member_state(
     tx: &Connection,
     username: &str,
     group_name: &str,
-) -> Result<(String, u64), StoreError> {
-    group_id(tx, group_name)?;
-    tx.prepare_cached(
-        "SELECT last_read, last_read_seq FROM members WHERE group_name = ?1 AND username = ?2",
-    )?
-    .query_row([group_name, username], |row| {
-        Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+) -> Result<MemberState, StoreError> {
+    let group_id = group_id(tx, group_name)?;
+    let (last_read, last_read_seq) = tx
+        .prepare_cached(
+            "SELECT last_read, last_read_seq FROM members WHERE group_name = ?1 AND username = ?2",
+        )?
+        .query_row([group_name, username], |row| {
+            Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+        })
+        .optional()?
+        .ok_or(StoreError::NotAMember)?;
+    Ok(MemberState {
+        group_id,
+        last_read,
+        last_read_seq,
     })
-    .optional()?
-    .ok_or(StoreError::NotAMember)
+}
+
+/// The message `username` stored under `client_msg_id`, if any.
+fn sent_before(
+    tx: &Connection,
+    username: &str,
+    client_msg_id: &str,
+) -> Result<Option<Message>, StoreError> {
+    Ok(query_messages(
+        tx,
+        "username = ?1 AND client_msg_id = ?2",
+        params![username, client_msg_id],
+    )?
+    .pop())
 }
 
 /// Raises a read marker (see `Store::mark_read`). SQLite evaluates every `SET` expression
@@ -286,7 +325,14 @@ fn append_one(
     tx: &Connection,
     message: &NewMessage,
     timestamp: &str,
-) -> Result<Message, StoreError> {
+) -> Result<Appended, StoreError> {
+    // The original is returned whatever happened since (the sender left the group, or reused
+    // the id for another group): a retry must never store a second copy.
+    if let Some(id) = &message.client_msg_id {
+        if let Some(original) = sent_before(tx, &message.username, id)? {
+            return Ok(Appended::duplicate(original));
+        }
+    }
     member_state(tx, &message.username, &message.group_name)?;
     let seq: i64 = tx
         .prepare_cached(
@@ -300,12 +346,22 @@ fn append_one(
         text: message.text.clone(),
         timestamp: timestamp.to_string(),
         seq: seq as u64,
+        client_msg_id: message.client_msg_id.clone(),
     };
     tx.prepare_cached(
-        "INSERT INTO messages (id, group_name, username, text, timestamp, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![stored.id, stored.group_name, stored.username, stored.text, stored.timestamp, seq])?;
-    Ok(stored)
+    .execute(params![
+        stored.id,
+        stored.group_name,
+        stored.username,
+        stored.text,
+        stored.timestamp,
+        seq,
+        stored.client_msg_id
+    ])?;
+    Ok(Appended::new(stored))
 }
 
 impl Store for SqliteStore {
@@ -427,7 +483,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Message, StoreError>> {
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>> {
         let unavailable = |error: StoreError| batch.iter().map(|_| Err(error.clone())).collect();
         let tx = match self.write() {
             Ok(tx) => tx,
@@ -454,7 +510,11 @@ impl Store for SqliteStore {
         leaving: Option<&ReadMark>,
     ) -> Result<Visit, StoreError> {
         let tx = self.write()?;
-        let (last_read, last_read_seq) = member_state(&tx, username, group_name)?;
+        let MemberState {
+            last_read,
+            last_read_seq,
+            ..
+        } = member_state(&tx, username, group_name)?;
         if let Some(mark) = leaving {
             set_read(&tx, mark)?;
         }
@@ -475,7 +535,8 @@ impl Store for SqliteStore {
         reply_budget: usize,
     ) -> Result<GroupHistory, StoreError> {
         let tx = self.write()?;
-        let (_, last_read_seq) = member_state(&tx, username, group_name)?;
+        let member = member_state(&tx, username, group_name)?;
+        let last_read_seq = member.last_read_seq;
         let marker = last_read_seq as i64;
         let unread = query_messages(
             &tx,
@@ -508,6 +569,7 @@ impl Store for SqliteStore {
             read,
             head_seq,
             read_seq,
+            epoch: member.group_id,
         })
     }
 
@@ -528,14 +590,13 @@ impl Store for SqliteStore {
         username: &str,
         group_name: &str,
     ) -> Result<GroupReadState, StoreError> {
-        let id = group_id(&self.connection, group_name)?;
-        let (_, last_read_seq) = member_state(&self.connection, username, group_name)?;
+        let member = member_state(&self.connection, username, group_name)?;
         let last_seq = head_seq(&self.connection, group_name)?;
         Ok(GroupReadState::new(
             group_name.to_string(),
-            id,
+            member.group_id,
             last_seq,
-            last_read_seq,
+            member.last_read_seq,
         ))
     }
 
@@ -562,7 +623,7 @@ impl Store for SqliteStore {
         page: PageQuery,
     ) -> Result<MessagePage, StoreError> {
         let tx = self.connection.transaction()?;
-        member_state(&tx, username, group_name)?;
+        let member = member_state(&tx, username, group_name)?;
         let after = page.after_seq.unwrap_or(0).min(i64::MAX as u64) as i64;
         let before = page
             .before_seq
@@ -583,31 +644,49 @@ impl Store for SqliteStore {
         if page.after_seq.is_none() {
             messages.reverse();
         }
-        Ok(MessagePage { messages, has_more })
+        Ok(MessagePage {
+            messages,
+            has_more,
+            epoch: member.group_id,
+        })
     }
 
-    fn list_groups(&mut self) -> Result<Vec<GroupSummary>, StoreError> {
-        let mut statement = self.connection.prepare_cached(
-            "SELECT g.group_name, m.username FROM groups g LEFT JOIN members m ON m.group_name = g.group_name
-             ORDER BY g.group_name, m.rowid",
-        )?;
-        let rows = statement.query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
-        })?;
-        let mut groups: Vec<GroupSummary> = Vec::new();
-        for row in rows {
-            let (group_name, member) = row?;
-            if groups.last().map(|g| &g.group_name) != Some(&group_name) {
-                groups.push(GroupSummary {
-                    group_name,
-                    members: Vec::new(),
-                });
-            }
-            if let (Some(member), Some(group)) = (member, groups.last_mut()) {
-                group.members.push(member);
-            }
+    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError> {
+        let tx = self.connection.transaction()?;
+        // Names compare as bytes (SQLite's BINARY collation on UTF-8), the order `after` pages by.
+        let names: Vec<String> = tx
+            .prepare_cached(
+                "SELECT group_name FROM groups WHERE group_name > ?1 ORDER BY group_name LIMIT ?2",
+            )?
+            .query_map(
+                params![query.after.as_deref().unwrap_or(""), query.limit + 1],
+                |row| row.get(0),
+            )?
+            .collect::<Result<_, _>>()?;
+        let has_more = names.len() > query.limit as usize;
+        let mut groups = Vec::with_capacity(names.len());
+        for group_name in names.into_iter().take(query.limit as usize) {
+            let count: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM members WHERE group_name = ?1")?
+                .query_row([&group_name], |row| row.get(0))?;
+            let members = if count as usize <= MAX_LISTED_MEMBERS {
+                let listed = tx
+                    .prepare_cached(
+                        "SELECT username FROM members WHERE group_name = ?1 ORDER BY rowid",
+                    )?
+                    .query_map([&group_name], |row| row.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Some(listed)
+            } else {
+                None
+            };
+            groups.push(GroupSummary {
+                group_name,
+                member_count: count as u64,
+                members,
+            });
         }
-        Ok(groups)
+        Ok(GroupsPage { groups, has_more })
     }
 
     fn messages_after(

@@ -663,3 +663,44 @@ impl Drop for PrivateMongo {
         let _ = std::fs::remove_file(&self.file);
     }
 }
+
+/// `send_message` data with an idempotency key (`username` left out: the bound user).
+pub fn keyed_msg(group_name: &str, text: &str, client_msg_id: &str) -> Value {
+    json!({ "group_name": group_name, "text": text, "client_msg_id": client_msg_id })
+}
+
+/// Sends each of `keys` as a keyed message (pipelined, request id = index) and returns the
+/// acks' data in order.
+pub fn send_keyed(client: &mut Client, group_name: &str, keys: &[String]) -> Vec<Value> {
+    for (i, key) in keys.iter().enumerate() {
+        let data = keyed_msg(group_name, &format!("text of {key}"), key);
+        client.send(&json!({"event": "send_message", "data": data, "id": i}));
+    }
+    let mut acks = vec![Value::Null; keys.len()];
+    let mut answered = 0;
+    while answered < keys.len() {
+        let line = client.recv();
+        let Some(i) = line.get("id").and_then(Value::as_u64) else {
+            continue;
+        };
+        assert_eq!(line["event"], "message_sent", "send failed: {line}");
+        acks[i as usize] = line["data"].clone();
+        answered += 1;
+    }
+    acks
+}
+
+/// The broadcasts a client receives until (and without) the one carrying `last_key`.
+pub fn broadcasts_until(client: &mut Client, last_key: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let line = client.recv();
+        if line["event"] != "message_sent" || line.get("id").is_some() {
+            continue;
+        }
+        if line["data"]["client_msg_id"] == last_key {
+            return seen;
+        }
+        seen.push(line["data"].clone());
+    }
+}
