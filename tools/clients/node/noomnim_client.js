@@ -1,0 +1,290 @@
+#!/usr/bin/env node
+// Noomnim Chat reference client: Node.js 16+, no dependencies (net, readline-free framing).
+//
+// A client that survives its connection: every message gets a `client_msg_id` and stays in an
+// outbox until its `message_sent` arrives; after a reconnect it logs in again, re-enters its
+// room, catches up by `seq` and resends the outbox (a repeat is answered with the original
+// message and `"duplicate": true`, so nothing is stored twice). Messages are shown once each,
+// in `seq` order. See docs/PROTOCOL.md ("Resume after a disconnect without loss or duplication").
+//
+// As a library:
+//   const { Client } = require('./noomnim_client.js');
+//   const client = new Client('127.0.0.1', 7777, 'alice', (m) => console.log(m.text));
+//   await client.connect(); await client.joinAndEnter('lobby'); await client.send('lobby', 'hi');
+//
+// As a program, `scenario` runs the cut-off test CI runs (exit status 0 when nothing was lost,
+// duplicated or reordered):
+//   node noomnim_client.js scenario --port 7777 --messages 300 --cutoffs 12
+'use strict';
+
+const net = require('net');
+const crypto = require('crypto');
+
+const RETRYABLE = new Set(['unavailable', 'rate_limited']);
+
+class ChatError extends Error {
+  constructor(code, text) {
+    super(`${code}: ${text}`);
+    this.code = code;
+  }
+}
+
+function deferred() {
+  let resolve;
+  let reject;
+  const promise = new Promise((ok, fail) => { resolve = ok; reject = fail; });
+  return { promise, resolve, reject, done: false };
+}
+
+class Client {
+  constructor(host, port, username, onMessage) {
+    Object.assign(this, { host, port, username, onMessage });
+    this.onBroadcast = null; // sees every broadcast as received, before de-duplication
+    this.room = null; // the group whose room we are in (re-entered after a reconnect)
+    this.lastSeq = new Map(); // group -> highest seq shown
+    this.epoch = new Map(); // group -> epoch the seqs above belong to
+    this.outbox = new Map(); // client_msg_id -> [group, text], until acknowledged
+    this.acks = new Map(); // client_msg_id -> deferred ack data
+    this.duplicates = 0; // acks that said `duplicate` (retries of stored messages)
+    this.pending = new Map(); // request id -> deferred reply line
+    this.ids = 0;
+    this.catchingUp = null; // broadcasts held while history is paged
+    this.socket = null;
+    this.abandoned = []; // sockets left open on purpose (see cutOff)
+  }
+
+  // (Re)connects: hello, log in, re-enter the room and catch up, resend the outbox.
+  async connect() {
+    const socket = net.connect(this.port, this.host);
+    await new Promise((ok, fail) => { socket.once('connect', ok); socket.once('error', fail); });
+    this.socket = socket;
+    let buffered = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk) => {
+      if (socket !== this.socket) return; // an abandoned connection is never read again
+      buffered += chunk;
+      let end;
+      while ((end = buffered.indexOf('\n')) >= 0) {
+        const line = buffered.slice(0, end);
+        buffered = buffered.slice(end + 1);
+        if (line) this.onLine(JSON.parse(line));
+      }
+    });
+    const lost = () => { if (socket === this.socket) this.failPending(new Error('connection closed')); };
+    socket.on('close', lost);
+    socket.on('error', lost);
+    this.hello = (await this.request('hello')).data;
+    await this.request('find_user', { username: this.username });
+    if (this.room !== null) await this.enter(this.room);
+    for (const [id, [group, text]] of this.outbox) this.writeSend(id, group, text);
+  }
+
+  // Drops the connection as a crash or a network fault would: `clean` closes the socket;
+  // otherwise it is abandoned (left open, never read again, like a dead NAT mapping).
+  cutOff(clean) {
+    const socket = this.socket;
+    this.socket = null;
+    if (clean) socket.end(); else { socket.pause(); this.abandoned.push(socket); }
+    this.failPending(new Error('cut off'));
+  }
+
+  failPending(error) {
+    const pending = this.pending;
+    this.pending = new Map();
+    for (const d of pending.values()) d.reject(error);
+  }
+
+  onLine(line) {
+    const id = line.id;
+    if (typeof id === 'string' && id.startsWith('send:')) {
+      this.onAck(id.slice(5), line);
+    } else if (id !== undefined && this.pending.has(id)) {
+      const d = this.pending.get(id);
+      this.pending.delete(id);
+      d.resolve(line);
+    } else if (line.event === 'message_sent') {
+      if (this.onBroadcast) this.onBroadcast(line.data);
+      if (this.catchingUp) this.catchingUp.push(line.data); else this.show(line.data);
+    }
+  }
+
+  // Sends one request and resolves with its reply line; rejects with ChatError on a failure.
+  async request(event, data = {}) {
+    if (!this.socket) throw new Error('not connected');
+    const id = ++this.ids;
+    const d = deferred();
+    this.pending.set(id, d);
+    this.socket.write(`${JSON.stringify({ event, data, id })}\n`);
+    const reply = await d.promise;
+    if (reply.data && typeof reply.data === 'object' && 'code' in reply.data) {
+      throw new ChatError(reply.data.code, reply.data.Error);
+    }
+    return reply;
+  }
+
+  async joinAndEnter(group) {
+    try {
+      await this.request('join_group', { group_name: group });
+    } catch (error) {
+      if (error.code !== 'group_not_found') throw error;
+      await this.request('create_group', { group_name: group });
+    }
+    await this.enter(group);
+  }
+
+  // Enters the room, then pages everything after the last seq shown (broadcasts that arrive
+  // meanwhile are held, then shown if still new).
+  async enter(group) {
+    this.catchingUp = [];
+    let held;
+    try {
+      const reply = (await this.request('enter_group', { group_name: group })).data;
+      this.room = group;
+      if (this.epoch.has(group) && this.epoch.get(group) !== reply.epoch) {
+        this.lastSeq.set(group, 0); // the numbering restarted: old seqs mean nothing
+      }
+      this.epoch.set(group, reply.epoch);
+      for (;;) {
+        const after = this.lastSeq.get(group) || 0;
+        const page = (await this.request('fetch_messages',
+          { group_name: group, after_seq: after, limit: 100 })).data;
+        page.messages.forEach((m) => this.show(m));
+        if (!page.has_more) break;
+      }
+    } finally {
+      held = this.catchingUp;
+      this.catchingUp = null;
+    }
+    held.forEach((m) => this.show(m));
+  }
+
+  // Queues a message; returns a promise of its stored form (kept across reconnects).
+  send(group, text) {
+    const id = crypto.randomUUID();
+    this.outbox.set(id, [group, text]);
+    const d = deferred();
+    this.acks.set(id, d);
+    this.writeSend(id, group, text);
+    return d.promise;
+  }
+
+  writeSend(id, group, text) {
+    if (!this.socket) return; // resent by the next connect()
+    const data = { group_name: group, text, client_msg_id: id };
+    this.socket.write(`${JSON.stringify({ event: 'send_message', data, id: `send:${id}` })}\n`);
+  }
+
+  onAck(id, line) {
+    const d = this.acks.get(id);
+    if (line.event !== 'message_sent') {
+      if (RETRYABLE.has(line.data.code)) {
+        const [group, text] = this.outbox.get(id);
+        setTimeout(() => this.writeSend(id, group, text), 1000);
+      } else if (d && !d.done) {
+        d.done = true;
+        this.outbox.delete(id);
+        d.reject(new ChatError(line.data.code, line.data.Error));
+      }
+      return;
+    }
+    if (line.data.duplicate) this.duplicates += 1;
+    this.outbox.delete(id);
+    this.show(line.data);
+    if (d && !d.done) { d.done = true; d.resolve(line.data); }
+  }
+
+  show(message) {
+    const { group_name: group, seq } = message;
+    if (seq <= (this.lastSeq.get(group) || 0)) return; // already shown
+    this.lastSeq.set(group, seq);
+    if (this.onMessage) this.onMessage(message);
+  }
+
+  close() {
+    if (this.socket) this.socket.destroy();
+    this.socket = null;
+    this.abandoned.forEach((s) => s.destroy());
+  }
+}
+
+// -- the cut-off scenario --------------------------------------------------------------------
+async function scenario({ host, port, messages, cutoffs, prefix }) {
+  const group = `${prefix}-room`;
+  const seen = [];
+  const raw = [];
+  const watcher = new Client(host, port, `${prefix}-watcher`, (m) => seen.push(m));
+  await watcher.connect();
+  await watcher.joinAndEnter(group);
+  // The watcher never loses its connection, so what the server sends it must already be
+  // exactly once and in order: it is checked as received, not after the client's filter.
+  watcher.onBroadcast = (m) => raw.push(m);
+  const sender = new Client(host, port, `${prefix}-sender`);
+  await sender.connect();
+  await sender.joinAndEnter(group);
+
+  const sent = [];
+  const rounds = cutoffs + 1;
+  for (let round = 0; round < rounds; round += 1) {
+    const batch = [];
+    const from = Math.floor((round * messages) / rounds);
+    const to = Math.floor(((round + 1) * messages) / rounds);
+    for (let i = from; i < to; i += 1) batch.push(sender.send(group, `${prefix} message ${i}`));
+    sent.push(...batch);
+    // Cut off mid-stream: half the batch acknowledged, the rest still in flight.
+    await Promise.all(batch.slice(0, Math.floor(batch.length / 2)));
+    if (round < cutoffs) {
+      sender.cutOff(round % 2 === 0);
+      await sender.connect();
+    }
+  }
+  const stored = await Promise.all(sent);
+  const end = await sender.send(group, 'end');
+  while (!seen.length || seen[seen.length - 1]._id !== end._id) {
+    await new Promise((ok) => setTimeout(ok, 50));
+  }
+  const expected = new Set(stored.map((m) => m.client_msg_id));
+  const received = raw.filter((m) => m._id !== end._id).map((m) => m.client_msg_id);
+  const lost = [...expected].filter((id) => !received.includes(id)).length;
+  const duplicated = received.length - new Set(received).size;
+  const seqs = raw.map((m) => m.seq);
+  const outOfOrder = seqs.slice(1).filter((s, i) => s <= seqs[i]).length;
+  const history = [];
+  watcher.onMessage = (m) => history.push(m.client_msg_id);
+  watcher.lastSeq.set(group, 0);
+  await watcher.enter(group);
+  const storedTwice = history.length - new Set(history).size;
+  console.log(`node client: ${messages} messages, ${cutoffs} cut-offs `
+    + `(${Math.ceil(cutoffs / 2)} clean, ${Math.floor(cutoffs / 2)} abandoned), `
+    + `${sender.duplicates} retries answered as duplicates: lost=${lost} `
+    + `duplicated=${duplicated} out_of_order=${outOfOrder} stored_twice=${storedTwice}`);
+  watcher.close();
+  sender.close();
+  return lost === 0 && duplicated === 0 && outOfOrder === 0 && storedTwice === 0;
+}
+
+function parseArgs(argv) {
+  const options = {
+    host: '127.0.0.1', port: 7777, messages: 300, cutoffs: 12,
+    prefix: `js-${crypto.randomBytes(4).toString('hex')}`,
+  };
+  for (let i = 1; i < argv.length; i += 2) {
+    const key = argv[i].replace(/^--/, '');
+    if (!(key in options)) throw new Error(`unknown option ${argv[i]}`);
+    options[key] = typeof options[key] === 'number' ? Number(argv[i + 1]) : argv[i + 1];
+  }
+  return options;
+}
+
+if (require.main === module) {
+  const argv = process.argv.slice(2);
+  if (argv[0] !== 'scenario') {
+    console.error('usage: node noomnim_client.js scenario [--host H] [--port P] [--messages N] [--cutoffs K]');
+    process.exit(2);
+  }
+  scenario(parseArgs(argv)).then((ok) => process.exit(ok ? 0 : 1), (error) => {
+    console.error(`node client: ${error.stack || error}`);
+    process.exit(1);
+  });
+}
+
+module.exports = { Client, ChatError, scenario };
