@@ -10,7 +10,10 @@ use std::process::Command;
 
 use common::{Backend, Server, Storage};
 
-backend_tests!(python_client_survives_cut_offs, node_client_survives_cut_offs);
+backend_tests!(
+    python_client_survives_cut_offs,
+    node_client_survives_cut_offs
+);
 
 fn run_scenario(backend: Backend, program: &str, script: &str) {
     let storage = Storage::new(backend);

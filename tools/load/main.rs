@@ -24,7 +24,7 @@ use mio::{Events, Interest, Poll, Token};
 const USAGE: &str =
     "usage: noomnim-load [--addr HOST:PORT]... [--clients C] [--groups G] [--senders S]
        [--seconds T] [--rate MSGS_PER_SEC] [--window W] [--text-bytes N] [--tag NAME]
-       [--server-pid PID]... [--idle] [--history N] [--enter-samples K] [--irc]
+       [--server-pid PID]... [--idle] [--history N] [--enter-samples K] [--irc] [--client-msg-id]
 
 --irc speaks IRC instead (NICK/USER/JOIN, PRIVMSG to #channels, each message followed by a
 PING whose PONG stands in for the ack), to measure an IRC server on the same shape.";
@@ -44,6 +44,8 @@ struct Args {
     irc: bool,
     history: Option<u64>,
     enter_samples: usize,
+    /// Give every message a unique `client_msg_id` (what a retrying client does).
+    keyed: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         irc: false,
         history: None,
         enter_samples: 20,
+        keyed: false,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -85,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
             "--server-pid" => args.server_pids.push(number(value()?)? as u32),
             "--idle" => args.idle = true,
             "--irc" => args.irc = true,
+            "--client-msg-id" => args.keyed = true,
             "--history" => args.history = Some(number(value()?)? as u64),
             "--enter-samples" => args.enter_samples = number(value()?)? as usize,
             "--help" | "-h" => return Err(USAGE.to_string()),
@@ -212,10 +216,18 @@ impl Dialect {
         }
     }
 
-    fn message_line(self, tag: &str, sender: usize, group: usize, text: &str) -> String {
+    fn message_line(
+        self,
+        tag: &str,
+        sender: usize,
+        group: usize,
+        text: &str,
+        client_msg_id: Option<&str>,
+    ) -> String {
+        let key = client_msg_id.map_or(String::new(), |id| format!(r#","client_msg_id":"{id}""#));
         match self {
             Dialect::Json => format!(
-                r#"{{"event":"send_message","data":{{"username":"{tag}-u{sender}","group_name":"{tag}-g{group}","text":"{text}"}},"id":1}}"#
+                r#"{{"event":"send_message","data":{{"username":"{tag}-u{sender}","group_name":"{tag}-g{group}","text":"{text}"{key}}},"id":1}}"#
             ),
             Dialect::Irc => {
                 format!("PRIVMSG #{tag}-g{group} :{text}\r\nPING :{IRC_MESSAGE_PING}\r")
@@ -233,6 +245,8 @@ struct Tally {
     errors: u64,
     latencies_us: Vec<u32>,
     first_error: Option<String>,
+    /// CPU time (user + system) the servers used over the run, drain included.
+    server_cpu_seconds: Option<f64>,
 }
 
 struct Load {
@@ -243,6 +257,7 @@ struct Load {
     tally: Tally,
     buffer: Vec<u8>,
     measuring: bool,
+    keyed: bool,
 }
 
 fn find(line: &[u8], key: &[u8]) -> Option<usize> {
@@ -296,6 +311,7 @@ impl Load {
             tally: Tally::default(),
             buffer: vec![0; 65536],
             measuring: false,
+            keyed: args.keyed,
         })
     }
 
@@ -453,7 +469,12 @@ impl Load {
         let client = &mut self.clients[index];
         client.sent += 1;
         let text = format!("t:{now_us}:{index}:{}:{padding}", client.sent);
-        let line = self.dialect.message_line(tag, index, client.group, &text);
+        let key = self
+            .keyed
+            .then(|| format!("{tag}-{index}-{}-{}", client.sent, std::process::id()));
+        let line = self
+            .dialect
+            .message_line(tag, index, client.group, &text, key.as_deref());
         client.queue(&line);
     }
 
@@ -473,6 +494,7 @@ impl Load {
         }
         let run_for = Duration::from_secs_f64(args.seconds);
         self.measuring = true;
+        let cpu_before = total_cpu_seconds(&args.server_pids);
         let tag = args.tag.clone();
         self.pump(
             run_for,
@@ -515,6 +537,10 @@ impl Load {
             |load| load.clients.iter().all(|c| c.awaiting == 0) && load.tally.delivered >= target,
         )?;
         self.tally.stored = stored_in_window;
+        // From the first send to the last delivery of the drain: all the work of the run.
+        self.tally.server_cpu_seconds = total_cpu_seconds(&args.server_pids)
+            .zip(cpu_before)
+            .map(|(a, b)| a - b);
         Ok(elapsed)
     }
 }
@@ -523,6 +549,26 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may contain spaces): utime and stime
+    // are fields 14 and 15 of the whole line, 12 and 13 after ") ".
+    let rest = stat.rsplit_once(") ")?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
+}
+
+fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
 }
 
 fn total_rss(pids: &[u32]) -> Option<u64> {
@@ -575,6 +621,10 @@ fn report_storm(load: &mut Load, args: &Args, elapsed: f64) {
     );
     if let Some(rss) = total_rss(&args.server_pids) {
         println!("server_rss_kib={rss}");
+    }
+    if let Some(cpu) = load.tally.server_cpu_seconds {
+        let per_delivery = cpu * 1e6 / load.tally.delivered.max(1) as f64;
+        println!("server_cpu_s={cpu:.2} server_cpu_us_per_delivery={per_delivery:.2}");
     }
 }
 
