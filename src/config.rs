@@ -9,6 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::Secret;
+
 /// Where messages, users and groups are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
@@ -63,6 +65,21 @@ pub struct Config {
     pub keepalive_probes: u32,
     /// Simultaneous connections from one IP address; 0: unlimited.
     pub max_connections_per_ip: usize,
+    /// `find_user` needs a token signed with this (`AUTH_SECRET`, `AUTH_SECRET_FILE`, or the
+    /// systemd credential `auth_secret`); `None`: anyone may claim any name.
+    pub auth_secret: Option<Secret>,
+    /// The TLS certificate chain and key (PEM); `None`: no TLS listener.
+    pub tls: Option<TlsFiles>,
+    pub tls_port: u16,
+    /// Whether the plaintext `PORT` listens (`PLAINTEXT=false` leaves only TLS).
+    pub plaintext: bool,
+}
+
+/// Where the TLS certificate chain and private key are read from (again on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Why a configuration was refused (printed as one line, exit code 2).
@@ -74,6 +91,14 @@ pub enum ConfigError {
         expected: &'static str,
     },
     PeerNeedsMongo,
+    /// A file a variable names could not be read (the contents are never shown).
+    Unreadable {
+        name: &'static str,
+        path: String,
+        reason: String,
+    },
+    /// Two settings that only make sense together, or that exclude each other.
+    Conflict(&'static str),
 }
 
 impl fmt::Display for ConfigError {
@@ -90,6 +115,10 @@ impl fmt::Display for ConfigError {
                 f,
                 "PEER=true requires MONGODB_URI: peers must share one MongoDB database"
             ),
+            ConfigError::Unreadable { name, path, reason } => {
+                write!(f, "cannot read {name}={path:?}: {reason}")
+            }
+            ConfigError::Conflict(text) => f.write_str(text),
         }
     }
 }
@@ -213,6 +242,28 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "TCP keepalive: unanswered probes before a dead client is dropped",
     ),
     ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
+    (
+        "AUTH_SECRET",
+        "(unset)",
+        "HS256 secret: find_user then needs a JWT {sub: username, exp} signed with it",
+    ),
+    (
+        "AUTH_SECRET_FILE",
+        "(unset)",
+        "file holding the secret instead (trailing newline ignored); under systemd the credential auth_secret is used",
+    ),
+    (
+        "TLS_CERT",
+        "(unset)",
+        "PEM certificate chain; with TLS_KEY, serve TLS on TLS_PORT (reloaded on SIGHUP)",
+    ),
+    ("TLS_KEY", "(unset)", "PEM private key for TLS_CERT"),
+    ("TLS_PORT", "7443", "TLS port (0 picks a free port; the log says which)"),
+    (
+        "PLAINTEXT",
+        "true",
+        "false: no plaintext listener on PORT (TLS only; needs TLS_CERT and TLS_KEY)",
+    ),
 ];
 
 /// The `--help` text.
@@ -355,6 +406,26 @@ impl Config {
             )? as u64),
             keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES", 6)?
                 as u32,
+            auth_secret: auth_secret(env)?,
+            tls: match (get("TLS_CERT"), get("TLS_KEY")) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Conflict(
+                        "TLS_CERT and TLS_KEY must be set together",
+                    ))
+                }
+            },
+            tls_port: parse_value(
+                get("TLS_PORT"),
+                "TLS_PORT",
+                Some(7443),
+                "a port number 0-65535",
+            )?,
+            plaintext: parse_bool_default(get("PLAINTEXT"), "PLAINTEXT", true)?,
         }
         .checked()
     }
@@ -362,6 +433,11 @@ impl Config {
     /// Checks the limits against each other: every reply must be able to carry an `id` as
     /// long as a request line and the longest message.
     fn checked(self) -> Result<Config, ConfigError> {
+        if !self.plaintext && self.tls.is_none() {
+            return Err(ConfigError::Conflict(
+                "PLAINTEXT=false needs TLS_CERT and TLS_KEY (there would be nothing to listen on)",
+            ));
+        }
         let least = self.max_line_bytes + MIN_REPLY_HEADROOM;
         if self.max_reply_bytes < least {
             return Err(ConfigError::Invalid {
@@ -386,6 +462,41 @@ fn without_store(env: &HashMap<String, String>) -> HashMap<String, String> {
         env.remove(name);
     }
     env
+}
+
+/// The token secret: `AUTH_SECRET`, else the file `AUTH_SECRET_FILE` names, else the systemd
+/// credential `auth_secret` (`LoadCredential=`, in `$CREDENTIALS_DIRECTORY`). The secret's
+/// value never appears in an error.
+fn auth_secret(env: &HashMap<String, String>) -> Result<Option<Secret>, ConfigError> {
+    if let Some(secret) = env.get("AUTH_SECRET").filter(|s| !s.is_empty()) {
+        return Ok(Some(Secret::new(secret.as_bytes().to_vec())));
+    }
+    let (name, path) = match (
+        env.get("AUTH_SECRET_FILE"),
+        env.get("CREDENTIALS_DIRECTORY"),
+    ) {
+        (Some(path), _) if !path.trim().is_empty() => {
+            ("AUTH_SECRET_FILE", PathBuf::from(path.trim()))
+        }
+        (_, Some(dir)) if PathBuf::from(dir).join("auth_secret").exists() => (
+            "CREDENTIALS_DIRECTORY",
+            PathBuf::from(dir).join("auth_secret"),
+        ),
+        _ => return Ok(None),
+    };
+    let unreadable = |reason: String| ConfigError::Unreadable {
+        name,
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut bytes = std::fs::read(&path).map_err(|e| unreadable(e.to_string()))?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(unreadable("the file is empty".into()));
+    }
+    Ok(Some(Secret::new(bytes)))
 }
 
 fn invalid(name: &'static str, value: &str, expected: &'static str) -> ConfigError {
@@ -429,8 +540,17 @@ fn parse_rate(raw: Option<&str>, name: &'static str, default: f64) -> Result<f64
 }
 
 fn parse_bool(raw: Option<&str>, name: &'static str) -> Result<bool, ConfigError> {
+    parse_bool_default(raw, name, false)
+}
+
+fn parse_bool_default(
+    raw: Option<&str>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
     match raw.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("false") | Some("0") | Some("no") => Ok(false),
+        None => Ok(default),
+        Some("false") | Some("0") | Some("no") => Ok(false),
         Some("true") | Some("1") | Some("yes") => Ok(true),
         Some(other) => Err(invalid(name, other, "true or false")),
     }

@@ -6,17 +6,16 @@
 //! and which of its room's messages have really reached the client (for read marks).
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
-
-use mio::net::TcpStream;
 
 use crate::framing::{Frame, LineFramer};
 use crate::limits::TokenBucket;
 use crate::protocol::RequestId;
 use crate::session::Session;
+use crate::transport::Transport;
 
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
@@ -65,6 +64,8 @@ pub enum Closing {
     IdleTimeout,
     Shutdown,
     SlowConsumer,
+    /// `MAX_AUTH_FAILURES` `find_user` attempts failed authentication.
+    AuthFailed,
 }
 
 impl Closing {
@@ -74,6 +75,7 @@ impl Closing {
             Closing::IdleTimeout => "idle_timeout",
             Closing::Shutdown => "shutdown",
             Closing::SlowConsumer => "slow_consumer",
+            Closing::AuthFailed => "auth_failed",
         }
     }
 
@@ -85,6 +87,7 @@ impl Closing {
             Closing::SlowConsumer => {
                 "Too much unread output (over MAX_OUTPUT_BYTES); closing. Reconnect and fetch what you missed."
             }
+            Closing::AuthFailed => "Too many failed authentication attempts; closing.",
         }
     }
 }
@@ -106,7 +109,7 @@ struct Outgoing {
 }
 
 pub struct Connection {
-    pub socket: TcpStream,
+    pub socket: Box<dyn Transport>,
     pub peer: SocketAddr,
     pub session: Session,
     /// The request `id` of the store job in flight, if one is.
@@ -130,6 +133,8 @@ pub struct Connection {
     pub last_heard: Instant,
     /// Why the server is cutting this connection off, announced in a `closing` line.
     pub closing: Option<Closing>,
+    /// `find_user` attempts refused by authentication so far.
+    pub auth_failures: u32,
     /// Set once the `closing` line is queued and the connection only waits for it to be written.
     pub lingering_since: Option<Instant>,
     framer: LineFramer,
@@ -151,7 +156,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(socket: TcpStream, peer: SocketAddr, max_line: usize, burst: f64) -> Connection {
+    pub fn new(
+        socket: Box<dyn Transport>,
+        peer: SocketAddr,
+        max_line: usize,
+        burst: f64,
+    ) -> Connection {
         let opened_at = Instant::now();
         Connection {
             opened_at,
@@ -162,6 +172,7 @@ impl Connection {
             timed_out: VecDeque::new(),
             last_heard: opened_at,
             closing: None,
+            auth_failures: 0,
             lingering_since: None,
             socket,
             peer,
@@ -280,6 +291,9 @@ impl Connection {
 
     /// Writes as much of the outbox as the socket takes now.
     pub fn flush(&mut self) -> io::Result<()> {
+        if !self.socket.flush_held()? {
+            return Ok(());
+        }
         while !self.outbox.is_empty() {
             let slices: Vec<IoSlice<'_>> = self
                 .outbox
@@ -341,7 +355,7 @@ impl Connection {
         }
         let acked = self
             .written_total
-            .saturating_sub(unacknowledged_bytes(&self.socket));
+            .saturating_sub(self.socket.unacknowledged());
         while let Some(&(end, shows)) = self.unsettled.front() {
             if end > acked {
                 break;
@@ -407,19 +421,6 @@ impl Connection {
             && self.inbox.is_empty()
             && self.awaiting.is_none()
             && self.outbox.is_empty()
-    }
-}
-
-/// Bytes in the socket's send queue that the peer has not acknowledged (Linux `SIOCOUTQ`).
-/// If the kernel cannot tell, everything written counts as unacknowledged (nothing is marked).
-fn unacknowledged_bytes(socket: &TcpStream) -> u64 {
-    use std::os::fd::AsRawFd;
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points to a live c_int.
-    let done = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if done == 0 && queued >= 0 {
-        queued as u64
-    } else {
-        u64::MAX
+            && !self.socket.holds_bytes()
     }
 }

@@ -1,30 +1,12 @@
 //! Entry point: parses arguments and configuration, opens the store, starts the event loop, and
 //! turns SIGTERM/SIGINT into a graceful shutdown.
 
-mod config;
-mod connection;
-mod fd_limit;
-mod framing;
-mod limits;
-mod logging;
-mod metrics;
-mod model;
-mod notify;
-mod peer;
-mod protocol;
-mod read_marker;
-mod rooms;
-mod sequencer;
-mod server;
-mod session;
-mod store;
-mod workers;
-
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
-use config::Config;
-use server::Server;
+use noomnim::config::{self, Config};
+use noomnim::start::describe_store;
+use noomnim::{fd_limit, logging, notify, Server, StartError};
 
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
@@ -37,6 +19,7 @@ fn main() -> ExitCode {
             println!("noomnim {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Some("token") => return print_token(std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!(
                 "noomnim: unknown argument {other:?}; configuration is by environment (see --help)"
@@ -52,7 +35,27 @@ fn main() -> ExitCode {
         }
     };
     logging::init(config.log_level);
-    match run(config) {
+    if config.auth_secret.is_none() && !config.bind.is_loopback() {
+        log::warn!(
+            "no AUTH_SECRET: anyone who can reach {} may log in as anyone",
+            config.bind
+        );
+    }
+    fd_limit::fit_and_log(config.max_connections);
+    let server = match noomnim::start(config.clone()) {
+        Ok(server) => server,
+        Err(error) => {
+            // A start-up failure is a configuration or environment problem: exit code 2,
+            // like a bad variable, with the one line that says which setting to look at.
+            log::error!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = install_signal_handlers(&server) {
+        log::error!("{error}");
+        return ExitCode::from(2);
+    }
+    match run(&config, server) {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             log::error!("{reason}");
@@ -61,52 +64,93 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> Result<(), String> {
-    fd_limit::fit_and_log(config.max_connections);
-    let stores = (0..config.workers)
-        .map(|_| store::open(&config))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot open the store: {e}"))?;
-    let server = Server::start(config.clone(), stores)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen_addr()))?;
+fn run(config: &Config, server: Server) -> Result<(), String> {
     let addr = server.local_addr().map_err(|e| e.to_string())?;
-    install_signal_handlers(&server)?;
     // One line carries every bound address, so whoever waits for readiness (tests, operators'
     // scripts) has all of them as soon as it sees "listening on".
     let metrics = server
         .metrics_addr()
         .map(|metrics| format!("; metrics on http://{metrics}/metrics"))
         .unwrap_or_default();
-    log::info!("listening on {addr} ({}){metrics}", describe_store(&config));
+    let tls = match (server.tls_addr(), config.plaintext) {
+        (Some(tls), true) => format!("; TLS on {tls}"),
+        (Some(_), false) => " (TLS only)".to_string(),
+        (None, _) => String::new(),
+    };
+    log::info!(
+        "listening on {addr}{tls} ({}){metrics}",
+        describe_store(config)
+    );
     notify::notify("READY=1");
     server.run().map_err(|e| format!("event loop failed: {e}"))
 }
 
-fn install_signal_handlers(server: &Server) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+/// SIGTERM/SIGINT: graceful shutdown. SIGHUP: reload the TLS certificate and key (on this
+/// thread, so the event loop never reads files); a pair that does not load is refused and the
+/// one in use kept.
+fn install_signal_handlers(server: &Server) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let (stop, waker) = server.stop_handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let certificates = server.certificates();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(StartError::Workers)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match certificates.as_ref().map(|c| c.reload()) {
+                        Some(Ok(())) => log::info!("SIGHUP: TLS certificate reloaded"),
+                        Some(Err(reason)) => {
+                            log::error!("SIGHUP: new TLS certificate refused, keeping the old one: {reason}")
+                        }
+                        None => log::info!("SIGHUP: no TLS configured; nothing to reload"),
+                    }
+                    continue;
+                }
                 log::info!("received signal {signal}");
                 stop.store(true, Ordering::SeqCst);
                 let _ = waker.wake();
+                break;
             }
         })
         .map(|_| ())
-        .map_err(|e| format!("cannot start the signal thread: {e}"))
+        .map_err(StartError::Workers)
 }
 
-fn describe_store(config: &Config) -> String {
-    match &config.store {
-        config::StoreKind::Embedded { data_dir, .. } => {
-            format!("embedded store in {}", data_dir.display())
+/// `noomnim token USERNAME [--ttl SECONDS]`: prints a token for `find_user`, signed with the
+/// configured secret (for trying the server with `nc`; applications mint their own).
+fn print_token(args: Vec<String>) -> ExitCode {
+    const USAGE: &str =
+        "usage: noomnim token USERNAME [--ttl SECONDS] (with AUTH_SECRET or AUTH_SECRET_FILE set)";
+    let (username, ttl) = match args.as_slice() {
+        [username] => (username, Some(noomnim::auth::DEFAULT_TTL_SECONDS)),
+        [username, flag, ttl] if flag == "--ttl" => (username, ttl.parse().ok()),
+        _ => (&String::new(), None),
+    };
+    let Some(ttl) = ttl.filter(|_| !username.is_empty()) else {
+        eprintln!("noomnim: {USAGE}");
+        return ExitCode::from(2);
+    };
+    let secret = match Config::from_env().map(|config| config.auth_secret) {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            eprintln!("noomnim: no secret: set AUTH_SECRET or AUTH_SECRET_FILE");
+            return ExitCode::from(2);
         }
-        config::StoreKind::Mongo { database, .. } => format!("MongoDB database {database}"),
-        #[cfg(feature = "bench-noop")]
-        config::StoreKind::Noop => "no-op store (benchmark build)".to_string(),
+        Err(error) => {
+            eprintln!("noomnim: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match noomnim::auth::Authenticator::new(&secret).mint(username, ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("noomnim: {error}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -15,6 +15,7 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::auth::Authenticator;
 use crate::config::{Config, StoreKind};
 use crate::connection::{Chunk, Closing, Connection, ReadState};
 use crate::limits::PerIp;
@@ -28,13 +29,17 @@ use crate::protocol::{
 use crate::rooms::Rooms;
 use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH, RECENT_IN_PEER_MODE};
 use crate::session::{self, Effect, Plan, Rules};
+use crate::start::StartError;
 use crate::store::{Store, StoreError};
+use crate::tls::{Certificates, TlsTransport};
+use crate::transport::Transport;
 use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool, WriteRouting};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const METRICS_LISTENER: Token = Token(2);
-const FIRST_CONNECTION: usize = 3;
+const TLS_LISTENER: Token = Token(3);
+const FIRST_CONNECTION: usize = 4;
 /// Tokens of metrics HTTP clients start here, far above any client connection's.
 const FIRST_METRICS_CLIENT: usize = usize::MAX / 2;
 /// How often connections are checked for the login timeout.
@@ -75,7 +80,11 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 pub struct Server {
     config: Config,
     poll: Poll,
+    /// The plaintext listener (`PORT`; none with `PLAINTEXT=false` or once draining).
     listener: Option<TcpListener>,
+    /// The TLS listener (`TLS_PORT`) and the certificate new connections get.
+    tls_listener: Option<TcpListener>,
+    certificates: Option<Certificates>,
     waker: Arc<Waker>,
     connections: HashMap<Token, Connection>,
     rooms: Rooms,
@@ -107,17 +116,37 @@ pub struct Server {
 
 impl Server {
     /// Binds the listener and starts the store workers.
-    pub fn start(config: Config, stores: Vec<Box<dyn Store>>) -> io::Result<Server> {
-        let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(config.listen_addr())?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    pub fn start(config: Config, stores: Vec<Box<dyn Store>>) -> Result<Server, StartError> {
+        let poll = Poll::new().map_err(StartError::Workers)?;
+        let listen = |addr: SocketAddr, token: Token| -> Result<TcpListener, StartError> {
+            let mut listener =
+                TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+            poll.registry()
+                .register(&mut listener, token, Interest::READABLE)
+                .map_err(StartError::Workers)?;
+            Ok(listener)
+        };
+        let listener = match config.plaintext {
+            true => Some(listen(config.listen_addr(), LISTENER)?),
+            false => None,
+        };
+        let (tls_listener, certificates) = match &config.tls {
+            Some(files) => {
+                let certificates = Certificates::load(files).map_err(StartError::Tls)?;
+                let addr = SocketAddr::new(config.bind, config.tls_port);
+                (Some(listen(addr, TLS_LISTENER)?), Some(certificates))
+            }
+            None => (None, None),
+        };
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(StartError::Workers)?);
         let metrics_listener = match config.metrics_port {
             Some(port) => {
-                let mut listener = TcpListener::bind(SocketAddr::new(config.bind, port))?;
+                let addr = SocketAddr::new(config.bind, port);
+                let mut listener = TcpListener::bind(addr)
+                    .map_err(|source| StartError::Metrics { addr, source })?;
                 poll.registry()
-                    .register(&mut listener, METRICS_LISTENER, Interest::READABLE)?;
+                    .register(&mut listener, METRICS_LISTENER, Interest::READABLE)
+                    .map_err(StartError::Workers)?;
                 Some(listener)
             }
             None => None,
@@ -127,14 +156,18 @@ impl Server {
             StoreKind::Mongo { .. } => WriteRouting::ByGroup,
             _ => WriteRouting::OneWriter,
         };
-        let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout, routing)?;
+        let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout, routing)
+            .map_err(StartError::Workers)?;
         let peer = match (&config.store, config.peer) {
-            (StoreKind::Mongo { database, .. }, true) => Some(PeerLink::start(
-                &config.redis_url,
-                &channel_for(database),
-                &config.node_id,
-                waker.clone(),
-            )?),
+            (StoreKind::Mongo { database, .. }, true) => Some(
+                PeerLink::start(
+                    &config.redis_url,
+                    &channel_for(database),
+                    &config.node_id,
+                    waker.clone(),
+                )
+                .map_err(StartError::Peer)?,
+            ),
             _ => None,
         };
         let keep_recent = if config.peer { RECENT_IN_PEER_MODE } else { 0 };
@@ -142,7 +175,9 @@ impl Server {
         Ok(Server {
             config,
             poll,
-            listener: Some(listener),
+            listener,
+            tls_listener,
+            certificates,
             waker,
             connections: HashMap::new(),
             rooms: Rooms::default(),
@@ -170,11 +205,22 @@ impl Server {
         })
     }
 
+    /// The plaintext chat address, or the TLS one when there is no plaintext listener.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        match &self.listener {
-            Some(listener) => listener.local_addr(),
-            None => Err(io::ErrorKind::NotConnected.into()),
+        match (&self.listener, &self.tls_listener) {
+            (Some(listener), _) | (None, Some(listener)) => listener.local_addr(),
+            (None, None) => Err(io::ErrorKind::NotConnected.into()),
         }
+    }
+
+    /// Where TLS is served, when it is.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The certificate store, for SIGHUP to reload.
+    pub fn certificates(&self) -> Option<Certificates> {
+        self.certificates.clone()
     }
 
     /// Where `/metrics` is served, when it is.
@@ -202,7 +248,8 @@ impl Server {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER => self.accept_from(false),
+                    TLS_LISTENER => self.accept_from(true),
                     WAKER => {}
                     METRICS_LISTENER => self.accept_metrics_clients(),
                     token if token.0 >= FIRST_METRICS_CLIENT => self.serve_metrics(token),
@@ -262,7 +309,10 @@ impl Server {
         if self.draining_since.is_none() && self.stop_requested.load(Ordering::SeqCst) {
             log::info!("shutting down: no new connections, finishing work in flight");
             crate::notify::notify("STOPPING=1");
-            if let Some(mut listener) = self.listener.take() {
+            for mut listener in [self.listener.take(), self.tls_listener.take()]
+                .into_iter()
+                .flatten()
+            {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
             self.draining_since = Some(Instant::now());
@@ -283,9 +333,20 @@ impl Server {
         true
     }
 
+    /// Accepts on both listeners (after descriptors were short).
     fn accept_all(&mut self) {
+        self.accept_from(false);
+        self.accept_from(true);
+    }
+
+    fn accept_from(&mut self, tls: bool) {
         loop {
-            let Some(listener) = &self.listener else {
+            let listener = if tls {
+                &self.tls_listener
+            } else {
+                &self.listener
+            };
+            let Some(listener) = listener else {
                 return;
             };
             match listener.accept() {
@@ -294,7 +355,7 @@ impl Server {
                         log::info!("accepting again: a descriptor is free");
                     }
                     self.accept_blocked = false;
-                    self.admit(socket, peer);
+                    self.admit(socket, peer, tls);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_blocked = false;
@@ -314,7 +375,7 @@ impl Server {
         }
     }
 
-    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr, tls: bool) {
         let refusal = if self.connections.len() >= self.config.max_connections {
             Some(("MAX_CONNECTIONS", "Server is at its connection limit."))
         } else if !self
@@ -332,8 +393,11 @@ impl Server {
             log::warn!("refusing {peer}: {limit} reached");
             self.metrics.connections_refused += 1;
             self.metrics.error(ErrorCode::Unavailable);
-            let error = ProtocolError::new(ErrorCode::Unavailable, text);
-            let _ = socket.write(&encode_failure(&error.into(), None));
+            // Over TLS there is no session to say it in: the client just sees the close.
+            if !tls {
+                let error = ProtocolError::new(ErrorCode::Unavailable, text);
+                let _ = socket.write(&encode_failure(&error.into(), None));
+            }
             return;
         }
         self.metrics.connections_accepted += 1;
@@ -359,15 +423,25 @@ impl Server {
             .with_retries(self.config.keepalive_probes);
         let _ = sock.set_tcp_keepalive(&keepalive);
         log::debug!("connection {} from {peer}", token.0);
-        self.connections.insert(
-            token,
-            Connection::new(
-                socket,
-                peer,
-                self.config.max_line_bytes,
-                self.config.rate_burst,
-            ),
+        let transport: Box<dyn Transport> = match (&self.certificates, tls) {
+            (Some(certificates), true) => match TlsTransport::new(socket, certificates.current()) {
+                Ok(transport) => Box::new(transport),
+                Err(e) => {
+                    log::warn!("cannot start TLS for {peer}: {e}");
+                    self.per_ip.release(peer.ip());
+                    return;
+                }
+            },
+            _ => Box::new(socket),
+        };
+        let mut connection = Connection::new(
+            transport,
+            peer,
+            self.config.max_line_bytes,
+            self.config.rate_burst,
         );
+        connection.session.tls = tls;
+        self.connections.insert(token, connection);
     }
 
     fn read_from(&mut self, token: Token) {
@@ -656,6 +730,16 @@ impl Server {
                         count_reply(&mut self.metrics, &line);
                         connection.queue_reply(line, None);
                     }
+                    Plan::Refused(line) => {
+                        self.metrics.error(ErrorCode::Unauthorized);
+                        connection.queue_reply(line, None);
+                        connection.auth_failures += 1;
+                        if connection.auth_failures >= session::MAX_AUTH_FAILURES {
+                            log::warn!("closing {}: authentication failed", connection.peer);
+                            connection.closing = Some(Closing::AuthFailed);
+                            connection.doomed = true;
+                        }
+                    }
                     Plan::Store { id, .. }
                         if !connection.bucket.take(
                             Instant::now(),
@@ -727,7 +811,7 @@ impl Server {
         let Some(mut connection) = self.connections.remove(&token) else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut connection.socket);
+        let _ = self.poll.registry().deregister(connection.socket.tcp());
         self.per_ip.release(connection.peer.ip());
         log::debug!("connection {} from {} closed", token.0, connection.peer);
         // A descriptor was freed: clients waiting in the accept queue can come in now.
@@ -777,11 +861,17 @@ fn rules_of(config: &Config) -> Rules {
         login_timeout_ms: config.login_timeout.as_millis() as u64,
         idle_timeout_ms,
         keepalive_hint_ms,
+        auth: config.auth_secret.is_some(),
     };
     Rules {
         max_reply_bytes: config.max_reply_bytes,
         max_groups_per_user: config.max_groups_per_user,
-        hello: Rc::new(hello_data(&info)),
+        hello: Rc::new(hello_data(&info, false)),
+        hello_tls: Rc::new(hello_data(&info, true)),
+        auth: config
+            .auth_secret
+            .as_ref()
+            .map(|secret| Rc::new(Authenticator::new(secret))),
     }
 }
 

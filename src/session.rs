@@ -3,6 +3,7 @@
 //!
 //! Pure functions over the session state; the event loop applies the effects.
 
+use crate::auth::Authenticator;
 use crate::framing::Frame;
 use crate::model::{now_timestamp, Message, NewMessage, ReadMark};
 use crate::protocol::{
@@ -34,14 +35,17 @@ impl Room {
 }
 
 /// What of the running configuration shapes replies and store requests.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Rules {
     /// No reply line may be longer (`MAX_REPLY_BYTES`).
     pub max_reply_bytes: usize,
     /// Groups one user may create (`MAX_GROUPS_PER_USER`, 0: no limit).
     pub max_groups_per_user: usize,
-    /// The `hello` reply's data, built once.
+    /// The `hello` reply's data, built once (for plain and for TLS connections).
     pub hello: std::rc::Rc<serde_json::Value>,
+    pub hello_tls: std::rc::Rc<serde_json::Value>,
+    /// Checks `find_user` tokens when authentication is on.
+    pub auth: Option<std::rc::Rc<Authenticator>>,
 }
 
 /// Bytes of a history reply that are not messages: the event name, `group_name`, flags and the
@@ -53,6 +57,8 @@ const REPLY_OVERHEAD: usize = 512;
 pub struct Session {
     pub username: Option<String>,
     pub room: Option<Room>,
+    /// The connection came in over TLS.
+    pub tls: bool,
 }
 
 impl Session {
@@ -79,7 +85,13 @@ pub enum Plan {
     Reply(Vec<u8>),
     /// Run this store job; its completion produces the reply.
     Store { op: StoreOp, id: Option<RequestId> },
+    /// A `find_user` that failed authentication: answer with this line, and count it (the
+    /// connection is closed after `MAX_AUTH_FAILURES`).
+    Refused(Vec<u8>),
 }
+
+/// Failed `find_user` authentications after which the connection is closed (`auth_failed`).
+pub const MAX_AUTH_FAILURES: u32 = 3;
 
 /// How a finished job changes the connection's session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +132,12 @@ pub fn plan(session: &Session, frame: Frame, rules: &Rules) -> Plan {
     match check_and_plan(session, envelope, rules, budget) {
         Ok(Planned::Now(reply)) => Plan::Reply(encode_reply(&reply, id.as_deref())),
         Ok(Planned::Later(op)) => Plan::Store { op, id },
+        Err(
+            failure @ Failure::Protocol(ProtocolError {
+                code: ErrorCode::Unauthorized,
+                ..
+            }),
+        ) => Plan::Refused(encode_failure(&failure, id.as_deref())),
         Err(failure) => Plan::Reply(encode_failure(&failure, id.as_deref())),
     }
 }
@@ -157,6 +175,7 @@ fn check_and_plan(
         }
     }
     Ok(match request {
+        Request::Hello if session.tls => Planned::Now(Reply::Hello(rules.hello_tls.clone())),
         Request::Hello => Planned::Now(Reply::Hello(rules.hello.clone())),
         Request::MarkRead {
             username,
@@ -171,10 +190,23 @@ fn check_and_plan(
         Request::Ping => Planned::Now(Reply::Pong {
             time: now_timestamp(),
         }),
-        Request::FindUser { username, new_name } => Planned::Later(StoreOp::FindUser {
+        Request::FindUser {
             username,
-            new_name: new_name.err(),
-        }),
+            new_name,
+            token,
+        } => {
+            if let Some(auth) = &rules.auth {
+                // One answer for every way to fail, so a client learns nothing from it.
+                if !token.is_some_and(|token| auth.admits(&token, &username)) {
+                    let text = "Authentication failed.";
+                    return Err(ProtocolError::new(ErrorCode::Unauthorized, text).into());
+                }
+            }
+            Planned::Later(StoreOp::FindUser {
+                username,
+                new_name: new_name.err(),
+            })
+        }
         Request::ListGroups(query) => Planned::Later(StoreOp::ListGroups(query)),
         Request::CreateGroup {
             username,
@@ -413,13 +445,17 @@ mod tests {
             max_reply_bytes: 1 << 20,
             max_groups_per_user: 0,
             hello: std::rc::Rc::new(serde_json::json!({"server": "noomnim"})),
+            hello_tls: std::rc::Rc::new(serde_json::json!({"server": "noomnim", "tls": true})),
+            auth: None,
         };
         plan(session, Frame::Line(line.as_bytes().to_vec()), &rules)
     }
 
     fn reply_json(plan: Plan) -> serde_json::Value {
         match plan {
-            Plan::Reply(bytes) => serde_json::from_slice(&bytes).expect("reply is json"),
+            Plan::Reply(bytes) | Plan::Refused(bytes) => {
+                serde_json::from_slice(&bytes).expect("reply is json")
+            }
             Plan::Store { op, .. } => panic!("expected an immediate reply, got job {op:?}"),
         }
     }
@@ -427,7 +463,7 @@ mod tests {
     fn logged_in(name: &str) -> Session {
         Session {
             username: Some(name.into()),
-            room: None,
+            ..Session::default()
         }
     }
 

@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{msg, ug, unique, Backend, Client, Server, Storage, BINARY};
 use serde_json::{json, Value};
@@ -155,7 +155,6 @@ fn slow_reader_is_dropped_without_stalling_others(backend: Backend) {
     // 400 broadcasts of 3.9 KB (1.5 MB) overflow the kernel buffers (small on both sides) and
     // then the 64 KiB output bound.
     let text = "z".repeat(3900);
-    let started = Instant::now();
     let total = 400;
     let fast_reader = std::thread::spawn(move || {
         for seq in 1..=total {
@@ -175,11 +174,10 @@ fn slow_reader_is_dropped_without_stalling_others(backend: Backend) {
             }
         }
     }
+    // Not stalled: the fast reader got all 400 in order, none later than the client's read
+    // timeout after the one before (no wall-clock bound on the whole run, which on a loaded
+    // machine or the slow MongoDB test server says nothing about the server).
     fast_reader.join().expect("fast reader");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "nobody was stalled"
-    );
     assert!(
         slow.closed_within(Duration::from_secs(10)),
         "the slow reader was dropped"

@@ -19,6 +19,7 @@ REDIS_PORT="${NOOMNIM_REDIS_PORT:-6479}"
 VENV="$STATE/venv"
 MONGOECO_VERSION="4.11.0"
 PYMONGO_VERSION="4.20.1"
+PYJWT_VERSION="2.10.1"
 
 log() { echo "services: $*" >&2; }
 
@@ -37,13 +38,14 @@ find_python313() {
 
 install_mongoeco() {
     mkdir -p "$STATE"
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import mongoeco, pymongo" 2>/dev/null; then
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import mongoeco, pymongo, jwt" 2>/dev/null; then
         return
     fi
-    log "creating $VENV with mongoeco==$MONGOECO_VERSION"
-    "$(find_python313)" -m venv "$VENV"
+    log "creating $VENV with mongoeco==$MONGOECO_VERSION and PyJWT==$PYJWT_VERSION"
+    [ -x "$VENV/bin/python" ] || "$(find_python313)" -m venv "$VENV"
+    # PyJWT: tests mint tokens with an independent JWT implementation (tests/auth.rs).
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-        "mongoeco==$MONGOECO_VERSION" "pymongo==$PYMONGO_VERSION" >&2
+        "mongoeco==$MONGOECO_VERSION" "pymongo==$PYMONGO_VERSION" "PyJWT==$PYJWT_VERSION" >&2
 }
 
 # wait_for_port PORT NAME: until something accepts on 127.0.0.1:PORT (20 s at most).
@@ -95,6 +97,7 @@ case "${1:-start}" in
         echo "export NOOMNIM_TEST_MONGODB_URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'"
         echo "export NOOMNIM_TEST_REDIS_URL='redis://127.0.0.1:$REDIS_PORT/'"
         echo "export NOOMNIM_TEST_MONGOECO='$VENV/bin/python $HERE/mongoeco_server.py'"
+        echo "export NOOMNIM_TEST_PYTHON='$VENV/bin/python'"
         ;;
     stop) stop_services ;;
     *) log "usage: $0 start|stop|install"; exit 2 ;;

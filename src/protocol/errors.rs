@@ -14,10 +14,11 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     QuotaExceeded,
+    Unauthorized,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownEvent,
         ErrorCode::BadRequest,
@@ -27,6 +28,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::QuotaExceeded,
+        ErrorCode::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }

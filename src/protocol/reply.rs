@@ -56,17 +56,19 @@ pub struct HelloInfo {
     pub login_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub keepalive_hint_ms: u64,
+    /// `find_user` needs a token.
+    pub auth: bool,
 }
 
-/// The `hello` reply's data.
-pub fn hello_data(info: &HelloInfo) -> serde_json::Value {
+/// The `hello` reply's data, for a connection over TLS or not.
+pub fn hello_data(info: &HelloInfo, tls: bool) -> serde_json::Value {
     json!({
         "server": "noomnim",
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": 2,
         "node_id": info.node_id,
-        "auth": "none",
-        "tls": false,
+        "auth": if info.auth { "token" } else { "none" },
+        "tls": tls,
         "events": super::request::event_names(),
         "limits": {
             "max_line_bytes": info.max_line_bytes,

@@ -116,6 +116,8 @@ pub enum Request {
         /// Whether the name may be used for a new user: `Err(reason)` when it breaks the
         /// rules for new names (it may still log in an existing user of that name).
         new_name: Result<(), String>,
+        /// The JWT proving the name (required when the server has `AUTH_SECRET`).
+        token: Option<String>,
     },
     CreateGroup {
         username: String,
@@ -320,6 +322,12 @@ impl Envelope {
                 Request::FindUser {
                     new_name: new_name_rules(&username, "username"),
                     username,
+                    // Anything but a string is no token: with authentication on it is refused
+                    // like any other bad token, without saying why.
+                    token: data
+                        .get("token")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                 }
             }
             EventKind::CreateGroup => {
@@ -575,7 +583,8 @@ mod tests {
             request,
             Ok(Request::FindUser {
                 username: "bob".into(),
-                new_name: Ok(())
+                new_name: Ok(()),
+                token: None,
             })
         );
     }
@@ -625,7 +634,10 @@ mod tests {
     #[test]
     fn names_are_nfc_and_new_names_must_be_visible() {
         let decomposed = r#"{"event":"find_user","data":{"username":"Jose\u0301"}}"#;
-        let Ok(Request::FindUser { username, new_name }) = decode(decomposed) else {
+        let Ok(Request::FindUser {
+            username, new_name, ..
+        }) = decode(decomposed)
+        else {
             panic!("decodes");
         };
         assert_eq!(username, "Jos\u{e9}");
