@@ -173,6 +173,27 @@ impl Server {
         Client::connect(self.addr)
     }
 
+    /// The TLS address, read from the start-up line (None: no TLS listener).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        let addr = if self.ready_line.contains("(TLS only)") {
+            address_after(&self.ready_line, "listening on ")
+        } else {
+            address_after(&self.ready_line, "TLS on ")
+        };
+        addr.parse().ok()
+    }
+
+    /// A client logged in with a token (servers with `AUTH_SECRET`).
+    pub fn login_with_token(&self, username: &str, token: &str) -> Client {
+        let mut client = self.connect();
+        let reply = client.request("find_user", json!({ "username": username, "token": token }));
+        assert!(
+            reply["event"] == "user_created" || reply["event"] == "user_found",
+            "login failed: {reply}"
+        );
+        client
+    }
+
     /// A client whose kernel receive buffer is tiny, so that when it stops reading the server's
     /// output backs up after a few hundred kilobytes instead of many megabytes.
     pub fn connect_small_window(&self) -> Client {
@@ -703,4 +724,39 @@ pub fn broadcasts_until(client: &mut Client, last_key: &str) -> Vec<Value> {
         }
         seen.push(line["data"].clone());
     }
+}
+
+/// A token minted by the server's own `noomnim token USERNAME --ttl TTL` with this secret.
+pub fn server_token(secret: &str, username: &str, ttl: u64) -> String {
+    let output = Command::new(BINARY)
+        .env_clear()
+        .env("AUTH_SECRET", secret)
+        .args(["token", username, "--ttl", &ttl.to_string()])
+        .output()
+        .expect("run noomnim token");
+    assert!(output.status.success(), "noomnim token failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A JWT minted by PyJWT (an independent implementation, installed by tools/services.sh):
+/// `claims` as JSON, signed with `secret` using `algorithm` ("none": unsigned).
+pub fn pyjwt_token(claims: &Value, secret: &str, algorithm: &str) -> String {
+    let python = std::env::var("NOOMNIM_TEST_PYTHON")
+        .expect("NOOMNIM_TEST_PYTHON is not set: start tools/services.sh (bash .ci/run does)");
+    let script = "import jwt, json, sys\n\
+claims, secret, alg = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]\n\
+print(jwt.encode(claims, None if alg == 'none' else secret, algorithm=alg))";
+    let output = Command::new(python)
+        .args(["-c", script, &claims.to_string(), secret, algorithm])
+        .output()
+        .expect("run PyJWT");
+    assert!(output.status.success(), "PyJWT failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
