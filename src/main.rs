@@ -78,7 +78,7 @@ fn run(config: &Config, server: Server) -> Result<(), String> {
         (None, _) => String::new(),
     };
     log::info!(
-        "listening on {addr}{tls} ({}){metrics}",
+        "listening on {addr} ({}){tls}{metrics}",
         describe_store(config)
     );
     notify::notify("READY=1");

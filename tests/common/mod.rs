@@ -260,6 +260,7 @@ fn address_after(line: &str, marker: &str) -> String {
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_default()
+        .trim_end_matches(';')
         .to_string()
 }
 
