@@ -330,6 +330,13 @@ fn help_lists_every_variable() {
     let output = Command::new(BINARY).arg("--help").output().expect("run");
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
+    // Every variable --help lists is in the README's table too.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README");
+    for line in text.lines().filter(|l| l.starts_with("  ")) {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        assert!(readme.contains(&format!("| `{name}` |")), "README lacks {name}");
+    }
     for name in [
         "PORT",
         "BIND",
@@ -346,6 +353,12 @@ fn help_lists_every_variable() {
         "MAX_CONNECTIONS",
         "WORKERS",
         "LOG_LEVEL",
+        "AUTH_SECRET",
+        "AUTH_SECRET_FILE",
+        "TLS_CERT",
+        "TLS_KEY",
+        "TLS_PORT",
+        "PLAINTEXT",
     ] {
         assert!(text.contains(name), "--help lacks {name}");
     }
