@@ -331,11 +331,14 @@ fn help_lists_every_variable() {
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     // Every variable --help lists is in the README's table too.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
     for line in text.lines().filter(|l| l.starts_with("  ")) {
         let name = line.split_whitespace().next().unwrap_or_default();
-        assert!(readme.contains(&format!("| `{name}` |")), "README lacks {name}");
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README lacks {name}"
+        );
     }
     for name in [
         "PORT",

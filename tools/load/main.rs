@@ -10,12 +10,18 @@
 //! `--history N` (store N messages in a group, then time `enter_group`), and `--irc` (the same
 //! storm spoken as IRC, to measure an IRC server on the same shape).
 //!
+//! `--tls CAFILE` speaks TLS (rustls, trusting that CA) to the servers' TLS ports, and
+//! `--token-secret S` logs in with HS256 tokens minted by the server library's own
+//! `noomnim::auth` (minted before the clock starts); the login round is timed either way
+//! (`logins/s`).
+//!
 //! Example: `cargo run --release --bin noomnim-load -- --addr 127.0.0.1:7777 --clients 1000
 //! --groups 10 --senders 50 --seconds 10 --server-pid $(pgrep -x noomnim)`
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -25,6 +31,7 @@ const USAGE: &str =
     "usage: noomnim-load [--addr HOST:PORT]... [--clients C] [--groups G] [--senders S]
        [--seconds T] [--rate MSGS_PER_SEC] [--window W] [--text-bytes N] [--tag NAME]
        [--server-pid PID]... [--idle] [--history N] [--enter-samples K] [--irc] [--client-msg-id]
+       [--tls CAFILE] [--token-secret SECRET]
 
 --irc speaks IRC instead (NICK/USER/JOIN, PRIVMSG to #channels, each message followed by a
 PING whose PONG stands in for the ack), to measure an IRC server on the same shape.";
@@ -46,6 +53,10 @@ struct Args {
     enter_samples: usize,
     /// Give every message a unique `client_msg_id` (what a retrying client does).
     keyed: bool,
+    /// Speak TLS, trusting the CA in this PEM file.
+    tls_ca: Option<String>,
+    /// Log in with tokens signed with this secret.
+    token_secret: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -65,6 +76,8 @@ fn parse_args() -> Result<Args, String> {
         history: None,
         enter_samples: 20,
         keyed: false,
+        tls_ca: None,
+        token_secret: None,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -89,6 +102,8 @@ fn parse_args() -> Result<Args, String> {
             "--idle" => args.idle = true,
             "--irc" => args.irc = true,
             "--client-msg-id" => args.keyed = true,
+            "--tls" => args.tls_ca = Some(value()?),
+            "--token-secret" => args.token_secret = Some(value()?),
             "--history" => args.history = Some(number(value()?)? as u64),
             "--enter-samples" => args.enter_samples = number(value()?)? as usize,
             "--help" | "-h" => return Err(USAGE.to_string()),
@@ -108,8 +123,73 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// One client connection.
+/// A client socket, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn socket(&mut self) -> &mut TcpStream {
+        match self {
+            Stream::Plain(socket) => socket,
+            Stream::Tls(stream) => &mut stream.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(socket) => socket.read(buffer),
+            Stream::Tls(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(socket) => socket.write(bytes),
+            Stream::Tls(stream) => stream.write(bytes),
+        }
+    }
+
+    /// Pushes out TLS records still sealed in the session (plain sockets hold nothing).
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(stream) => {
+                while stream.conn.wants_write() {
+                    stream.conn.write_tls(&mut stream.sock)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn tls_config(ca_file: &str) -> io::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| io::Error::other(format!("--tls {ca_file}: {e}")))?
+    {
+        let cert = cert.map_err(|e| io::Error::other(format!("--tls {ca_file}: {e}")))?;
+        roots.add(cert).map_err(io::Error::other)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 struct Client {
-    stream: TcpStream,
+    stream: Stream,
     inbox: Vec<u8>,
     outbox: Vec<u8>,
     written: usize,
@@ -139,6 +219,10 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
+        match self.stream.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
+        }
         if self.written == self.outbox.len() {
             self.outbox.clear();
             self.written = 0;
@@ -154,7 +238,9 @@ impl Client {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.inbox.extend_from_slice(&buffer[..n]);
-                    if n < buffer.len() {
+                    // (Over TLS a short read only means the session's plaintext ran out, not
+                    // the socket: read on until it would block.)
+                    if n < buffer.len() && matches!(self.stream, Stream::Plain(_)) {
                         return Ok(());
                     }
                 }
@@ -277,12 +363,23 @@ impl Load {
     fn connect(args: &Args) -> io::Result<Load> {
         let poll = Poll::new()?;
         let mut clients = Vec::with_capacity(args.clients);
+        let tls = args.tls_ca.as_deref().map(tls_config).transpose()?;
         for i in 0..args.clients {
-            let mut stream = TcpStream::connect(args.addrs[i % args.addrs.len()])?;
+            let socket = TcpStream::connect(args.addrs[i % args.addrs.len()])?;
             // Small request lines must not wait for Nagle's algorithm (or delayed ACKs).
-            stream.set_nodelay(true)?;
+            socket.set_nodelay(true)?;
+            let mut stream = match &tls {
+                Some(config) => {
+                    let name = rustls::pki_types::ServerName::try_from("localhost")
+                        .map_err(io::Error::other)?;
+                    let session = rustls::ClientConnection::new(config.clone(), name)
+                        .map_err(io::Error::other)?;
+                    Stream::Tls(Box::new(rustls::StreamOwned::new(session, socket)))
+                }
+                None => Stream::Plain(socket),
+            };
             poll.registry().register(
-                &mut stream,
+                stream.socket(),
                 Token(i),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
@@ -445,9 +542,44 @@ impl Load {
             self.tally = Tally::default();
             return Ok(());
         }
-        self.round(&all, |i, _| {
-            format!(r#"{{"event":"find_user","data":{{"username":"{tag}-u{i}"}},"id":0}}"#)
+        // Tokens are minted before the clock starts: the server's cost is what is measured.
+        let tokens: Vec<String> = match &args.token_secret {
+            Some(secret) => {
+                let auth = noomnim::auth::Authenticator::new(&noomnim::auth::Secret::new(
+                    secret.as_bytes().to_vec(),
+                ));
+                all.iter()
+                    .map(|i| auth.mint(&format!("{tag}-u{i}"), 3600))
+                    .collect::<Result<_, _>>()
+                    .map_err(io::Error::other)?
+            }
+            None => Vec::new(),
+        };
+        let cpu_before = total_cpu_seconds(&args.server_pids);
+        let started = Instant::now();
+        self.round(&all, |i, _| match tokens.get(i) {
+            Some(token) => format!(
+                r#"{{"event":"find_user","data":{{"username":"{tag}-u{i}","token":"{token}"}},"id":0}}"#
+            ),
+            None => format!(r#"{{"event":"find_user","data":{{"username":"{tag}-u{i}"}},"id":0}}"#),
         })?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = total_cpu_seconds(&args.server_pids).zip(cpu_before).map_or(
+            String::new(),
+            |(after, before)| {
+                format!(
+                    " server_cpu_us_per_login={:.1}",
+                    (after - before) * 1e6 / all.len().max(1) as f64
+                )
+            },
+        );
+        println!(
+            "logins={} logins/s={:.0}{cpu}{}{}",
+            all.len(),
+            all.len() as f64 / elapsed,
+            if tokens.is_empty() { "" } else { " (tokens)" },
+            if args.tls_ca.is_some() { " (tls)" } else { "" },
+        );
         let creators: Vec<usize> = (0..args.groups).collect();
         self.round(&creators, |i, c| {
             format!(r#"{{"event":"create_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, c.group)
