@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Backend, Server, Storage};
+use common::{Backend, Storage};
 use serde_json::Value;
 
 /// The exchanges of the document, in order: (line number, is a request, text).
@@ -71,7 +71,8 @@ fn every_example_in_protocol_md_runs_as_written() {
     let lines = exchanges(&doc);
     assert!(lines.len() >= 20, "the reference has its examples");
     let storage = Storage::new(Backend::Embedded);
-    let server = Server::start(&storage);
+    // In-process, through the library: nothing here needs the binary.
+    let server = common::InProcess::start(&storage, &[]);
     let mut client = server.connect();
     for (number, is_request, text) in lines {
         if is_request {

@@ -301,6 +301,59 @@ fn sigterm_shuts_down_cleanly(backend: Backend) {
     assert!(server.logged("stopped"), "log: {}", server.log_text());
 }
 
+/// Issue 12: every start-up failure names what failed (not "cannot listen" for everything),
+/// in one log line, with exit code 2.
+#[test]
+fn start_up_failures_name_the_setting_and_exit_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr").port().to_string();
+    let data = std::env::temp_dir().join(common::unique("startup"));
+    std::fs::create_dir_all(&data).expect("dir");
+    let blocker = data.join("not-a-dir");
+    std::fs::write(&blocker, "a file where the data directory should be").expect("file");
+    let data_dir = data.display().to_string();
+    let blocked_dir = blocker.join("sub").display().to_string();
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("PORT", &busy), ("DATA_DIR", &data_dir)], "(PORT/BIND)"),
+        (
+            &[
+                ("PORT", "0"),
+                ("METRICS_PORT", &busy),
+                ("DATA_DIR", &data_dir),
+            ],
+            "METRICS_PORT",
+        ),
+        (
+            &[("PORT", "0"), ("DATA_DIR", &blocked_dir)],
+            "cannot open the store",
+        ),
+        (
+            &[
+                ("PORT", "0"),
+                ("DATA_DIR", &data_dir),
+                ("TLS_CERT", "/nonexistent/cert.pem"),
+                ("TLS_KEY", "/nonexistent/key.pem"),
+            ],
+            "cannot start TLS",
+        ),
+    ];
+    for (env, expected) in cases {
+        let output = Command::new(BINARY)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{env:?}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("[ERROR]")).collect();
+        assert_eq!(errors.len(), 1, "one error line: {stderr}");
+        assert!(errors[0].contains(expected), "{env:?}: {stderr}");
+    }
+    drop(taken);
+    let _ = std::fs::remove_dir_all(data);
+}
+
 #[test]
 fn bad_configuration_exits_2_with_one_line() {
     for (name, value) in [

@@ -36,6 +36,11 @@ use crate::model::{
 };
 
 const DUPLICATE_KEY: i32 = 11000;
+/// The schema this code writes, recorded in `meta {_id: "schema", version}`. 1: the first
+/// release; 2: read markers by seq (`user.last_read_seq`, read lazily where missing) and
+/// `groups.creator`; 3: `messages.client_msg_id` and its unique index. Older databases need
+/// no rewrite (new fields are optional); a newer one is refused.
+const SCHEMA_VERSION: i64 = 3;
 /// How often one batch retries after losing `seq` numbers to another process.
 const MAX_SEQ_RETRIES: usize = 1000;
 
@@ -44,6 +49,7 @@ pub struct MongoStore {
     groups: Collection<Document>,
     messages: Collection<Document>,
     counters: Collection<Document>,
+    meta: Collection<Document>,
     indexes_ready: bool,
     max_time: Duration,
 }
@@ -76,6 +82,7 @@ impl MongoStore {
             groups: db.collection("groups"),
             messages: db.collection("messages"),
             counters: db.collection("counters"),
+            meta: db.collection("meta"),
             indexes_ready: false,
             max_time: timeout,
         };
@@ -89,6 +96,14 @@ impl MongoStore {
     fn ensure_indexes(&mut self) -> Result<(), StoreError> {
         if self.indexes_ready {
             return Ok(());
+        }
+        let recorded = first(&self.meta, doc! {"_id": "schema"}, None)?
+            .and_then(|schema| seq_of_field(&schema, "version"))
+            .unwrap_or(1);
+        if recorded > SCHEMA_VERSION as u64 {
+            return Err(StoreError::Unavailable(format!(
+                "the database has schema version {recorded}, newer than this server's {SCHEMA_VERSION}"
+            )));
         }
         let unique = |keys: Document| {
             IndexModel::builder()
@@ -130,6 +145,13 @@ impl MongoStore {
                     )
                     .build(),
             )
+            .run()?;
+        self.meta
+            .update_one(
+                doc! {"_id": "schema"},
+                doc! {"$max": {"version": SCHEMA_VERSION}},
+            )
+            .upsert(true)
             .run()?;
         self.indexes_ready = true;
         Ok(())
@@ -929,5 +951,38 @@ mod tests {
         let mut store =
             MongoStore::connect(&uri, &database, Duration::from_secs(5)).expect("connect");
         super::super::contract::check_all(store.as_mut(), "");
+    }
+
+    /// A database written by a newer server is refused, not half-understood.
+    #[test]
+    fn records_its_schema_and_refuses_a_newer_one() {
+        let uri = std::env::var("NOOMNIM_TEST_MONGODB_URI").expect("NOOMNIM_TEST_MONGODB_URI");
+        let database = format!("noomnim_schema_{}", std::process::id());
+        let client = Client::with_uri_str(&uri).expect("client");
+        let meta = client.database(&database).collection::<Document>("meta");
+        let mut store =
+            MongoStore::connect(&uri, &database, Duration::from_secs(5)).expect("connect");
+        let page = PageQuery {
+            before_seq: None,
+            after_seq: None,
+            limit: 1,
+        };
+        let _ = store.fetch_messages("nobody", "nothing", page);
+        let schema = first(&meta, doc! {"_id": "schema"}, None)
+            .expect("read")
+            .expect("recorded");
+        assert_eq!(
+            seq_of_field(&schema, "version"),
+            Some(SCHEMA_VERSION as u64)
+        );
+        meta.update_one(doc! {"_id": "schema"}, doc! {"$set": {"version": 99_i64}})
+            .run()
+            .expect("bump");
+        let mut newer =
+            MongoStore::connect(&uri, &database, Duration::from_secs(5)).expect("connect");
+        match newer.fetch_messages("nobody", "nothing", page) {
+            Err(StoreError::Unavailable(reason)) => assert!(reason.contains("newer"), "{reason}"),
+            other => panic!("a newer schema was not refused: {other:?}"),
+        }
     }
 }

@@ -761,3 +761,56 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// A server started in this process through the library (`noomnim::start`), for tests that
+/// need no signals, exit codes or process limits: no binary to spawn, no log to scrape.
+/// Dropping it stops the event loop (gracefully, as SIGTERM would) and waits for it.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    waker: Arc<mio::Waker>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl InProcess {
+    pub fn start(storage: &Storage, extra: &[(&str, &str)]) -> InProcess {
+        let mut env: std::collections::HashMap<String, String> =
+            storage.env().into_iter().collect();
+        env.insert("PORT".into(), "0".into());
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = noomnim::Config::from_map(&env).expect("configuration");
+        // The server owns `Rc`s, so it is built on the thread that runs it; the address and
+        // the stop handle come back over a channel.
+        let (ready, started) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let server = noomnim::start(config).expect("start in-process server");
+            let addr = server.local_addr().expect("address");
+            let (stop, waker) = server.stop_handle();
+            let _ = ready.send((addr, stop, waker));
+            server.run()
+        });
+        let (addr, stop, waker) = started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("in-process server started");
+        InProcess {
+            addr,
+            stop,
+            waker,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -2,6 +2,10 @@
 //! hands requests to the session logic, submits store jobs to the workers, takes their
 //! completions (woken by the `mio::Waker`), broadcasts stored messages to rooms, and writes.
 //! Nothing on this thread blocks on a database.
+//!
+//! This file holds the loop itself, request servicing and closing; by concern, `accept`
+//! (listeners and admission), `delivery` (completions, sequencer, rooms, broadcast, peers),
+//! `sweep` (timeouts and deadlines) and `metrics_http` (the `/metrics` endpoint).
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -34,6 +38,11 @@ use crate::store::{Store, StoreError};
 use crate::tls::{Certificates, TlsTransport};
 use crate::transport::Transport;
 use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool, WriteRouting};
+
+mod accept;
+mod delivery;
+mod metrics_http;
+mod sweep;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -333,117 +342,6 @@ impl Server {
         true
     }
 
-    /// Accepts on both listeners (after descriptors were short).
-    fn accept_all(&mut self) {
-        self.accept_from(false);
-        self.accept_from(true);
-    }
-
-    fn accept_from(&mut self, tls: bool) {
-        loop {
-            let listener = if tls {
-                &self.tls_listener
-            } else {
-                &self.listener
-            };
-            let Some(listener) = listener else {
-                return;
-            };
-            match listener.accept() {
-                Ok((socket, peer)) => {
-                    if self.accept_blocked {
-                        log::info!("accepting again: a descriptor is free");
-                    }
-                    self.accept_blocked = false;
-                    self.admit(socket, peer, tls);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.accept_blocked = false;
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE/ENFILE (or another transient failure): the client stays in the
-                    // kernel's accept queue; retry on a timer and when a descriptor is freed.
-                    if !self.accept_blocked {
-                        log::warn!("accept failed: {e}; clients wait in the accept queue");
-                    }
-                    self.accept_blocked = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr, tls: bool) {
-        let refusal = if self.connections.len() >= self.config.max_connections {
-            Some(("MAX_CONNECTIONS", "Server is at its connection limit."))
-        } else if !self
-            .per_ip
-            .admit(peer.ip(), self.config.max_connections_per_ip)
-        {
-            Some((
-                "MAX_CONNECTIONS_PER_IP",
-                "Too many connections from your address.",
-            ))
-        } else {
-            None
-        };
-        if let Some((limit, text)) = refusal {
-            log::warn!("refusing {peer}: {limit} reached");
-            self.metrics.connections_refused += 1;
-            self.metrics.error(ErrorCode::Unavailable);
-            // Over TLS there is no session to say it in: the client just sees the close.
-            if !tls {
-                let error = ProtocolError::new(ErrorCode::Unavailable, text);
-                let _ = socket.write(&encode_failure(&error.into(), None));
-            }
-            return;
-        }
-        self.metrics.connections_accepted += 1;
-        let token = Token(self.next_token);
-        self.next_token += 1;
-        if let Err(e) = self.poll.registry().register(
-            &mut socket,
-            token,
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!("cannot register {peer}: {e}");
-            self.per_ip.release(peer.ip());
-            return;
-        }
-        let _ = socket.set_nodelay(true);
-        let sock = socket2::SockRef::from(&socket);
-        let _ = sock.set_send_buffer_size(KERNEL_SEND_BUFFER_BYTES);
-        // Dead peers (unplugged, vanished NAT state) are found by the kernel without any help
-        // from the client, and their descriptors come back.
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(self.config.keepalive_idle)
-            .with_interval(self.config.keepalive_interval)
-            .with_retries(self.config.keepalive_probes);
-        let _ = sock.set_tcp_keepalive(&keepalive);
-        log::debug!("connection {} from {peer}", token.0);
-        let transport: Box<dyn Transport> = match (&self.certificates, tls) {
-            (Some(certificates), true) => match TlsTransport::new(socket, certificates.current()) {
-                Ok(transport) => Box::new(transport),
-                Err(e) => {
-                    log::warn!("cannot start TLS for {peer}: {e}");
-                    self.per_ip.release(peer.ip());
-                    return;
-                }
-            },
-            _ => Box::new(socket),
-        };
-        let mut connection = Connection::new(
-            transport,
-            peer,
-            self.config.max_line_bytes,
-            self.config.rate_burst,
-        );
-        connection.session.tls = tls;
-        self.connections.insert(token, connection);
-    }
-
     fn read_from(&mut self, token: Token) {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
@@ -451,174 +349,6 @@ impl Server {
         if let Err(e) = connection.read_available(&mut self.read_buffer) {
             log::debug!("read from {} failed: {e}", connection.peer);
             connection.doomed = true;
-        }
-    }
-
-    fn take_completions(&mut self) {
-        while let Ok(completion) = self.completions.try_recv() {
-            self.complete(completion);
-        }
-    }
-
-    fn complete(&mut self, completion: Completion) {
-        let Completion {
-            requester,
-            op,
-            result,
-            elapsed,
-        } = completion;
-        self.metrics.store_latency(elapsed);
-        // A `client_msg_id` repeat stored nothing: only its sender hears of it, in the ack.
-        if let Ok(StoreOutput::Stored(Appended {
-            message,
-            duplicate: false,
-        })) = &result
-        {
-            self.metrics.messages_stored += 1;
-            if let Some(peer) = &self.peer {
-                peer.publish(message);
-            }
-            let released = self.sequencer.offer(message.clone(), requester);
-            self.broadcast_all(released);
-        }
-        let Requester::Connection(token, ticket) = requester else {
-            self.complete_background(op, result);
-            return;
-        };
-        let Some(connection) = self.connections.get_mut(&token) else {
-            return;
-        };
-        if !connection.awaits(ticket) {
-            // Already answered `unavailable` when it outlived STORE_TIMEOUT_MS.
-            log::debug!("late store result for {} dropped", connection.peer);
-            return;
-        }
-        let id = connection.awaiting.take().flatten();
-        let leaves_before = connection.leave_clock_at_submit;
-        let completed = session::complete(op, result, id.as_deref());
-        count_reply(&mut self.metrics, &completed.line);
-        let shows = completed
-            .shows
-            .filter(|(group, _, _)| connection.session.room_name() == Some(group.as_str()))
-            .map(|(_, first, last)| (first, last));
-        connection.queue_reply(completed.line, shows);
-        let effect = match completed.effect {
-            // The user left this group after the enter was submitted (on this node or another):
-            // in that order the enter happened first and the leave took the user out again.
-            Effect::EnterRoom(room) if self.left_since(token, &room.group_name, leaves_before) => {
-                log::debug!("not entering {}: left meanwhile", room.group_name);
-                Effect::None
-            }
-            effect => effect,
-        };
-        self.apply(token, effect);
-        self.touched.push(token);
-    }
-
-    /// Whether the connection's user left `group_name` after the leave clock read `since`.
-    fn left_since(&self, token: Token, group_name: &str, since: u64) -> bool {
-        let Some(username) = self
-            .connections
-            .get(&token)
-            .and_then(|c| c.session.username.clone())
-        else {
-            return false;
-        };
-        self.recent_leaves
-            .get(&(username, group_name.to_string()))
-            .is_some_and(|(clock, _)| *clock > since)
-    }
-
-    /// A job the server itself asked for: a catch-up read, or bookkeeping.
-    fn complete_background(&mut self, op: StoreOp, result: Result<StoreOutput, StoreError>) {
-        match (op, result) {
-            (StoreOp::MessagesAfter { group_name, .. }, Ok(StoreOutput::Messages(found))) => {
-                let released = self.sequencer.caught_up(&group_name, Some(found));
-                self.broadcast_all(released);
-            }
-            (StoreOp::MessagesAfter { group_name, .. }, Err(error)) => {
-                log::warn!("catch-up read for {group_name} failed: {error}");
-                self.sequencer.caught_up(&group_name, None);
-            }
-            (op, Err(error)) => log::warn!("background store job {op:?} failed: {error}"),
-            _ => {}
-        }
-    }
-
-    fn take_peer_events(&mut self) {
-        let Some(peer) = &self.peer else {
-            return;
-        };
-        let events: Vec<PeerEvent> = peer.events.try_iter().collect();
-        for event in events {
-            match event {
-                PeerEvent::Relayed(message) => {
-                    self.metrics.messages_relayed_in += 1;
-                    let released = self.sequencer.offer(message, Requester::Server);
-                    self.broadcast_all(released);
-                }
-                PeerEvent::LinkUp => {
-                    self.peer_link_up = true;
-                    self.sequencer.suspect_all();
-                }
-                PeerEvent::Resync => self.sequencer.suspect_all(),
-                PeerEvent::LinkDown => self.peer_link_up = false,
-                PeerEvent::Left(departure) => self.user_left(departure),
-            }
-        }
-    }
-
-    /// Submits the database reads that fill gaps in rooms' message streams.
-    fn start_catch_ups(&mut self) {
-        let Some(pool) = self.pool.as_mut() else {
-            return;
-        };
-        for catch_up in self.sequencer.due_catch_ups(Instant::now()) {
-            pool.submit(
-                Requester::Server,
-                StoreOp::MessagesAfter {
-                    group_name: catch_up.group_name,
-                    after_seq: catch_up.after_seq,
-                    limit: CATCH_UP_BATCH,
-                },
-            );
-        }
-    }
-
-    fn broadcast_all(&mut self, released: Vec<Release>) {
-        for (message, origin) in released {
-            self.broadcast(&message, origin);
-        }
-    }
-
-    /// Sends a stored message to every connection in its room but the sender (who gets the reply).
-    fn broadcast(&mut self, message: &Message, sender: Requester) {
-        let members = self.rooms.members(&message.group_name);
-        if members.is_empty() {
-            return;
-        }
-        let line = Rc::new(encode_broadcast(message));
-        for token in members {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            // The sender gets its own message as the reply to its request, unless that request
-            // was answered `unavailable` after the store timeout: then as a broadcast.
-            if matches!(sender, Requester::Connection(asker, ticket) if asker == token && !connection.timed_out(ticket))
-            {
-                continue;
-            }
-            if !session::receives(&connection.session, message) {
-                continue;
-            }
-            self.metrics.messages_delivered += 1;
-            let pending = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
-            if pending > self.config.max_output_bytes && !connection.doomed {
-                log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", connection.peer);
-                connection.doomed = true;
-                connection.closing = Some(Closing::SlowConsumer);
-            }
-            self.touched.push(token);
         }
     }
 
@@ -653,46 +383,6 @@ impl Server {
                 }
                 self.user_left(departure);
             }
-        }
-    }
-
-    /// A user left a group (here or on a peer): every connection of theirs leaves its room, and
-    /// the leave is remembered so that an enter already in flight does not undo it.
-    fn user_left(&mut self, departure: Departure) {
-        self.leave_clock += 1;
-        for member in self.rooms.members(&departure.group_name) {
-            let Some(connection) = self.connections.get_mut(&member) else {
-                continue;
-            };
-            if connection.session.username.as_deref() == Some(departure.username.as_str()) {
-                connection.session.room = None;
-                connection.new_visit();
-                self.leave_room(&departure.group_name, member);
-            }
-        }
-        let key = (departure.username, departure.group_name);
-        self.recent_leaves
-            .insert(key, (self.leave_clock, Instant::now()));
-    }
-
-    /// Puts a connection in a room and sends it what the room got after its history ended.
-    fn enter_room(&mut self, token: Token, room: session::Room) {
-        self.rooms.enter(&room.group_name, token);
-        let missed = self.sequencer.enter(&room.group_name, room.floor_seq);
-        let Some(connection) = self.connections.get_mut(&token) else {
-            return;
-        };
-        connection.session.room = Some(room);
-        connection.new_visit();
-        for message in missed {
-            connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq);
-        }
-    }
-
-    fn leave_room(&mut self, group_name: &str, token: Token) {
-        self.rooms.leave(group_name, token);
-        if self.rooms.members(group_name).is_empty() {
-            self.sequencer.forget(group_name);
         }
     }
 
@@ -875,15 +565,6 @@ fn rules_of(config: &Config) -> Rules {
     }
 }
 
-/// What the sweep found due on a connection.
-enum Overdue {
-    /// Its `closing` line had `CLOSING_LINGER` to be written.
-    Lingered,
-    Timeout(Closing),
-    /// Its store call outlived `STORE_TIMEOUT_MS`.
-    StoreCall,
-}
-
 /// The `closing` line announcing why the server closes a connection.
 fn encode_closing(reason: Closing) -> Vec<u8> {
     crate::protocol::reply::encode_line(
@@ -899,155 +580,5 @@ fn count_reply(metrics: &mut Metrics, line: &[u8]) {
         metrics.messages_delivered += 1;
     } else if line.starts_with(b"{\"event\":\"error\"") {
         metrics.error_line(line);
-    }
-}
-
-impl Server {
-    /// Once per `SWEEP_EVERY`, in one pass over the connections: closes those past the login or
-    /// idle timeout, answers requests whose store call outlived `STORE_TIMEOUT_MS`, and drops
-    /// connections that lingered too long for their `closing` line; also forgets old leaves
-    /// and idle metrics clients.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
-            return;
-        }
-        self.last_sweep = now;
-        self.recent_leaves
-            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
-        self.expire_metrics_clients(now);
-        let login_timeout = self.config.login_timeout;
-        let idle_timeout = self.config.idle_timeout;
-        let store_limit = self.config.store_timeout + STORE_DEADLINE_MARGIN;
-        let due: Vec<(Token, Overdue)> = self
-            .connections
-            .iter()
-            .filter_map(|(token, c)| {
-                let overdue = if c
-                    .lingering_since
-                    .is_some_and(|t| now.duration_since(t) > CLOSING_LINGER)
-                {
-                    Overdue::Lingered
-                } else if c.session.username.is_none()
-                    && now.duration_since(c.opened_at) > login_timeout
-                {
-                    Overdue::Timeout(Closing::LoginTimeout)
-                } else if idle_timeout.is_some_and(|idle| now.duration_since(c.last_heard) > idle) {
-                    Overdue::Timeout(Closing::IdleTimeout)
-                } else if c.awaiting.is_some() && now.duration_since(c.awaiting_since) > store_limit
-                {
-                    Overdue::StoreCall
-                } else {
-                    return None;
-                };
-                Some((*token, overdue))
-            })
-            .collect();
-        for (token, overdue) in due {
-            match overdue {
-                Overdue::Lingered => self.close_now(token),
-                Overdue::Timeout(reason) => {
-                    if let Some(connection) = self.connections.get_mut(&token) {
-                        log::info!("closing {}: {}", connection.peer, reason.code());
-                        connection.closing = Some(reason);
-                    }
-                    self.close(token);
-                }
-                Overdue::StoreCall => self.answer_overdue_store_call(token),
-            }
-        }
-    }
-
-    /// Answers `unavailable` to a request whose store call outlived `STORE_TIMEOUT_MS`: the
-    /// workers cannot interrupt a database call, so the loop keeps the promise itself. A late
-    /// result is then dropped (a message it stored is still broadcast, to its sender too).
-    fn answer_overdue_store_call(&mut self, token: Token) {
-        let Some(connection) = self.connections.get_mut(&token) else {
-            return;
-        };
-        let id = connection.awaiting.take().flatten();
-        connection.give_up_waiting();
-        log::warn!(
-            "store call for {} outlived STORE_TIMEOUT_MS",
-            connection.peer
-        );
-        self.metrics.error(ErrorCode::Unavailable);
-        let error = ProtocolError::new(
-            ErrorCode::Unavailable,
-            "The store did not answer within STORE_TIMEOUT_MS; the request may not have been carried out.",
-        );
-        connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
-        self.touched.push(token);
-    }
-
-    /// In peer mode, asks every occupied room to look for messages it was never relayed.
-    fn check_tails(&mut self) {
-        if self.peer.is_none() || self.last_tail_check.elapsed() < TAIL_CHECK_EVERY {
-            return;
-        }
-        self.last_tail_check = Instant::now();
-        self.sequencer.check_tails();
-    }
-
-    /// Closes metrics clients that have not been answered within the timeout.
-    fn expire_metrics_clients(&mut self, now: Instant) {
-        let expired: Vec<Token> = self
-            .metrics_clients
-            .iter()
-            .filter(|(_, c)| now.duration_since(c.opened_at) > METRICS_CLIENT_TIMEOUT)
-            .map(|(token, _)| *token)
-            .collect();
-        for token in expired {
-            if let Some(mut client) = self.metrics_clients.remove(&token) {
-                let _ = self.poll.registry().deregister(&mut client.socket);
-            }
-        }
-    }
-
-    fn accept_metrics_clients(&mut self) {
-        let Some(listener) = &self.metrics_listener else {
-            return;
-        };
-        while let Ok((mut socket, _)) = listener.accept() {
-            if self.metrics_clients.len() >= MAX_METRICS_CLIENTS {
-                // Closed at once (dropping the socket): the descriptor is back immediately.
-                log::debug!("metrics client refused: {MAX_METRICS_CLIENTS} already connected");
-                continue;
-            }
-            let token = Token(self.next_metrics_token);
-            self.next_metrics_token += 1;
-            let registered = self.poll.registry().register(
-                &mut socket,
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            );
-            if registered.is_ok() {
-                self.metrics_clients
-                    .insert(token, MetricsClient::new(socket));
-            }
-        }
-    }
-
-    fn serve_metrics(&mut self, token: Token) {
-        let gauges = Gauges {
-            connections: self.connections.len(),
-            rooms_held_messages: self.sequencer.held(),
-            peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
-        };
-        let Some(client) = self.metrics_clients.get_mut(&token) else {
-            return;
-        };
-        let mut progress = client.read();
-        if let HttpProgress::Requested { path_ok } = progress {
-            client.respond(path_ok.then(|| self.metrics.render(gauges)));
-            progress = client.write();
-        } else if progress == HttpProgress::Reading {
-            progress = client.write();
-        }
-        if progress == HttpProgress::Done {
-            if let Some(mut client) = self.metrics_clients.remove(&token) {
-                let _ = self.poll.registry().deregister(&mut client.socket);
-            }
-        }
     }
 }

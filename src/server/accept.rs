@@ -1,0 +1,116 @@
+//! Accepting clients on the plaintext and TLS listeners, and admission: connection caps (total and per IP), socket options (keepalive, send buffer), and the transport (plain or TLS) a new connection gets.
+
+use super::*;
+
+impl Server {
+    /// Accepts on both listeners (after descriptors were short).
+    pub(super) fn accept_all(&mut self) {
+        self.accept_from(false);
+        self.accept_from(true);
+    }
+
+    pub(super) fn accept_from(&mut self, tls: bool) {
+        loop {
+            let listener = if tls {
+                &self.tls_listener
+            } else {
+                &self.listener
+            };
+            let Some(listener) = listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((socket, peer)) => {
+                    if self.accept_blocked {
+                        log::info!("accepting again: a descriptor is free");
+                    }
+                    self.accept_blocked = false;
+                    self.admit(socket, peer, tls);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_blocked = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE (or another transient failure): the client stays in the
+                    // kernel's accept queue; retry on a timer and when a descriptor is freed.
+                    if !self.accept_blocked {
+                        log::warn!("accept failed: {e}; clients wait in the accept queue");
+                    }
+                    self.accept_blocked = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr, tls: bool) {
+        let refusal = if self.connections.len() >= self.config.max_connections {
+            Some(("MAX_CONNECTIONS", "Server is at its connection limit."))
+        } else if !self
+            .per_ip
+            .admit(peer.ip(), self.config.max_connections_per_ip)
+        {
+            Some((
+                "MAX_CONNECTIONS_PER_IP",
+                "Too many connections from your address.",
+            ))
+        } else {
+            None
+        };
+        if let Some((limit, text)) = refusal {
+            log::warn!("refusing {peer}: {limit} reached");
+            self.metrics.connections_refused += 1;
+            self.metrics.error(ErrorCode::Unavailable);
+            // Over TLS there is no session to say it in: the client just sees the close.
+            if !tls {
+                let error = ProtocolError::new(ErrorCode::Unavailable, text);
+                let _ = socket.write(&encode_failure(&error.into(), None));
+            }
+            return;
+        }
+        self.metrics.connections_accepted += 1;
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        if let Err(e) = self.poll.registry().register(
+            &mut socket,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("cannot register {peer}: {e}");
+            self.per_ip.release(peer.ip());
+            return;
+        }
+        let _ = socket.set_nodelay(true);
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_send_buffer_size(KERNEL_SEND_BUFFER_BYTES);
+        // Dead peers (unplugged, vanished NAT state) are found by the kernel without any help
+        // from the client, and their descriptors come back.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.config.keepalive_idle)
+            .with_interval(self.config.keepalive_interval)
+            .with_retries(self.config.keepalive_probes);
+        let _ = sock.set_tcp_keepalive(&keepalive);
+        log::debug!("connection {} from {peer}", token.0);
+        let transport: Box<dyn Transport> = match (&self.certificates, tls) {
+            (Some(certificates), true) => match TlsTransport::new(socket, certificates.current()) {
+                Ok(transport) => Box::new(transport),
+                Err(e) => {
+                    log::warn!("cannot start TLS for {peer}: {e}");
+                    self.per_ip.release(peer.ip());
+                    return;
+                }
+            },
+            _ => Box::new(socket),
+        };
+        let mut connection = Connection::new(
+            transport,
+            peer,
+            self.config.max_line_bytes,
+            self.config.rate_burst,
+        );
+        connection.session.tls = tls;
+        self.connections.insert(token, connection);
+    }
+}

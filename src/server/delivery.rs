@@ -1,0 +1,226 @@
+//! Delivery: store completions become replies and broadcasts, peer messages and catch-up reads go through the sequencer, and rooms are entered and left.
+
+use super::*;
+
+impl Server {
+    pub(super) fn take_completions(&mut self) {
+        while let Ok(completion) = self.completions.try_recv() {
+            self.complete(completion);
+        }
+    }
+
+    pub(super) fn complete(&mut self, completion: Completion) {
+        let Completion {
+            requester,
+            op,
+            result,
+            elapsed,
+        } = completion;
+        self.metrics.store_latency(elapsed);
+        // A `client_msg_id` repeat stored nothing: only its sender hears of it, in the ack.
+        if let Ok(StoreOutput::Stored(Appended {
+            message,
+            duplicate: false,
+        })) = &result
+        {
+            self.metrics.messages_stored += 1;
+            if let Some(peer) = &self.peer {
+                peer.publish(message);
+            }
+            let released = self.sequencer.offer(message.clone(), requester);
+            self.broadcast_all(released);
+        }
+        let Requester::Connection(token, ticket) = requester else {
+            self.complete_background(op, result);
+            return;
+        };
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        if !connection.awaits(ticket) {
+            // Already answered `unavailable` when it outlived STORE_TIMEOUT_MS.
+            log::debug!("late store result for {} dropped", connection.peer);
+            return;
+        }
+        let id = connection.awaiting.take().flatten();
+        let leaves_before = connection.leave_clock_at_submit;
+        let completed = session::complete(op, result, id.as_deref());
+        count_reply(&mut self.metrics, &completed.line);
+        let shows = completed
+            .shows
+            .filter(|(group, _, _)| connection.session.room_name() == Some(group.as_str()))
+            .map(|(_, first, last)| (first, last));
+        connection.queue_reply(completed.line, shows);
+        let effect = match completed.effect {
+            // The user left this group after the enter was submitted (on this node or another):
+            // in that order the enter happened first and the leave took the user out again.
+            Effect::EnterRoom(room) if self.left_since(token, &room.group_name, leaves_before) => {
+                log::debug!("not entering {}: left meanwhile", room.group_name);
+                Effect::None
+            }
+            effect => effect,
+        };
+        self.apply(token, effect);
+        self.touched.push(token);
+    }
+
+    /// Whether the connection's user left `group_name` after the leave clock read `since`.
+    pub(super) fn left_since(&self, token: Token, group_name: &str, since: u64) -> bool {
+        let Some(username) = self
+            .connections
+            .get(&token)
+            .and_then(|c| c.session.username.clone())
+        else {
+            return false;
+        };
+        self.recent_leaves
+            .get(&(username, group_name.to_string()))
+            .is_some_and(|(clock, _)| *clock > since)
+    }
+
+    /// A job the server itself asked for: a catch-up read, or bookkeeping.
+    pub(super) fn complete_background(
+        &mut self,
+        op: StoreOp,
+        result: Result<StoreOutput, StoreError>,
+    ) {
+        match (op, result) {
+            (StoreOp::MessagesAfter { group_name, .. }, Ok(StoreOutput::Messages(found))) => {
+                let released = self.sequencer.caught_up(&group_name, Some(found));
+                self.broadcast_all(released);
+            }
+            (StoreOp::MessagesAfter { group_name, .. }, Err(error)) => {
+                log::warn!("catch-up read for {group_name} failed: {error}");
+                self.sequencer.caught_up(&group_name, None);
+            }
+            (op, Err(error)) => log::warn!("background store job {op:?} failed: {error}"),
+            _ => {}
+        }
+    }
+
+    pub(super) fn take_peer_events(&mut self) {
+        let Some(peer) = &self.peer else {
+            return;
+        };
+        let events: Vec<PeerEvent> = peer.events.try_iter().collect();
+        for event in events {
+            match event {
+                PeerEvent::Relayed(message) => {
+                    self.metrics.messages_relayed_in += 1;
+                    let released = self.sequencer.offer(message, Requester::Server);
+                    self.broadcast_all(released);
+                }
+                PeerEvent::LinkUp => {
+                    self.peer_link_up = true;
+                    self.sequencer.suspect_all();
+                }
+                PeerEvent::Resync => self.sequencer.suspect_all(),
+                PeerEvent::LinkDown => self.peer_link_up = false,
+                PeerEvent::Left(departure) => self.user_left(departure),
+            }
+        }
+    }
+
+    /// Submits the database reads that fill gaps in rooms' message streams.
+    pub(super) fn start_catch_ups(&mut self) {
+        let Some(pool) = self.pool.as_mut() else {
+            return;
+        };
+        for catch_up in self.sequencer.due_catch_ups(Instant::now()) {
+            pool.submit(
+                Requester::Server,
+                StoreOp::MessagesAfter {
+                    group_name: catch_up.group_name,
+                    after_seq: catch_up.after_seq,
+                    limit: CATCH_UP_BATCH,
+                },
+            );
+        }
+    }
+
+    pub(super) fn broadcast_all(&mut self, released: Vec<Release>) {
+        for (message, origin) in released {
+            self.broadcast(&message, origin);
+        }
+    }
+
+    /// Sends a stored message to every connection in its room but the sender (who gets the reply).
+    pub(super) fn broadcast(&mut self, message: &Message, sender: Requester) {
+        let members = self.rooms.members(&message.group_name);
+        if members.is_empty() {
+            return;
+        }
+        let line = Rc::new(encode_broadcast(message));
+        for token in members {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            // The sender gets its own message as the reply to its request, unless that request
+            // was answered `unavailable` after the store timeout: then as a broadcast.
+            if matches!(sender, Requester::Connection(asker, ticket) if asker == token && !connection.timed_out(ticket))
+            {
+                continue;
+            }
+            if !session::receives(&connection.session, message) {
+                continue;
+            }
+            self.metrics.messages_delivered += 1;
+            let pending = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
+            if pending > self.config.max_output_bytes && !connection.doomed {
+                log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", connection.peer);
+                connection.doomed = true;
+                connection.closing = Some(Closing::SlowConsumer);
+            }
+            self.touched.push(token);
+        }
+    }
+
+    /// A user left a group (here or on a peer): every connection of theirs leaves its room, and
+    /// the leave is remembered so that an enter already in flight does not undo it.
+    pub(super) fn user_left(&mut self, departure: Departure) {
+        self.leave_clock += 1;
+        for member in self.rooms.members(&departure.group_name) {
+            let Some(connection) = self.connections.get_mut(&member) else {
+                continue;
+            };
+            if connection.session.username.as_deref() == Some(departure.username.as_str()) {
+                connection.session.room = None;
+                connection.new_visit();
+                self.leave_room(&departure.group_name, member);
+            }
+        }
+        let key = (departure.username, departure.group_name);
+        self.recent_leaves
+            .insert(key, (self.leave_clock, Instant::now()));
+    }
+
+    /// Puts a connection in a room and sends it what the room got after its history ended.
+    pub(super) fn enter_room(&mut self, token: Token, room: session::Room) {
+        self.rooms.enter(&room.group_name, token);
+        let missed = self.sequencer.enter(&room.group_name, room.floor_seq);
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        connection.session.room = Some(room);
+        connection.new_visit();
+        for message in missed {
+            connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq);
+        }
+    }
+
+    pub(super) fn leave_room(&mut self, group_name: &str, token: Token) {
+        self.rooms.leave(group_name, token);
+        if self.rooms.members(group_name).is_empty() {
+            self.sequencer.forget(group_name);
+        }
+    }
+
+    /// In peer mode, asks every occupied room to look for messages it was never relayed.
+    pub(super) fn check_tails(&mut self) {
+        if self.peer.is_none() || self.last_tail_check.elapsed() < TAIL_CHECK_EVERY {
+            return;
+        }
+        self.last_tail_check = Instant::now();
+        self.sequencer.check_tails();
+    }
+}

@@ -1,0 +1,67 @@
+//! The `/metrics` endpoint, served by the event loop itself: a few bounded HTTP clients, each timed out if it does not finish its request.
+
+use super::*;
+
+impl Server {
+    /// Closes metrics clients that have not been answered within the timeout.
+    pub(super) fn expire_metrics_clients(&mut self, now: Instant) {
+        let expired: Vec<Token> = self
+            .metrics_clients
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.opened_at) > METRICS_CLIENT_TIMEOUT)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            if let Some(mut client) = self.metrics_clients.remove(&token) {
+                let _ = self.poll.registry().deregister(&mut client.socket);
+            }
+        }
+    }
+
+    pub(super) fn accept_metrics_clients(&mut self) {
+        let Some(listener) = &self.metrics_listener else {
+            return;
+        };
+        while let Ok((mut socket, _)) = listener.accept() {
+            if self.metrics_clients.len() >= MAX_METRICS_CLIENTS {
+                // Closed at once (dropping the socket): the descriptor is back immediately.
+                log::debug!("metrics client refused: {MAX_METRICS_CLIENTS} already connected");
+                continue;
+            }
+            let token = Token(self.next_metrics_token);
+            self.next_metrics_token += 1;
+            let registered = self.poll.registry().register(
+                &mut socket,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            if registered.is_ok() {
+                self.metrics_clients
+                    .insert(token, MetricsClient::new(socket));
+            }
+        }
+    }
+
+    pub(super) fn serve_metrics(&mut self, token: Token) {
+        let gauges = Gauges {
+            connections: self.connections.len(),
+            rooms_held_messages: self.sequencer.held(),
+            peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
+        };
+        let Some(client) = self.metrics_clients.get_mut(&token) else {
+            return;
+        };
+        let mut progress = client.read();
+        if let HttpProgress::Requested { path_ok } = progress {
+            client.respond(path_ok.then(|| self.metrics.render(gauges)));
+            progress = client.write();
+        } else if progress == HttpProgress::Reading {
+            progress = client.write();
+        }
+        if progress == HttpProgress::Done {
+            if let Some(mut client) = self.metrics_clients.remove(&token) {
+                let _ = self.poll.registry().deregister(&mut client.socket);
+            }
+        }
+    }
+}
