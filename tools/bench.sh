@@ -9,14 +9,15 @@
 #             e (peer mode, 3 instances; mongo only, needs NOOMNIM_TEST_REDIS_URL)
 # Environment: SECONDS_PER_RUN (default 10), RATE (fixed total send rate; default full speed),
 # SERVER_ENV (extra server settings, e.g. "EMBEDDED_SYNC=normal WORKERS=2"),
+# NOOMNIM_BINARY (another server build, e.g. an older commit's, for before/after runs),
 # TLS=1 (clients speak TLS to TLS_PORT; a CA and certificate are made for the run),
 # AUTH=1 (the server has AUTH_SECRET; clients log in with tokens).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 store="${1:?store}"; scenario="${2:?scenario}"; shift 2
 seconds="${SECONDS_PER_RUN:-10}"
-binary=target/release/noomnim
-[ "$store" = noop ] && binary=target/noop/release/noomnim
+binary="${NOOMNIM_BINARY:-target/release/noomnim}"
+[ "$store" = noop ] && binary="${NOOMNIM_BINARY:-target/noop/release/noomnim}"
 [ -x "$binary" ] || { echo "bench: build $binary first" >&2; exit 1; }
 [ -x target/release/noomnim-load ] || cargo build --release --bin noomnim-load
 

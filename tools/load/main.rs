@@ -270,7 +270,11 @@ impl Dialect {
     fn is_reply(self, line: &[u8]) -> bool {
         match self {
             Dialect::Json => !line.ends_with(b"}}"),
-            Dialect::Irc => find(line, b" PONG ").is_some(),
+            // Numeric 001 (welcome) ends registration, the first set-up round.
+            Dialect::Irc => {
+                find(line, b" PONG ").is_some()
+                    || line.split(|&b| b == b' ').nth(1) == Some(&b"001"[..])
+            }
         }
     }
 
@@ -532,12 +536,12 @@ impl Load {
         let all: Vec<usize> = (0..self.clients.len()).collect();
         let tag = &args.tag;
         if self.dialect == Dialect::Irc {
-            // One round: the PONG comes after registration and the JOIN's replies.
-            self.round(&all, |i, c| {
-                format!(
-                    "NICK {tag}u{i}\r\nUSER u 0 * :u\r\nJOIN #{tag}-g{}\r\nPING :ready\r",
-                    c.group
-                )
+            // Registration first, until numeric 001: some servers (InspIRCd) finish it a moment
+            // after NICK/USER and answer a JOIN or PING sent with them `451 not registered`.
+            self.round(&all, |i, _| format!("NICK {tag}u{i}\r\nUSER u 0 * :u\r"))?;
+            // Then the channel; the PONG comes after the JOIN's replies.
+            self.round(&all, |_, c| {
+                format!("JOIN #{tag}-g{}\r\nPING :ready\r", c.group)
             })?;
             self.tally = Tally::default();
             return Ok(());
