@@ -36,6 +36,8 @@ pub struct Config {
     pub port: u16,
     pub peer: bool,
     pub redis_url: String,
+    /// How peers spread messages over Redis channels (`PEER_RELAY`).
+    pub relay_mode: crate::peer::RelayMode,
     pub store: StoreKind,
     pub max_line_bytes: usize,
     pub max_output_bytes: usize,
@@ -146,6 +148,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "REDIS_URL",
         "redis://127.0.0.1:6379",
         "Redis used for peer relay",
+    ),
+    (
+        "PEER_RELAY",
+        "per_group",
+        "per_group: an instance receives only groups whose room it hosts; shared: one channel for all",
     ),
     (
         "MONGODB_URI",
@@ -337,6 +344,11 @@ impl Config {
             port: parse_value(get("PORT"), "PORT", Some(7777), "a port number 0-65535")?,
             peer,
             redis_url,
+            relay_mode: match get("PEER_RELAY") {
+                None | Some("per_group") => crate::peer::RelayMode::PerGroup,
+                Some("shared") => crate::peer::RelayMode::Shared,
+                Some(other) => return Err(invalid("PEER_RELAY", other, "per_group or shared")),
+            },
             store,
             max_line_bytes: parse_positive(get("MAX_LINE_BYTES"), "MAX_LINE_BYTES", 65536)?,
             max_output_bytes: parse_positive(get("MAX_OUTPUT_BYTES"), "MAX_OUTPUT_BYTES", 1 << 20)?,

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub messages_stored: u64,
     pub messages_delivered: u64,
     pub messages_relayed_in: u64,
+    /// Database reads that filled rooms' missing messages (peer mode).
+    pub catch_ups: u64,
     errors: HashMap<&'static str, u64>,
     latency_counts: [u64; LATENCY_BUCKETS.len()],
     latency_sum: f64,
@@ -38,6 +40,19 @@ pub struct Gauges {
     pub rooms_held_messages: usize,
     /// `None` when not in peer mode.
     pub peer_link_up: Option<bool>,
+    /// The relay's counters (peer mode).
+    pub relay: Option<RelayGauges>,
+}
+
+/// What the peer relay reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayGauges {
+    pub subscribed_channels: u64,
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub heartbeat_lag_ms: u64,
+    pub heartbeat_resets: u64,
+    pub catch_ups: u64,
 }
 
 impl Metrics {
@@ -132,6 +147,43 @@ impl Metrics {
                 "1 when subscribed to Redis (peer mode).",
                 usize::from(up),
             );
+        }
+        if let Some(relay) = gauges.relay {
+            let rows: [(&str, &str, u64); 6] = [
+                (
+                    "noomnim_peer_subscribed_channels",
+                    "Redis channels subscribed now (control + groups with an occupied room).",
+                    relay.subscribed_channels,
+                ),
+                (
+                    "noomnim_peer_relay_messages_in_total",
+                    "Messages received from other instances through Redis.",
+                    relay.messages_in,
+                ),
+                (
+                    "noomnim_peer_relay_bytes_in_total",
+                    "Payload bytes received from Redis.",
+                    relay.bytes_in,
+                ),
+                (
+                    "noomnim_peer_heartbeat_lag_ms",
+                    "Milliseconds from publishing to receiving this instance's last heartbeat.",
+                    relay.heartbeat_lag_ms,
+                ),
+                (
+                    "noomnim_peer_heartbeat_resets_total",
+                    "Times the subscriber missed its own heartbeat and subscribed again.",
+                    relay.heartbeat_resets,
+                ),
+                (
+                    "noomnim_peer_catch_ups_total",
+                    "Database reads that filled a room's missing messages.",
+                    relay.catch_ups,
+                ),
+            ];
+            for (name, help, value) in rows {
+                gauge(&mut out, name, help, value as usize);
+            }
         }
         out
     }
@@ -281,6 +333,7 @@ mod tests {
             connections: 2,
             rooms_held_messages: 0,
             peer_link_up: Some(true),
+            relay: None,
         });
         assert!(text.contains("noomnim_messages_stored_total 3"));
         assert!(text.contains("noomnim_errors_total{code=\"rate_limited\"} 1"));

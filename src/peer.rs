@@ -9,8 +9,23 @@
 //! that notice, and their own reconnection, as "read what you missed from the database".
 //! Leaves travel the same way, so a user who leaves a group on one instance is taken out of
 //! the group's room on every instance.
+//!
+//! Channels (`PEER_RELAY=per_group`, the default): messages go to the group's own channel, and
+//! an instance subscribes to it only while one of its connections is in that group's room (the
+//! loop asks with `watch` / `unwatch`, unwatching after a linger). So relay traffic an
+//! instance receives grows with the groups it hosts, not with all traffic. Leaves, resync
+//! notices and heartbeats use one control channel every instance subscribes to. Each newly
+//! confirmed group subscription is reported (`Subscribed`) so the room reads from the database
+//! what was published before the subscription took effect. `PEER_RELAY=shared` keeps the
+//! former single channel for everything (for comparison).
+//!
+//! Health: the publisher sends a heartbeat on the control channel every second; the subscriber
+//! expects to see its own. If none arrives for `HEARTBEAT_DEADLINE` while the connection looks
+//! fine (the known "link up, messages stopped" failure), it drops the connection, subscribes
+//! again and tells the loop to catch up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,9 +36,50 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Message;
 
-/// The Redis channel the instances of one deployment (one database) share.
+/// The Redis channel the instances of one deployment (one database) share in `shared` mode.
 pub fn channel_for(database: &str) -> String {
     format!("noomnim:{database}:messages")
+}
+
+/// Leaves, resync notices and heartbeats (every instance subscribes).
+fn control_channel(database: &str) -> String {
+    format!("noomnim:{database}:control")
+}
+
+/// One group's messages (`per_group` mode).
+fn group_channel(database: &str, group_name: &str) -> String {
+    format!("noomnim:{database}:g:{group_name}")
+}
+
+/// How messages are spread over Redis channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// One channel for every message (each instance receives all traffic).
+    Shared,
+    /// One channel per group, subscribed only while the group's room is occupied here.
+    PerGroup,
+}
+
+/// How often the publisher sends a heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long the subscriber may go without its own heartbeat before it resubscribes.
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long `get_message` waits before the subscriber looks at its commands.
+const COMMAND_POLL: Duration = Duration::from_millis(20);
+
+/// Relay counters the metrics endpoint reports (shared with the relay threads).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Relayed messages received from other instances.
+    pub messages_in: AtomicU64,
+    /// Payload bytes received from Redis (all channels).
+    pub bytes_in: AtomicU64,
+    /// Channels subscribed right now.
+    pub subscribed: AtomicU64,
+    /// Times the subscriber found its heartbeat missing and resubscribed.
+    pub heartbeat_resets: AtomicU64,
+    /// Milliseconds between publishing and receiving the last own heartbeat.
+    pub heartbeat_lag_ms: AtomicU64,
 }
 /// Messages waiting to be published before new ones are dropped (peers then read them from
 /// the database when they notice the gap).
@@ -46,6 +102,16 @@ pub enum PeerEvent {
     LinkDown,
     /// A user left a group on another instance.
     Left(Departure),
+    /// The subscription to this group's channel is confirmed: read what the room may have
+    /// missed before it took effect.
+    Subscribed(String),
+}
+
+/// What the loop asks of the subscriber.
+#[derive(Debug)]
+enum Command {
+    Watch(String),
+    Unwatch(String),
 }
 
 /// A user who left a group (and so must leave its room everywhere).
@@ -60,21 +126,35 @@ pub struct Departure {
 enum Relay {
     Message(Message),
     Left(Departure),
+    /// "I am alive", with the time it was sent (milliseconds since the Unix epoch).
+    Heartbeat(u64),
 }
 
-/// One relayed item on the wire: a message, a leave, or (neither) "resync from the store".
+/// One relayed item on the wire: a message, a leave, a heartbeat, or (none of them) "resync
+/// from the store".
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     node: String,
     message: Option<Message>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     left: Option<Departure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heartbeat: Option<u64>,
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The loop's handle on the relay threads.
 pub struct PeerLink {
     outgoing: Sender<Relay>,
+    commands: Sender<Command>,
     pub events: Receiver<PeerEvent>,
+    pub stats: Arc<RelayStats>,
+    pub mode: RelayMode,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -83,28 +163,38 @@ impl PeerLink {
     /// Starts the publisher and subscriber threads; nothing here waits for Redis.
     pub fn start(
         redis_url: &str,
-        channel: &str,
+        database: &str,
         node_id: &str,
         waker: Arc<Waker>,
+        mode: RelayMode,
     ) -> std::io::Result<PeerLink> {
         let client = redis::Client::open(redis_url)
             .map_err(|e| std::io::Error::other(format!("REDIS_URL: {e}")))?;
         let (outgoing, to_publish) = crossbeam_channel::bounded(PUBLISH_QUEUE);
+        let (commands, to_subscriber) = crossbeam_channel::unbounded();
         let (deliver, events) = crossbeam_channel::unbounded();
         let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(RelayStats::default());
+        let channels = Channels {
+            database: database.to_string(),
+            mode,
+        };
         let publisher = Publisher {
             client: client.clone(),
             node_id: node_id.to_string(),
-            channel: channel.to_string(),
+            channels: channels.clone(),
             queue: to_publish,
             stop: stop.clone(),
         };
         let subscriber = Subscriber {
             client,
             node_id: node_id.to_string(),
-            channel: channel.to_string(),
+            channels,
+            commands: to_subscriber,
+            watched: HashSet::new(),
             deliver,
             waker,
+            stats: stats.clone(),
             stop: stop.clone(),
         };
         let threads = vec![
@@ -117,7 +207,10 @@ impl PeerLink {
         ];
         Ok(PeerLink {
             outgoing,
+            commands,
             events,
+            stats,
+            mode,
             stop,
             threads,
         })
@@ -138,12 +231,56 @@ impl PeerLink {
         }
     }
 
+    /// A room of this group is occupied here: receive its messages (per-group mode).
+    pub fn watch(&self, group_name: &str) {
+        if self.mode == RelayMode::PerGroup {
+            let _ = self.commands.send(Command::Watch(group_name.to_string()));
+        }
+    }
+
+    /// The group's room has been empty here for a while: stop receiving its messages.
+    pub fn unwatch(&self, group_name: &str) {
+        if self.mode == RelayMode::PerGroup {
+            let _ = self.commands.send(Command::Unwatch(group_name.to_string()));
+        }
+    }
+
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::SeqCst);
         drop(self.outgoing);
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// Which Redis channel carries what.
+#[derive(Debug, Clone)]
+struct Channels {
+    database: String,
+    mode: RelayMode,
+}
+
+impl Channels {
+    fn control(&self) -> String {
+        match self.mode {
+            RelayMode::Shared => channel_for(&self.database),
+            RelayMode::PerGroup => control_channel(&self.database),
+        }
+    }
+
+    /// Where a relayed item is published.
+    fn for_relay(&self, relay: Option<&Relay>) -> String {
+        match (self.mode, relay) {
+            (RelayMode::PerGroup, Some(Relay::Message(message))) => {
+                group_channel(&self.database, &message.group_name)
+            }
+            _ => self.control(),
+        }
+    }
+
+    fn group(&self, group_name: &str) -> String {
+        group_channel(&self.database, group_name)
     }
 }
 
@@ -180,7 +317,7 @@ impl LinkLog {
 struct Publisher {
     client: redis::Client,
     node_id: String,
-    channel: String,
+    channels: Channels,
     queue: Receiver<Relay>,
     stop: Arc<AtomicBool>,
 }
@@ -195,13 +332,24 @@ impl Publisher {
         let mut backoff = FIRST_BACKOFF;
         let mut retry_at: Option<Instant> = None;
         let mut dropped = 0u64;
+        let mut last_heartbeat = Instant::now() - HEARTBEAT_EVERY;
         loop {
-            let message = match self.queue.recv_timeout(IDLE_CHECK) {
+            let wait = HEARTBEAT_EVERY.saturating_sub(last_heartbeat.elapsed());
+            let message = match self.queue.recv_timeout(wait.min(IDLE_CHECK)) {
                 Ok(message) => Some(message),
                 Err(RecvTimeoutError::Timeout) if self.stop.load(Ordering::SeqCst) => return,
                 Err(RecvTimeoutError::Timeout) if dropped > 0 => None,
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
+            };
+            // A heartbeat every second, through the same connection and path as messages.
+            let message = match message {
+                None if dropped == 0 && last_heartbeat.elapsed() >= HEARTBEAT_EVERY => {
+                    last_heartbeat = Instant::now();
+                    Some(Relay::Heartbeat(unix_millis()))
+                }
+                None if dropped == 0 => continue,
+                other => other,
             };
             if retry_at.is_some_and(|at| Instant::now() < at) {
                 dropped += u64::from(message.is_some());
@@ -250,6 +398,10 @@ impl Publisher {
                 Some(Relay::Left(departure)) => Some(departure.clone()),
                 _ => None,
             },
+            heartbeat: match relay {
+                Some(Relay::Heartbeat(sent)) => Some(*sent),
+                _ => None,
+            },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
@@ -261,7 +413,7 @@ impl Publisher {
             return Ok(());
         };
         redis::cmd("PUBLISH")
-            .arg(&self.channel)
+            .arg(self.channels.for_relay(relay))
             .arg(payload)
             .query::<i64>(open)?;
         Ok(())
@@ -271,14 +423,25 @@ impl Publisher {
 struct Subscriber {
     client: redis::Client,
     node_id: String,
-    channel: String,
+    channels: Channels,
+    commands: Receiver<Command>,
+    /// Groups whose channels this instance wants (kept across reconnects).
+    watched: HashSet<String>,
     deliver: Sender<PeerEvent>,
     waker: Arc<Waker>,
+    stats: Arc<RelayStats>,
     stop: Arc<AtomicBool>,
 }
 
+/// Why `listen` returned.
+enum Broken {
+    Redis(redis::RedisError),
+    /// Connected, but our own heartbeats stopped arriving.
+    Silent,
+}
+
 impl Subscriber {
-    fn run(self) {
+    fn run(mut self) {
         let mut link = LinkLog {
             what: "subscriber",
             up: None,
@@ -286,6 +449,7 @@ impl Subscriber {
         let mut backoff = FIRST_BACKOFF;
         let mut reported_up = false;
         while !self.stop.load(Ordering::SeqCst) {
+            self.take_commands();
             let mut connection = match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
                 Ok(connection) => connection,
                 Err(error) => {
@@ -295,10 +459,17 @@ impl Subscriber {
                     continue;
                 }
             };
-            let error = self.listen(&mut connection, &mut link, &mut reported_up, &mut backoff);
-            if let Some(error) = error {
-                link.down(&error);
+            match self.listen(&mut connection, &mut link, &mut reported_up, &mut backoff) {
+                Some(Broken::Redis(error)) => link.down(&error),
+                Some(Broken::Silent) => {
+                    self.stats.heartbeat_resets.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "peer subscriber: no heartbeat of our own for {HEARTBEAT_DEADLINE:?}; subscribing again"
+                    );
+                }
+                None => {}
             }
+            self.stats.subscribed.store(0, Ordering::Relaxed);
             if reported_up {
                 self.tell(PeerEvent::LinkDown);
                 reported_up = false;
@@ -306,52 +477,138 @@ impl Subscriber {
         }
     }
 
-    /// Subscribes and forwards messages until the link fails (the error) or the server stops.
+    /// Applies watch/unwatch requests to the wanted set (while disconnected).
+    fn take_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Watch(group) => self.watched.insert(group),
+                Command::Unwatch(group) => self.watched.remove(&group),
+            };
+        }
+    }
+
+    /// Subscribes and forwards messages until the link fails or goes silent, or the server
+    /// stops.
     fn listen(
-        &self,
+        &mut self,
         connection: &mut redis::Connection,
         link: &mut LinkLog,
         reported_up: &mut bool,
         backoff: &mut Duration,
-    ) -> Option<redis::RedisError> {
+    ) -> Option<Broken> {
         let mut pubsub = connection.as_pubsub();
-        if let Err(error) = pubsub
-            .subscribe(&self.channel)
-            .and_then(|()| pubsub.set_read_timeout(Some(IDLE_CHECK)))
-        {
-            return Some(error);
+        let mut channels = vec![self.channels.control()];
+        channels.extend(self.watched.iter().map(|g| self.channels.group(g)));
+        for channel in &channels {
+            if let Err(error) = pubsub.subscribe(channel) {
+                return Some(Broken::Redis(error));
+            }
         }
+        if let Err(error) = pubsub.set_read_timeout(Some(COMMAND_POLL)) {
+            return Some(Broken::Redis(error));
+        }
+        self.stats
+            .subscribed
+            .store(channels.len() as u64, Ordering::Relaxed);
         link.up();
         *backoff = FIRST_BACKOFF;
         *reported_up = true;
+        // Every room reads what was published while it was not subscribed.
         self.tell(PeerEvent::LinkUp);
+        let mut own_heartbeat = Instant::now();
+        let mut last_ping = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
+            while let Ok(command) = self.commands.try_recv() {
+                let (group, subscribe) = match command {
+                    Command::Watch(group) => (group, true),
+                    Command::Unwatch(group) => (group, false),
+                };
+                let channel = self.channels.group(&group);
+                let done = if subscribe {
+                    self.watched.insert(group.clone());
+                    pubsub.subscribe(&channel)
+                } else {
+                    self.watched.remove(&group);
+                    pubsub.unsubscribe(&channel)
+                };
+                if let Err(error) = done {
+                    return Some(Broken::Redis(error));
+                }
+                self.stats
+                    .subscribed
+                    .store(1 + self.watched.len() as u64, Ordering::Relaxed);
+                if subscribe {
+                    // Confirmed by Redis: anything published from now on arrives; what was
+                    // published before is read from the database.
+                    self.tell(PeerEvent::Subscribed(group));
+                }
+            }
             match pubsub.get_message() {
-                Ok(message) => self.forward(message.get_payload_bytes()),
-                Err(error) if error.is_timeout() => {
-                    if let Err(error) = pubsub.ping::<redis::Value>() {
-                        return Some(error);
+                Ok(message) => {
+                    let payload = message.get_payload_bytes();
+                    self.stats
+                        .bytes_in
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    if self.forward(payload) {
+                        own_heartbeat = Instant::now();
                     }
                 }
-                Err(error) => return Some(error),
+                Err(error) if error.is_timeout() => {
+                    if last_ping.elapsed() >= IDLE_CHECK {
+                        last_ping = Instant::now();
+                        if let Err(error) = pubsub.ping::<redis::Value>() {
+                            return Some(Broken::Redis(error));
+                        }
+                    }
+                }
+                Err(error) => return Some(Broken::Redis(error)),
+            }
+            if own_heartbeat.elapsed() > HEARTBEAT_DEADLINE {
+                return Some(Broken::Silent);
             }
         }
         None
     }
 
-    fn forward(&self, payload: &[u8]) {
+    /// Hands an envelope to the loop; true when it was this node's own heartbeat.
+    fn forward(&self, payload: &[u8]) -> bool {
         match serde_json::from_slice::<Envelope>(payload) {
-            Ok(envelope) if envelope.node == self.node_id => {}
+            Ok(Envelope {
+                node,
+                heartbeat: Some(sent),
+                ..
+            }) => {
+                let own = node == self.node_id;
+                if own {
+                    let lag = unix_millis().saturating_sub(sent);
+                    self.stats.heartbeat_lag_ms.store(lag, Ordering::Relaxed);
+                }
+                own
+            }
+            Ok(envelope) if envelope.node == self.node_id => false,
             Ok(Envelope {
                 message: Some(message),
                 ..
-            }) => self.tell(PeerEvent::Relayed(message)),
+            }) => {
+                self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                self.tell(PeerEvent::Relayed(message));
+                false
+            }
             Ok(Envelope {
                 left: Some(departure),
                 ..
-            }) => self.tell(PeerEvent::Left(departure)),
-            Ok(Envelope { message: None, .. }) => self.tell(PeerEvent::Resync),
-            Err(error) => log::warn!("ignoring a malformed relayed message: {error}"),
+            }) => {
+                self.tell(PeerEvent::Left(departure));
+                false
+            }
+            Ok(Envelope { message: None, .. }) => {
+                self.tell(PeerEvent::Resync);
+                false
+            }
+            Err(error) => {
+                log::warn!("ignoring a malformed relayed message: {error}");
+                false
+            }
         }
     }
 
@@ -387,6 +644,7 @@ mod tests {
             node: "a".into(),
             message: Some(message.clone()),
             left: None,
+            heartbeat: None,
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");

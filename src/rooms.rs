@@ -10,20 +10,26 @@ pub struct Rooms {
 }
 
 impl Rooms {
-    pub fn enter(&mut self, group_name: &str, token: Token) {
-        self.by_group
-            .entry(group_name.to_string())
-            .or_default()
-            .insert(token);
+    /// Puts a connection in a room; true when it is the room's first (it was empty).
+    pub fn enter(&mut self, group_name: &str, token: Token) -> bool {
+        let tokens = self.by_group.entry(group_name.to_string()).or_default();
+        tokens.insert(token);
+        tokens.len() == 1
     }
 
-    pub fn leave(&mut self, group_name: &str, token: Token) {
-        if let Some(tokens) = self.by_group.get_mut(group_name) {
-            tokens.remove(&token);
-            if tokens.is_empty() {
-                self.by_group.remove(group_name);
-            }
+    /// Takes a connection out of a room; true when the room is now empty.
+    pub fn leave(&mut self, group_name: &str, token: Token) -> bool {
+        let Some(tokens) = self.by_group.get_mut(group_name) else {
+            return false;
+        };
+        if !tokens.remove(&token) {
+            return false;
         }
+        if tokens.is_empty() {
+            self.by_group.remove(group_name);
+            return true;
+        }
+        false
     }
 
     /// The connections in a group's room (a snapshot, so the caller may change rooms meanwhile).
@@ -42,11 +48,12 @@ mod tests {
     #[test]
     fn empty_rooms_disappear() {
         let mut rooms = Rooms::default();
-        rooms.enter("g", Token(5));
-        rooms.enter("g", Token(6));
-        rooms.leave("g", Token(5));
+        assert!(rooms.enter("g", Token(5)), "first in the room");
+        assert!(!rooms.enter("g", Token(6)));
+        assert!(!rooms.leave("g", Token(5)));
         assert_eq!(rooms.members("g"), vec![Token(6)]);
-        rooms.leave("g", Token(6));
+        assert!(!rooms.leave("g", Token(7)), "not in it");
+        assert!(rooms.leave("g", Token(6)), "the last one out");
         assert!(rooms.by_group.is_empty());
     }
 }

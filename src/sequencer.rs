@@ -61,6 +61,12 @@ impl GroupOrder {
         }
     }
 
+    /// Behind by an unknown amount: read the database after what was delivered, at once.
+    fn suspect(&mut self, now: Instant) {
+        self.known_head = u64::MAX;
+        self.behind_since = Some(now - GAP_WAIT);
+    }
+
     fn release_ready(&mut self, out: &mut Vec<Release>, keep_recent: usize) {
         while let Some(entry) = self.held.first_entry() {
             if *entry.key() > self.delivered + 1 {
@@ -147,12 +153,19 @@ impl Sequencer {
         out
     }
 
+    /// One group's room may have missed messages (its relay subscription just started): read
+    /// after what it delivered, now.
+    pub fn suspect(&mut self, group_name: &str) {
+        if let Some(order) = self.groups.get_mut(group_name) {
+            order.suspect(Instant::now());
+        }
+    }
+
     /// Every occupied group should check the database for messages it may have missed.
     pub fn suspect_all(&mut self) {
         let now = Instant::now();
         for order in self.groups.values_mut() {
-            order.known_head = u64::MAX;
-            order.behind_since = Some(now - GAP_WAIT);
+            order.suspect(now);
         }
     }
 

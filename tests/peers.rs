@@ -334,3 +334,162 @@ fn keyed_sends_racing_on_two_peers_are_stored_and_delivered_once() {
     }
     assert_eq!(common::fetch_all(&mut carol, "carol", &group).len(), 31);
 }
+
+fn relay_peers(storage: &Storage, redis_url: &str, mode: &str) -> (Server, Server) {
+    let start = |node: &str| {
+        Server::start_with(
+            storage,
+            &[
+                ("PEER", "true"),
+                ("REDIS_URL", redis_url),
+                ("NODE_ID", node),
+                ("PEER_RELAY", mode),
+                ("METRICS_PORT", "0"),
+            ],
+        )
+    };
+    let servers = (start("relay_a"), start("relay_b"));
+    wait_for_links([&servers.0, &servers.1]);
+    servers
+}
+
+/// Waits (bounded by the reply timeout) until a metric reaches `at_least`.
+fn metric_reaches(server: &Server, name: &str, at_least: f64) -> bool {
+    let deadline = Instant::now() + common::REPLY_TIMEOUT;
+    while Instant::now() < deadline {
+        if common::metric(server, name).is_some_and(|v| v >= at_least) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Issue 16: an instance receives a group's relay traffic only while one of its connections is
+/// in that group's room; with `PEER_RELAY=shared` it receives everything.
+#[test]
+fn an_instance_receives_only_the_groups_whose_room_it_hosts() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    for (mode, expected_idle) in [("per_group", 0.0), ("shared", 40.0)] {
+        let (a, b) = relay_peers(&storage, &redis.redis_url(), mode);
+        let group = unique("hosted");
+        let mut alice = a.login("alice");
+        alice.request("create_group", ug("alice", &group));
+        alice.request("enter_group", ug("alice", &group));
+        common::send_many(&mut alice, "alice", &group, 40, 8);
+        alice.request("leave_group", ug("alice", &group));
+        let relayed_idle = common::metric(&b, "noomnim_peer_relay_messages_in_total");
+        assert!(
+            metric_reaches(&b, "noomnim_peer_heartbeat_lag_ms", 0.0),
+            "heartbeat metric"
+        );
+        if mode == "shared" {
+            assert!(
+                metric_reaches(&b, "noomnim_peer_relay_messages_in_total", expected_idle),
+                "{mode}: B receives everything"
+            );
+        } else {
+            assert_eq!(
+                relayed_idle,
+                Some(0.0),
+                "{mode}: nothing for an unhosted group"
+            );
+            assert_eq!(
+                common::metric(&b, "noomnim_peer_subscribed_channels"),
+                Some(1.0),
+                "only the control channel"
+            );
+        }
+        // Once B hosts the room, it receives the group's messages, exactly once, in order.
+        let mut alice = a.login("alice");
+        alice.request("join_group", ug("alice", &group));
+        let mut bob = b.login("bob");
+        bob.request("join_group", ug("bob", &group));
+        bob.request("enter_group", ug("bob", &group));
+        if mode == "per_group" {
+            assert!(metric_reaches(&b, "noomnim_peer_subscribed_channels", 2.0));
+        }
+        // (Keys are per user and forever: the second mode needs its own.)
+        let key = format!("live-{mode}");
+        alice.request("send_message", common::keyed_msg(&group, "live", &key));
+        let seen = common::broadcasts_until(&mut bob, &key);
+        assert!(
+            seen.is_empty(),
+            "{mode}: nothing but the new message: {seen:?}"
+        );
+    }
+}
+
+/// Issue 16: rooms entered and left on one instance while a storm runs on another: every
+/// visit sees its history and then every later message once, in order, with no gap.
+#[test]
+fn rooms_entered_and_left_during_a_storm_miss_nothing() {
+    let mongo = PrivateMongo::start();
+    let storage = private_storage(&mongo);
+    let redis = LocalService::redis();
+    let (a, b) = relay_peers(&storage, &redis.redis_url(), "per_group");
+    let group = unique("churn");
+    let other = unique("churn-other");
+    let mut alice = a.login("alice");
+    alice.request("create_group", ug("alice", &group));
+    let mut bob = b.login("bob");
+    bob.request("join_group", ug("bob", &group));
+    bob.request("create_group", ug("bob", &other));
+    let total = 300;
+    let storm = {
+        let group = group.clone();
+        std::thread::spawn(move || {
+            for i in 0..total {
+                alice.send(&json!({"event": "send_message", "data": msg("alice", &group, &format!("s{i}")), "id": i}));
+                if i % 10 == 9 {
+                    for _ in 0..10 {
+                        assert_eq!(alice.recv()["event"], "message_sent");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            alice
+        })
+    };
+    // Bob hops between the storm's room and another group's room a number of times; in each
+    // visit the messages after his history must continue without a gap.
+    for visit in 0..8 {
+        let entered = bob.request("enter_group", ug("bob", &group));
+        let history: Vec<u64> = ["read", "unread"]
+            .iter()
+            .flat_map(|k| entered["data"][k].as_array().cloned().unwrap_or_default())
+            .filter_map(|m| m["seq"].as_u64())
+            .collect();
+        let mut last = history.iter().copied().max().unwrap_or(0);
+        for _ in 0..10 {
+            match bob.try_recv(Duration::from_millis(200)) {
+                Some(line) if line["event"] == "message_sent" && line.get("id").is_none() => {
+                    let seq = line["data"]["seq"].as_u64().expect("seq");
+                    assert_eq!(seq, last + 1, "visit {visit}: gap or repeat after {last}");
+                    last = seq;
+                }
+                Some(other) => panic!("unexpected {other}"),
+                None => break,
+            }
+        }
+        bob.request("visit_group", ug("bob", &other));
+        while bob.try_recv(Duration::from_millis(20)).is_some() {}
+    }
+    let mut alice = storm.join().expect("storm");
+    // Finally in the room for good: everything up to the end arrives once, in order.
+    let entered = bob.request("enter_group", ug("bob", &group));
+    let mut last = ["read", "unread"]
+        .iter()
+        .flat_map(|k| entered["data"][k].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["seq"].as_u64())
+        .max()
+        .unwrap_or(0);
+    alice.request("send_message", common::keyed_msg(&group, "end", "end"));
+    for line in common::broadcasts_until(&mut bob, "end") {
+        let seq = line["seq"].as_u64().expect("seq");
+        assert_eq!(seq, last + 1, "gap or repeat after {last}");
+        last = seq;
+    }
+    assert_eq!(last, total as u64, "everything before the end marker");
+}

@@ -115,6 +115,7 @@ impl Server {
                     self.sequencer.suspect_all();
                 }
                 PeerEvent::Resync => self.sequencer.suspect_all(),
+                PeerEvent::Subscribed(group_name) => self.sequencer.suspect(&group_name),
                 PeerEvent::LinkDown => self.peer_link_up = false,
                 PeerEvent::Left(departure) => self.user_left(departure),
             }
@@ -127,6 +128,7 @@ impl Server {
             return;
         };
         for catch_up in self.sequencer.due_catch_ups(Instant::now()) {
+            self.metrics.catch_ups += 1;
             pool.submit(
                 Requester::Server,
                 StoreOp::MessagesAfter {
@@ -196,7 +198,14 @@ impl Server {
 
     /// Puts a connection in a room and sends it what the room got after its history ended.
     pub(super) fn enter_room(&mut self, token: Token, room: session::Room) {
-        self.rooms.enter(&room.group_name, token);
+        if self.rooms.enter(&room.group_name, token) {
+            // The first connection here in this room: receive the group's relay channel (a
+            // pending unwatch is cancelled; watching twice is harmless).
+            self.unwatch_due.remove(&room.group_name);
+            if let Some(peer) = &self.peer {
+                peer.watch(&room.group_name);
+            }
+        }
         let missed = self.sequencer.enter(&room.group_name, room.floor_seq);
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
@@ -209,9 +218,30 @@ impl Server {
     }
 
     pub(super) fn leave_room(&mut self, group_name: &str, token: Token) {
-        self.rooms.leave(group_name, token);
-        if self.rooms.members(group_name).is_empty() {
+        if self.rooms.leave(group_name, token) {
             self.sequencer.forget(group_name);
+            // Unsubscribed only after a linger, so enter/leave churn does not thrash Redis.
+            if self.peer.is_some() {
+                self.unwatch_due
+                    .insert(group_name.to_string(), Instant::now() + UNWATCH_LINGER);
+            }
+        }
+    }
+
+    /// Unsubscribes from the channels of groups whose room stayed empty for the linger.
+    pub(super) fn unwatch_idle_groups(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .unwatch_due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(group, _)| group.clone())
+            .collect();
+        for group in due {
+            self.unwatch_due.remove(&group);
+            if let Some(peer) = &self.peer {
+                peer.unwatch(&group);
+            }
         }
     }
 

@@ -47,6 +47,17 @@ impl Server {
             connections: self.connections.len(),
             rooms_held_messages: self.sequencer.held(),
             peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
+            relay: self.peer.as_ref().map(|peer| {
+                use std::sync::atomic::Ordering::Relaxed;
+                RelayGauges {
+                    subscribed_channels: peer.stats.subscribed.load(Relaxed),
+                    messages_in: peer.stats.messages_in.load(Relaxed),
+                    bytes_in: peer.stats.bytes_in.load(Relaxed),
+                    heartbeat_lag_ms: peer.stats.heartbeat_lag_ms.load(Relaxed),
+                    heartbeat_resets: peer.stats.heartbeat_resets.load(Relaxed),
+                    catch_ups: self.metrics.catch_ups,
+                }
+            }),
         };
         let Some(client) = self.metrics_clients.get_mut(&token) else {
             return;

@@ -23,10 +23,10 @@ use crate::auth::Authenticator;
 use crate::config::{Config, StoreKind};
 use crate::connection::{Chunk, Closing, Connection, ReadState};
 use crate::limits::PerIp;
-use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient};
+use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient, RelayGauges};
 use crate::model::ReadMark;
 use crate::model::{Appended, Message};
-use crate::peer::{channel_for, Departure, PeerEvent, PeerLink};
+use crate::peer::{Departure, PeerEvent, PeerLink};
 use crate::protocol::{
     encode_broadcast, encode_failure, hello_data, ErrorCode, HelloInfo, ProtocolError,
 };
@@ -82,6 +82,9 @@ const LEAVE_MEMORY: Duration = Duration::from_secs(60);
 /// In peer mode, how often every occupied room checks the database for messages it was never
 /// relayed (a peer that stored a message and died before publishing it).
 const TAIL_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How long a group's relay channel stays subscribed after its room here emptied (so a client
+/// that leaves and comes back, or room churn, does not subscribe and unsubscribe each time).
+const UNWATCH_LINGER: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight work and unsent output.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
@@ -100,6 +103,8 @@ pub struct Server {
     sequencer: Sequencer,
     peer: Option<PeerLink>,
     peer_link_up: bool,
+    /// Groups whose room emptied here, and when to stop receiving their relay channel.
+    unwatch_due: HashMap<String, Instant>,
     pool: Option<WorkerPool>,
     completions: Receiver<Completion>,
     stop_requested: Arc<AtomicBool>,
@@ -171,9 +176,10 @@ impl Server {
             (StoreKind::Mongo { database, .. }, true) => Some(
                 PeerLink::start(
                     &config.redis_url,
-                    &channel_for(database),
+                    database,
                     &config.node_id,
                     waker.clone(),
+                    config.relay_mode,
                 )
                 .map_err(StartError::Peer)?,
             ),
@@ -193,6 +199,7 @@ impl Server {
             sequencer: Sequencer::new(keep_recent),
             peer,
             peer_link_up: false,
+            unwatch_due: HashMap::new(),
             pool: Some(pool),
             completions,
             stop_requested: Arc::new(AtomicBool::new(false)),
@@ -276,6 +283,7 @@ impl Server {
             self.take_completions();
             self.take_peer_events();
             self.check_tails();
+            self.unwatch_idle_groups();
             self.start_catch_ups();
             self.sweep();
             self.service_touched();

@@ -814,3 +814,17 @@ impl Drop for InProcess {
         }
     }
 }
+
+/// One value from a server's `/metrics` page (the first sample named `name`).
+pub fn metric(server: &Server, name: &str) -> Option<f64> {
+    let addr = server.metrics_addr()?;
+    let mut http = TcpStream::connect(&addr).ok()?;
+    http.set_read_timeout(Some(REPLY_TIMEOUT)).ok()?;
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut page = String::new();
+    let _ = http.read_to_string(&mut page);
+    page.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+}
