@@ -206,17 +206,26 @@ fn a_redis_restart_mid_storm_loses_and_duplicates_nothing() {
 
 /// Two peers on one database and Redis, without the storm harness.
 fn two_peers(storage: &Storage, redis_url: &str) -> (Server, Server) {
+    peer_pair(storage, redis_url, ("left_a", "left_b"), &[])
+}
+
+/// Two instances on one database and Redis, both linked, with extra settings.
+fn peer_pair(
+    storage: &Storage,
+    redis_url: &str,
+    nodes: (&str, &str),
+    extra: &[(&str, &str)],
+) -> (Server, Server) {
     let start = |node: &str| {
-        Server::start_with(
-            storage,
-            &[
-                ("PEER", "true"),
-                ("REDIS_URL", redis_url),
-                ("NODE_ID", node),
-            ],
-        )
+        let mut env = vec![
+            ("PEER", "true"),
+            ("REDIS_URL", redis_url),
+            ("NODE_ID", node),
+        ];
+        env.extend_from_slice(extra);
+        Server::start_with(storage, &env)
     };
-    let servers = (start("left_a"), start("left_b"));
+    let servers = (start(nodes.0), start(nodes.1));
     wait_for_links([&servers.0, &servers.1]);
     servers
 }
@@ -336,21 +345,8 @@ fn keyed_sends_racing_on_two_peers_are_stored_and_delivered_once() {
 }
 
 fn relay_peers(storage: &Storage, redis_url: &str, mode: &str) -> (Server, Server) {
-    let start = |node: &str| {
-        Server::start_with(
-            storage,
-            &[
-                ("PEER", "true"),
-                ("REDIS_URL", redis_url),
-                ("NODE_ID", node),
-                ("PEER_RELAY", mode),
-                ("METRICS_PORT", "0"),
-            ],
-        )
-    };
-    let servers = (start("relay_a"), start("relay_b"));
-    wait_for_links([&servers.0, &servers.1]);
-    servers
+    let extra = [("PEER_RELAY", mode), ("METRICS_PORT", "0")];
+    peer_pair(storage, redis_url, ("relay_a", "relay_b"), &extra)
 }
 
 /// Waits (bounded by the reply timeout) until a metric reaches `at_least`.
