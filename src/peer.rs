@@ -370,6 +370,16 @@ impl Publisher {
                     backoff = FIRST_BACKOFF;
                     retry_at = None;
                     dropped = 0;
+                    // Under a steady stream the queue never times out: the heartbeat still
+                    // goes out every second (else the subscriber would take a busy link for a
+                    // silent one and resubscribe every few seconds).
+                    if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                        last_heartbeat = Instant::now();
+                        let beat = Relay::Heartbeat(unix_millis());
+                        if let Err(error) = self.publish(&mut connection, Some(&beat)) {
+                            log::debug!("peer publisher: heartbeat not sent: {error}");
+                        }
+                    }
                 }
                 Err(error) => {
                     link.down(&error);

@@ -488,4 +488,11 @@ fn rooms_entered_and_left_during_a_storm_miss_nothing() {
         last = seq;
     }
     assert_eq!(last, total as u64, "everything before the end marker");
+    // A busy link is not taken for a silent one: heartbeats kept flowing during the storm.
+    for server in [&a, &b] {
+        assert_eq!(
+            common::metric(server, "noomnim_peer_heartbeat_resets_total"),
+            Some(0.0)
+        );
+    }
 }

@@ -55,7 +55,14 @@ for mode in shared per_group; do
         --senders "$senders" --rate "$rate" --seconds "$seconds" --tag "r$mode$$" 2>&1)" || true
     stored="$(grep -o 'stored/s=[0-9]*' <<<"$out" | cut -d= -f2)"
     lost="$(grep -o 'lost=[0-9]*' <<<"$out" | cut -d= -f2)"
-    echo "## PEER_RELAY=$mode: $instances instances, $groups groups, $clients clients, $senders senders, $rate msg/s for ${seconds}s (stored/s=${stored:-?}, lost=${lost:-?})"
+    errors="$(grep -o '^errors=.*' <<<"$out" | cut -d= -f2-)"
+    echo "## PEER_RELAY=$mode: $instances instances, $groups groups, $clients clients, $senders senders, $rate msg/s for ${seconds}s (stored/s=${stored:-?}, lost=${lost:-?}, errors=${errors:-?})"
+    resets=0
+    for i in $(seq 0 $((instances - 1))); do
+        reset="$(metric $((base + 2 * i + 1)) noomnim_peer_heartbeat_resets_total)"
+        resets=$((resets + ${reset:-0}))
+    done
+    echo "(heartbeat resets over all instances: $resets)"
     echo "| instance | relayed messages in | relay bytes in | server CPU s |"
     echo "|---|---|---|---|"
     hz="$(getconf CLK_TCK)"
