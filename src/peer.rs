@@ -338,29 +338,30 @@ impl Publisher {
             let message = match self.queue.recv_timeout(wait.min(IDLE_CHECK)) {
                 Ok(message) => Some(message),
                 Err(RecvTimeoutError::Timeout) if self.stop.load(Ordering::SeqCst) => return,
-                Err(RecvTimeoutError::Timeout) if dropped > 0 => None,
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
-            };
-            // A heartbeat every second, through the same connection and path as messages.
-            let message = match message {
-                None if dropped == 0 && last_heartbeat.elapsed() >= HEARTBEAT_EVERY => {
-                    last_heartbeat = Instant::now();
-                    Some(Relay::Heartbeat(unix_millis()))
-                }
-                None if dropped == 0 => continue,
-                other => other,
             };
             if retry_at.is_some_and(|at| Instant::now() < at) {
                 dropped += u64::from(message.is_some());
                 continue;
             }
-            let sent = if dropped > 0 {
-                self.publish(&mut connection, None)
-                    .and_then(|()| self.publish(&mut connection, message.as_ref()))
-            } else {
-                self.publish(&mut connection, message.as_ref())
+            // A message, or after an outage the resync notice even with no message at hand.
+            let sent = match (message, dropped) {
+                (None, 0) => Ok(()),
+                (message, 0) => self.publish(&mut connection, message.as_ref()),
+                (message, _) => self
+                    .publish(&mut connection, None)
+                    .and_then(|()| self.publish(&mut connection, message.as_ref())),
             };
+            // Every second whatever the traffic (a busy queue never times out), through the
+            // same connection as messages: the subscribers' proof that this path works.
+            let sent = sent.and_then(|()| {
+                if last_heartbeat.elapsed() < HEARTBEAT_EVERY {
+                    return Ok(());
+                }
+                last_heartbeat = Instant::now();
+                self.publish(&mut connection, Some(&Relay::Heartbeat(unix_millis())))
+            });
             match sent {
                 Ok(()) => {
                     if dropped > 0 {
@@ -370,16 +371,6 @@ impl Publisher {
                     backoff = FIRST_BACKOFF;
                     retry_at = None;
                     dropped = 0;
-                    // Under a steady stream the queue never times out: the heartbeat still
-                    // goes out every second (else the subscriber would take a busy link for a
-                    // silent one and resubscribe every few seconds).
-                    if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
-                        last_heartbeat = Instant::now();
-                        let beat = Relay::Heartbeat(unix_millis());
-                        if let Err(error) = self.publish(&mut connection, Some(&beat)) {
-                            log::debug!("peer publisher: heartbeat not sent: {error}");
-                        }
-                    }
                 }
                 Err(error) => {
                     link.down(&error);
