@@ -1,21 +1,28 @@
-//! One client connection: its socket, the framed requests waiting to be handled (the inbox), the
-//! bytes waiting to be written (the outbox, written with vectored writes that survive partial
-//! writes), and its session. Owns no policy beyond "read until told to stop, write what fits",
-//! and the bookkeeping the limits need: bytes waiting in the inbox, broadcast bytes and reply
-//! bytes waiting in the outbox (counted apart: only unread broadcasts make a slow consumer),
-//! and which of its room's messages have really reached the client (for read marks).
+//! One client connection: its socket, the framed requests waiting to be handled (the inbox), its
+//! requests in flight (answered in order, `in_flight.rs`), the bytes waiting to be written (the
+//! outbox, written with vectored writes that survive partial writes), and its session.
+//!
+//! It keeps its own bounds: the line length and inbox size (reading pauses when full), the
+//! unread broadcast bytes (`MAX_OUTPUT_BYTES`: over it the client is cut off as a slow
+//! consumer), the rate-limit bucket, failed authentications, and the requests in flight.
+//! Replies and broadcasts are counted apart (only unread broadcasts make a slow consumer), and
+//! it knows which of its room's messages have really reached the client (for read marks).
+//! Its fields are private: the event loop asks and tells, it does not reach in.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::framing::{Frame, LineFramer};
+use crate::in_flight::{Answered, InFlight};
 use crate::limits::TokenBucket;
+use crate::ops::Completed;
 use crate::protocol::RequestId;
-use crate::session::Session;
+use crate::session::{Room, Session, MAX_AUTH_FAILURES};
 use crate::transport::Transport;
+use crate::workers::Work;
 
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
@@ -108,35 +115,42 @@ struct Outgoing {
     shows: Option<Shows>,
 }
 
+/// The bounds one connection keeps by itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Longest request line (`MAX_LINE_BYTES`).
+    pub max_line_bytes: usize,
+    /// Unread broadcast bytes after which the client is cut off (`MAX_OUTPUT_BYTES`).
+    pub max_output_bytes: usize,
+    /// Store-bound requests a new connection may make at once (`RATE_BURST`).
+    pub rate_burst: f64,
+    /// Messages it may have with the store at once (see `in_flight`).
+    pub pipeline_depth: usize,
+}
+
 pub struct Connection {
-    pub socket: Box<dyn Transport>,
-    pub peer: SocketAddr,
-    pub session: Session,
-    /// The request `id` of the store job in flight, if one is.
-    pub awaiting: Option<Option<RequestId>>,
-    pub read_state: ReadState,
+    socket: Box<dyn Transport>,
+    peer: SocketAddr,
+    session: Session,
+    /// Store requests out and replies waiting for their turn (see `in_flight`).
+    in_flight: InFlight,
+    /// A planned store job that must wait until nothing is in flight (not a message).
+    held: Option<(Work, Option<RequestId>)>,
+    read_state: ReadState,
     /// Set when the connection must be dropped without further writes.
-    pub doomed: bool,
-    pub opened_at: Instant,
+    doomed: bool,
+    opened_at: Instant,
+    max_output_bytes: usize,
     /// Store-bound requests this connection may still make (see `limits`).
-    pub bucket: TokenBucket,
-    /// The server's leave clock when this connection's job in flight was submitted.
-    pub leave_clock_at_submit: u64,
-    /// Numbers this connection's store requests; the one in flight has the current number.
-    pub ticket: u64,
-    /// When the request in flight was submitted.
-    pub awaiting_since: Instant,
-    /// The latest requests answered `unavailable` by the store timeout (a few are kept: their
-    /// late results must reach the client as broadcasts).
-    timed_out: VecDeque<u64>,
+    bucket: TokenBucket,
     /// When the client last sent anything (for `IDLE_TIMEOUT_MS`).
-    pub last_heard: Instant,
+    last_heard: Instant,
     /// Why the server is cutting this connection off, announced in a `closing` line.
-    pub closing: Option<Closing>,
+    closing: Option<Closing>,
     /// `find_user` attempts refused by authentication so far.
-    pub auth_failures: u32,
+    auth_failures: u32,
     /// Set once the `closing` line is queued and the connection only waits for it to be written.
-    pub lingering_since: Option<Instant>,
+    lingering_since: Option<Instant>,
     framer: LineFramer,
     inbox: VecDeque<Frame>,
     inbox_bytes: usize,
@@ -159,28 +173,29 @@ impl Connection {
     pub fn new(
         socket: Box<dyn Transport>,
         peer: SocketAddr,
-        max_line: usize,
-        burst: f64,
+        bounds: Bounds,
+        tls: bool,
     ) -> Connection {
         let opened_at = Instant::now();
         Connection {
             opened_at,
-            bucket: TokenBucket::full(burst, opened_at),
-            leave_clock_at_submit: 0,
-            ticket: 0,
-            awaiting_since: opened_at,
-            timed_out: VecDeque::new(),
+            bucket: TokenBucket::full(bounds.rate_burst, opened_at),
+            max_output_bytes: bounds.max_output_bytes,
+            in_flight: InFlight::new(bounds.pipeline_depth),
+            held: None,
             last_heard: opened_at,
             closing: None,
             auth_failures: 0,
             lingering_since: None,
             socket,
             peer,
-            session: Session::default(),
-            awaiting: None,
+            session: Session {
+                tls,
+                ..Session::default()
+            },
             read_state: ReadState::Drained,
             doomed: false,
-            framer: LineFramer::new(max_line),
+            framer: LineFramer::new(bounds.max_line_bytes),
             inbox: VecDeque::new(),
             inbox_bytes: 0,
             outbox: VecDeque::new(),
@@ -191,6 +206,181 @@ impl Connection {
             written_total: 0,
             unsettled: VecDeque::new(),
         }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Binds the connection to a user (`find_user` succeeded).
+    pub fn bind(&mut self, username: String) {
+        self.session.username = Some(username);
+    }
+
+    /// Puts the connection in a room; lines queued for an earlier room count for nothing.
+    pub fn enter_room(&mut self, room: Room) {
+        self.session.room = Some(room);
+        self.new_visit();
+    }
+
+    /// Takes the connection out of its room, if it is in one.
+    pub fn leave_room(&mut self) -> Option<Room> {
+        let room = self.session.room.take()?;
+        self.new_visit();
+        Some(room)
+    }
+
+    pub fn opened_at(&self) -> Instant {
+        self.opened_at
+    }
+
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
+    pub fn read_state(&self) -> ReadState {
+        self.read_state
+    }
+
+    /// The TCP socket under the transport (for registering with the poll).
+    pub fn tcp(&mut self) -> &mut mio::net::TcpStream {
+        self.socket.tcp()
+    }
+
+    /// Takes one store-bound request from the rate limit's bucket; false when it is empty.
+    pub fn take_token(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        self.bucket.take(now, rate, burst)
+    }
+
+    /// Counts a `find_user` refused by authentication; after `MAX_AUTH_FAILURES` the connection
+    /// is cut off (`auth_failed`). True when that happened now.
+    pub fn count_auth_failure(&mut self) -> bool {
+        self.auth_failures += 1;
+        if self.auth_failures < MAX_AUTH_FAILURES {
+            return false;
+        }
+        self.cut_off(Closing::AuthFailed);
+        true
+    }
+
+    /// Drops the connection without further writes (a failed read or write).
+    pub fn doom(&mut self) {
+        self.doomed = true;
+    }
+
+    pub fn is_doomed(&self) -> bool {
+        self.doomed
+    }
+
+    /// Announces a `closing` reason; the connection is closed after it (see `take_closing`).
+    pub fn announce(&mut self, reason: Closing) {
+        self.closing = Some(reason);
+    }
+
+    /// Cuts the connection off for `reason`: no more requests are handled, and the `closing`
+    /// line is the last thing it is sent.
+    pub fn cut_off(&mut self, reason: Closing) {
+        if !self.doomed {
+            self.closing = Some(reason);
+            self.doomed = true;
+        }
+    }
+
+    /// The reason announced for closing, taken (it is said once).
+    pub fn take_closing(&mut self) -> Option<Closing> {
+        self.closing.take()
+    }
+
+    /// The connection only waits for its `closing` line to be written.
+    pub fn linger(&mut self, now: Instant) {
+        self.lingering_since = Some(now);
+        self.doomed = true;
+    }
+
+    pub fn lingering_since(&self) -> Option<Instant> {
+        self.lingering_since
+    }
+
+    /// Whether another request may be taken from the inbox now: nothing is held, no barrier job
+    /// is in flight, the pipeline depth is not reached, and replies are not piling up.
+    pub fn takes_requests(&self, reply_backlog: usize) -> bool {
+        self.held.is_none()
+            && self.in_flight.accepts_requests()
+            && self.pending_reply_bytes() <= reply_backlog
+    }
+
+    /// Queues an immediate reply behind any request still in flight.
+    pub fn reply_in_order(&mut self, line: Vec<u8>) {
+        if let Some(line) = self.in_flight.in_order(line) {
+            self.queue_reply(line, None);
+        }
+    }
+
+    /// A planned store job: returns it with its ticket when it may start now; otherwise it is
+    /// held until what is in flight is answered (see `in_flight`).
+    pub fn start_or_hold(
+        &mut self,
+        work: Work,
+        id: Option<RequestId>,
+        leave_clock: u64,
+    ) -> Option<(Work, u64)> {
+        let pipelined = work.pipelines();
+        if !self.in_flight.admits(pipelined) {
+            self.held = Some((work, id));
+            return None;
+        }
+        let ticket = self
+            .in_flight
+            .start(id, leave_clock, pipelined, Instant::now());
+        Some((work, ticket))
+    }
+
+    /// The held job, once nothing is in flight any more.
+    pub fn start_held(&mut self, leave_clock: u64) -> Option<(Work, u64)> {
+        if !self.in_flight.is_empty() {
+            return None;
+        }
+        let (work, id) = self.held.take()?;
+        self.start_or_hold(work, id, leave_clock)
+    }
+
+    /// Files the answer of store job `ticket`; false when it is no longer awaited (answered
+    /// by the store timeout).
+    pub fn answer(
+        &mut self,
+        ticket: u64,
+        finish: impl FnOnce(Option<&serde_json::value::RawValue>) -> Completed,
+    ) -> bool {
+        self.in_flight.answer(ticket, finish)
+    }
+
+    /// The next answer whose turn has come.
+    pub fn next_answer(&mut self) -> Option<Answered> {
+        self.in_flight.next_ready()
+    }
+
+    /// Whether the oldest store job has been out longer than `limit`.
+    pub fn store_call_overdue(&self, now: Instant, limit: Duration) -> bool {
+        self.in_flight.overdue(now, limit)
+    }
+
+    /// Gives up on the oldest store job; returns its request id to answer `unavailable` with.
+    pub fn give_up_oldest(&mut self) -> Option<Option<RequestId>> {
+        self.in_flight.give_up_oldest()
+    }
+
+    /// Whether store job `ticket` was answered by the store timeout.
+    pub fn timed_out(&self, ticket: u64) -> bool {
+        self.in_flight.timed_out(ticket)
+    }
+
+    /// No request is in flight or held, and nothing waits to be written.
+    pub fn idle(&self) -> bool {
+        self.in_flight.is_empty() && self.held.is_none() && self.pending_bytes == 0
     }
 
     /// Reads until the socket is drained, closed, or the inbox is full (`MAX_INBOX_FRAMES` or
@@ -251,10 +441,15 @@ impl Connection {
     }
 
     /// Queues one message of the room, shared with the room's other connections (or owned,
-    /// for a catch-up line). Returns the broadcast bytes now waiting (the slow-consumer measure).
-    pub fn queue_broadcast(&mut self, chunk: Chunk, seq: u64) -> usize {
+    /// for a catch-up line). A client with more than `max_output_bytes` of broadcasts unread is
+    /// cut off as a slow consumer: true when that happened now.
+    pub fn queue_broadcast(&mut self, chunk: Chunk, seq: u64) -> bool {
         self.push(chunk, true, Some((seq, seq)));
-        self.pending_broadcast_bytes
+        if self.pending_broadcast_bytes > self.max_output_bytes && !self.doomed {
+            self.cut_off(Closing::SlowConsumer);
+            return true;
+        }
+        false
     }
 
     fn push(&mut self, chunk: Chunk, broadcast: bool, shows: Option<(u64, u64)>) {
@@ -273,7 +468,7 @@ impl Connection {
     }
 
     /// The connection entered a room (or left one): lines queued before count for nothing.
-    pub fn new_visit(&mut self) {
+    fn new_visit(&mut self) {
         self.visit += 1;
         self.unsettled.clear();
     }
@@ -372,24 +567,6 @@ impl Connection {
         }
     }
 
-    /// Whether the store request numbered `ticket` is the one this connection awaits.
-    pub fn awaits(&self, ticket: u64) -> bool {
-        self.awaiting.is_some() && self.ticket == ticket
-    }
-
-    /// The request in flight was answered by the store timeout.
-    pub fn give_up_waiting(&mut self) {
-        if self.timed_out.len() >= 16 {
-            self.timed_out.pop_front();
-        }
-        self.timed_out.push_back(self.ticket);
-    }
-
-    /// Whether the request numbered `ticket` was answered by the store timeout.
-    pub fn timed_out(&self, ticket: u64) -> bool {
-        self.timed_out.contains(&ticket)
-    }
-
     /// Whether some room lines wait for `settle`.
     pub fn has_unsettled(&self) -> bool {
         !self.unsettled.is_empty()
@@ -419,7 +596,8 @@ impl Connection {
     pub fn finished(&self) -> bool {
         self.read_state == ReadState::Closed
             && self.inbox.is_empty()
-            && self.awaiting.is_none()
+            && self.in_flight.is_empty()
+            && self.held.is_none()
             && self.outbox.is_empty()
             && !self.socket.holds_bytes()
     }

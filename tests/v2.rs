@@ -14,7 +14,8 @@ backend_tests!(
     seed_errors_carry_their_event_name_as_code,
     read_state_by_seq_with_mark_read_and_my_groups,
     a_client_msg_id_is_stored_once_across_reconnects_and_connections,
-    list_groups_pages_with_member_counts
+    list_groups_pages_with_member_counts,
+    pipelined_requests_are_answered_in_order_and_see_each_other
 );
 
 #[test]
@@ -407,5 +408,106 @@ fn list_groups_pages_with_member_counts(backend: Backend) {
         page["data"]["epoch"],
         epoch.as_str(),
         "stable while the group lives"
+    );
+}
+
+/// A client that writes a whole session without waiting: login, create, enter, a run of
+/// messages mixed with pings, errors and reads. Every reply comes back in request order, the
+/// login and the room entry hold before what follows them, reads see the messages sent before
+/// them, and a watcher gets the messages once, in seq order.
+fn pipelined_requests_are_answered_in_order_and_see_each_other(backend: Backend) {
+    // mongoeco (CI's MongoDB stand-in) inserts slowly; the embedded run is the long one.
+    let messages: u64 = if backend == Backend::Embedded {
+        120
+    } else {
+        30
+    };
+    let storage = Storage::new(backend);
+    let server = Server::start_with(&storage, &[("RATE_LIMIT", "0")]);
+    let group = unique("pipe");
+    let mut watcher = server.login("pipe_watcher");
+    let mut client = server.connect();
+    let mut lines: Vec<Value> = vec![
+        json!({"event": "find_user", "data": {"username": "piper"}, "id": "login"}),
+        json!({"event": "create_group", "data": {"group_name": group}, "id": "create"}),
+        json!({"event": "enter_group", "data": {"group_name": group}, "id": "enter"}),
+    ];
+    for i in 1..=messages {
+        lines.push(json!({"event": "send_message", "data": {"group_name": group, "text": format!("m{i}")}, "id": i}));
+        match i % 10 {
+            3 => lines.push(json!({"event": "ping", "id": format!("ping{i}")})),
+            5 => lines.push(json!({"event": "send_message", "data": {"group_name": group, "text": " "}, "id": format!("bad{i}")})),
+            7 => lines.push(json!({"event": "fetch_messages", "data": {"group_name": group, "before_seq": i + 1, "limit": 1}, "id": format!("read{i}")})),
+            _ => {}
+        }
+    }
+    let mut batch = String::new();
+    for line in &lines {
+        batch.push_str(&line.to_string());
+        batch.push('\n');
+    }
+    client.send_raw(batch.as_bytes());
+    let mut seq_of_message = Vec::new();
+    for line in &lines {
+        let reply = client.recv();
+        assert_eq!(reply["id"], line["id"], "replies in request order: {reply}");
+        let id = line["id"].to_string();
+        match reply["event"].as_str() {
+            Some("user_created") => assert_eq!(id, "\"login\""),
+            Some("group_created") => assert_eq!(id, "\"create\""),
+            Some("enter_group") => assert_eq!(id, "\"enter\""),
+            Some("message_sent") => seq_of_message.push(reply["data"]["seq"].as_u64()),
+            Some("pong") => assert!(id.starts_with("\"ping")),
+            Some("error") => {
+                assert!(id.starts_with("\"bad"), "{reply}");
+                assert_eq!(reply["data"]["code"], "bad_request");
+            }
+            Some("messages") => {
+                // The newest message before the read is the one sent just before it.
+                let i: u64 = id
+                    .trim_matches('"')
+                    .trim_start_matches("read")
+                    .parse()
+                    .expect("i");
+                assert_eq!(
+                    reply["data"]["messages"][0]["seq"].as_u64(),
+                    Some(i),
+                    "{reply}"
+                );
+            }
+            _ => panic!("unexpected reply {reply}"),
+        }
+    }
+    let expected: Vec<Option<u64>> = (1..=messages).map(Some).collect();
+    assert_eq!(seq_of_message, expected, "seqs follow the sending order");
+    watcher.request("join_group", ug("pipe_watcher", &group));
+    let stored = common::fetch_all(&mut watcher, "pipe_watcher", &group);
+    common::assert_seqs_are_one_to_n(&stored, messages as usize);
+    watcher.request("enter_group", ug("pipe_watcher", &group));
+    // A second pipelined run, now with the watcher in the room.
+    let mut batch = String::new();
+    for i in 1..=messages {
+        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("again{i}")}, "id": i});
+        batch.push_str(&line.to_string());
+        batch.push('\n');
+    }
+    client.send_raw(batch.as_bytes());
+    for i in 1..=messages {
+        let reply = client.recv();
+        assert_eq!(reply["id"], json!(i));
+        assert_eq!(reply["data"]["seq"].as_u64(), Some(messages + i));
+    }
+    for i in 1..=messages {
+        let broadcast = watcher.recv();
+        assert_eq!(broadcast["event"], "message_sent", "{broadcast}");
+        assert_eq!(
+            broadcast["data"]["seq"].as_u64(),
+            Some(messages + i),
+            "once, in order"
+        );
+    }
+    assert!(
+        watcher.try_recv(Duration::from_millis(200)).is_none(),
+        "nothing twice"
     );
 }

@@ -5,5 +5,5 @@ pub mod reply;
 pub mod request;
 
 pub use errors::{ErrorCode, EventError, Failure, ProtocolError};
-pub use reply::{encode_broadcast, encode_failure, encode_reply, hello_data, HelloInfo, Reply};
-pub use request::{decode_envelope, Envelope, Request, RequestId};
+pub use reply::{encode_broadcast, encode_failure, encode_line, hello_data, HelloInfo};
+pub use request::{decode_envelope, Envelope, RequestId};

@@ -5,44 +5,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::errors::{ErrorCode, Failure};
-use crate::model::{
-    Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, Message,
-    MessagePage, UserProfile,
-};
-
-/// A successful reply to a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    UserCreated(UserProfile),
-    UserFound(UserProfile),
-    GroupCreated(CreatedGroup),
-    JoinSuccess(GroupRef),
-    LeaveSuccess(GroupRef),
-    /// The sender's ack: the stored message, or the original of a `client_msg_id` repeat.
-    MessageSent(Appended),
-    UserVisited {
-        username: String,
-        group_name: String,
-        last_read: String,
-    },
-    EnterGroup {
-        group_name: String,
-        history: GroupHistory,
-    },
-    Messages {
-        group_name: String,
-        page: MessagePage,
-    },
-    Groups(GroupsPage),
-    Pong {
-        time: String,
-    },
-    /// The handshake: server identity, running limits and the events it knows (built once
-    /// from the configuration, see `hello_data`).
-    Hello(std::rc::Rc<serde_json::Value>),
-    MarkedRead(GroupReadState),
-    MyGroups(Vec<GroupReadState>),
-}
+use crate::model::Message;
 
 /// What the server tells a client in `hello`: identity, capabilities and the running limits.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +32,7 @@ pub fn hello_data(info: &HelloInfo, tls: bool) -> serde_json::Value {
         "node_id": info.node_id,
         "auth": if info.auth { "token" } else { "none" },
         "tls": tls,
-        "events": super::request::event_names(),
+        "events": crate::ops::event_names(),
         "limits": {
             "max_line_bytes": info.max_line_bytes,
             "max_text_chars": super::request::MAX_TEXT_CHARS,
@@ -106,82 +69,6 @@ pub fn encode_line<T: Serialize>(event: &str, data: &T, id: Option<&RawValue>) -
     out
 }
 
-/// Encodes a success reply, carrying the request `id` when there was one.
-pub fn encode_reply(reply: &Reply, id: Option<&RawValue>) -> Vec<u8> {
-    match reply {
-        Reply::UserCreated(user) => encode_line("user_created", user, id),
-        Reply::UserFound(user) => encode_line("user_found", user, id),
-        Reply::GroupCreated(group) => encode_line("group_created", group, id),
-        Reply::JoinSuccess(group) => encode_line("join_success", group, id),
-        Reply::LeaveSuccess(group) => encode_line("leave_success", group, id),
-        Reply::MessageSent(sent) if sent.duplicate => {
-            #[derive(Serialize)]
-            struct Repeat<'a> {
-                #[serde(flatten)]
-                message: &'a Message,
-                duplicate: bool,
-            }
-            let data = Repeat {
-                message: &sent.message,
-                duplicate: true,
-            };
-            encode_line("message_sent", &data, id)
-        }
-        Reply::MessageSent(sent) => encode_line("message_sent", &sent.message, id),
-        Reply::UserVisited {
-            username,
-            group_name,
-            last_read,
-        } => {
-            let data = json!({
-                "username": username,
-                "group_name": group_name,
-                "last_time_read_in_visiting_group": last_read,
-            });
-            encode_line("user_visited", &data, id)
-        }
-        Reply::EnterGroup {
-            group_name,
-            history,
-        } => {
-            let data = json!({
-                "group_name": group_name,
-                "unread": history.unread,
-                "read": history.read,
-                "unread_has_more": history.unread_has_more,
-                "epoch": history.epoch,
-            });
-            encode_line("enter_group", &data, id)
-        }
-        Reply::Messages { group_name, page } => {
-            let data = json!({
-                "group_name": group_name,
-                "messages": page.messages,
-                "has_more": page.has_more,
-                "epoch": page.epoch,
-            });
-            encode_line("messages", &data, id)
-        }
-        Reply::Groups(page) => encode_line(
-            "groups",
-            &json!({ "groups": page.groups, "has_more": page.has_more }),
-            id,
-        ),
-        Reply::Pong { time } => encode_line("pong", &json!({ "time": time }), id),
-        Reply::Hello(data) => encode_line("hello", data.as_ref(), id),
-        Reply::MarkedRead(state) => encode_line(
-            "marked_read",
-            &json!({
-                "group_name": state.group_name,
-                "last_read_seq": state.last_read_seq,
-                "unread_count": state.unread_count,
-            }),
-            id,
-        ),
-        Reply::MyGroups(groups) => encode_line("my_groups", &json!({ "groups": groups }), id),
-    }
-}
-
 /// Encodes an error reply.
 pub fn encode_failure(failure: &Failure, id: Option<&RawValue>) -> Vec<u8> {
     match failure {
@@ -197,7 +84,7 @@ pub fn encode_failure(failure: &Failure, id: Option<&RawValue>) -> Vec<u8> {
             &json!({
                 "Error": error.text,
                 "code": error.code.as_str(),
-                "events": super::request::event_names(),
+                "events": crate::ops::event_names(),
             }),
             id,
         ),

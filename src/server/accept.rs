@@ -104,13 +104,13 @@ impl Server {
             },
             _ => Box::new(socket),
         };
-        let mut connection = Connection::new(
-            transport,
-            peer,
-            self.config.max_line_bytes,
-            self.config.rate_burst,
-        );
-        connection.session.tls = tls;
+        let bounds = Bounds {
+            max_line_bytes: self.config.max_line_bytes,
+            max_output_bytes: self.config.max_output_bytes,
+            rate_burst: self.config.rate_burst,
+            pipeline_depth: self.pipeline_depth,
+        };
+        let connection = Connection::new(transport, peer, bounds, tls);
         self.connections.insert(token, connection);
     }
 }

@@ -1,6 +1,13 @@
 //! Delivery: store completions become replies and broadcasts, peer messages and catch-up reads go through the sequencer, and rooms are entered and left.
 
 use super::*;
+use crate::ops::{send_message, Call};
+
+/// What a connection's finished job answers with.
+enum Answer {
+    Sent(Result<Appended, StoreError>),
+    Call(Box<dyn Call>),
+}
 
 impl Server {
     pub(super) fn take_completions(&mut self) {
@@ -12,55 +19,92 @@ impl Server {
     pub(super) fn complete(&mut self, completion: Completion) {
         let Completion {
             requester,
-            op,
-            result,
+            done,
             elapsed,
         } = completion;
         self.metrics.store_latency(elapsed);
-        // A `client_msg_id` repeat stored nothing: only its sender hears of it, in the ack.
-        if let Ok(StoreOutput::Stored(Appended {
-            message,
-            duplicate: false,
-        })) = &result
-        {
-            self.metrics.messages_stored += 1;
-            if let Some(peer) = &self.peer {
-                peer.publish(message);
+        let answer = match done {
+            Done::Appended(result) => {
+                // A `client_msg_id` repeat stored nothing: only its sender hears of it, in the ack.
+                if let Ok(Appended {
+                    message,
+                    duplicate: false,
+                }) = &result
+                {
+                    self.metrics.messages_stored += 1;
+                    if let Some(peer) = &self.peer {
+                        peer.publish(message);
+                    }
+                    let released = self.sequencer.offer(message.clone(), requester);
+                    self.broadcast_all(released);
+                }
+                Answer::Sent(result)
             }
-            let released = self.sequencer.offer(message.clone(), requester);
-            self.broadcast_all(released);
-        }
+            Done::Called(call) => Answer::Call(call),
+            Done::CaughtUp { group_name, result } => {
+                let found = result
+                    .map_err(|error| log::warn!("catch-up read for {group_name} failed: {error}"))
+                    .ok();
+                let released = self.sequencer.caught_up(&group_name, found);
+                self.broadcast_all(released);
+                return;
+            }
+            Done::Marked(result) => {
+                if let Err(error) = result {
+                    log::warn!("read mark failed: {error}");
+                }
+                return;
+            }
+        };
         let Requester::Connection(token, ticket) = requester else {
-            self.complete_background(op, result);
             return;
         };
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
-        if !connection.awaits(ticket) {
+        let filed = connection.answer(ticket, |id| match answer {
+            Answer::Sent(result) => send_message::answer(result, id),
+            Answer::Call(call) => call.finish(id),
+        });
+        if !filed {
             // Already answered `unavailable` when it outlived STORE_TIMEOUT_MS.
-            log::debug!("late store result for {} dropped", connection.peer);
+            log::debug!("late store result for {} dropped", connection.peer());
             return;
         }
-        let id = connection.awaiting.take().flatten();
-        let leaves_before = connection.leave_clock_at_submit;
-        let completed = session::complete(op, result, id.as_deref());
-        count_reply(&mut self.metrics, &completed.line);
-        let shows = completed
-            .shows
-            .filter(|(group, _, _)| connection.session.room_name() == Some(group.as_str()))
-            .map(|(_, first, last)| (first, last));
-        connection.queue_reply(completed.line, shows);
-        let effect = match completed.effect {
-            // The user left this group after the enter was submitted (on this node or another):
-            // in that order the enter happened first and the leave took the user out again.
-            Effect::EnterRoom(room) if self.left_since(token, &room.group_name, leaves_before) => {
-                log::debug!("not entering {}: left meanwhile", room.group_name);
-                Effect::None
-            }
-            effect => effect,
-        };
-        self.apply(token, effect);
+        self.deliver_answers(token);
+    }
+
+    /// Sends a connection the answers whose turn has come (in request order) and applies their
+    /// effects in that order.
+    pub(super) fn deliver_answers(&mut self, token: Token) {
+        loop {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                return;
+            };
+            let Some(answered) = connection.next_answer() else {
+                break;
+            };
+            let completed = answered.completed;
+            count_reply(&mut self.metrics, &completed.line);
+            let shows = completed
+                .shows
+                .filter(|(group, _, _)| connection.session().room_name() == Some(group.as_str()))
+                .map(|(_, first, last)| (first, last));
+            connection.queue_reply(completed.line, shows);
+            let effect = match completed.effect {
+                // The user left this group after the enter was submitted (on this node or
+                // another): in that order the enter happened first and the leave took the user
+                // out again.
+                Effect::EnterRoom(room)
+                    if self.left_since(token, &room.group_name, answered.leave_clock) =>
+                {
+                    log::debug!("not entering {}: left meanwhile", room.group_name);
+                    Effect::None
+                }
+                effect => effect,
+            };
+            self.apply(token, effect);
+        }
         self.touched.push(token);
     }
 
@@ -69,33 +113,13 @@ impl Server {
         let Some(username) = self
             .connections
             .get(&token)
-            .and_then(|c| c.session.username.clone())
+            .and_then(|c| c.session().username.clone())
         else {
             return false;
         };
         self.recent_leaves
             .get(&(username, group_name.to_string()))
             .is_some_and(|(clock, _)| *clock > since)
-    }
-
-    /// A job the server itself asked for: a catch-up read, or bookkeeping.
-    pub(super) fn complete_background(
-        &mut self,
-        op: StoreOp,
-        result: Result<StoreOutput, StoreError>,
-    ) {
-        match (op, result) {
-            (StoreOp::MessagesAfter { group_name, .. }, Ok(StoreOutput::Messages(found))) => {
-                let released = self.sequencer.caught_up(&group_name, Some(found));
-                self.broadcast_all(released);
-            }
-            (StoreOp::MessagesAfter { group_name, .. }, Err(error)) => {
-                log::warn!("catch-up read for {group_name} failed: {error}");
-                self.sequencer.caught_up(&group_name, None);
-            }
-            (op, Err(error)) => log::warn!("background store job {op:?} failed: {error}"),
-            _ => {}
-        }
     }
 
     pub(super) fn take_peer_events(&mut self) {
@@ -131,7 +155,7 @@ impl Server {
             self.metrics.catch_ups += 1;
             pool.submit(
                 Requester::Server,
-                StoreOp::MessagesAfter {
+                Work::CatchUp {
                     group_name: catch_up.group_name,
                     after_seq: catch_up.after_seq,
                     limit: CATCH_UP_BATCH,
@@ -163,15 +187,15 @@ impl Server {
             {
                 continue;
             }
-            if !session::receives(&connection.session, message) {
+            if !session::receives(connection.session(), message) {
                 continue;
             }
             self.metrics.messages_delivered += 1;
-            let pending = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
-            if pending > self.config.max_output_bytes && !connection.doomed {
-                log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", connection.peer);
-                connection.doomed = true;
-                connection.closing = Some(Closing::SlowConsumer);
+            if connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq) {
+                log::warn!(
+                    "dropping {}: over MAX_OUTPUT_BYTES unread",
+                    connection.peer()
+                );
             }
             self.touched.push(token);
         }
@@ -185,9 +209,8 @@ impl Server {
             let Some(connection) = self.connections.get_mut(&member) else {
                 continue;
             };
-            if connection.session.username.as_deref() == Some(departure.username.as_str()) {
-                connection.session.room = None;
-                connection.new_visit();
+            if connection.session().username.as_deref() == Some(departure.username.as_str()) {
+                connection.leave_room();
                 self.leave_room(&departure.group_name, member);
             }
         }
@@ -210,10 +233,15 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
-        connection.session.room = Some(room);
-        connection.new_visit();
+        connection.enter_room(room);
         for message in missed {
-            connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq);
+            if connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq) {
+                log::warn!(
+                    "dropping {}: over MAX_OUTPUT_BYTES unread",
+                    connection.peer()
+                );
+                break;
+            }
         }
     }
 

@@ -21,7 +21,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, StoreKind};
-use crate::connection::{Chunk, Closing, Connection, ReadState};
+use crate::connection::{Bounds, Chunk, Closing, Connection, ReadState};
+use crate::in_flight::EMBEDDED_PIPELINE_DEPTH;
 use crate::limits::PerIp;
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient, RelayGauges};
 use crate::model::ReadMark;
@@ -37,7 +38,7 @@ use crate::start::StartError;
 use crate::store::{Store, StoreError};
 use crate::tls::{Certificates, TlsTransport};
 use crate::transport::Transport;
-use crate::workers::{Completion, Requester, StoreOp, StoreOutput, WorkerPool, WriteRouting};
+use crate::workers::{Completion, Done, Requester, Work, WorkerPool, WriteRouting};
 
 mod accept;
 mod delivery;
@@ -126,6 +127,8 @@ pub struct Server {
     leave_clock: u64,
     last_tail_check: Instant,
     rules: Rules,
+    /// Messages one connection may have with the store at once (`in_flight.rs`).
+    pipeline_depth: usize,
 }
 
 impl Server {
@@ -187,7 +190,12 @@ impl Server {
         };
         let keep_recent = if config.peer { RECENT_IN_PEER_MODE } else { 0 };
         let rules = rules_of(&config);
+        let pipeline_depth = match config.store {
+            StoreKind::Mongo { .. } => 1,
+            _ => EMBEDDED_PIPELINE_DEPTH,
+        };
         Ok(Server {
+            pipeline_depth,
             config,
             poll,
             listener,
@@ -293,7 +301,7 @@ impl Server {
         }
         for token in self.connections.keys().copied().collect::<Vec<_>>() {
             if let Some(connection) = self.connections.get_mut(&token) {
-                connection.closing = Some(Closing::Shutdown);
+                connection.announce(Closing::Shutdown);
             }
             self.close(token);
         }
@@ -337,10 +345,7 @@ impl Server {
         let Some(since) = self.draining_since else {
             return false;
         };
-        let idle = self
-            .connections
-            .values()
-            .all(|c| c.awaiting.is_none() && c.pending_output() == 0);
+        let idle = self.connections.values().all(Connection::idle);
         if !idle && since.elapsed() < DRAIN_LIMIT {
             return false;
         }
@@ -355,8 +360,8 @@ impl Server {
             return;
         };
         if let Err(e) = connection.read_available(&mut self.read_buffer) {
-            log::debug!("read from {} failed: {e}", connection.peer);
-            connection.doomed = true;
+            log::debug!("read from {} failed: {e}", connection.peer());
+            connection.doom();
         }
     }
 
@@ -365,15 +370,14 @@ impl Server {
             Effect::None => {}
             Effect::Bind(username) => {
                 if let Some(connection) = self.connections.get_mut(&token) {
-                    connection.session.username = Some(username);
+                    connection.bind(username);
                 }
             }
             Effect::EnterRoom(room) => {
                 let Some(connection) = self.connections.get_mut(&token) else {
                     return;
                 };
-                let old = connection.session.room.take();
-                if let Some(old) = old {
+                if let Some(old) = connection.leave_room() {
                     self.leave_room(&old.group_name, token);
                 }
                 self.enter_room(token, room);
@@ -412,10 +416,17 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
-        while !draining && !connection.doomed {
-            while connection.awaiting.is_none()
-                && connection.pending_reply_bytes() <= REPLY_BACKLOG_BYTES
-            {
+        while !draining && !connection.is_doomed() {
+            loop {
+                // A held job (not a message) starts once what was in flight is answered.
+                if let Some((work, ticket)) = connection.start_held(self.leave_clock) {
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.submit(Requester::Connection(token, ticket), work);
+                    }
+                }
+                if !connection.takes_requests(REPLY_BACKLOG_BYTES) {
+                    break;
+                }
                 let Some(frame) = connection.next_frame() else {
                     break;
                 };
@@ -423,23 +434,20 @@ impl Server {
                 if connection.has_unsettled() {
                     connection.settle();
                 }
-                match session::plan(&connection.session, frame, rules) {
+                match session::plan(connection.session(), frame, rules) {
                     Plan::Reply(line) => {
                         count_reply(&mut self.metrics, &line);
-                        connection.queue_reply(line, None);
+                        connection.reply_in_order(line);
                     }
                     Plan::Refused(line) => {
                         self.metrics.error(ErrorCode::Unauthorized);
-                        connection.queue_reply(line, None);
-                        connection.auth_failures += 1;
-                        if connection.auth_failures >= session::MAX_AUTH_FAILURES {
-                            log::warn!("closing {}: authentication failed", connection.peer);
-                            connection.closing = Some(Closing::AuthFailed);
-                            connection.doomed = true;
+                        connection.reply_in_order(line);
+                        if connection.count_auth_failure() {
+                            log::warn!("closing {}: authentication failed", connection.peer());
                         }
                     }
                     Plan::Store { id, .. }
-                        if !connection.bucket.take(
+                        if !connection.take_token(
                             Instant::now(),
                             self.config.rate_limit,
                             self.config.rate_burst,
@@ -450,32 +458,32 @@ impl Server {
                             ErrorCode::RateLimited,
                             "Too many requests; slow down.",
                         );
-                        connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
+                        connection.reply_in_order(encode_failure(&error.into(), id.as_deref()));
                     }
-                    Plan::Store { op, id } => {
-                        connection.awaiting = Some(id);
-                        connection.ticket += 1;
-                        connection.awaiting_since = Instant::now();
-                        connection.leave_clock_at_submit = self.leave_clock;
-                        if let Some(pool) = self.pool.as_mut() {
-                            pool.submit(Requester::Connection(token, connection.ticket), op);
+                    Plan::Store { work, id } => {
+                        if let Some((work, ticket)) =
+                            connection.start_or_hold(work, id, self.leave_clock)
+                        {
+                            if let Some(pool) = self.pool.as_mut() {
+                                pool.submit(Requester::Connection(token, ticket), work);
+                            }
                         }
                     }
                 }
             }
-            if connection.read_state != ReadState::Paused || !connection.inbox_has_room() {
+            if connection.read_state() != ReadState::Paused || !connection.inbox_has_room() {
                 break;
             }
             if let Err(e) = connection.read_available(&mut self.read_buffer) {
-                log::debug!("read from {} failed: {e}", connection.peer);
-                connection.doomed = true;
+                log::debug!("read from {} failed: {e}", connection.peer());
+                connection.doom();
             }
         }
         if let Err(e) = connection.flush() {
-            log::debug!("write to {} failed: {e}", connection.peer);
-            connection.doomed = true;
+            log::debug!("write to {} failed: {e}", connection.peer());
+            connection.doom();
         }
-        if connection.doomed || connection.finished() {
+        if connection.is_doomed() || connection.finished() {
             self.close(token);
         }
     }
@@ -488,16 +496,15 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
-        if let Some(reason) = connection.closing.take() {
+        if let Some(reason) = connection.take_closing() {
             connection.say_closing(encode_closing(reason));
             if connection.pending_output() > 0 && !draining {
-                connection.lingering_since = Some(Instant::now());
-                connection.doomed = true;
+                connection.linger(Instant::now());
                 self.leave_room_on_close(token);
                 return;
             }
         }
-        if connection.lingering_since.is_some() && connection.pending_output() > 0 && !draining {
+        if connection.lingering_since().is_some() && connection.pending_output() > 0 && !draining {
             return;
         }
         self.close_now(token);
@@ -509,9 +516,9 @@ impl Server {
         let Some(mut connection) = self.connections.remove(&token) else {
             return;
         };
-        let _ = self.poll.registry().deregister(connection.socket.tcp());
-        self.per_ip.release(connection.peer.ip());
-        log::debug!("connection {} from {} closed", token.0, connection.peer);
+        let _ = self.poll.registry().deregister(connection.tcp());
+        self.per_ip.release(connection.peer().ip());
+        log::debug!("connection {} from {} closed", token.0, connection.peer());
         // A descriptor was freed: clients waiting in the accept queue can come in now.
         if self.accept_blocked {
             self.accept_all();
@@ -524,16 +531,15 @@ impl Server {
             return;
         };
         connection.settle();
-        let mark: Option<ReadMark> = connection.session.leaving_mark();
-        let Some(room) = connection.session.room.take() else {
+        let mark: Option<ReadMark> = connection.session().leaving_mark();
+        let Some(room) = connection.leave_room() else {
             return;
         };
-        connection.new_visit();
         self.leave_room(&room.group_name, token);
         // Only what really reached this client is marked read, and only when that is more
         // than the store already has (most closes then cost no write at all).
         if let (Some(mark), Some(pool)) = (mark, self.pool.as_mut()) {
-            pool.submit(Requester::Server, StoreOp::MarkRead(mark));
+            pool.submit(Requester::Server, Work::Mark(mark));
         }
     }
 }

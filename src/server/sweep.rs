@@ -33,18 +33,18 @@ impl Server {
             .iter()
             .filter_map(|(token, c)| {
                 let overdue = if c
-                    .lingering_since
+                    .lingering_since()
                     .is_some_and(|t| now.duration_since(t) > CLOSING_LINGER)
                 {
                     Overdue::Lingered
-                } else if c.session.username.is_none()
-                    && now.duration_since(c.opened_at) > login_timeout
+                } else if c.session().username.is_none()
+                    && now.duration_since(c.opened_at()) > login_timeout
                 {
                     Overdue::Timeout(Closing::LoginTimeout)
-                } else if idle_timeout.is_some_and(|idle| now.duration_since(c.last_heard) > idle) {
-                    Overdue::Timeout(Closing::IdleTimeout)
-                } else if c.awaiting.is_some() && now.duration_since(c.awaiting_since) > store_limit
+                } else if idle_timeout.is_some_and(|idle| now.duration_since(c.last_heard()) > idle)
                 {
+                    Overdue::Timeout(Closing::IdleTimeout)
+                } else if c.store_call_overdue(now, store_limit) {
                     Overdue::StoreCall
                 } else {
                     return None;
@@ -57,8 +57,8 @@ impl Server {
                 Overdue::Lingered => self.close_now(token),
                 Overdue::Timeout(reason) => {
                     if let Some(connection) = self.connections.get_mut(&token) {
-                        log::info!("closing {}: {}", connection.peer, reason.code());
-                        connection.closing = Some(reason);
+                        log::info!("closing {}: {}", connection.peer(), reason.code());
+                        connection.announce(reason);
                     }
                     self.close(token);
                 }
@@ -74,11 +74,12 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
-        let id = connection.awaiting.take().flatten();
-        connection.give_up_waiting();
+        let Some(id) = connection.give_up_oldest() else {
+            return;
+        };
         log::warn!(
             "store call for {} outlived STORE_TIMEOUT_MS",
-            connection.peer
+            connection.peer()
         );
         self.metrics.error(ErrorCode::Unavailable);
         let error = ProtocolError::new(
@@ -86,6 +87,7 @@ impl Server {
             "The store did not answer within STORE_TIMEOUT_MS; the request may not have been carried out.",
         );
         connection.queue_reply(encode_failure(&error.into(), id.as_deref()), None);
-        self.touched.push(token);
+        // Answers that came back behind it may go now.
+        self.deliver_answers(token);
     }
 }

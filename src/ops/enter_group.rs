@@ -1,0 +1,93 @@
+//! `enter_group {username, group_name}` (protocol v2): enters the room with its history in one
+//! reply: unread messages (oldest first, up to `MAX_UNREAD_ON_ENTER` and the reply budget), a
+//! little already-read context, and the group's `epoch`. Re-entering the current room is
+//! allowed (it re-reads the history).
+
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use super::fields::user_and_group;
+use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use crate::model::{GroupHistory, ReadMark};
+use crate::protocol::reply::encode_line;
+use crate::protocol::{Failure, ProtocolError};
+use crate::session::{Effect, Room};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug)]
+pub struct EnterGroup {
+    username: String,
+    group_name: String,
+    /// The read mark leaving the current room implies (none when re-entering it).
+    leaving: Option<ReadMark>,
+    /// Encoded bytes the history may take in the reply.
+    reply_budget: usize,
+}
+
+impl Event for EnterGroup {
+    const NAME: &'static str = "enter_group";
+
+    fn parse(data: &Data) -> Result<Self, ProtocolError> {
+        let (username, group_name) = user_and_group(data)?;
+        Ok(EnterGroup {
+            username,
+            group_name,
+            leaving: None,
+            reply_budget: 0,
+        })
+    }
+
+    fn acting_user(&self) -> Option<&str> {
+        Some(&self.username)
+    }
+
+    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+        let leaving = context
+            .session
+            .leaving_mark()
+            .filter(|mark| mark.group_name != self.group_name);
+        Ok(store(EnterGroup {
+            leaving,
+            reply_budget: context.reply_budget,
+            ..self
+        }))
+    }
+}
+
+impl StoreCall for EnterGroup {
+    type Output = GroupHistory;
+
+    /// Ordered with the group's messages: the reply fixes the `seq` after which live
+    /// broadcasts start.
+    fn route(&self) -> Route<'_> {
+        Route::with_messages(&self.group_name)
+    }
+
+    fn run(&self, store: &mut dyn Store) -> Result<GroupHistory, StoreError> {
+        store.enter_group(
+            &self.username,
+            &self.group_name,
+            self.leaving.as_ref(),
+            self.reply_budget,
+        )
+    }
+
+    fn answer(self, history: GroupHistory, id: Option<&RawValue>) -> Completed {
+        let data = json!({
+            "group_name": self.group_name,
+            "unread": history.unread,
+            "read": history.read,
+            "unread_has_more": history.unread_has_more,
+            "epoch": history.epoch,
+        });
+        Completed {
+            line: encode_line("enter_group", &data, id),
+            effect: Effect::EnterRoom(Room::new(
+                self.group_name,
+                history.head_seq,
+                history.read_seq,
+            )),
+            shows: None,
+        }
+    }
+}

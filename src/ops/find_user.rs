@@ -1,0 +1,105 @@
+//! `find_user {username, token?}`: log in, creating the user if the name is new. With
+//! authentication on, the token must prove the name; every way to fail gets the same
+//! `unauthorized` answer (the connection counts them, see `session::MAX_AUTH_FAILURES`).
+
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::fields::{name_field, new_name_rules};
+use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use crate::model::UserProfile;
+use crate::protocol::reply::encode_line;
+use crate::protocol::{ErrorCode, Failure, ProtocolError};
+use crate::session::Effect;
+use crate::store::{Store, StoreError};
+
+pub struct FindUser {
+    username: String,
+    /// Whether the name may be used for a new user: `Err(reason)` when it breaks the rules
+    /// for new names (it may still log in an existing user of that name).
+    new_name: Result<(), String>,
+    token: Option<String>,
+}
+
+impl Event for FindUser {
+    const NAME: &'static str = "find_user";
+    const BEFORE_LOGIN: bool = true;
+    const NAMES_USER: bool = false;
+
+    fn parse(data: &Data) -> Result<Self, ProtocolError> {
+        let username = name_field(data, "username")?;
+        Ok(FindUser {
+            new_name: new_name_rules(&username, "username"),
+            username,
+            // Anything but a string is no token: with authentication on it is refused like any
+            // other bad token, without saying why.
+            token: data
+                .get("token")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
+    }
+
+    fn acting_user(&self) -> Option<&str> {
+        Some(&self.username)
+    }
+
+    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+        if let Some(auth) = &context.rules.auth {
+            // One answer for every way to fail, so a client learns nothing from it.
+            if !self
+                .token
+                .is_some_and(|token| auth.admits(&token, &self.username))
+            {
+                let text = "Authentication failed.";
+                return Err(ProtocolError::new(ErrorCode::Unauthorized, text).into());
+            }
+        }
+        Ok(store(FindOrCreate {
+            username: self.username,
+            new_name: self.new_name.err(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct FindOrCreate {
+    username: String,
+    /// Why the name may not be used for a new user (`None`: it may).
+    new_name: Option<String>,
+}
+
+impl StoreCall for FindOrCreate {
+    type Output = (UserProfile, bool);
+
+    fn route(&self) -> Route<'_> {
+        Route::by(&self.username)
+    }
+
+    fn run(&self, store: &mut dyn Store) -> Result<Self::Output, StoreError> {
+        store.find_or_create_user(&self.username, self.new_name.is_none())
+    }
+
+    fn answer(self, (profile, created): Self::Output, id: Option<&RawValue>) -> Completed {
+        let event = if created {
+            "user_created"
+        } else {
+            "user_found"
+        };
+        Completed {
+            line: encode_line(event, &profile, id),
+            effect: Effect::Bind(self.username),
+            shows: None,
+        }
+    }
+
+    fn failure(&self, error: StoreError) -> Failure {
+        match (error, &self.new_name) {
+            // A name the creation rules refuse was not found among existing users.
+            (StoreError::UserNotFound, Some(reason)) => {
+                ProtocolError::new(ErrorCode::BadRequest, reason).into()
+            }
+            (error, _) => super::failure_of(error),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `mark_read {username, group_name, seq}`: raises the user's read marker in the group to `seq`
+//! (clamped to the group's newest message; never lowers it) and reports the read state.
+
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use super::fields::{bad_request, optional_count, user_and_group};
+use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use crate::model::{GroupReadState, ReadMark};
+use crate::protocol::reply::encode_line;
+use crate::protocol::{Failure, ProtocolError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug)]
+pub struct MarkRead(ReadMark);
+
+impl Event for MarkRead {
+    const NAME: &'static str = "mark_read";
+
+    fn parse(data: &Data) -> Result<Self, ProtocolError> {
+        let (username, group_name) = user_and_group(data)?;
+        let seq = optional_count(data, "seq")?
+            .ok_or_else(|| bad_request("Field 'seq' is missing.".to_string()))?;
+        Ok(MarkRead(ReadMark {
+            username,
+            group_name,
+            seq,
+        }))
+    }
+
+    fn acting_user(&self) -> Option<&str> {
+        Some(&self.0.username)
+    }
+
+    fn plan(self, _: &Context<'_>) -> Result<Planned, Failure> {
+        Ok(store(self))
+    }
+}
+
+impl StoreCall for MarkRead {
+    type Output = GroupReadState;
+
+    /// With the writer: read marks are batched into its commits.
+    fn route(&self) -> Route<'_> {
+        Route::with_messages(&self.0.group_name)
+    }
+
+    fn run(&self, store: &mut dyn Store) -> Result<GroupReadState, StoreError> {
+        let mark = &self.0;
+        let before = store.read_state(&mark.username, &mark.group_name)?;
+        let clamped = ReadMark {
+            seq: mark.seq.min(before.last_seq),
+            ..mark.clone()
+        };
+        store.mark_read(std::slice::from_ref(&clamped))?;
+        store.read_state(&mark.username, &mark.group_name)
+    }
+
+    fn answer(self, state: GroupReadState, id: Option<&RawValue>) -> Completed {
+        let data = json!({
+            "group_name": state.group_name,
+            "last_read_seq": state.last_read_seq,
+            "unread_count": state.unread_count,
+        });
+        Completed::reply(encode_line("marked_read", &data, id))
+    }
+}

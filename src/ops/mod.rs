@@ -1,0 +1,298 @@
+//! One module per request event, after mini-redis's `cmd/`: each file holds the event's fields
+//! and their validation (`Event::parse`), its rules (`Event::plan`), what it asks of the store
+//! (`StoreCall::run`) and how its reply is encoded (`StoreCall::answer`). `EVENTS` is the
+//! registry: adding an event is one new file plus one line there (docs/ARCHITECTURE.md).
+//!
+//! Two traits because an event is used on two threads: `Event` is planned on the event loop;
+//! the `StoreCall` it may produce travels to a store worker and back. The call keeps its
+//! result next to itself (`Pending`), so a reply can only ever be built from the output of the
+//! call that produced it.
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::protocol::{encode_failure, ErrorCode, EventError, Failure, ProtocolError};
+use crate::session::{Effect, Rules, Session};
+use crate::store::{Store, StoreError};
+use crate::workers::Work;
+
+pub mod fields;
+
+mod create_group;
+mod enter_group;
+mod fetch_messages;
+mod find_user;
+mod hello;
+mod join_group;
+mod leave_group;
+mod list_groups;
+mod mark_read;
+mod my_groups;
+mod ping;
+pub mod send_message;
+mod visit_group;
+
+/// Every request event, in the order `hello` and `unknown_event` list them.
+pub const EVENTS: [EventEntry; 13] = [
+    entry::<hello::Hello>(),
+    entry::<find_user::FindUser>(),
+    entry::<create_group::CreateGroup>(),
+    entry::<join_group::JoinGroup>(),
+    entry::<leave_group::LeaveGroup>(),
+    entry::<send_message::SendMessage>(),
+    entry::<visit_group::VisitGroup>(),
+    entry::<enter_group::EnterGroup>(),
+    entry::<fetch_messages::FetchMessages>(),
+    entry::<list_groups::ListGroups>(),
+    entry::<ping::Ping>(),
+    entry::<mark_read::MarkRead>(),
+    entry::<my_groups::MyGroups>(),
+];
+
+/// A request's `data` object.
+pub type Data = Map<String, Value>;
+
+/// What planning an event may look at.
+pub struct Context<'a> {
+    pub session: &'a Session,
+    pub rules: &'a Rules,
+    /// The request `id`, echoed in an immediate reply.
+    pub id: Option<&'a RawValue>,
+    /// Encoded bytes a history reply may take (`MAX_REPLY_BYTES` less the envelope and id).
+    pub reply_budget: usize,
+}
+
+/// What a request becomes.
+#[derive(Debug)]
+pub enum Planned {
+    /// This reply line, at once.
+    Now(Vec<u8>),
+    /// This store job; its completion produces the reply.
+    Store(Work),
+}
+
+/// A request event, planned on the event loop.
+pub trait Event: Sized {
+    /// The wire name (`"event"` of the request).
+    const NAME: &'static str;
+    /// May be sent before `find_user` has bound the connection.
+    const BEFORE_LOGIN: bool = false;
+    /// Its data names the acting user (`username`); after login the field may be left out.
+    const NAMES_USER: bool = true;
+
+    /// Validates the event's fields.
+    fn parse(data: &Data) -> Result<Self, ProtocolError>;
+
+    /// The user the request acts for, when it names one (checked against the login).
+    fn acting_user(&self) -> Option<&str> {
+        None
+    }
+
+    /// Answers now or names the store job.
+    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure>;
+}
+
+/// A store job of one event: runs on a worker thread, answered on the event loop.
+pub trait StoreCall: Send + std::fmt::Debug + 'static {
+    type Output: Send + std::fmt::Debug;
+
+    /// Which worker runs it.
+    fn route(&self) -> Route<'_>;
+
+    /// The store work (on a worker thread).
+    fn run(&self, store: &mut dyn Store) -> Result<Self::Output, StoreError>;
+
+    /// The reply line and session effect of a success (on the event loop).
+    fn answer(self, output: Self::Output, id: Option<&RawValue>) -> Completed;
+
+    /// The reply to a store error; most events answer with the usual mapping.
+    fn failure(&self, error: StoreError) -> Failure {
+        failure_of(error)
+    }
+}
+
+/// Where a store job runs: the worker picked by `key` (a group, or a user), or any worker.
+/// Jobs that `orders_with_messages` all go to the single writer of a single-writer database,
+/// so they keep their order against a group's messages (see `workers.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub key: Option<&'a str>,
+    pub orders_with_messages: bool,
+}
+
+impl<'a> Route<'a> {
+    /// Ordered with the group's message stream and room entries.
+    pub fn with_messages(group_name: &'a str) -> Route<'a> {
+        Route {
+            key: Some(group_name),
+            orders_with_messages: true,
+        }
+    }
+
+    /// On the worker of `key`, not ordered against messages.
+    pub fn by(key: &'a str) -> Route<'a> {
+        Route {
+            key: Some(key),
+            orders_with_messages: false,
+        }
+    }
+
+    /// On any worker.
+    pub fn any() -> Route<'a> {
+        Route {
+            key: None,
+            orders_with_messages: false,
+        }
+    }
+}
+
+/// A finished request, ready for its connection.
+#[derive(Debug)]
+pub struct Completed {
+    pub line: Vec<u8>,
+    pub effect: Effect,
+    /// The group messages the line carries: (group, first seq, last seq), contiguous.
+    pub shows: Option<(String, u64, u64)>,
+}
+
+impl Completed {
+    /// A reply that changes nothing else.
+    pub fn reply(line: Vec<u8>) -> Completed {
+        Completed {
+            line,
+            effect: Effect::None,
+            shows: None,
+        }
+    }
+}
+
+/// A store call and, once run, its result: what the worker queues carry (object-safe).
+pub trait Call: Send + std::fmt::Debug {
+    fn route(&self) -> Route<'_>;
+    fn run(&mut self, store: &mut dyn Store);
+    /// Records a result without running (the job waited longer than the store timeout).
+    fn fail(&mut self, error: StoreError);
+    fn finish(self: Box<Self>, id: Option<&RawValue>) -> Completed;
+}
+
+#[derive(Debug)]
+struct Pending<C: StoreCall> {
+    call: C,
+    result: Option<Result<C::Output, StoreError>>,
+}
+
+impl<C: StoreCall> Call for Pending<C> {
+    fn route(&self) -> Route<'_> {
+        self.call.route()
+    }
+
+    fn run(&mut self, store: &mut dyn Store) {
+        self.result = Some(self.call.run(store));
+    }
+
+    fn fail(&mut self, error: StoreError) {
+        self.result = Some(Err(error));
+    }
+
+    fn finish(self: Box<Self>, id: Option<&RawValue>) -> Completed {
+        let Pending { call, result } = *self;
+        let result =
+            result.unwrap_or_else(|| Err(StoreError::Unavailable("the job never ran".into())));
+        match result {
+            Ok(output) => call.answer(output, id),
+            Err(error) => Completed::reply(encode_failure(&call.failure(error), id)),
+        }
+    }
+}
+
+/// The store job for a call.
+pub fn store<C: StoreCall>(call: C) -> Planned {
+    Planned::Store(Work::Call(Box::new(Pending { call, result: None })))
+}
+
+/// The error reply for a store error.
+pub fn failure_of(error: StoreError) -> Failure {
+    match error {
+        StoreError::UserNotFound => EventError::NameNotFound.into(),
+        StoreError::GroupExists => EventError::GroupAlreadyCreated.into(),
+        StoreError::GroupNotFound => EventError::GroupNotFound.into(),
+        StoreError::NotAMember => EventError::NotAMember.into(),
+        StoreError::QuotaExceeded => ProtocolError::new(
+            ErrorCode::QuotaExceeded,
+            "You have created as many groups as one user may (MAX_GROUPS_PER_USER).",
+        )
+        .into(),
+        StoreError::Unavailable(_) => ProtocolError::new(
+            ErrorCode::Unavailable,
+            "The store is unavailable; nothing was stored.",
+        )
+        .into(),
+    }
+}
+
+/// A registry row: an event's name, its login rules, and its parse-then-plan function.
+pub struct EventEntry {
+    pub name: &'static str,
+    pub before_login: bool,
+    pub names_user: bool,
+    plan: fn(&Data, &Context<'_>) -> Result<Planned, Failure>,
+}
+
+impl EventEntry {
+    /// Validates `data` and plans the request.
+    pub fn plan(&self, data: &Data, context: &Context<'_>) -> Result<Planned, Failure> {
+        (self.plan)(data, context)
+    }
+}
+
+impl std::fmt::Debug for EventEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+const fn entry<E: Event>() -> EventEntry {
+    EventEntry {
+        name: E::NAME,
+        before_login: E::BEFORE_LOGIN,
+        names_user: E::NAMES_USER,
+        plan: parse_and_plan::<E>,
+    }
+}
+
+fn parse_and_plan<E: Event>(data: &Data, context: &Context<'_>) -> Result<Planned, Failure> {
+    let event = E::parse(data)?;
+    if let (Some(bound), Some(named)) = (&context.session.username, event.acting_user()) {
+        if bound != named {
+            let text = "Username does not match the logged-in user.";
+            return Err(ProtocolError::new(ErrorCode::Forbidden, text).into());
+        }
+    }
+    event.plan(context)
+}
+
+/// The registry row of an event name.
+pub fn find(name: &str) -> Option<&'static EventEntry> {
+    EVENTS.iter().find(|entry| entry.name == name)
+}
+
+/// The wire names of every request event.
+pub fn event_names() -> Vec<&'static str> {
+    EVENTS.iter().map(|entry| entry.name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_has_one_distinct_name() {
+        let mut names = event_names();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), EVENTS.len());
+        assert!(find("send_message").is_some_and(|entry| !entry.before_login));
+        assert!(find("hello").is_some_and(|entry| entry.before_login && !entry.names_user));
+        assert!(find("dance").is_none());
+    }
+}
