@@ -147,7 +147,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "REDIS_URL",
         "redis://127.0.0.1:6379",
-        "Redis used for peer relay",
+        "Redis used for peer relay; redis+cluster://host:port,host:port,... for a Redis Cluster (sharded pub/sub, Redis 7+)",
     ),
     (
         "PEER_RELAY",
@@ -331,8 +331,15 @@ impl Config {
         let redis_url = get("REDIS_URL")
             .unwrap_or("redis://127.0.0.1:6379")
             .to_string();
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
-            return Err(invalid("REDIS_URL", &redis_url, "a redis:// URL"));
+        if !(redis_url.starts_with("redis://")
+            || redis_url.starts_with("rediss://")
+            || redis_url.starts_with("redis+cluster://"))
+        {
+            return Err(invalid(
+                "REDIS_URL",
+                &redis_url,
+                "a redis:// URL, or redis+cluster://host:port,host:port for a Redis Cluster",
+            ));
         }
         Config {
             bind: parse_value(

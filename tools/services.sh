@@ -2,6 +2,7 @@
 # Installs and starts the services the test suite needs, on loopback ports:
 #   - mongoeco (a MongoDB wire-protocol server from PyPI, see docs/MONGODB-TEST-SERVER.md)
 #   - redis-server (Debian package; installed by .ci/run, or `apt-get install redis-server`)
+#   - a Redis Cluster of three masters from the same redis-server (sharded pub/sub, Redis 7+)
 #
 # Usage:
 #   eval "$(bash tools/services.sh start)"   # starts both, prints the NOOMNIM_TEST_* exports
@@ -9,13 +10,16 @@
 #   bash tools/services.sh install           # only builds the mongoeco virtualenv
 #
 # Environment (optional): NOOMNIM_SERVICES_DIR (state, default /tmp/noomnim-services),
-# NOOMNIM_MONGO_PORT (default 27117), NOOMNIM_REDIS_PORT (default 6479).
+# NOOMNIM_MONGO_PORT (default 27117), NOOMNIM_REDIS_PORT (default 6479),
+# NOOMNIM_CLUSTER_PORT (first of the cluster's three ports, default 7101).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${NOOMNIM_SERVICES_DIR:-/tmp/noomnim-services}"
 MONGO_PORT="${NOOMNIM_MONGO_PORT:-27117}"
 REDIS_PORT="${NOOMNIM_REDIS_PORT:-6479}"
+CLUSTER_PORT="${NOOMNIM_CLUSTER_PORT:-7101}"
+CLUSTER_PORTS="$CLUSTER_PORT $((CLUSTER_PORT + 1)) $((CLUSTER_PORT + 2))"
 VENV="$STATE/venv"
 MONGOECO_VERSION="4.11.0"
 PYMONGO_VERSION="4.20.1"
@@ -76,8 +80,38 @@ start_redis() {
     wait_for_port "$REDIS_PORT" redis
 }
 
+# Three masters, no replicas, slots split evenly; waits until the cluster says it is ok.
+start_cluster() {
+    local port nodes="" attempt
+    for port in $CLUSTER_PORTS; do
+        rm -rf "$STATE/cluster-$port"
+        mkdir -p "$STATE/cluster-$port"
+        (cd "$STATE/cluster-$port" && nohup redis-server --bind 127.0.0.1 --port "$port" \
+            --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+            --save "" --appendonly no >"$STATE/cluster-$port.log" 2>&1 &
+            echo $! >"$STATE/cluster-$port.pid")
+        wait_for_port "$port" "cluster-$port"
+        nodes="$nodes 127.0.0.1:$port"
+    done
+    # shellcheck disable=SC2086
+    redis-cli --cluster create $nodes --cluster-replicas 0 --cluster-yes >"$STATE/cluster-create.log" 2>&1 \
+        || { log "redis-cli --cluster create failed (see $STATE/cluster-create.log)"; exit 1; }
+    for attempt in $(seq 1 100); do
+        if redis-cli -p "$CLUSTER_PORT" cluster info 2>/dev/null | grep -q "cluster_state:ok"; then return; fi
+        sleep 0.1
+    done
+    log "the Redis Cluster did not become ok"
+    exit 1
+}
+
 stop_services() {
-    local name
+    local name port
+    for port in $CLUSTER_PORTS; do
+        if [ -f "$STATE/cluster-$port.pid" ]; then
+            kill "$(cat "$STATE/cluster-$port.pid")" 2>/dev/null || true
+            rm -f "$STATE/cluster-$port.pid"
+        fi
+    done
     for name in mongoeco redis; do
         if [ -f "$STATE/$name.pid" ]; then
             kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
@@ -93,9 +127,12 @@ case "${1:-start}" in
         stop_services
         start_mongoeco
         start_redis
-        log "mongoeco on 127.0.0.1:$MONGO_PORT, redis on 127.0.0.1:$REDIS_PORT"
+        start_cluster
+        log "mongoeco on 127.0.0.1:$MONGO_PORT, redis on 127.0.0.1:$REDIS_PORT, Redis Cluster on $CLUSTER_PORTS"
         echo "export NOOMNIM_TEST_MONGODB_URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'"
         echo "export NOOMNIM_TEST_REDIS_URL='redis://127.0.0.1:$REDIS_PORT/'"
+        echo "export NOOMNIM_TEST_REDIS_CLUSTER_URL='redis+cluster://$(echo $CLUSTER_PORTS | sed 's/\([0-9]*\)/127.0.0.1:\1/g; s/ /,/g')'"
+        echo "export NOOMNIM_TEST_REDIS_CLUSTER_PORTS='$CLUSTER_PORTS'"
         echo "export NOOMNIM_TEST_MONGOECO='$VENV/bin/python $HERE/mongoeco_server.py'"
         echo "export NOOMNIM_TEST_PYTHON='$VENV/bin/python'"
         ;;

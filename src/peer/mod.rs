@@ -1,7 +1,7 @@
 //! Peer relay: in peer mode, stored messages go to the other instances through Redis pub/sub.
 //!
-//! Two threads own the Redis side so the event loop never waits on it. The publisher takes this
-//! node's stored messages from a channel and `PUBLISH`es them; the subscriber `SUBSCRIBE`s, and
+//! Dedicated threads own the Redis side so the event loop never waits on it. The publisher takes
+//! this node's stored messages from a channel and `PUBLISH`es them; the subscriber `SUBSCRIBE`s, and
 //! hands other nodes' messages (its own are recognised by node id and dropped) and link state
 //! changes to the loop through a channel and the `mio::Waker`. Both reconnect with back-off and
 //! log each state change once. Nothing is queued across an outage: what the publisher could not
@@ -19,12 +19,18 @@
 //! what was published before the subscription took effect. `PEER_RELAY=shared` keeps the
 //! former single channel for everything (for comparison).
 //!
-//! Health: the publisher sends a heartbeat on the control channel every second; the subscriber
-//! expects to see its own. If none arrives for `HEARTBEAT_DEADLINE` while the connection looks
-//! fine (the known "link up, messages stopped" failure), it drops the connection, subscribes
-//! again and tells the loop to catch up.
+//! Health: the publisher sends a heartbeat every second on each shard's heartbeat channel (the
+//! control channel on a single server); each shard's listener expects to see its own. If none
+//! arrives for `HEARTBEAT_DEADLINE` while the connection looks fine (the known "link up,
+//! messages stopped" failure), the subscriber drops its connections, subscribes again and
+//! tells the loop to catch up.
+//!
+//! Redis Cluster (`REDIS_URL=redis+cluster://…`, `redis_target.rs`): channels are sharded
+//! (`SPUBLISH` / `SSUBSCRIBE`), each on the master owning its hash slot; the publisher keeps a
+//! connection per master and the subscriber a listener thread per master (`subscriber.rs`). Any
+//! error (a dead node, a failover's moved slots) makes both read the slot map again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,6 +41,11 @@ use mio::Waker;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Message;
+use redis_target::{RedisTarget, Topology};
+use subscriber::Subscriber;
+
+mod redis_target;
+mod subscriber;
 
 /// The Redis channel the instances of one deployment (one database) share in `shared` mode.
 pub fn channel_for(database: &str) -> String {
@@ -168,7 +179,7 @@ impl PeerLink {
         waker: Arc<Waker>,
         mode: RelayMode,
     ) -> std::io::Result<PeerLink> {
-        let client = redis::Client::open(redis_url)
+        let target = RedisTarget::parse(redis_url)
             .map_err(|e| std::io::Error::other(format!("REDIS_URL: {e}")))?;
         let (outgoing, to_publish) = crossbeam_channel::bounded(PUBLISH_QUEUE);
         let (commands, to_subscriber) = crossbeam_channel::unbounded();
@@ -180,21 +191,27 @@ impl PeerLink {
             mode,
         };
         let publisher = Publisher {
-            client: client.clone(),
+            links: Links {
+                target: target.clone(),
+                topology: None,
+                connections: HashMap::new(),
+            },
             node_id: node_id.to_string(),
             channels: channels.clone(),
             queue: to_publish,
             stop: stop.clone(),
         };
         let subscriber = Subscriber {
-            client,
-            node_id: node_id.to_string(),
+            target,
             channels,
             commands: to_subscriber,
             watched: HashSet::new(),
-            deliver,
-            waker,
-            stats: stats.clone(),
+            delivery: Delivery {
+                node_id: node_id.to_string(),
+                deliver,
+                waker,
+                stats: stats.clone(),
+            },
             stop: stop.clone(),
         };
         let threads = vec![
@@ -282,6 +299,72 @@ impl Channels {
     fn group(&self, group_name: &str) -> String {
         group_channel(&self.database, group_name)
     }
+
+    /// Shard `index`'s heartbeat channel: the control channel on a single server; on a
+    /// cluster one per shard, so each shard's subscriptions are proven alive separately.
+    fn heartbeat(&self, topology: &Topology, index: usize) -> String {
+        if topology.shards.len() == 1 {
+            return self.control();
+        }
+        topology.channel_on(index, &format!("noomnim:{}:hb", self.database))
+    }
+}
+
+/// The publisher's Redis connections: one per shard it has published to.
+struct Links {
+    target: RedisTarget,
+    /// Read at first use and again after any error (a failover moves slots).
+    topology: Option<Topology>,
+    connections: HashMap<String, redis::Connection>,
+}
+
+impl Links {
+    fn topology(&mut self) -> redis::RedisResult<&Topology> {
+        if self.topology.is_none() {
+            self.topology = Some(self.target.topology(CONNECT_TIMEOUT)?);
+        }
+        self.topology
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no topology").into())
+    }
+
+    /// Publishes on the shard that owns the channel.
+    fn publish(&mut self, channel: &str, payload: &[u8]) -> redis::RedisResult<()> {
+        let topology = self.topology()?;
+        let url = topology.shards[topology.shard_of(channel)].url.clone();
+        if !self.connections.contains_key(&url) {
+            let client = redis::Client::open(url.as_str())?;
+            let connection = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+            self.connections.insert(url.clone(), connection);
+        }
+        let Some(connection) = self.connections.get_mut(&url) else {
+            return Ok(());
+        };
+        let verb = if self.target.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let sent = redis::cmd(verb)
+            .arg(channel)
+            .arg(payload)
+            .query::<i64>(connection);
+        if sent.is_err() {
+            self.connections.remove(&url);
+            if self.target.sharded() {
+                self.topology = None;
+            }
+        }
+        sent.map(drop)
+    }
+
+    /// Where heartbeats go: one channel per shard.
+    fn heartbeat_channels(&mut self, channels: &Channels) -> redis::RedisResult<Vec<String>> {
+        let topology = self.topology()?;
+        Ok((0..topology.shards.len())
+            .map(|index| channels.heartbeat(topology, index))
+            .collect())
+    }
 }
 
 /// Doubles a back-off delay up to the maximum.
@@ -315,7 +398,7 @@ impl LinkLog {
 }
 
 struct Publisher {
-    client: redis::Client,
+    links: Links,
     node_id: String,
     channels: Channels,
     queue: Receiver<Relay>,
@@ -323,12 +406,11 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn run(self) {
+    fn run(mut self) {
         let mut link = LinkLog {
             what: "publisher",
             up: None,
         };
-        let mut connection: Option<redis::Connection> = None;
         let mut backoff = FIRST_BACKOFF;
         let mut retry_at: Option<Instant> = None;
         let mut dropped = 0u64;
@@ -348,10 +430,10 @@ impl Publisher {
             // A message, or after an outage the resync notice even with no message at hand.
             let sent = match (message, dropped) {
                 (None, 0) => Ok(()),
-                (message, 0) => self.publish(&mut connection, message.as_ref()),
+                (message, 0) => self.publish(message.as_ref()),
                 (message, _) => self
-                    .publish(&mut connection, None)
-                    .and_then(|()| self.publish(&mut connection, message.as_ref())),
+                    .publish(None)
+                    .and_then(|()| self.publish(message.as_ref())),
             };
             // Every second whatever the traffic (a busy queue never times out), through the
             // same connection as messages: the subscribers' proof that this path works.
@@ -360,7 +442,7 @@ impl Publisher {
                     return Ok(());
                 }
                 last_heartbeat = Instant::now();
-                self.publish(&mut connection, Some(&Relay::Heartbeat(unix_millis())))
+                self.publish(Some(&Relay::Heartbeat(unix_millis())))
             });
             match sent {
                 Ok(()) => {
@@ -374,7 +456,6 @@ impl Publisher {
                 }
                 Err(error) => {
                     link.down(&error);
-                    connection = None;
                     dropped += 1;
                     retry_at = Some(Instant::now() + backoff);
                     backoff = next_backoff(backoff);
@@ -383,12 +464,9 @@ impl Publisher {
         }
     }
 
-    /// Publishes a message or a leave, or with `None` a resync notice.
-    fn publish(
-        &self,
-        connection: &mut Option<redis::Connection>,
-        relay: Option<&Relay>,
-    ) -> redis::RedisResult<()> {
+    /// Publishes a message, a leave or a heartbeat (on every shard), or with `None` a resync
+    /// notice.
+    fn publish(&mut self, relay: Option<&Relay>) -> redis::RedisResult<()> {
         let envelope = Envelope {
             node: self.node_id.clone(),
             message: match relay {
@@ -407,170 +485,27 @@ impl Publisher {
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
         })?;
-        if connection.is_none() {
-            *connection = Some(self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?);
-        }
-        let Some(open) = connection.as_mut() else {
+        if let Some(Relay::Heartbeat(_)) = relay {
+            for channel in self.links.heartbeat_channels(&self.channels)? {
+                self.links.publish(&channel, &payload)?;
+            }
             return Ok(());
-        };
-        redis::cmd("PUBLISH")
-            .arg(self.channels.for_relay(relay))
-            .arg(payload)
-            .query::<i64>(open)?;
-        Ok(())
+        }
+        self.links
+            .publish(&self.channels.for_relay(relay), &payload)
     }
 }
 
-struct Subscriber {
-    client: redis::Client,
+/// How the relay threads hand events to the loop: the channel, the waker, and the counters.
+#[derive(Clone)]
+struct Delivery {
     node_id: String,
-    channels: Channels,
-    commands: Receiver<Command>,
-    /// Groups whose channels this instance wants (kept across reconnects).
-    watched: HashSet<String>,
     deliver: Sender<PeerEvent>,
     waker: Arc<Waker>,
     stats: Arc<RelayStats>,
-    stop: Arc<AtomicBool>,
 }
 
-/// Why `listen` returned.
-enum Broken {
-    Redis(redis::RedisError),
-    /// Connected, but our own heartbeats stopped arriving.
-    Silent,
-}
-
-impl Subscriber {
-    fn run(mut self) {
-        let mut link = LinkLog {
-            what: "subscriber",
-            up: None,
-        };
-        let mut backoff = FIRST_BACKOFF;
-        let mut reported_up = false;
-        while !self.stop.load(Ordering::SeqCst) {
-            self.take_commands();
-            let mut connection = match self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
-                Ok(connection) => connection,
-                Err(error) => {
-                    link.down(&error);
-                    std::thread::sleep(backoff);
-                    backoff = next_backoff(backoff);
-                    continue;
-                }
-            };
-            match self.listen(&mut connection, &mut link, &mut reported_up, &mut backoff) {
-                Some(Broken::Redis(error)) => link.down(&error),
-                Some(Broken::Silent) => {
-                    self.stats.heartbeat_resets.fetch_add(1, Ordering::Relaxed);
-                    log::warn!(
-                        "peer subscriber: no heartbeat of our own for {HEARTBEAT_DEADLINE:?}; subscribing again"
-                    );
-                }
-                None => {}
-            }
-            self.stats.subscribed.store(0, Ordering::Relaxed);
-            if reported_up {
-                self.tell(PeerEvent::LinkDown);
-                reported_up = false;
-            }
-        }
-    }
-
-    /// Applies watch/unwatch requests to the wanted set (while disconnected).
-    fn take_commands(&mut self) {
-        while let Ok(command) = self.commands.try_recv() {
-            match command {
-                Command::Watch(group) => self.watched.insert(group),
-                Command::Unwatch(group) => self.watched.remove(&group),
-            };
-        }
-    }
-
-    /// Subscribes and forwards messages until the link fails or goes silent, or the server
-    /// stops.
-    fn listen(
-        &mut self,
-        connection: &mut redis::Connection,
-        link: &mut LinkLog,
-        reported_up: &mut bool,
-        backoff: &mut Duration,
-    ) -> Option<Broken> {
-        let mut pubsub = connection.as_pubsub();
-        let mut channels = vec![self.channels.control()];
-        channels.extend(self.watched.iter().map(|g| self.channels.group(g)));
-        for channel in &channels {
-            if let Err(error) = pubsub.subscribe(channel) {
-                return Some(Broken::Redis(error));
-            }
-        }
-        if let Err(error) = pubsub.set_read_timeout(Some(COMMAND_POLL)) {
-            return Some(Broken::Redis(error));
-        }
-        self.stats
-            .subscribed
-            .store(channels.len() as u64, Ordering::Relaxed);
-        link.up();
-        *backoff = FIRST_BACKOFF;
-        *reported_up = true;
-        // Every room reads what was published while it was not subscribed.
-        self.tell(PeerEvent::LinkUp);
-        let mut own_heartbeat = Instant::now();
-        let mut last_ping = Instant::now();
-        while !self.stop.load(Ordering::SeqCst) {
-            while let Ok(command) = self.commands.try_recv() {
-                let (group, subscribe) = match command {
-                    Command::Watch(group) => (group, true),
-                    Command::Unwatch(group) => (group, false),
-                };
-                let channel = self.channels.group(&group);
-                let done = if subscribe {
-                    self.watched.insert(group.clone());
-                    pubsub.subscribe(&channel)
-                } else {
-                    self.watched.remove(&group);
-                    pubsub.unsubscribe(&channel)
-                };
-                if let Err(error) = done {
-                    return Some(Broken::Redis(error));
-                }
-                self.stats
-                    .subscribed
-                    .store(1 + self.watched.len() as u64, Ordering::Relaxed);
-                if subscribe {
-                    // Confirmed by Redis: anything published from now on arrives; what was
-                    // published before is read from the database.
-                    self.tell(PeerEvent::Subscribed(group));
-                }
-            }
-            match pubsub.get_message() {
-                Ok(message) => {
-                    let payload = message.get_payload_bytes();
-                    self.stats
-                        .bytes_in
-                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    if self.forward(payload) {
-                        own_heartbeat = Instant::now();
-                    }
-                }
-                Err(error) if error.is_timeout() => {
-                    if last_ping.elapsed() >= IDLE_CHECK {
-                        last_ping = Instant::now();
-                        if let Err(error) = pubsub.ping::<redis::Value>() {
-                            return Some(Broken::Redis(error));
-                        }
-                    }
-                }
-                Err(error) => return Some(Broken::Redis(error)),
-            }
-            if own_heartbeat.elapsed() > HEARTBEAT_DEADLINE {
-                return Some(Broken::Silent);
-            }
-        }
-        None
-    }
-
+impl Delivery {
     /// Hands an envelope to the loop; true when it was this node's own heartbeat.
     fn forward(&self, payload: &[u8]) -> bool {
         match serde_json::from_slice::<Envelope>(payload) {
