@@ -496,3 +496,134 @@ fn rooms_entered_and_left_during_a_storm_miss_nothing() {
         );
     }
 }
+
+/// The test Redis Cluster (three masters, started by tools/services.sh).
+fn redis_cluster() -> (String, Vec<u16>) {
+    let url = std::env::var("NOOMNIM_TEST_REDIS_CLUSTER_URL").unwrap_or_else(|_| {
+        panic!("NOOMNIM_TEST_REDIS_CLUSTER_URL is not set: start the test services with tools/services.sh")
+    });
+    let ports = std::env::var("NOOMNIM_TEST_REDIS_CLUSTER_PORTS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|port| port.parse().ok())
+        .collect();
+    (url, ports)
+}
+
+/// `redis-cli -p PORT ARGS...`, its output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Issue 16 item 2: on a Redis Cluster the storm is delivered exactly once and in order, also
+/// when every node drops every client connection mid-storm (as a node restart does): each
+/// instance reconnects and resubscribes per shard and catches up from the database.
+#[test]
+fn three_peers_on_a_redis_cluster_survive_dropped_shard_links() {
+    let mongo = PrivateMongo::start();
+    let storage = private_storage(&mongo);
+    let (url, ports) = redis_cluster();
+    let cluster = Cluster::start(&storage, &url);
+    storm(cluster, 120, Duration::from_millis(20), || {
+        std::thread::sleep(Duration::from_millis(700));
+        for &port in &ports {
+            redis_cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+            redis_cli(port, &["CLIENT", "KILL", "TYPE", "normal"]);
+        }
+    });
+}
+
+/// Issue 16 item 2: relay channels are sharded channels spread over the masters, and an
+/// instance still receives exactly the groups whose rooms it hosts.
+#[test]
+fn on_a_redis_cluster_group_channels_spread_over_the_shards() {
+    const GROUPS: usize = 12;
+    let storage = Storage::new(Backend::Mongo);
+    let (url, ports) = redis_cluster();
+    let (a, b) = relay_peers(&storage, &url, "per_group");
+    let mut alice = a.login("alice");
+    let mut bob = b.login("bob");
+    let groups: Vec<String> = (0..GROUPS).map(|_| unique("shard")).collect();
+    for group in &groups {
+        alice.request("create_group", ug("alice", group));
+        bob.request("join_group", ug("bob", group));
+    }
+    // Bob's room on B subscribes B to one group at a time; each delivers its message once.
+    for (i, group) in groups.iter().enumerate() {
+        bob.request("enter_group", ug("bob", group));
+        let key = format!("shard-{i}");
+        alice.request("send_message", common::keyed_msg(group, "hi", &key));
+        let seen = common::broadcasts_until(&mut bob, &key);
+        assert!(seen.is_empty(), "only the new message: {seen:?}");
+    }
+    assert!(metric_reaches(
+        &b,
+        "noomnim_peer_relay_messages_in_total",
+        1.0
+    ));
+    // The groups' channels are sharded channels, living on more than one master (12 groups on
+    // one of three masters would be a 1-in-177,147 chance).
+    let holding: Vec<usize> = ports
+        .iter()
+        .map(|&port| {
+            redis_cli(port, &["PUBSUB", "SHARDCHANNELS", "*:g:shard*"])
+                .lines()
+                .filter(|line| !line.trim().is_empty())
+                .count()
+        })
+        .collect();
+    assert!(
+        holding.iter().filter(|&&n| n > 0).count() >= 2,
+        "group channels per master: {holding:?}"
+    );
+    assert!(holding.iter().sum::<usize>() >= 1);
+}
+
+/// Issue 16 item 3: a subscription that silently stops delivering (the connection stays up,
+/// nothing arrives) is noticed through the missing heartbeat, resubscribed, and what was
+/// published meanwhile reaches the room from the database.
+#[test]
+fn a_silently_dead_subscription_is_noticed_and_recovered() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let proxy = common::MutingProxy::start(redis.port);
+    let (a, b) = relay_peers(&storage, &proxy.redis_url(), "per_group");
+    let group = unique("silent");
+    let mut alice = a.login("alice");
+    alice.request("create_group", ug("alice", &group));
+    let mut bob = b.login("bob");
+    bob.request("join_group", ug("bob", &group));
+    bob.request("enter_group", ug("bob", &group));
+    assert!(metric_reaches(&b, "noomnim_peer_subscribed_channels", 2.0));
+    alice.request(
+        "send_message",
+        common::keyed_msg(&group, "before", "silent-0"),
+    );
+    assert!(common::broadcasts_until(&mut bob, "silent-0").is_empty());
+    // From now on the subscribers' connections deliver nothing, yet stay open.
+    proxy.mute_subscribers();
+    for i in 1..=5 {
+        let key = format!("silent-{i}");
+        alice.request("send_message", common::keyed_msg(&group, "during", &key));
+    }
+    assert!(
+        metric_reaches(&b, "noomnim_peer_heartbeat_resets_total", 1.0),
+        "B noticed its silent subscription"
+    );
+    let seen = common::broadcasts_until(&mut bob, "silent-5");
+    let keys: Vec<&str> = seen
+        .iter()
+        .filter_map(|m| m["client_msg_id"].as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["silent-1", "silent-2", "silent-3", "silent-4"],
+        "once, in order"
+    );
+}

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -827,4 +827,90 @@ pub fn metric(server: &Server, name: &str) -> Option<f64> {
         .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|value| value.parse().ok())
+}
+
+/// A TCP proxy in front of a Redis that can make its subscribers' connections go silent: the
+/// connection stays open and every byte the client sends still reaches Redis, but nothing
+/// Redis sends back reaches the client any more (the "link up, messages stopped" failure of
+/// pub/sub relays). Connections opened after muting are not muted.
+pub struct MutingProxy {
+    port: u16,
+    /// One flag per connection that has sent a SUBSCRIBE: set to mute it.
+    subscribers: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl MutingProxy {
+    pub fn start(upstream: u16) -> MutingProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listens");
+        let port = listener.local_addr().expect("address").port();
+        let subscribers: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let registry = subscribers.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let muted = Arc::new(AtomicBool::new(false));
+                let (client_in, server_out) = (client.try_clone(), server.try_clone());
+                let (Ok(client_in), Ok(server_out)) = (client_in, server_out) else {
+                    continue;
+                };
+                let registry = registry.clone();
+                let flag = muted.clone();
+                // Client → Redis: forwarded always; a SUBSCRIBE marks the connection.
+                std::thread::spawn(move || {
+                    pump(client_in, server_out, |bytes| {
+                        if bytes
+                            .windows(9)
+                            .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+                        {
+                            let mut known = registry.lock().unwrap_or_else(|e| e.into_inner());
+                            if !known.iter().any(|f| Arc::ptr_eq(f, &flag)) {
+                                known.push(flag.clone());
+                            }
+                        }
+                        true
+                    })
+                });
+                // Redis → client: dropped while muted.
+                std::thread::spawn(move || {
+                    pump(server, client, |_| !muted.load(Ordering::SeqCst));
+                });
+            }
+        });
+        MutingProxy { port, subscribers }
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Silences every subscriber connection open now.
+    pub fn mute_subscribers(&self) {
+        let known = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            !known.is_empty(),
+            "no subscriber has connected through the proxy"
+        );
+        for flag in known.iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Copies `from` to `to` until either side closes; `pass` sees each chunk and says whether to
+/// forward it.
+fn pump(mut from: TcpStream, mut to: TcpStream, mut pass: impl FnMut(&[u8]) -> bool) {
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if pass(&buffer[..n]) && to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }
