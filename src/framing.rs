@@ -53,6 +53,20 @@ enum Telnet {
 /// the framer is back to plain data.
 const MAX_SUBNEGOTIATION: usize = 64;
 
+/// Calls `each` with every complete line at the start of `buffer` (without its `\n`, and
+/// without a `\r` before it), in place; returns how many bytes those lines took. For readers
+/// that trust their peer and keep their own buffer (the load generator reading the server's
+/// replies): no limit, no telnet, no copy. `LineFramer` is the server's guarded version.
+pub fn split_lines(buffer: &[u8], mut each: impl FnMut(&[u8])) -> usize {
+    let mut start = 0;
+    while let Some(end) = buffer[start..].iter().position(|&b| b == b'\n') {
+        let line = &buffer[start..start + end];
+        each(line.strip_suffix(b"\r").unwrap_or(line));
+        start += end + 1;
+    }
+    start
+}
+
 /// Accumulates bytes across reads and cuts them into frames.
 #[derive(Debug)]
 pub struct LineFramer {
@@ -170,6 +184,14 @@ impl LineFramer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_lines_leaves_the_partial_tail() {
+        let mut lines = Vec::new();
+        let used = split_lines(b"one\r\ntwo\n\nthr", |line| lines.push(line.to_vec()));
+        assert_eq!(lines, [b"one".to_vec(), b"two".to_vec(), Vec::new()]);
+        assert_eq!(used, 10);
+    }
 
     fn frames(max: usize, chunks: &[&[u8]]) -> Vec<Frame> {
         let mut framer = LineFramer::new(max);

@@ -447,12 +447,7 @@ impl Load {
     /// Handles every complete line in a client's inbox, in place.
     fn take_lines(&mut self, index: usize) {
         let inbox = std::mem::take(&mut self.clients[index].inbox);
-        let mut start = 0;
-        while let Some(end) = inbox[start..].iter().position(|&b| b == b'\n') {
-            let line = &inbox[start..start + end];
-            self.on_line(index, line.strip_suffix(b"\r").unwrap_or(line));
-            start += end + 1;
-        }
+        let start = noomnim::framing::split_lines(&inbox, |line| self.on_line(index, line));
         let mut rest = inbox;
         rest.drain(..start);
         self.clients[index].inbox = rest;
