@@ -9,6 +9,69 @@ use std::time::{Duration, Instant};
 use common::{msg, ug, unique, Backend, Client, LocalService, PrivateMongo, Server, Storage};
 use serde_json::json;
 
+/// Generates `single::NAME` and `cluster::NAME` tests calling `NAME(RedisKind)`.
+macro_rules! redis_tests {
+    ($($name:ident),* $(,)?) => {
+        mod single {
+            $( #[test] fn $name() { super::$name(super::RedisKind::Single) } )*
+        }
+        mod cluster {
+            $( #[test] fn $name() { super::$name(super::RedisKind::Cluster) } )*
+        }
+    };
+}
+// The relay tests that do not stop their Redis run on a private single Redis and on the
+// shared three-master test cluster (tools/services.sh).
+redis_tests!(
+    a_leave_on_one_peer_takes_the_user_out_of_rooms_on_every_peer,
+    keyed_sends_racing_on_two_peers_are_stored_and_delivered_once,
+    an_instance_receives_only_the_groups_whose_room_it_hosts,
+    rooms_entered_and_left_during_a_storm_miss_nothing
+);
+
+#[derive(Debug, Clone, Copy)]
+enum RedisKind {
+    Single,
+    Cluster,
+}
+
+/// The peers' Redis for one test: a private redis-server, or the shared test cluster.
+enum TestRedis {
+    Single(LocalService),
+    Cluster { url: String, masters: usize },
+}
+
+impl TestRedis {
+    fn start(kind: RedisKind) -> TestRedis {
+        match kind {
+            RedisKind::Single => TestRedis::Single(LocalService::redis()),
+            RedisKind::Cluster => {
+                let (url, ports) = redis_cluster();
+                TestRedis::Cluster {
+                    url,
+                    masters: ports.len(),
+                }
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            TestRedis::Single(redis) => redis.redis_url(),
+            TestRedis::Cluster { url, .. } => url.clone(),
+        }
+    }
+
+    /// Channels an instance holds with no room occupied: the control channel, plus one
+    /// heartbeat channel per master on a cluster.
+    fn idle_channels(&self) -> usize {
+        match self {
+            TestRedis::Single(_) => 1,
+            TestRedis::Cluster { masters, .. } => 1 + masters,
+        }
+    }
+}
+
 const INSTANCES: usize = 3;
 const CLIENTS_PER_INSTANCE: usize = 2;
 
@@ -232,11 +295,10 @@ fn peer_pair(
 
 /// Issue 11 item 5 (peer mode): after a user left a group on instance A, the same user's
 /// connection on instance B kept receiving the group's messages.
-#[test]
-fn a_leave_on_one_peer_takes_the_user_out_of_rooms_on_every_peer() {
+fn a_leave_on_one_peer_takes_the_user_out_of_rooms_on_every_peer(kind: RedisKind) {
     let storage = Storage::new(Backend::Mongo);
-    let redis = LocalService::redis();
-    let (a, b) = two_peers(&storage, &redis.redis_url());
+    let redis = TestRedis::start(kind);
+    let (a, b) = two_peers(&storage, &redis.url());
     let group = unique("leave");
     let mut carol = a.login("carol");
     carol.request("create_group", ug("carol", &group));
@@ -307,11 +369,10 @@ fn a_stored_but_unrelayed_message_still_reaches_other_peers() {
 /// Issue 13: the same user on two instances sends the same keys at once (a client that moved
 /// to another instance and retried). Each key is stored once, both senders get the same
 /// message, and the room on each instance sees every message once, in order.
-#[test]
-fn keyed_sends_racing_on_two_peers_are_stored_and_delivered_once() {
+fn keyed_sends_racing_on_two_peers_are_stored_and_delivered_once(kind: RedisKind) {
     let storage = Storage::new(Backend::Mongo);
-    let redis = LocalService::redis();
-    let (a, b) = two_peers(&storage, &redis.redis_url());
+    let redis = TestRedis::start(kind);
+    let (a, b) = two_peers(&storage, &redis.url());
     let group = unique("keyed");
     let mut carol = a.login("carol");
     carol.request("create_group", ug("carol", &group));
@@ -363,12 +424,14 @@ fn metric_reaches(server: &Server, name: &str, at_least: f64) -> bool {
 
 /// Issue 16: an instance receives a group's relay traffic only while one of its connections is
 /// in that group's room; with `PEER_RELAY=shared` it receives everything.
-#[test]
-fn an_instance_receives_only_the_groups_whose_room_it_hosts() {
+fn an_instance_receives_only_the_groups_whose_room_it_hosts(kind: RedisKind) {
     let storage = Storage::new(Backend::Mongo);
-    let redis = LocalService::redis();
+    let redis = TestRedis::start(kind);
+    // Subscribed while no room is hosted: the control channel, and on a cluster one heartbeat
+    // channel per master.
+    let idle_channels = redis.idle_channels() as f64;
     for (mode, expected_idle) in [("per_group", 0.0), ("shared", 40.0)] {
-        let (a, b) = relay_peers(&storage, &redis.redis_url(), mode);
+        let (a, b) = relay_peers(&storage, &redis.url(), mode);
         let group = unique("hosted");
         let mut alice = a.login("alice");
         alice.request("create_group", ug("alice", &group));
@@ -393,8 +456,8 @@ fn an_instance_receives_only_the_groups_whose_room_it_hosts() {
             );
             assert_eq!(
                 common::metric(&b, "noomnim_peer_subscribed_channels"),
-                Some(1.0),
-                "only the control channel"
+                Some(idle_channels),
+                "only the control and heartbeat channels"
             );
         }
         // Once B hosts the room, it receives the group's messages, exactly once, in order.
@@ -404,7 +467,11 @@ fn an_instance_receives_only_the_groups_whose_room_it_hosts() {
         bob.request("join_group", ug("bob", &group));
         bob.request("enter_group", ug("bob", &group));
         if mode == "per_group" {
-            assert!(metric_reaches(&b, "noomnim_peer_subscribed_channels", 2.0));
+            assert!(metric_reaches(
+                &b,
+                "noomnim_peer_subscribed_channels",
+                idle_channels + 1.0
+            ));
         }
         // (Keys are per user and forever: the second mode needs its own.)
         let key = format!("live-{mode}");
@@ -419,12 +486,11 @@ fn an_instance_receives_only_the_groups_whose_room_it_hosts() {
 
 /// Issue 16: rooms entered and left on one instance while a storm runs on another: every
 /// visit sees its history and then every later message once, in order, with no gap.
-#[test]
-fn rooms_entered_and_left_during_a_storm_miss_nothing() {
+fn rooms_entered_and_left_during_a_storm_miss_nothing(kind: RedisKind) {
     let mongo = PrivateMongo::start();
     let storage = private_storage(&mongo);
-    let redis = LocalService::redis();
-    let (a, b) = relay_peers(&storage, &redis.redis_url(), "per_group");
+    let redis = TestRedis::start(kind);
+    let (a, b) = relay_peers(&storage, &redis.url(), "per_group");
     let group = unique("churn");
     let other = unique("churn-other");
     let mut alice = a.login("alice");
