@@ -7,7 +7,8 @@
 # Environment: SECONDS_PER_RUN (default 8), SCENARIOS (default "a a1500 a3000 b"),
 #              SYSTEMS (default "embedded noop inspircd").
 # Scenarios: a = 1000 clients, 10 groups, 50 senders at full speed; a1500 / a3000 = the same at
-# a steady 1,500 / 3,000 msg/s; b = one group of 1000, 10 senders, full speed.
+# a steady 1,500 / 3,000 msg/s; b = one group of 1000, 10 senders, full speed; c = 10,000
+# idle logged-in connections in 100 groups/channels: server memory per connection (RSS growth).
 # Needs: apt-get (InspIRCd is installed if missing), root or the `irc` user to run InspIRCd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ scenarios="${SCENARIOS:-a a1500 a3000 b}"
 systems="${SYSTEMS:-embedded noop inspircd}"
 state="$(mktemp -d)"
 results="$state/results.tsv"
+idle_results="$state/idle.tsv"
+touch "$results" "$idle_results"
 trap 'pkill -f "$state/inspircd.conf" 2>/dev/null || true; rm -rf "$state"' EXIT
 
 if ! command -v inspircd >/dev/null && [ ! -x /usr/sbin/inspircd ]; then
@@ -38,12 +41,19 @@ flags_for() {
         a1500) echo "--clients 1000 --groups 10 --senders 50 --rate 1500" ;;
         a3000) echo "--clients 1000 --groups 10 --senders 50 --rate 3000" ;;
         b) echo "--clients 1000 --groups 1 --senders 10" ;;
+        c) echo "--clients 10000 --groups 100 --idle" ;;
     esac
 }
 
 # record SYSTEM SCENARIO OUTPUT: one TSV row from the generator's report.
 record() {
     local out="$3" delivered p50 p99 cpu lost
+    if [ "$2" = c ]; then # idle connections: bytes of server memory per connection
+        per="$(grep -o 'bytes_per_connection=[0-9]*' <<<"$out" | cut -d= -f2)"
+        printf '%s\t%s\n' "$1" "${per:-?}" >>"$idle_results"
+        echo "  $1/c: bytes_per_connection=${per:-?}" >&2
+        return
+    fi
     delivered="$(grep -o 'delivered/s=[0-9]*' <<<"$out" | cut -d= -f2)"
     p50="$(grep -o 'p50=[0-9.]*' <<<"$out" | cut -d= -f2)"
     p99="$(grep -o 'p99=[0-9.]*' <<<"$out" | cut -d= -f2)"
@@ -97,7 +107,7 @@ for scenario in $scenarios; do
     done
 done
 
-python3 - "$results" <<'PY'
+[ -s "$results" ] && python3 - "$results" <<'PY'
 import statistics, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
 table = {}
@@ -127,3 +137,19 @@ for scenario in scenarios:
                       f"p99 {med([r[2] for r in mine]) / max(med([r[2] for r in bar]), 1e-9):.2f}x | "
                       f"CPU {med([r[3] for r in mine]) / max(med([r[3] for r in bar]), 1e-9):.2f}x | |")
 PY
+
+if [ -s "$idle_results" ]; then
+    python3 - "$idle_results" <<'PY'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+per = {}
+for system, value in rows:
+    if value.isdigit():
+        per.setdefault(system, []).append(int(value))
+print()
+print("| c: 10,000 idle logged-in connections | server memory per connection (median of runs) |")
+print("|---|---|")
+for system, values in per.items():
+    print(f"| {system} | {statistics.median(values):,.0f} bytes ({', '.join(f'{v:,}' for v in values)}) |")
+PY
+fi
