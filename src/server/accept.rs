@@ -71,8 +71,7 @@ impl Server {
             return;
         }
         self.metrics.connections_accepted += 1;
-        let token = Token(self.next_token);
-        self.next_token += 1;
+        let token = self.connections.vacant_token();
         if let Err(e) = self.poll.registry().register(
             &mut socket,
             token,

@@ -43,6 +43,7 @@ use crate::workers::{Completion, Done, Requester, Work, WorkerPool, WriteRouting
 mod accept;
 mod delivery;
 mod metrics_http;
+mod slab;
 mod sweep;
 
 const LISTENER: Token = Token(0);
@@ -99,7 +100,7 @@ pub struct Server {
     tls_listener: Option<TcpListener>,
     certificates: Option<Certificates>,
     waker: Arc<Waker>,
-    connections: HashMap<Token, Connection>,
+    connections: slab::Slab,
     rooms: Rooms,
     sequencer: Sequencer,
     peer: Option<PeerLink>,
@@ -110,7 +111,6 @@ pub struct Server {
     completions: Receiver<Completion>,
     stop_requested: Arc<AtomicBool>,
     draining_since: Option<Instant>,
-    next_token: usize,
     touched: Vec<Token>,
     read_buffer: Vec<u8>,
     metrics: Metrics,
@@ -202,7 +202,7 @@ impl Server {
             tls_listener,
             certificates,
             waker,
-            connections: HashMap::new(),
+            connections: slab::Slab::default(),
             rooms: Rooms::default(),
             sequencer: Sequencer::new(keep_recent),
             peer,
@@ -212,7 +212,6 @@ impl Server {
             completions,
             stop_requested: Arc::new(AtomicBool::new(false)),
             draining_since: None,
-            next_token: FIRST_CONNECTION,
             touched: Vec::new(),
             read_buffer: vec![0; READ_BUFFER_BYTES],
             metrics: Metrics::default(),
@@ -299,7 +298,7 @@ impl Server {
                 break;
             }
         }
-        for token in self.connections.keys().copied().collect::<Vec<_>>() {
+        for token in self.connections.tokens() {
             if let Some(connection) = self.connections.get_mut(&token) {
                 connection.announce(Closing::Shutdown);
             }

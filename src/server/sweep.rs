@@ -49,7 +49,7 @@ impl Server {
                 } else {
                     return None;
                 };
-                Some((*token, overdue))
+                Some((token, overdue))
             })
             .collect();
         for (token, overdue) in due {
