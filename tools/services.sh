@@ -86,10 +86,11 @@ start_cluster() {
     for port in $CLUSTER_PORTS; do
         rm -rf "$STATE/cluster-$port"
         mkdir -p "$STATE/cluster-$port"
-        (cd "$STATE/cluster-$port" && nohup redis-server --bind 127.0.0.1 --port "$port" \
+        # --dir keeps each node's nodes.conf apart; $! is then redis-server itself.
+        nohup redis-server --bind 127.0.0.1 --port "$port" --dir "$STATE/cluster-$port" \
             --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
             --save "" --appendonly no >"$STATE/cluster-$port.log" 2>&1 &
-            echo $! >"$STATE/cluster-$port.pid")
+        echo $! >"$STATE/cluster-$port.pid"
         wait_for_port "$port" "cluster-$port"
         nodes="$nodes 127.0.0.1:$port"
     done
