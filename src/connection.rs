@@ -139,6 +139,8 @@ pub struct Connection {
     read_state: ReadState,
     /// Set when the connection must be dropped without further writes.
     doomed: bool,
+    /// Already in the loop's list of connections to service this turn.
+    touched: bool,
     opened_at: Instant,
     max_output_bytes: usize,
     /// Store-bound requests this connection may still make (see `limits`).
@@ -195,6 +197,7 @@ impl Connection {
             },
             read_state: ReadState::Drained,
             doomed: false,
+            touched: false,
             framer: LineFramer::new(bounds.max_line_bytes),
             inbox: VecDeque::new(),
             inbox_bytes: 0,
@@ -274,6 +277,17 @@ impl Connection {
 
     pub fn is_doomed(&self) -> bool {
         self.doomed
+    }
+
+    /// Marks the connection for servicing this turn; true when it was not marked yet (the
+    /// loop keeps each connection once in its list without sorting it).
+    pub fn touch(&mut self) -> bool {
+        !std::mem::replace(&mut self.touched, true)
+    }
+
+    /// The loop is servicing it now.
+    pub fn untouch(&mut self) {
+        self.touched = false;
     }
 
     /// Announces a `closing` reason; the connection is closed after it (see `take_closing`).
@@ -490,20 +504,18 @@ impl Connection {
             return Ok(());
         }
         while !self.outbox.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .outbox
-                .iter()
-                .take(MAX_IOVECS)
-                .enumerate()
-                .map(|(i, out)| {
-                    IoSlice::new(if i == 0 {
-                        &out.chunk.bytes()[self.written_of_front..]
-                    } else {
-                        out.chunk.bytes()
-                    })
-                })
-                .collect();
-            match self.socket.write_vectored(&slices) {
+            // On the stack: a flush per connection per loop turn is the hottest path there is.
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (slice, out) in slices.iter_mut().zip(&self.outbox) {
+                *slice = IoSlice::new(if count == 0 {
+                    &out.chunk.bytes()[self.written_of_front..]
+                } else {
+                    out.chunk.bytes()
+                });
+                count += 1;
+            }
+            match self.socket.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.consume(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

@@ -105,7 +105,7 @@ impl Server {
             };
             self.apply(token, effect);
         }
-        self.touched.push(token);
+        self.touch(token);
     }
 
     /// Whether the connection's user left `group_name` after the leave clock read `since`.
@@ -197,7 +197,9 @@ impl Server {
                     connection.peer()
                 );
             }
-            self.touched.push(token);
+            if connection.touch() {
+                self.touched.push(token);
+            }
         }
     }
 

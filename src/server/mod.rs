@@ -280,7 +280,7 @@ impl Server {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read_from(token);
                         }
-                        self.touched.push(token);
+                        self.touch(token);
                     }
                 }
             }
@@ -397,10 +397,19 @@ impl Server {
         }
     }
 
+    /// Puts a connection on this turn's list to service, once.
+    pub(super) fn touch(&mut self, token: Token) {
+        if self
+            .connections
+            .get_mut(&token)
+            .is_some_and(Connection::touch)
+        {
+            self.touched.push(token);
+        }
+    }
+
     fn service_touched(&mut self) {
         let mut touched = std::mem::take(&mut self.touched);
-        touched.sort_unstable();
-        touched.dedup();
         for &token in &touched {
             self.service(token);
         }
@@ -415,6 +424,7 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
+        connection.untouch();
         while !draining && !connection.is_doomed() {
             loop {
                 // A held job (not a message) starts once what was in flight is answered.
