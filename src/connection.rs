@@ -460,6 +460,7 @@ impl Connection {
     pub fn queue_broadcast(&mut self, chunk: Chunk, seq: u64) -> bool {
         self.push(chunk, true, Some((seq, seq)));
         if self.pending_broadcast_bytes > self.max_output_bytes && !self.doomed {
+            log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", self.peer);
             self.cut_off(Closing::SlowConsumer);
             return true;
         }

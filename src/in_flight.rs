@@ -57,8 +57,6 @@ pub struct InFlight {
     /// Most store jobs in flight at once.
     depth: usize,
     slots: VecDeque<Slot>,
-    /// Store jobs among the slots.
-    waiting: usize,
     last_ticket: u64,
     timed_out: VecDeque<u64>,
 }
@@ -68,7 +66,6 @@ impl InFlight {
         InFlight {
             depth: depth.max(1),
             slots: VecDeque::new(),
-            waiting: 0,
             last_ticket: 0,
             timed_out: VecDeque::new(),
         }
@@ -82,7 +79,14 @@ impl InFlight {
     /// Whether another request may be planned: not while a barrier job is out, and not past
     /// the depth.
     pub fn accepts_requests(&self) -> bool {
-        self.waiting < self.depth && self.slots.iter().all(|slot| slot.pipelined)
+        // Slots are few (the depth, plus immediate replies queued behind them): counting the
+        // unanswered ones is cheaper to get right than a counter kept beside them.
+        let waiting = self
+            .slots
+            .iter()
+            .filter(|slot| slot.answer.is_none())
+            .count();
+        waiting < self.depth && self.slots.iter().all(|slot| slot.pipelined)
     }
 
     /// Whether a store job may start now (`pipelined`: it is a message).
@@ -99,7 +103,6 @@ impl InFlight {
         now: Instant,
     ) -> u64 {
         self.last_ticket += 1;
-        self.waiting += 1;
         self.slots.push_back(Slot {
             ticket: Some(self.last_ticket),
             id,
@@ -143,7 +146,6 @@ impl InFlight {
             return false;
         };
         slot.answer = Some(finish(slot.id.as_deref()));
-        self.waiting -= 1;
         true
     }
 
@@ -170,7 +172,6 @@ impl InFlight {
             return None;
         }
         let slot = self.slots.pop_front()?;
-        self.waiting -= 1;
         if let Some(ticket) = slot.ticket {
             if self.timed_out.len() >= TIMED_OUT_MEMORY {
                 self.timed_out.pop_front();

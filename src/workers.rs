@@ -235,55 +235,33 @@ impl Worker {
                     marks.push((requester, mark, queued_at));
                     continue;
                 }
-                work => {
+                Work::Call(mut call) => {
                     self.store_messages(std::mem::take(&mut messages));
-                    self.run_one(work, queued_at)
+                    if self.expired(queued_at) {
+                        call.fail(expired_error());
+                    } else {
+                        call.run(self.store.as_mut());
+                    }
+                    Done::Called(call)
+                }
+                Work::CatchUp {
+                    group_name,
+                    after_seq,
+                    limit,
+                } => {
+                    self.store_messages(std::mem::take(&mut messages));
+                    let result = if self.expired(queued_at) {
+                        Err(expired_error())
+                    } else {
+                        self.store.messages_after(&group_name, after_seq, limit)
+                    };
+                    Done::CaughtUp { group_name, result }
                 }
             };
             self.finish(requester, done, queued_at);
         }
         self.store_messages(messages);
         self.store_marks(marks);
-    }
-
-    /// Runs a job that is not batched.
-    fn run_one(&mut self, work: Work, queued_at: Instant) -> Done {
-        let expired = self.expired(queued_at);
-        let store = self.store.as_mut();
-        match work {
-            Work::Call(mut call) => {
-                if expired {
-                    call.fail(expired_error());
-                } else {
-                    call.run(store);
-                }
-                Done::Called(call)
-            }
-            Work::CatchUp {
-                group_name,
-                after_seq,
-                limit,
-            } => {
-                let result = if expired {
-                    Err(expired_error())
-                } else {
-                    store.messages_after(&group_name, after_seq, limit)
-                };
-                Done::CaughtUp { group_name, result }
-            }
-            Work::Append(message) => {
-                let result = if expired {
-                    Err(expired_error())
-                } else {
-                    let mut results = store.append_messages(std::slice::from_ref(&message));
-                    results
-                        .pop()
-                        .unwrap_or_else(|| Err(StoreError::Unavailable("no result".into())))
-                };
-                Done::Appended(result)
-            }
-            Work::Mark(mark) => Done::Marked(store.mark_read(std::slice::from_ref(&mark))),
-        }
     }
 
     fn store_marks(&mut self, jobs: Vec<(Requester, ReadMark, Instant)>) {

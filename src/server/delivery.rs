@@ -191,12 +191,7 @@ impl Server {
                 continue;
             }
             self.metrics.messages_delivered += 1;
-            if connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq) {
-                log::warn!(
-                    "dropping {}: over MAX_OUTPUT_BYTES unread",
-                    connection.peer()
-                );
-            }
+            connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
             if connection.touch() {
                 self.touched.push(token);
             }
@@ -238,10 +233,6 @@ impl Server {
         connection.enter_room(room);
         for message in missed {
             if connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq) {
-                log::warn!(
-                    "dropping {}: over MAX_OUTPUT_BYTES unread",
-                    connection.peer()
-                );
                 break;
             }
         }
