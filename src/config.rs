@@ -60,6 +60,8 @@ pub struct Config {
     pub login_timeout: Duration,
     /// How long a connection may send nothing before it is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// How long broadcasts may wait to be written together (`WRITE_DELAY_MS`; None: at once).
+    pub write_delay: Option<Duration>,
     /// TCP keepalive on client sockets: idle time before the first probe, between probes,
     /// and unanswered probes before the kernel gives the connection up.
     pub keepalive_idle: Duration,
@@ -232,6 +234,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "IDLE_TIMEOUT_MS",
         "0",
         "connections that send nothing for this long are closed (closing idle_timeout); 0: never",
+    ),
+    (
+        "WRITE_DELAY_MS",
+        "10",
+        "broadcasts wait up to this long to leave in one write with the ones after them; 0: at once",
     ),
     (
         "KEEPALIVE_IDLE_MS",
@@ -411,6 +418,22 @@ impl Config {
                 "a whole number of milliseconds (0: never)",
             )? {
                 0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            write_delay: match parse_value(
+                get("WRITE_DELAY_MS"),
+                "WRITE_DELAY_MS",
+                Some(10u64),
+                "a whole number of milliseconds, at most 1000 (0: at once)",
+            )? {
+                0 => None,
+                ms if ms > 1000 => {
+                    return Err(invalid(
+                        "WRITE_DELAY_MS",
+                        &ms.to_string(),
+                        "a whole number of milliseconds, at most 1000 (0: at once)",
+                    ))
+                }
                 ms => Some(Duration::from_millis(ms)),
             },
             keepalive_idle: Duration::from_millis(parse_positive(

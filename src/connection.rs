@@ -26,6 +26,8 @@ use crate::workers::Work;
 
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
+/// Held output this large is written at once: a longer wait would not save a write.
+const WRITE_NOW_BYTES: usize = 64 * 1024;
 /// Framed requests a connection may have waiting before its socket is no longer read.
 pub const MAX_INBOX_FRAMES: usize = 256;
 /// Bytes of framed requests a connection may have waiting before its socket is no longer read.
@@ -141,6 +143,9 @@ pub struct Connection {
     doomed: bool,
     /// Already in the loop's list of connections to service this turn.
     touched: bool,
+    /// Broadcasts wait here for the next deferred flush (`WRITE_DELAY_MS`); the flag keeps the
+    /// connection once in the loop's list of them.
+    deferred: bool,
     opened_at: Instant,
     max_output_bytes: usize,
     /// Store-bound requests this connection may still make (see `limits`).
@@ -198,6 +203,7 @@ impl Connection {
             read_state: ReadState::Drained,
             doomed: false,
             touched: false,
+            deferred: false,
             framer: LineFramer::new(bounds.max_line_bytes),
             inbox: VecDeque::new(),
             inbox_bytes: 0,
@@ -288,6 +294,17 @@ impl Connection {
     /// The loop is servicing it now.
     pub fn untouch(&mut self) {
         self.touched = false;
+    }
+
+    /// Marks the connection for the next deferred flush of broadcasts; true when it was not
+    /// marked yet.
+    pub fn defer(&mut self) -> bool {
+        !std::mem::replace(&mut self.deferred, true)
+    }
+
+    /// The deferred flush is due: the loop services it now.
+    pub fn undefer(&mut self) {
+        self.deferred = false;
     }
 
     /// Announces a `closing` reason; the connection is closed after it (see `take_closing`).
@@ -456,9 +473,21 @@ impl Connection {
 
     /// Queues one message of the room, shared with the room's other connections (or owned,
     /// for a catch-up line). A client with more than `max_output_bytes` of broadcasts unread is
-    /// cut off as a slow consumer: true when that happened now.
+    /// cut off as a slow consumer: true when that happened now (or a write failed), so the loop
+    /// closes it this turn.
     pub fn queue_broadcast(&mut self, chunk: Chunk, seq: u64) -> bool {
         self.push(chunk, true, Some((seq, seq)));
+        // Lines held for a shared write (`WRITE_DELAY_MS`) are not unread: past a full write's
+        // worth, or past the bound, they go to the kernel now and only what it refuses counts.
+        if self.pending_bytes >= WRITE_NOW_BYTES
+            || self.pending_broadcast_bytes > self.max_output_bytes
+        {
+            if let Err(e) = self.flush() {
+                log::debug!("write to {} failed: {e}", self.peer);
+                self.doom();
+                return true;
+            }
+        }
         if self.pending_broadcast_bytes > self.max_output_bytes && !self.doomed {
             log::warn!("dropping {}: over MAX_OUTPUT_BYTES unread", self.peer);
             self.cut_off(Closing::SlowConsumer);

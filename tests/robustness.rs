@@ -361,6 +361,8 @@ fn bad_configuration_exits_2_with_one_line() {
         ("PEER", "true"),
         ("MAX_LINE_BYTES", "0"),
         ("LOG_LEVEL", "loud"),
+        ("WRITE_DELAY_MS", "5000"),
+        ("WRITE_DELAY_MS", "soon"),
     ] {
         let output = Command::new(BINARY)
             .env_clear()

@@ -27,6 +27,7 @@ fn hello_reports_the_running_configuration() {
             ("MAX_LINE_BYTES", "4096"),
             ("RATE_LIMIT", "7"),
             ("IDLE_TIMEOUT_MS", "90000"),
+            ("WRITE_DELAY_MS", "25"),
             ("NODE_ID", "node-x"),
         ],
     );
@@ -58,6 +59,7 @@ fn hello_reports_the_running_configuration() {
     assert_eq!(limits["rate_limit"], 7.0);
     assert_eq!(limits["idle_timeout_ms"], 90000);
     assert_eq!(limits["keepalive_hint_ms"], 45000);
+    assert_eq!(limits["write_delay_ms"], 25);
     assert_eq!(limits["max_text_chars"], 4000);
     assert_eq!(limits["max_name_chars"], 64);
     assert_eq!(limits["fetch_limit_max"], 100);
@@ -485,13 +487,7 @@ fn pipelined_requests_are_answered_in_order_and_see_each_other(backend: Backend)
     common::assert_seqs_are_one_to_n(&stored, messages as usize);
     watcher.request("enter_group", ug("pipe_watcher", &group));
     // A second pipelined run, now with the watcher in the room.
-    let mut batch = String::new();
-    for i in 1..=messages {
-        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("again{i}")}, "id": i});
-        batch.push_str(&line.to_string());
-        batch.push('\n');
-    }
-    client.send_raw(batch.as_bytes());
+    send_pipelined(&mut client, &group, "again", messages);
     for i in 1..=messages {
         let reply = client.recv();
         assert_eq!(reply["id"], json!(i));
@@ -510,4 +506,68 @@ fn pipelined_requests_are_answered_in_order_and_see_each_other(backend: Backend)
         watcher.try_recv(Duration::from_millis(200)).is_none(),
         "nothing twice"
     );
+}
+
+#[test]
+/// `WRITE_DELAY_MS` at its longest: broadcasts held for a shared write still reach a client that
+/// does nothing but read (from the deferred flush alone), once and in seq order; and a reply
+/// never overtakes the broadcasts queued before it (it takes them along).
+fn held_broadcasts_reach_quiet_clients_in_order_and_go_out_before_replies() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(&storage, &[("WRITE_DELAY_MS", "1000"), ("RATE_LIMIT", "0")]);
+    let group = unique("held");
+    let mut sender = server.login("held_sender");
+    sender.request("create_group", ug("held_sender", &group));
+    sender.request("enter_group", ug("held_sender", &group));
+    let mut members = Vec::new();
+    for name in ["held_quiet", "held_asker"] {
+        let mut member = server.login(name);
+        member.request("join_group", ug(name, &group));
+        member.request("enter_group", ug(name, &group));
+        members.push(member);
+    }
+    let messages = 30u64;
+    send_pipelined(&mut sender, &group, "h", messages);
+    for i in 1..=messages {
+        let reply = sender.recv();
+        assert_eq!(reply["id"], json!(i), "{reply}");
+        assert_eq!(reply["data"]["seq"].as_u64(), Some(i), "{reply}");
+    }
+    // Every broadcast is queued for the members by now; the asker's pong comes after them.
+    let mut asker = members.pop().expect("asker");
+    asker.send(&json!({"event": "ping", "id": "after"}));
+    for i in 1..=messages {
+        let line = asker.recv();
+        assert_eq!(line["event"], "message_sent", "{line}");
+        assert_eq!(line["data"]["seq"].as_u64(), Some(i), "{line}");
+    }
+    let pong = asker.recv();
+    assert_eq!(pong["event"], "pong", "{pong}");
+    assert_eq!(pong["id"], "after");
+    let mut quiet = members.pop().expect("quiet");
+    for i in 1..=messages {
+        let line = quiet.recv();
+        assert_eq!(line["event"], "message_sent", "{line}");
+        assert_eq!(
+            line["data"]["seq"].as_u64(),
+            Some(i),
+            "once, in order: {line}"
+        );
+        assert_eq!(line["data"]["text"], format!("h{i}"));
+    }
+    assert!(
+        quiet.try_recv(Duration::from_millis(1500)).is_none(),
+        "nothing twice"
+    );
+}
+
+/// Writes `count` messages to the group in one write, ids 1..=count, texts `{prefix}{i}`.
+fn send_pipelined(client: &mut common::Client, group: &str, prefix: &str, count: u64) {
+    let mut batch = String::new();
+    for i in 1..=count {
+        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("{prefix}{i}")}, "id": i});
+        batch.push_str(&line.to_string());
+        batch.push('\n');
+    }
+    client.send_raw(batch.as_bytes());
 }

@@ -19,6 +19,8 @@ pub struct HelloInfo {
     pub login_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub keepalive_hint_ms: u64,
+    /// How long a broadcast may be held to share a write (`WRITE_DELAY_MS`; 0: never).
+    pub write_delay_ms: u64,
     /// `find_user` needs a token.
     pub auth: bool,
 }
@@ -45,6 +47,7 @@ pub fn hello_data(info: &HelloInfo, tls: bool) -> serde_json::Value {
             "login_timeout_ms": info.login_timeout_ms,
             "idle_timeout_ms": info.idle_timeout_ms,
             "keepalive_hint_ms": info.keepalive_hint_ms,
+            "write_delay_ms": info.write_delay_ms,
         },
     })
 }

@@ -177,6 +177,8 @@ impl Server {
             return;
         }
         let line = Rc::new(encode_broadcast(message));
+        let write_delay = self.config.write_delay;
+        let deferring = write_delay.is_some();
         for token in members {
             let Some(connection) = self.connections.get_mut(&token) else {
                 continue;
@@ -191,9 +193,22 @@ impl Server {
                 continue;
             }
             self.metrics.messages_delivered += 1;
-            connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
-            if connection.touch() {
-                self.touched.push(token);
+            // A client cut off as a slow consumer is closed this turn; other broadcasts may
+            // wait for the deferred flush, to leave with the ones after them.
+            let cut_off = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
+            if cut_off || !deferring {
+                if connection.touch() {
+                    self.touched.push(token);
+                }
+            } else if connection.defer() {
+                self.deferred.push(token);
+            }
+        }
+        // The delay runs from the first line held. This may be the last step of a turn: the
+        // next poll must already wake for it.
+        if let (Some(delay), None) = (write_delay, self.deferred_flush_at) {
+            if !self.deferred.is_empty() {
+                self.deferred_flush_at = Some(Instant::now() + delay);
             }
         }
     }
