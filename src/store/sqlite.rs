@@ -192,17 +192,34 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
     };
     let _ = connection.busy_timeout(Duration::from_secs(1));
     let wal = path.with_extension("sqlite3-wal");
+    // When the last RESTART happened, as the WAL's modification time then.
+    let mut restarted = None;
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
         // A passive checkpoint never blocks a writer, but under a steady stream of commits it
         // never catches up with the WAL's end, and the WAL only starts over from its beginning
         // once a checkpoint has caught up: so it grows without bound. Past the limit, one
-        // TRUNCATE checkpoint during the writers' turn catches up (most pages were already copied
-        // by the passive ones, so the pause is short) and resets the file to zero bytes.
+        // RESTART checkpoint during the writers' turn catches up (most pages were already
+        // copied by the passive ones) and makes the next commit start over at the file's
+        // beginning and cut the file back towards `journal_size_limit` (the same limit).
+        // Not TRUNCATE while writers are busy: cutting the file to zero cost 25-37 ms under
+        // their turn (a journaled truncate, then every later commit appends to fresh blocks),
+        // RESTART 0.03-6 ms (docs/BENCHMARKS.md). Still over the limit and not written since
+        // the last RESTART: no commit came to reuse the file, so TRUNCATE, which then keeps no
+        // one waiting, gives the space back.
         let mut done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        if done.is_ok() && std::fs::metadata(&wal).is_ok_and(|m| m.len() > wal_limit) {
+        let written_at = |wal: &Path| std::fs::metadata(wal).and_then(|m| m.modified()).ok();
+        let over = std::fs::metadata(&wal).is_ok_and(|m| m.len() > wal_limit);
+        if done.is_ok() && over {
+            let idle = restarted.is_some() && restarted == written_at(&wal);
+            let mode = if idle { "TRUNCATE" } else { "RESTART" };
             let _turn = writer_turn();
-            done = connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            let held = std::time::Instant::now();
+            done = connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
+            log::debug!("WAL {mode} held the writers for {:?}", held.elapsed());
+            restarted = if idle { None } else { written_at(&wal) };
+        } else {
+            restarted = None;
         }
         if let Err(error) = done {
             log::debug!("checkpoint skipped: {error}");
