@@ -10,6 +10,7 @@
 # Environment: SECONDS_PER_RUN (default 10), RATE (fixed total send rate; default full speed),
 # SERVER_ENV (extra server settings, e.g. "EMBEDDED_SYNC=normal WORKERS=2"),
 # NOOMNIM_BINARY (another server build, e.g. an older commit's, for before/after runs),
+# LOAD_BINARY (another noomnim-load build, to compare generators against one server),
 # TLS=1 (clients speak TLS to TLS_PORT; a CA and certificate are made for the run),
 # AUTH=1 (the server has AUTH_SECRET; clients log in with tokens).
 set -euo pipefail
@@ -19,7 +20,8 @@ seconds="${SECONDS_PER_RUN:-10}"
 binary="${NOOMNIM_BINARY:-target/release/noomnim}"
 [ "$store" = noop ] && binary="${NOOMNIM_BINARY:-target/noop/release/noomnim}"
 [ -x "$binary" ] || { echo "bench: build $binary first" >&2; exit 1; }
-[ -x target/release/noomnim-load ] || cargo build --release --bin noomnim-load
+load_binary="${LOAD_BINARY:-target/release/noomnim-load}"
+[ -x "$load_binary" ] || cargo build --release --bin noomnim-load
 
 scratch="$(mktemp -d)"
 pids=()
@@ -69,7 +71,7 @@ start_server() {
 base_port=$((10000 + RANDOM % 15000))
 client_offset=0
 [ -n "${TLS:-}" ] && client_offset=1
-load=(target/release/noomnim-load --tag "b$$" --seconds "$seconds" "${load_security[@]}")
+load=("$load_binary" --tag "b$$" --seconds "$seconds" "${load_security[@]}")
 [ -n "${RATE:-}" ] && load+=(--rate "$RATE")
 case "$scenario" in
     a|b|c|d) start_server "$base_port"; load+=(--addr "127.0.0.1:$((base_port + client_offset))" --server-pid "${pids[0]}") ;;
