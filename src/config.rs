@@ -19,7 +19,7 @@ pub enum StoreKind {
         data_dir: PathBuf,
         /// Every commit fsynced before it is acknowledged (`EMBEDDED_SYNC=full`).
         durable: bool,
-        /// WAL size past which it is checkpointed and truncated (`EMBEDDED_WAL_LIMIT_BYTES`).
+        /// WAL size past which it is reset (`EMBEDDED_WAL_LIMIT_BYTES`).
         wal_limit: u64,
     },
     /// A MongoDB deployment.
@@ -171,7 +171,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "EMBEDDED_WAL_LIMIT_BYTES",
         "16777216",
-        "the embedded store's write-ahead log is checkpointed and truncated past this size",
+        "the embedded store's write-ahead log is reset past this size (reused in place; emptied when writes stop)",
     ),
     (
         "MAX_LINE_BYTES",
