@@ -68,6 +68,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_msg_id
     ON messages (username, client_msg_id) WHERE client_msg_id IS NOT NULL;
 ";
 
+/// v1's index of messages by time serves only the v1 → v2 migration above (read state is by
+/// `seq` since v2) but cost a B-tree update, about one more page per group written, in every
+/// commit of messages. Dropped without a version step: a server of the same schema version
+/// never reads it, so an older v3 server still opens the file.
+const DROP_UNREAD_INDEXES: &str = "DROP INDEX IF EXISTS messages_by_time;";
+
 const MESSAGE_COLUMNS: &str = "id, group_name, username, text, timestamp, seq, client_msg_id";
 
 /// One worker's connection to the embedded database.
@@ -121,6 +127,7 @@ impl SqliteStore {
         if version < 3 {
             tx.execute_batch(MIGRATE_V2_TO_V3)?;
         }
+        tx.execute_batch(DROP_UNREAD_INDEXES)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
@@ -738,6 +745,33 @@ mod tests {
     fn satisfies_the_store_contract() {
         let (mut store, dir) = temp_store("contract");
         super::super::contract::check_all(&mut store, "");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_message_commit_updates_no_index_by_time() {
+        let (store, dir) = temp_store("indexes");
+        let index_names: Vec<String> = store
+            .connection
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| row.get(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .expect("list indexes");
+        assert!(
+            !index_names.iter().any(|name| name == "messages_by_time"),
+            "{index_names:?}"
+        );
+        assert!(
+            index_names
+                .iter()
+                .any(|name| name == "messages_by_client_msg_id"),
+            "{index_names:?}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }
