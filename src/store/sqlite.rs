@@ -1,5 +1,6 @@
 //! The embedded store: SQLite (WAL mode) in `DATA_DIR/noomnim.sqlite3`, one connection per worker.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -345,47 +346,89 @@ fn head_seq(tx: &Connection, group_name: &str) -> Result<u64, StoreError> {
     Ok(seq as u64)
 }
 
-fn append_one(
-    tx: &Connection,
-    message: &NewMessage,
-    timestamp: &str,
-) -> Result<Appended, StoreError> {
-    // The original is returned whatever happened since (the sender left the group, or reused
-    // the id for another group): a retry must never store a second copy.
-    if let Some(id) = &message.client_msg_id {
-        if let Some(original) = sent_before(tx, &message.username, id)? {
-            return Ok(Appended::duplicate(original));
+/// One commit's worth of messages: what the batch already checked is not asked again. Each
+/// sender's membership is checked once per batch (nothing else writes while the batch holds
+/// the writers' turn), and each group's `last_seq` is read once, counted up here and written
+/// once at the end, instead of four statements per message.
+#[derive(Default)]
+struct Appender {
+    members: HashSet<(String, String)>,
+    /// Per group: the last seq given out in this batch.
+    last_seq: HashMap<String, i64>,
+}
+
+impl Appender {
+    fn append(
+        &mut self,
+        tx: &Connection,
+        message: &NewMessage,
+        timestamp: &str,
+    ) -> Result<Appended, StoreError> {
+        // The original is returned whatever happened since (the sender left the group, or
+        // reused the id for another group): a retry must never store a second copy.
+        if let Some(id) = &message.client_msg_id {
+            if let Some(original) = sent_before(tx, &message.username, id)? {
+                return Ok(Appended::duplicate(original));
+            }
         }
-    }
-    member_state(tx, &message.username, &message.group_name)?;
-    let seq: i64 = tx
-        .prepare_cached(
-            "UPDATE groups SET last_seq = last_seq + 1 WHERE group_name = ?1 RETURNING last_seq",
+        let pair = (message.username.clone(), message.group_name.clone());
+        if !self.members.contains(&pair) {
+            check_member(tx, &message.username, &message.group_name)?;
+            self.members.insert(pair);
+        }
+        let seq = match self.last_seq.get(&message.group_name) {
+            Some(last) => last + 1,
+            None => head_seq(tx, &message.group_name)? as i64 + 1,
+        };
+        let stored = Message {
+            id: new_object_id(),
+            group_name: message.group_name.clone(),
+            username: message.username.clone(),
+            text: message.text.clone(),
+            timestamp: timestamp.to_string(),
+            seq: seq as u64,
+            client_msg_id: message.client_msg_id.clone(),
+        };
+        tx.prepare_cached(
+            "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .query_row([&message.group_name], |row| row.get(0))?;
-    let stored = Message {
-        id: new_object_id(),
-        group_name: message.group_name.clone(),
-        username: message.username.clone(),
-        text: message.text.clone(),
-        timestamp: timestamp.to_string(),
-        seq: seq as u64,
-        client_msg_id: message.client_msg_id.clone(),
-    };
-    tx.prepare_cached(
-        "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        stored.id,
-        stored.group_name,
-        stored.username,
-        stored.text,
-        stored.timestamp,
-        seq,
-        stored.client_msg_id
-    ])?;
-    Ok(Appended::new(stored))
+        .execute(params![
+            stored.id,
+            stored.group_name,
+            stored.username,
+            stored.text,
+            stored.timestamp,
+            seq,
+            stored.client_msg_id
+        ])?;
+        // Only a stored message takes its number: a failed insert leaves no gap.
+        self.last_seq.insert(message.group_name.clone(), seq);
+        Ok(Appended::new(stored))
+    }
+
+    /// Writes each group's new `last_seq` (in the same transaction, before the commit).
+    fn finish(self, tx: &Connection) -> Result<(), StoreError> {
+        let mut update =
+            tx.prepare_cached("UPDATE groups SET last_seq = ?2 WHERE group_name = ?1")?;
+        for (group_name, seq) in &self.last_seq {
+            update.execute(params![group_name, seq])?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the user belongs to the group: one lookup when it does (the common case); the
+/// group's existence is asked only to tell `GroupNotFound` from `NotAMember`.
+fn check_member(tx: &Connection, username: &str, group_name: &str) -> Result<(), StoreError> {
+    let member = tx
+        .prepare_cached("SELECT 1 FROM members WHERE group_name = ?1 AND username = ?2")?
+        .exists([group_name, username])?;
+    if member {
+        return Ok(());
+    }
+    group_id(tx, group_name)?;
+    Err(StoreError::NotAMember)
 }
 
 impl Store for SqliteStore {
@@ -514,12 +557,16 @@ impl Store for SqliteStore {
             Err(error) => return unavailable(error),
         };
         let timestamp = now_timestamp();
+        let mut appender = Appender::default();
         let results: Vec<_> = batch
             .iter()
-            .map(|message| append_one(&tx, message, &timestamp))
+            .map(|message| appender.append(&tx, message, &timestamp))
             .collect();
         if let Some(Err(error @ StoreError::Unavailable(_))) = results.iter().find(|r| r.is_err()) {
             return unavailable(error.clone());
+        }
+        if let Err(error) = appender.finish(&tx) {
+            return unavailable(error);
         }
         match tx.commit() {
             Ok(()) => results,
