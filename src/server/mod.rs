@@ -434,8 +434,10 @@ impl Server {
         for token in deferred.drain(..) {
             if let Some(connection) = self.connections.get_mut(&token) {
                 connection.undefer();
+                if connection.touch() {
+                    self.touched.push(token);
+                }
             }
-            self.touch(token);
         }
         self.deferred = deferred;
     }

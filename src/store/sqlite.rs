@@ -73,7 +73,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_msg_id
 /// `seq` since v2) but cost a B-tree update, about one more page per group written, in every
 /// commit of messages. Dropped without a version step: a server of the same schema version
 /// never reads it, so an older v3 server still opens the file.
-const DROP_UNREAD_INDEXES: &str = "DROP INDEX IF EXISTS messages_by_time;";
+const DROP_UNUSED_INDEXES: &str = "DROP INDEX IF EXISTS messages_by_time;";
 
 const MESSAGE_COLUMNS: &str = "id, group_name, username, text, timestamp, seq, client_msg_id";
 
@@ -128,7 +128,7 @@ impl SqliteStore {
         if version < 3 {
             tx.execute_batch(MIGRATE_V2_TO_V3)?;
         }
-        tx.execute_batch(DROP_UNREAD_INDEXES)?;
+        tx.execute_batch(DROP_UNUSED_INDEXES)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         Ok(())
@@ -202,6 +202,7 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
     let wal = path.with_extension("sqlite3-wal");
     // When the last RESTART happened, as the WAL's modification time then.
     let mut restarted = None;
+    let written_at = |wal: &Path| std::fs::metadata(wal).and_then(|m| m.modified()).ok();
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
         // A passive checkpoint never blocks a writer, but under a steady stream of commits it
@@ -216,7 +217,6 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
         // the last RESTART: no commit came to reuse the file, so TRUNCATE, which then keeps no
         // one waiting, gives the space back.
         let mut done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        let written_at = |wal: &Path| std::fs::metadata(wal).and_then(|m| m.modified()).ok();
         let over = std::fs::metadata(&wal).is_ok_and(|m| m.len() > wal_limit);
         if done.is_ok() && over {
             let idle = restarted.is_some() && restarted == written_at(&wal);
@@ -352,7 +352,8 @@ fn head_seq(tx: &Connection, group_name: &str) -> Result<u64, StoreError> {
 /// once at the end, instead of four statements per message.
 #[derive(Default)]
 struct Appender {
-    members: HashSet<(String, String)>,
+    /// Per group: the senders found to be members (keyed so that a lookup allocates nothing).
+    members: HashMap<String, HashSet<String>>,
     /// Per group: the last seq given out in this batch.
     last_seq: HashMap<String, i64>,
 }
@@ -371,10 +372,16 @@ impl Appender {
                 return Ok(Appended::duplicate(original));
             }
         }
-        let pair = (message.username.clone(), message.group_name.clone());
-        if !self.members.contains(&pair) {
+        let checked = self
+            .members
+            .get(&message.group_name)
+            .is_some_and(|senders| senders.contains(&message.username));
+        if !checked {
             check_member(tx, &message.username, &message.group_name)?;
-            self.members.insert(pair);
+            self.members
+                .entry(message.group_name.clone())
+                .or_default()
+                .insert(message.username.clone());
         }
         let seq = match self.last_seq.get(&message.group_name) {
             Some(last) => last + 1,
@@ -403,7 +410,12 @@ impl Appender {
             stored.client_msg_id
         ])?;
         // Only a stored message takes its number: a failed insert leaves no gap.
-        self.last_seq.insert(message.group_name.clone(), seq);
+        match self.last_seq.get_mut(&message.group_name) {
+            Some(last) => *last = seq,
+            None => {
+                self.last_seq.insert(message.group_name.clone(), seq);
+            }
+        }
         Ok(Appended::new(stored))
     }
 
