@@ -1,14 +1,17 @@
 //! Token authentication: `find_user {username, token}` with an HS256 JWT (RFC 7519) signed by
 //! the operator's application with `AUTH_SECRET`. The jsonwebtoken crate checks the signature
 //! (ring's constant-time HMAC verification) and the time claims; this module only decides what
-//! the server requires: `sub` equal to the username, `exp` present and not passed, `nbf` and
-//! `iat` honoured when present, 30 s leeway for clocks that disagree.
+//! the server requires: `sub` equal to the username (both in Unicode NFC, as names are compared
+//! everywhere), `exp` present and not passed, `nbf` and `iat` honoured when present, 30 s leeway
+//! for clocks that disagree. `aud` is ignored unless `AUTH_AUDIENCE` is set; then it must be
+//! present and name that audience (a string, or an array containing it).
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
 
 /// Clock disagreement tolerated on `exp`, `nbf` and `iat`, in seconds.
 pub const LEEWAY_SECONDS: u64 = 30;
@@ -47,6 +50,9 @@ struct Claims {
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nbf: Option<u64>,
+    /// Checked by the crate against `AUTH_AUDIENCE`; kept here so minted tokens carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aud: Option<serde_json::Value>,
 }
 
 /// Checks and mints tokens for one secret.
@@ -54,6 +60,7 @@ pub struct Authenticator {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    audience: Option<String>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -69,18 +76,31 @@ fn now_seconds() -> u64 {
 }
 
 impl Authenticator {
-    pub fn new(secret: &Secret) -> Authenticator {
+    /// Checks tokens signed with `secret`; with `audience`, only tokens whose `aud` names it.
+    pub fn new(secret: &Secret, audience: Option<&str>) -> Authenticator {
         // Only HS256: a token naming `none` or any other algorithm is refused before its
         // signature is looked at (no algorithm confusion).
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        match audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            None => {
+                // Tokens minted for several services often carry an `aud`; without a configured
+                // audience there is nothing to compare it with, so it is not held against them.
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+            }
+        }
         Authenticator {
             decoding: DecodingKey::from_secret(&secret.0),
             encoding: EncodingKey::from_secret(&secret.0),
             validation,
+            audience: audience.map(str::to_string),
         }
     }
 
@@ -99,7 +119,9 @@ impl Authenticator {
         {
             return false;
         }
-        claims.sub == username
+        // The username arrives in NFC (ops/fields.rs); a minter may have written `sub` in
+        // another form of the same text.
+        claims.sub.nfc().eq(username.chars())
     }
 
     /// A token for `username`, valid from now for `ttl_seconds`.
@@ -110,6 +132,7 @@ impl Authenticator {
             exp: now.saturating_add(ttl_seconds),
             iat: Some(now),
             nbf: None,
+            aud: self.audience.clone().map(serde_json::Value::String),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| format!("cannot sign a token: {e}"))
@@ -121,7 +144,51 @@ mod tests {
     use super::*;
 
     fn authenticator(secret: &str) -> Authenticator {
-        Authenticator::new(&Secret::new(secret.as_bytes().to_vec()))
+        Authenticator::new(&Secret::new(secret.as_bytes().to_vec()), None)
+    }
+
+    fn signed(auth: &Authenticator, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &auth.encoding)
+            .expect("encode")
+    }
+
+    #[test]
+    fn sub_is_compared_in_nfc_and_aud_only_when_configured() {
+        let exp = now_seconds() + 600;
+        let open = authenticator("a-test-secret-of-some-length-0123456");
+        let decomposed = signed(
+            &open,
+            &serde_json::json!({"sub": "jose\u{301}", "exp": exp}),
+        );
+        assert!(open.admits(&decomposed, "jos\u{e9}"));
+        let with_aud = signed(
+            &open,
+            &serde_json::json!({"sub": "al", "exp": exp, "aud": "x"}),
+        );
+        assert!(
+            open.admits(&with_aud, "al"),
+            "aud is ignored when none is configured"
+        );
+
+        let secret = Secret::new(b"a-test-secret-of-some-length-0123456".to_vec());
+        let strict = Authenticator::new(&secret, Some("chat"));
+        let ok = signed(
+            &strict,
+            &serde_json::json!({"sub": "al", "exp": exp, "aud": "chat"}),
+        );
+        let listed = signed(
+            &strict,
+            &serde_json::json!({"sub": "al", "exp": exp, "aud": ["mail", "chat"]}),
+        );
+        let other = signed(
+            &strict,
+            &serde_json::json!({"sub": "al", "exp": exp, "aud": "mail"}),
+        );
+        let none = signed(&strict, &serde_json::json!({"sub": "al", "exp": exp}));
+        assert!(strict.admits(&ok, "al"));
+        assert!(strict.admits(&listed, "al"));
+        assert!(!strict.admits(&other, "al"));
+        assert!(!strict.admits(&none, "al"));
     }
 
     #[test]
@@ -141,6 +208,7 @@ mod tests {
             exp: now_seconds() - LEEWAY_SECONDS - 5,
             iat: None,
             nbf: None,
+            aud: None,
         };
         let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &auth.encoding)
             .expect("encode");

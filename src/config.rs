@@ -72,6 +72,8 @@ pub struct Config {
     /// `find_user` needs a token signed with this (`AUTH_SECRET`, `AUTH_SECRET_FILE`, or the
     /// systemd credential `auth_secret`); `None`: anyone may claim any name.
     pub auth_secret: Option<Secret>,
+    /// `AUTH_AUDIENCE`: tokens must carry this `aud`; `None`: `aud` is not checked.
+    pub auth_audience: Option<String>,
     /// The TLS certificate chain and key (PEM); `None`: no TLS listener.
     pub tls: Option<TlsFiles>,
     pub tls_port: u16,
@@ -267,6 +269,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "file holding the secret instead (trailing newline ignored); under systemd the credential auth_secret is used",
     ),
     (
+        "AUTH_AUDIENCE",
+        "(unset)",
+        "tokens must carry this aud (a string, or an array naming it); unset: aud is not checked",
+    ),
+    (
         "TLS_CERT",
         "(unset)",
         "PEM certificate chain; with TLS_KEY, serve TLS on TLS_PORT (reloaded on SIGHUP)",
@@ -449,6 +456,9 @@ impl Config {
             keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES", 6)?
                 as u32,
             auth_secret: auth_secret(env)?,
+            auth_audience: get("AUTH_AUDIENCE")
+                .filter(|audience| !audience.is_empty())
+                .map(str::to_string),
             tls: match (get("TLS_CERT"), get("TLS_KEY")) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert: PathBuf::from(cert),
@@ -506,11 +516,24 @@ fn without_store(env: &HashMap<String, String>) -> HashMap<String, String> {
     env
 }
 
+/// The shortest secret accepted: HS256's key should be at least its 256-bit output (RFC 7518
+/// section 3.2); a shorter one can be guessed offline from any token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// The token secret: `AUTH_SECRET`, else the file `AUTH_SECRET_FILE` names, else the systemd
 /// credential `auth_secret` (`LoadCredential=`, in `$CREDENTIALS_DIRECTORY`). The secret's
 /// value never appears in an error.
 fn auth_secret(env: &HashMap<String, String>) -> Result<Option<Secret>, ConfigError> {
-    if let Some(secret) = env.get("AUTH_SECRET").filter(|s| !s.is_empty()) {
+    // Set but empty is a mistake (an unexpanded variable, an empty secret store), never a way
+    // to turn authentication off: that would open the server to anyone without a word.
+    if let Some(secret) = env.get("AUTH_SECRET") {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::Invalid {
+                name: "AUTH_SECRET",
+                value: format!("<{} bytes, redacted>", secret.len()),
+                expected: "at least 32 bytes (e.g. head -c 32 /dev/urandom | base64)",
+            });
+        }
         return Ok(Some(Secret::new(secret.as_bytes().to_vec())));
     }
     let (name, path) = match (
@@ -537,6 +560,12 @@ fn auth_secret(env: &HashMap<String, String>) -> Result<Option<Secret>, ConfigEr
     }
     if bytes.is_empty() {
         return Err(unreadable("the file is empty".into()));
+    }
+    if bytes.len() < MIN_SECRET_BYTES {
+        return Err(unreadable(format!(
+            "the secret is {} bytes; at least {MIN_SECRET_BYTES} are needed",
+            bytes.len()
+        )));
     }
     Ok(Some(Secret::new(bytes)))
 }

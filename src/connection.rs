@@ -225,9 +225,11 @@ impl Connection {
         &self.session
     }
 
-    /// Binds the connection to a user (`find_user` succeeded).
+    /// Binds the connection to a user (`find_user` succeeded); earlier failed attempts are
+    /// forgiven.
     pub fn bind(&mut self, username: String) {
         self.session.username = Some(username);
+        self.auth_failures = 0;
     }
 
     /// Puts the connection in a room; lines queued for an earlier room count for nothing.
@@ -265,9 +267,14 @@ impl Connection {
         self.bucket.take(now, rate, burst)
     }
 
-    /// Counts a `find_user` refused by authentication; after `MAX_AUTH_FAILURES` the connection
-    /// is cut off (`auth_failed`). True when that happened now.
+    /// Counts a `find_user` refused by authentication; after `MAX_AUTH_FAILURES` consecutive
+    /// failures the connection is cut off (`auth_failed`). True when that happened now. A
+    /// connection already logged in is not cut off by a failed refresh (the failure count is
+    /// about guessing a way in; it keeps the login it proved).
     pub fn count_auth_failure(&mut self) -> bool {
+        if self.session.username.is_some() {
+            return false;
+        }
         self.auth_failures += 1;
         if self.auth_failures < MAX_AUTH_FAILURES {
             return false;

@@ -132,9 +132,9 @@ fn print_token(args: Vec<String>) -> ExitCode {
         eprintln!("noomnim: {USAGE}");
         return ExitCode::from(2);
     };
-    let secret = match Config::from_env().map(|config| config.auth_secret) {
-        Ok(Some(secret)) => secret,
-        Ok(None) => {
+    let (secret, audience) = match Config::from_env().map(|c| (c.auth_secret, c.auth_audience)) {
+        Ok((Some(secret), audience)) => (secret, audience),
+        Ok((None, _)) => {
             eprintln!("noomnim: no secret: set AUTH_SECRET or AUTH_SECRET_FILE");
             return ExitCode::from(2);
         }
@@ -143,7 +143,7 @@ fn print_token(args: Vec<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match noomnim::auth::Authenticator::new(&secret).mint(username, ttl) {
+    match noomnim::auth::Authenticator::new(&secret, audience.as_deref()).mint(username, ttl) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

@@ -69,8 +69,16 @@ pub struct UserProfile {
     #[serde(rename = "_id")]
     pub id: String,
     pub username: String,
+    /// The user's groups by name (byte order), at most `MAX_GROUP_LIST` of them.
     pub group_list: Vec<String>,
+    /// More groups than `group_list` holds: `my_groups {after}` pages through all of them.
+    /// Only written when true, so v1 replies keep their shape.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub group_list_has_more: bool,
 }
+
+/// Most group names `find_user` lists (fewer when they would not fit `MAX_REPLY_BYTES`).
+pub const MAX_GROUP_LIST: u32 = 1000;
 
 /// A newly created group as `create_group` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -114,7 +122,15 @@ pub struct GroupsPage {
     pub has_more: bool,
 }
 
-/// Which page of `list_groups`: groups named after `after` (byte order), at most `limit`.
+/// A page of `my_groups`, by group name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipsPage {
+    pub groups: Vec<GroupReadState>,
+    pub has_more: bool,
+}
+
+/// Which page of `list_groups` or `my_groups`: groups named after `after` (byte order), at
+/// most `limit`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupsQuery {
     pub after: Option<String>,

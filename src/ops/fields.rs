@@ -142,16 +142,23 @@ pub fn client_msg_id_field(data: &Map<String, Value>) -> Result<Option<String>, 
     }
 }
 
+/// A string field that may be left out (`None`).
+pub fn optional_string(
+    data: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, ProtocolError> {
+    match data.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(bad_request(format!("Field '{name}' must be a string."))),
+    }
+}
+
 /// `list_groups {after?, limit?}`: groups named after `after`, at most `limit` (default 100).
 pub fn groups_query(data: &Map<String, Value>) -> Result<GroupsQuery, ProtocolError> {
-    let after = match data.get("after") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(after)) => Some(after.clone()),
-        Some(_) => return Err(bad_request("Field 'after' must be a string.".to_string())),
-    };
     Ok(GroupsQuery {
-        after,
-        limit: limit_field(data, MAX_PAGE_LIMIT)?,
+        after: optional_string(data, "after")?,
+        limit: limit_field(data, MAX_PAGE_LIMIT, MAX_PAGE_LIMIT)?,
     })
 }
 
@@ -172,13 +179,17 @@ pub fn optional_count(data: &Map<String, Value>, name: &str) -> Result<Option<u6
     }
 }
 
-/// A page size: 1-`MAX_PAGE_LIMIT`, `default` when absent.
-pub fn limit_field(data: &Map<String, Value>, default: u32) -> Result<u32, ProtocolError> {
+/// A page size: 1-`most`, `default` when absent.
+pub fn limit_field(
+    data: &Map<String, Value>,
+    default: u32,
+    most: u32,
+) -> Result<u32, ProtocolError> {
     match optional_count(data, "limit") {
         Ok(None) => Ok(default),
-        Ok(Some(limit)) if (1..=u64::from(MAX_PAGE_LIMIT)).contains(&limit) => Ok(limit as u32),
+        Ok(Some(limit)) if (1..=u64::from(most)).contains(&limit) => Ok(limit as u32),
         _ => Err(bad_request(format!(
-            "Field 'limit' must be a whole number 1-{MAX_PAGE_LIMIT}."
+            "Field 'limit' must be a whole number 1-{most}."
         ))),
     }
 }
@@ -187,7 +198,7 @@ pub fn page_fields(data: &Map<String, Value>) -> Result<PageQuery, ProtocolError
     Ok(PageQuery {
         before_seq: optional_count(data, "before_seq")?,
         after_seq: optional_count(data, "after_seq")?,
-        limit: limit_field(data, DEFAULT_PAGE_LIMIT)?,
+        limit: limit_field(data, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT)?,
     })
 }
 
@@ -245,9 +256,9 @@ mod tests {
 
     #[test]
     fn limits_are_bounded() {
-        assert!(limit_field(&data(serde_json::json!({"limit": 0})), 50).is_err());
-        assert!(limit_field(&data(serde_json::json!({"limit": 101})), 50).is_err());
-        assert_eq!(limit_field(&data(serde_json::json!({})), 50), Ok(50));
+        assert!(limit_field(&data(serde_json::json!({"limit": 0})), 50, 100).is_err());
+        assert!(limit_field(&data(serde_json::json!({"limit": 101})), 50, 100).is_err());
+        assert_eq!(limit_field(&data(serde_json::json!({})), 50, 100), Ok(50));
         let too_big = serde_json::json!({ "seq": u64::MAX });
         assert!(optional_count(&data(too_big), "seq").is_err());
     }

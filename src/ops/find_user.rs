@@ -1,6 +1,8 @@
 //! `find_user {username, token?}`: log in, creating the user if the name is new. With
 //! authentication on, the token must prove the name; every way to fail gets the same
 //! `unauthorized` answer (the connection counts them, see `session::MAX_AUTH_FAILURES`).
+//! `group_list` names at most `MAX_GROUP_LIST` groups (fewer if they would not fit the reply);
+//! `group_list_has_more: true` then says to page the rest with `my_groups`.
 
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -11,7 +13,7 @@ use crate::model::UserProfile;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{ErrorCode, Failure, ProtocolError};
 use crate::session::Effect;
-use crate::store::{Store, StoreError};
+use crate::store::{fit_page, Store, StoreError};
 
 pub struct FindUser {
     username: String,
@@ -58,6 +60,7 @@ impl Event for FindUser {
         Ok(store(FindOrCreate {
             username: self.username,
             new_name: self.new_name.err(),
+            reply_budget: context.reply_budget,
         }))
     }
 }
@@ -67,6 +70,8 @@ struct FindOrCreate {
     username: String,
     /// Why the name may not be used for a new user (`None`: it may).
     new_name: Option<String>,
+    /// Bytes the reply may take: `group_list` is cut to fit (`group_list_has_more`).
+    reply_budget: usize,
 }
 
 impl StoreCall for FindOrCreate {
@@ -80,7 +85,11 @@ impl StoreCall for FindOrCreate {
         store.find_or_create_user(&self.username, self.new_name.is_none())
     }
 
-    fn answer(self, (profile, created): Self::Output, id: Option<&RawValue>) -> Completed {
+    fn answer(self, (mut profile, created): Self::Output, id: Option<&RawValue>) -> Completed {
+        let (group_list, cut) =
+            fit_page(std::mem::take(&mut profile.group_list), self.reply_budget);
+        profile.group_list = group_list;
+        profile.group_list_has_more |= cut;
         let event = if created {
             "user_created"
         } else {

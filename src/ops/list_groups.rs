@@ -1,5 +1,6 @@
 //! `list_groups {after?, limit?}`: one page of groups by name, each with `member_count` (and
-//! `members` while there are at most `MAX_LISTED_MEMBERS`).
+//! `members` while there are at most `MAX_LISTED_MEMBERS`). The page shrinks to fit
+//! `MAX_REPLY_BYTES`; `has_more` and `next_after` say where the next one starts.
 
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -9,20 +10,27 @@ use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::{GroupsPage, GroupsQuery};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
-use crate::store::{Store, StoreError};
+use crate::store::{fit_page, Store, StoreError};
 
 #[derive(Debug)]
-pub struct ListGroups(GroupsQuery);
+pub struct ListGroups {
+    query: GroupsQuery,
+    reply_budget: usize,
+}
 
 impl Event for ListGroups {
     const NAME: &'static str = "list_groups";
     const NAMES_USER: bool = false;
 
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
-        groups_query(data).map(ListGroups)
+        Ok(ListGroups {
+            query: groups_query(data)?,
+            reply_budget: 0,
+        })
     }
 
-    fn plan(self, _: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+        self.reply_budget = context.reply_budget;
         Ok(store(self))
     }
 }
@@ -35,11 +43,16 @@ impl StoreCall for ListGroups {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<GroupsPage, StoreError> {
-        store.list_groups(&self.0)
+        store.list_groups(&self.query)
     }
 
     fn answer(self, page: GroupsPage, id: Option<&RawValue>) -> Completed {
-        let data = json!({ "groups": page.groups, "has_more": page.has_more });
+        let (groups, cut) = fit_page(page.groups, self.reply_budget);
+        let has_more = page.has_more || cut;
+        let mut data = json!({ "groups": groups, "has_more": has_more });
+        if has_more {
+            data["next_after"] = json!(groups.last().map(|g| &g.group_name));
+        }
         Completed::reply(encode_line("groups", &data, id))
     }
 }

@@ -172,7 +172,8 @@ pub trait Call: Send + std::fmt::Debug {
     fn run(&mut self, store: &mut dyn Store);
     /// Records a result without running (the job waited longer than the store timeout).
     fn fail(&mut self, error: StoreError);
-    fn finish(self: Box<Self>, id: Option<&RawValue>) -> Completed;
+    /// The reply, never longer than `max_reply_bytes` (see `within_reply_limit`).
+    fn finish(self: Box<Self>, id: Option<&RawValue>, max_reply_bytes: usize) -> Completed;
 }
 
 #[derive(Debug)]
@@ -194,15 +195,38 @@ impl<C: StoreCall> Call for Pending<C> {
         self.result = Some(Err(error));
     }
 
-    fn finish(self: Box<Self>, id: Option<&RawValue>) -> Completed {
+    fn finish(self: Box<Self>, id: Option<&RawValue>, max_reply_bytes: usize) -> Completed {
         let Pending { call, result } = *self;
         let result =
             result.unwrap_or_else(|| Err(StoreError::Unavailable("the job never ran".into())));
-        match result {
+        let completed = match result {
             Ok(output) => call.answer(output, id),
             Err(error) => Completed::reply(encode_failure(&call.failure(error), id)),
-        }
+        };
+        within_reply_limit(completed, id, max_reply_bytes)
     }
+}
+
+/// The one place `MAX_REPLY_BYTES` is enforced for every store-backed reply: each listing
+/// shrinks its page to its budget first, so this only fires on a bug, and then the client gets
+/// a clear error instead of a line it may not be able to take (and nothing changes state).
+pub fn within_reply_limit(
+    completed: Completed,
+    id: Option<&RawValue>,
+    max_reply_bytes: usize,
+) -> Completed {
+    if completed.line.len() <= max_reply_bytes {
+        return completed;
+    }
+    log::error!(
+        "a reply of {} bytes exceeded MAX_REPLY_BYTES ({max_reply_bytes}); sent reply_too_large",
+        completed.line.len()
+    );
+    let error = ProtocolError::new(
+        ErrorCode::ReplyTooLarge,
+        "The reply would exceed MAX_REPLY_BYTES; ask for a smaller page (limit).",
+    );
+    Completed::reply(encode_failure(&error.into(), id))
 }
 
 /// The store job for a call.

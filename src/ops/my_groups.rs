@@ -1,19 +1,26 @@
-//! `my_groups {username}`: the user's groups with their read state (newest seq, marker,
-//! unread count), one indexed read per group.
+//! `my_groups {username, after?, limit?}`: a page of the user's groups by name, each with its
+//! read state (newest seq, marker, unread count). The page shrinks to fit `MAX_REPLY_BYTES`;
+//! `has_more` and `next_after` say where the next one starts.
 
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::fields::name_field;
+use super::fields::{limit_field, name_field, optional_string};
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
-use crate::model::GroupReadState;
+use crate::model::{GroupsQuery, MembershipsPage};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
-use crate::store::{Store, StoreError};
+use crate::store::{fit_page, Store, StoreError};
+
+/// Memberships one `my_groups` page holds at most (and by default, so a v2 client that never
+/// pages gets every group of an ordinary user in one reply).
+pub const MAX_MEMBERSHIPS_PAGE: u32 = 1000;
 
 #[derive(Debug)]
 pub struct MyGroups {
     username: String,
+    query: GroupsQuery,
+    reply_budget: usize,
 }
 
 impl Event for MyGroups {
@@ -22,6 +29,11 @@ impl Event for MyGroups {
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         Ok(MyGroups {
             username: name_field(data, "username")?,
+            query: GroupsQuery {
+                after: optional_string(data, "after")?,
+                limit: limit_field(data, MAX_MEMBERSHIPS_PAGE, MAX_MEMBERSHIPS_PAGE)?,
+            },
+            reply_budget: 0,
         })
     }
 
@@ -29,23 +41,30 @@ impl Event for MyGroups {
         Some(&self.username)
     }
 
-    fn plan(self, _: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+        self.reply_budget = context.reply_budget;
         Ok(store(self))
     }
 }
 
 impl StoreCall for MyGroups {
-    type Output = Vec<GroupReadState>;
+    type Output = MembershipsPage;
 
     fn route(&self) -> Route<'_> {
         Route::by(&self.username)
     }
 
-    fn run(&self, store: &mut dyn Store) -> Result<Vec<GroupReadState>, StoreError> {
-        store.my_groups(&self.username)
+    fn run(&self, store: &mut dyn Store) -> Result<MembershipsPage, StoreError> {
+        store.my_groups(&self.username, &self.query)
     }
 
-    fn answer(self, groups: Vec<GroupReadState>, id: Option<&RawValue>) -> Completed {
-        Completed::reply(encode_line("my_groups", &json!({ "groups": groups }), id))
+    fn answer(self, page: MembershipsPage, id: Option<&RawValue>) -> Completed {
+        let (groups, cut) = fit_page(page.groups, self.reply_budget);
+        let has_more = page.has_more || cut;
+        let mut data = json!({ "groups": groups, "has_more": has_more });
+        if has_more {
+            data["next_after"] = json!(groups.last().map(|g| &g.group_name));
+        }
+        Completed::reply(encode_line("my_groups", &data, id))
     }
 }

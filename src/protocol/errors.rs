@@ -15,10 +15,13 @@ pub enum ErrorCode {
     Unavailable,
     QuotaExceeded,
     Unauthorized,
+    /// A reply that would exceed `MAX_REPLY_BYTES` (every listing fits itself first; this is
+    /// the last guard, in one place for every event).
+    ReplyTooLarge,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownEvent,
         ErrorCode::BadRequest,
@@ -29,6 +32,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::QuotaExceeded,
         ErrorCode::Unauthorized,
+        ErrorCode::ReplyTooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +47,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ReplyTooLarge => "reply_too_large",
         }
     }
 }

@@ -62,9 +62,10 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return;
         };
+        let max_reply_bytes = self.config.max_reply_bytes;
         let filed = connection.answer(ticket, |id| match answer {
             Answer::Sent(result) => send_message::answer(result, id),
-            Answer::Call(call) => call.finish(id),
+            Answer::Call(call) => call.finish(id, max_reply_bytes),
         });
         if !filed {
             // Already answered `unavailable` when it outlived STORE_TIMEOUT_MS.

@@ -467,7 +467,9 @@ impl Server {
                         pool.submit(Requester::Connection(token, ticket), work);
                     }
                 }
-                if !connection.takes_requests(REPLY_BACKLOG_BYTES) {
+                // A connection cut off (the third failed login) takes nothing more from what
+                // it pipelined behind it.
+                if connection.is_doomed() || !connection.takes_requests(REPLY_BACKLOG_BYTES) {
                     break;
                 }
                 let Some(frame) = connection.next_frame() else {
@@ -621,7 +623,7 @@ fn rules_of(config: &Config) -> Rules {
         auth: config
             .auth_secret
             .as_ref()
-            .map(|secret| Rc::new(Authenticator::new(secret))),
+            .map(|secret| Rc::new(Authenticator::new(secret, config.auth_audience.as_deref()))),
     }
 }
 

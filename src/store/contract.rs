@@ -31,6 +31,7 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_creation_limits(store, prefix);
     check_idempotent_sends(store, prefix);
     check_group_pages(store, prefix);
+    check_membership_pages(store, prefix);
 }
 
 /// At most one message per (username, client_msg_id): repeats, in a later batch or the same
@@ -105,6 +106,64 @@ fn check_idempotent_sends(store: &mut dyn Store, prefix: &str) {
     );
     let stranger = store.append_messages(&[message_with_id(&group, &dave, "new", "k9")]);
     assert_eq!(stranger[0], Err(StoreError::NotAMember));
+    let elsewhere = format!("{prefix}no-such-group");
+    let retry = store.append_messages(&[message_with_id(&elsewhere, &dave, "lost", "k2")]);
+    assert_eq!(
+        retry[0].as_ref().map(|r| (r.duplicate, r.message.seq)),
+        Ok((true, 2)),
+        "a retry naming a group that does not exist still gets its original"
+    );
+    let fresh = store.append_messages(&[message_with_id(&elsewhere, &dave, "new", "k8")]);
+    assert_eq!(fresh[0], Err(StoreError::GroupNotFound));
+}
+
+/// `my_groups` and `find_user`'s `group_list` list memberships by group name (byte order)
+/// whatever order they were created or joined in, and page with `after`.
+fn check_membership_pages(store: &mut dyn Store, prefix: &str) {
+    let (owner, member) = (format!("{prefix}mp-owner"), format!("{prefix}mp-member"));
+    store.find_or_create_user(&owner, true).expect("owner");
+    store.find_or_create_user(&member, true).expect("member");
+    // Created in one order, joined in another, listed by name.
+    let names: Vec<String> = ["c", "a", "d", "b"]
+        .iter()
+        .map(|n| format!("{prefix}mp-{n}"))
+        .collect();
+    for name in &names {
+        store.create_group(&owner, name, 0).expect("group");
+    }
+    for name in names.iter().rev() {
+        store.join_group(&member, name).expect("join");
+    }
+    let first_in_a = store.append_messages(&[message(&names[1], &owner, "in a")]);
+    assert!(first_in_a[0].is_ok());
+    let mut sorted = names.clone();
+    sorted.sort();
+    let (profile, _) = store.find_or_create_user(&member, true).expect("find");
+    assert_eq!(profile.group_list, sorted);
+    assert!(!profile.group_list_has_more);
+    let query = |after: Option<&String>, limit| GroupsQuery {
+        after: after.cloned(),
+        limit,
+    };
+    let page = store.my_groups(&member, &query(None, 3)).expect("page 1");
+    let listed: Vec<&str> = page.groups.iter().map(|g| g.group_name.as_str()).collect();
+    assert_eq!(
+        listed,
+        sorted[..3].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(page.has_more);
+    let a = &page.groups[0];
+    assert_eq!((a.last_seq, a.last_read_seq, a.unread_count), (1, 0, 1));
+    let rest = store
+        .my_groups(&member, &query(Some(&sorted[2]), 3))
+        .expect("page 2");
+    assert_eq!(rest.groups.len(), 1);
+    assert_eq!(rest.groups[0].group_name, sorted[3]);
+    assert!(!rest.has_more);
+    let none = store
+        .my_groups(&format!("{prefix}mp-nobody"), &query(None, 10))
+        .expect("no memberships");
+    assert!(none.groups.is_empty() && !none.has_more);
 }
 
 /// `list_groups` pages by name with a member count; big groups leave out the member list.

@@ -11,7 +11,7 @@ use std::fmt;
 use crate::config::{Config, StoreKind};
 use crate::model::{
     Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
-    Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
+    MembershipsPage, Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 
 /// Why a store call failed.
@@ -45,7 +45,8 @@ impl std::error::Error for StoreError {}
 /// Persistent chat state. One instance per worker thread.
 pub trait Store: Send {
     /// Finds the user, creating it if new and `may_create`; `true` when it was created.
-    /// A missing user that may not be created is `UserNotFound`.
+    /// A missing user that may not be created is `UserNotFound`. `group_list` holds the first
+    /// `MAX_GROUP_LIST` group names in byte order (`group_list_has_more` when there are more).
     fn find_or_create_user(
         &mut self,
         username: &str,
@@ -96,8 +97,13 @@ pub trait Store: Send {
         username: &str,
         group_name: &str,
     ) -> Result<GroupReadState, StoreError>;
-    /// Every membership of the user with its read state, in joining order; O(1) per group.
-    fn my_groups(&mut self, username: &str) -> Result<Vec<GroupReadState>, StoreError>;
+    /// A page of the user's memberships with their read state, by group name (byte order),
+    /// in a number of queries that does not grow with the page.
+    fn my_groups(
+        &mut self,
+        username: &str,
+        query: &GroupsQuery,
+    ) -> Result<MembershipsPage, StoreError>;
     fn fetch_messages(
         &mut self,
         username: &str,
@@ -134,9 +140,9 @@ pub fn open(config: &Config) -> Result<Box<dyn Store>, StoreError> {
     }
 }
 
-/// Bytes one message adds to a JSON reply (its encoding and a separating comma), counted
+/// Bytes one item adds to a JSON reply (its encoding and a separating comma), counted
 /// without building the encoding.
-pub(crate) fn encoded_len(message: &Message) -> usize {
+pub(crate) fn encoded_len<T: serde::Serialize>(item: &T) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -149,7 +155,7 @@ pub(crate) fn encoded_len(message: &Message) -> usize {
     }
     let mut counter = Counter(1);
     // Encoding a plain struct of strings and numbers cannot fail; count 0 bytes if it did.
-    let _ = serde_json::to_writer(&mut counter, message);
+    let _ = serde_json::to_writer(&mut counter, item);
     counter.0
 }
 
@@ -164,12 +170,18 @@ pub fn fit_messages(
     fit(messages, keep_oldest, budget, true)
 }
 
-fn fit(
-    mut messages: Vec<Message>,
+/// Keeps the first items of a page that fit `budget` bytes (at least one); true when any was
+/// cut. Every listing reply (groups, memberships, names) is fitted with this.
+pub fn fit_page<T: serde::Serialize>(items: Vec<T>, budget: usize) -> (Vec<T>, bool) {
+    fit(items, true, budget, true)
+}
+
+fn fit<T: serde::Serialize>(
+    mut messages: Vec<T>,
     keep_oldest: bool,
     budget: usize,
     at_least_one: bool,
-) -> (Vec<Message>, bool) {
+) -> (Vec<T>, bool) {
     let mut used = 0;
     let mut kept = 0;
     let sizes = messages.iter().map(encoded_len);

@@ -31,8 +31,8 @@ use mongodb::IndexModel;
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
     format_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary,
-    GroupsPage, GroupsQuery, Member, Message, MessagePage, NewMessage, PageQuery, ReadMark,
-    UserProfile, Visit, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage, NewMessage, PageQuery,
+    ReadMark, UserProfile, Visit, MAX_GROUP_LIST, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -340,6 +340,57 @@ impl MongoStore {
         self.find_messages(doc! {"$or": keys}, true, most)
     }
 
+    /// The newest seq of each group, in two queries whatever their number: the `counters`
+    /// hints, then every message above its group's hint (none, unless a hint was left behind
+    /// by a failed raise). A group with no hint yet (no message since hints existed) is read
+    /// once by itself and gets one, so the next call finds it.
+    fn head_seqs(&self, names: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+        let mut heads = HashMap::with_capacity(names.len());
+        if names.is_empty() {
+            return Ok(heads);
+        }
+        let cursor = self
+            .counters
+            .find(doc! {"_id": {"$in": names.to_vec()}})
+            .max_time(self.max_time)
+            .run()?;
+        for counter in cursor {
+            let counter = counter?;
+            if let (Ok(name), Some(seq)) = (counter.get_str("_id"), seq_of(&counter)) {
+                heads.insert(name.to_string(), seq);
+            }
+        }
+        let mut above_hints = Vec::with_capacity(names.len());
+        for name in names {
+            match heads.get(*name) {
+                Some(&hint) => {
+                    above_hints.push(doc! {"group_name": *name, "seq": {"$gt": hint as i64}})
+                }
+                None => {
+                    let head = self.head_seq(name)?;
+                    self.raise_head_hint(name, head);
+                    heads.insert(name.to_string(), head);
+                }
+            }
+        }
+        if !above_hints.is_empty() {
+            let cursor = self
+                .messages
+                .find(doc! {"$or": above_hints})
+                .projection(doc! {"group_name": 1, "seq": 1})
+                .max_time(self.max_time)
+                .run()?;
+            for message in cursor {
+                let message = message?;
+                if let (Ok(name), Some(seq)) = (message.get_str("group_name"), seq_of(&message)) {
+                    let head = heads.entry(name.to_string()).or_insert(0);
+                    *head = (*head).max(seq);
+                }
+            }
+        }
+        Ok(heads)
+    }
+
     /// The group's head `seq` as the `counters` hint has it (0 when there is none yet).
     fn head_hint(&self, group_name: &str) -> Result<u64, StoreError> {
         let counter = first(&self.counters, doc! {"_id": group_name}, None)?;
@@ -388,6 +439,12 @@ impl MongoStore {
     ) -> Vec<(usize, Result<Appended, StoreError>)> {
         let group = match self.group(group_name) {
             Ok(group) => group,
+            // A retry still gets its original when the group is gone or was never there
+            // (the idempotency key is the sender's, whatever group the retry names).
+            Err(StoreError::GroupNotFound) => {
+                let strangers = items.into_iter().map(|(i, m)| (i, unstored(m, now)));
+                return self.retries_of_strangers(strangers.collect(), StoreError::GroupNotFound);
+            }
             Err(error) => {
                 return items
                     .into_iter()
@@ -400,7 +457,7 @@ impl MongoStore {
             .into_iter()
             .map(|(i, m)| (i, unstored(m, now)))
             .partition(|(_, m)| members.contains(&m.username));
-        let mut results = self.retries_of_strangers(strangers);
+        let mut results = self.retries_of_strangers(strangers, StoreError::NotAMember);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
         let (settled, error) = self.insert_with_seq(group_name, members_items);
         let mut settled: HashMap<usize, Appended> = settled.into_iter().collect();
@@ -415,11 +472,12 @@ impl MongoStore {
         results
     }
 
-    /// Messages from non-members are refused, except a retry of one stored before (the sender
-    /// may have left the group since): that gets its original, never a second copy.
+    /// Messages from non-members are refused (`refusal`), except a retry of one stored before
+    /// (the sender may have left the group since): that gets its original, never a second copy.
     fn retries_of_strangers(
         &self,
         strangers: Vec<(usize, Message)>,
+        refusal: StoreError,
     ) -> Vec<(usize, Result<Appended, StoreError>)> {
         let originals = match self.sent_before(&strangers) {
             Ok(originals) => originals,
@@ -435,7 +493,7 @@ impl MongoStore {
             .map(|(i, message)| {
                 let outcome = original_of(&originals, &message)
                     .map(|original| Appended::duplicate(original.clone()))
-                    .ok_or(StoreError::NotAMember);
+                    .ok_or_else(|| refusal.clone());
                 (i, outcome)
             })
             .collect()
@@ -639,6 +697,9 @@ impl Store for MongoStore {
             .groups
             .find(doc! {"user.name_ID": username})
             .projection(doc! {"group_name": 1})
+            .sort(doc! {"group_name": 1})
+            .limit(i64::from(MAX_GROUP_LIST) + 1)
+            .max_time(self.max_time)
             .run()?;
         let mut group_list = Vec::new();
         for group in cursor {
@@ -646,11 +707,14 @@ impl Store for MongoStore {
                 group_list.push(name.to_string());
             }
         }
+        let group_list_has_more = group_list.len() > MAX_GROUP_LIST as usize;
+        group_list.truncate(MAX_GROUP_LIST as usize);
         Ok((
             UserProfile {
                 id,
                 username: username.to_string(),
                 group_list,
+                group_list_has_more,
             },
             created,
         ))
@@ -851,23 +915,43 @@ impl Store for MongoStore {
         ))
     }
 
-    fn my_groups(&mut self, username: &str) -> Result<Vec<GroupReadState>, StoreError> {
+    fn my_groups(
+        &mut self,
+        username: &str,
+        query: &GroupsQuery,
+    ) -> Result<MembershipsPage, StoreError> {
         self.ensure_indexes()?;
+        let mut filter = doc! {"user.name_ID": username};
+        if let Some(after) = &query.after {
+            filter.insert("group_name", doc! {"$gt": after});
+        }
         let cursor = self
             .groups
-            .find(doc! {"user.name_ID": username})
+            .find(filter)
+            .sort(doc! {"group_name": 1})
+            .limit(i64::from(query.limit) + 1)
             .max_time(self.max_time)
             .run()?;
-        let mut states = Vec::new();
-        for group in cursor {
-            let group = group?;
+        let mut groups = cursor.collect::<Result<Vec<Document>, _>>()?;
+        let has_more = groups.len() > query.limit as usize;
+        groups.truncate(query.limit as usize);
+        let names: Vec<&str> = groups
+            .iter()
+            .filter_map(|group| group.get_str("group_name").ok())
+            .collect();
+        let heads = self.head_seqs(&names)?;
+        let mut states = Vec::with_capacity(groups.len());
+        for group in &groups {
             let group_name = group.get_str("group_name").unwrap_or_default().to_string();
-            let last_read_seq = self.member_read_seq(&group, username)?;
-            let id = group_ref(&group, &group_name).group_id;
-            let last_seq = self.head_seq(&group_name)?;
+            let last_read_seq = self.member_read_seq(group, username)?;
+            let id = group_ref(group, &group_name).group_id;
+            let last_seq = heads.get(&group_name).copied().unwrap_or(0);
             states.push(GroupReadState::new(group_name, id, last_seq, last_read_seq));
         }
-        Ok(states)
+        Ok(MembershipsPage {
+            groups: states,
+            has_more,
+        })
     }
 
     fn fetch_messages(

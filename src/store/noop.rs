@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::{Store, StoreError};
 use crate::model::{
     new_object_id, now_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
-    GroupSummary, GroupsPage, GroupsQuery, Member, Message, MessagePage, NewMessage, PageQuery,
-    ReadMark, UserProfile, Visit,
+    GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage,
+    NewMessage, PageQuery, ReadMark, UserProfile, Visit,
 };
 
 /// Every group's `epoch`: this store never restarts a numbering it keeps.
@@ -89,6 +89,7 @@ impl Store for NoopStore {
                 id: new_object_id(),
                 username: username.to_string(),
                 group_list,
+                group_list_has_more: false,
             };
             Ok((profile, created))
         })
@@ -219,8 +220,11 @@ impl Store for NoopStore {
         })
     }
 
-    fn my_groups(&mut self, _: &str) -> Result<Vec<GroupReadState>, StoreError> {
-        Ok(Vec::new())
+    fn my_groups(&mut self, _: &str, _: &GroupsQuery) -> Result<MembershipsPage, StoreError> {
+        Ok(MembershipsPage {
+            groups: Vec::new(),
+            has_more: false,
+        })
     }
 
     fn fetch_messages(

@@ -544,9 +544,10 @@ impl Load {
         // Tokens are minted before the clock starts: the server's cost is what is measured.
         let tokens: Vec<String> = match &args.token_secret {
             Some(secret) => {
-                let auth = noomnim::auth::Authenticator::new(&noomnim::auth::Secret::new(
-                    secret.as_bytes().to_vec(),
-                ));
+                let auth = noomnim::auth::Authenticator::new(
+                    &noomnim::auth::Secret::new(secret.as_bytes().to_vec()),
+                    None,
+                );
                 all.iter()
                     .map(|i| auth.mint(&format!("{tag}-u{i}"), 3600))
                     .collect::<Result<_, _>>()
