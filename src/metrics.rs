@@ -27,6 +27,8 @@ pub struct Metrics {
     pub messages_relayed_in: u64,
     /// Database reads that filled rooms' missing messages (peer mode).
     pub catch_ups: u64,
+    /// Batched reads of occupied groups' newest seqs (peer mode's tail check).
+    pub head_checks: u64,
     errors: HashMap<&'static str, u64>,
     latency_counts: [u64; LATENCY_BUCKETS.len()],
     latency_sum: f64,
@@ -53,6 +55,7 @@ pub struct RelayGauges {
     pub heartbeat_lag_ms: u64,
     pub heartbeat_resets: u64,
     pub catch_ups: u64,
+    pub head_checks: u64,
 }
 
 impl Metrics {
@@ -149,7 +152,7 @@ impl Metrics {
             );
         }
         if let Some(relay) = gauges.relay {
-            let rows: [(&str, &str, u64); 6] = [
+            let rows: [(&str, &str, u64); 7] = [
                 (
                     "noomnim_peer_subscribed_channels",
                     "Redis channels subscribed now (control + groups with an occupied room).",
@@ -179,6 +182,11 @@ impl Metrics {
                     "noomnim_peer_catch_ups_total",
                     "Database reads that filled a room's missing messages.",
                     relay.catch_ups,
+                ),
+                (
+                    "noomnim_peer_head_checks_total",
+                    "Batched reads of the occupied groups' newest seqs (looking for unrelayed messages).",
+                    relay.head_checks,
                 ),
             ];
             for (name, help, value) in rows {

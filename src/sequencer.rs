@@ -169,23 +169,41 @@ impl Sequencer {
         }
     }
 
-    /// Every occupied group not already catching up reads the database after what it
-    /// delivered, once `GAP_WAIT` has passed. Finds a silent tail: messages a peer stored but
-    /// never relayed (it died in between), which no later message will reveal as a gap.
-    pub fn check_tails(&mut self) {
+    /// The occupied groups, for the batched head check (one query for all of them).
+    pub fn occupied(&self) -> Vec<String> {
+        self.groups.keys().cloned().collect()
+    }
+
+    /// The database's newest seqs of occupied groups (the batched head check): a group whose
+    /// head is beyond what its room delivered is behind, and reads the rest once `GAP_WAIT`
+    /// has passed (unless the relay brings it first). Finds a silent tail, messages a peer
+    /// stored but could not relay, without reading anything for a group that is up to date.
+    pub fn heads_seen(&mut self, heads: Vec<(String, u64)>) {
         let now = Instant::now();
-        for order in self.groups.values_mut() {
-            if !order.fetching && order.behind_since.is_none() {
-                order.known_head = order.known_head.max(order.delivered + 1);
-                order.behind_since = Some(now);
+        for (group_name, head) in heads {
+            let Some(order) = self.groups.get_mut(&group_name) else {
+                continue;
+            };
+            if head > order.delivered {
+                order.known_head = order.known_head.max(head);
+                order.behind_since.get_or_insert(now);
             }
         }
     }
 
-    /// Catch-up reads that are due now (each group has at most one in flight).
-    pub fn due_catch_ups(&mut self, now: Instant) -> Vec<CatchUp> {
+    /// Catch-up reads in flight.
+    pub fn fetching(&self) -> usize {
+        self.groups.values().filter(|order| order.fetching).count()
+    }
+
+    /// Catch-up reads that are due now, at most `most` (each group has at most one in flight;
+    /// the caller caps how many run at once so catch-up never takes every worker).
+    pub fn due_catch_ups(&mut self, now: Instant, most: usize) -> Vec<CatchUp> {
         let mut due = Vec::new();
         for (group_name, order) in &mut self.groups {
+            if due.len() >= most {
+                break;
+            }
             let overdue = order
                 .behind_since
                 .is_some_and(|since| now.duration_since(since) >= GAP_WAIT);
@@ -299,9 +317,11 @@ mod tests {
         let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
         sequencer.offer(message(2), Requester::Server);
-        assert!(sequencer.due_catch_ups(Instant::now()).is_empty());
+        assert!(sequencer
+            .due_catch_ups(Instant::now(), usize::MAX)
+            .is_empty());
         let later = Instant::now() + GAP_WAIT;
-        let due = sequencer.due_catch_ups(later);
+        let due = sequencer.due_catch_ups(later, usize::MAX);
         assert_eq!(
             due,
             vec![CatchUp {
@@ -310,7 +330,7 @@ mod tests {
             }]
         );
         assert!(
-            sequencer.due_catch_ups(later).is_empty(),
+            sequencer.due_catch_ups(later, usize::MAX).is_empty(),
             "one read in flight"
         );
         let released = sequencer.caught_up("g", Some(vec![message(1), message(2)]));
@@ -339,12 +359,13 @@ mod tests {
     }
 
     #[test]
-    fn a_tail_check_reads_after_what_was_delivered() {
+    fn a_head_check_reads_only_groups_that_are_behind() {
         let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
+        sequencer.enter("idle", 7);
         sequencer.offer(message(1), Requester::Server);
-        sequencer.check_tails();
-        let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT);
+        sequencer.heads_seen(vec![("g".into(), 2), ("idle".into(), 7)]);
+        let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT, usize::MAX);
         assert_eq!(
             due,
             vec![CatchUp {
@@ -354,8 +375,24 @@ mod tests {
         );
         let released = sequencer.caught_up("g", Some(vec![message(2)]));
         assert_eq!(seqs(&released), vec![2], "the unrelayed tail is delivered");
+        assert_eq!(sequencer.fetching(), 0);
         assert!(sequencer.caught_up("g", Some(vec![])).is_empty());
         assert_eq!(sequencer.next_deadline(), None);
+    }
+
+    #[test]
+    fn catch_ups_run_at_most_the_cap_at_once() {
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
+        for group in ["a", "b", "c"] {
+            sequencer.enter(group, 0);
+        }
+        sequencer.suspect_all();
+        let first = sequencer.due_catch_ups(Instant::now() + GAP_WAIT, 2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(sequencer.fetching(), 2);
+        sequencer.caught_up(&first[0].group_name, Some(vec![]));
+        let second = sequencer.due_catch_ups(Instant::now() + GAP_WAIT, 2 - sequencer.fetching());
+        assert_eq!(second.len(), 1, "the third group's turn");
     }
 
     #[test]
@@ -363,7 +400,7 @@ mod tests {
         let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
         sequencer.enter("g", 0);
         sequencer.enter("g", 5);
-        let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT);
+        let due = sequencer.due_catch_ups(Instant::now() + GAP_WAIT, usize::MAX);
         assert_eq!(due.len(), 1);
         assert!(sequencer.caught_up("g", Some(vec![])).is_empty());
         assert_eq!(sequencer.next_deadline(), None, "nothing more to find");

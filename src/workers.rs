@@ -38,6 +38,8 @@ pub enum Work {
         after_seq: u64,
         limit: u32,
     },
+    /// The newest seq of these groups (peer mode's batched tail check).
+    Heads(Vec<String>),
     /// Any other request event's store job.
     Call(Box<dyn Call>),
 }
@@ -56,6 +58,7 @@ impl Work {
             Work::Append(message) => Route::with_messages(&message.group_name),
             Work::Mark(mark) => Route::with_messages(&mark.group_name),
             Work::CatchUp { group_name, .. } => Route::by(group_name),
+            Work::Heads(_) => Route::any(),
             Work::Call(call) => call.route(),
         }
     }
@@ -70,6 +73,8 @@ pub enum Done {
         group_name: String,
         result: Result<Vec<Message>, StoreError>,
     },
+    /// The groups' newest seqs (`Work::Heads`).
+    Heads(Result<Vec<(String, u64)>, StoreError>),
     /// The call, holding its result.
     Called(Box<dyn Call>),
 }
@@ -256,6 +261,15 @@ impl Worker {
                         self.store.messages_after(&group_name, after_seq, limit)
                     };
                     Done::CaughtUp { group_name, result }
+                }
+                Work::Heads(groups) => {
+                    self.store_messages(std::mem::take(&mut messages));
+                    let result = if self.expired(queued_at) {
+                        Err(expired_error())
+                    } else {
+                        self.store.group_heads(&groups)
+                    };
+                    Done::Heads(result)
                 }
             };
             self.finish(requester, done, queued_at);

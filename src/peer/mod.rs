@@ -211,6 +211,7 @@ impl PeerLink {
                 deliver,
                 waker,
                 stats: stats.clone(),
+                peers: Arc::default(),
             },
             stop: stop.clone(),
         };
@@ -503,7 +504,15 @@ struct Delivery {
     deliver: Sender<PeerEvent>,
     waker: Arc<Waker>,
     stats: Arc<RelayStats>,
+    /// When each other instance's heartbeat was last heard (shared by the cluster listeners).
+    peers: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
+
+/// An instance whose heartbeats stop for this long is taken for dead: it may have stored a
+/// message it never published (killed between the two), so the rooms here read the database
+/// once. This, a resync notice, and this node's own relay link coming back are the only
+/// reasons an idle room reads the database (besides the batched head check).
+pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 
 impl Delivery {
     /// Hands an envelope to the loop; true when it was this node's own heartbeat.
@@ -518,6 +527,11 @@ impl Delivery {
                 if own {
                     let lag = unix_millis().saturating_sub(sent);
                     self.stats.heartbeat_lag_ms.store(lag, Ordering::Relaxed);
+                    // Our own heartbeat arrives every second while the link is healthy: the
+                    // moment to notice peers that fell silent.
+                    self.notice_silent_peers();
+                } else {
+                    self.heard_from(node);
                 }
                 own
             }
@@ -545,6 +559,35 @@ impl Delivery {
                 log::warn!("ignoring a malformed relayed message: {error}");
                 false
             }
+        }
+    }
+
+    fn heard_from(&self, node: String) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.insert(node, Instant::now());
+        }
+    }
+
+    /// Forgets peers silent for `PEER_SILENT_AFTER` and, if there were any, tells the loop to
+    /// read what they may have stored unannounced.
+    fn notice_silent_peers(&self) {
+        let silent: Vec<String> = match self.peers.lock() {
+            Ok(mut peers) => {
+                let silent: Vec<String> = peers
+                    .iter()
+                    .filter(|(_, heard)| heard.elapsed() > PEER_SILENT_AFTER)
+                    .map(|(node, _)| node.clone())
+                    .collect();
+                for node in &silent {
+                    peers.remove(node);
+                }
+                silent
+            }
+            Err(_) => return,
+        };
+        if !silent.is_empty() {
+            log::info!("peer(s) {silent:?} fell silent; reading what they may have stored");
+            self.tell(PeerEvent::Resync);
         }
     }
 

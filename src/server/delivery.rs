@@ -49,6 +49,14 @@ impl Server {
                 self.broadcast_all(released);
                 return;
             }
+            Done::Heads(result) => {
+                self.heads_in_flight = self.heads_in_flight.saturating_sub(1);
+                match result {
+                    Ok(heads) => self.sequencer.heads_seen(heads),
+                    Err(error) => log::warn!("head check failed: {error}"),
+                }
+                return;
+            }
             Done::Marked(result) => {
                 if let Err(error) = result {
                     log::warn!("read mark failed: {error}");
@@ -152,7 +160,10 @@ impl Server {
         let Some(pool) = self.pool.as_mut() else {
             return;
         };
-        for catch_up in self.sequencer.due_catch_ups(Instant::now()) {
+        // Catch-up reads take at most half the workers at once: requests keep the rest.
+        let most = (self.config.workers / 2).max(1);
+        let room = most.saturating_sub(self.sequencer.fetching());
+        for catch_up in self.sequencer.due_catch_ups(Instant::now(), room) {
             self.metrics.catch_ups += 1;
             pool.submit(
                 Requester::Server,
@@ -282,12 +293,24 @@ impl Server {
         }
     }
 
-    /// In peer mode, asks every occupied room to look for messages it was never relayed.
+    /// In peer mode, asks the database for the newest seq of every occupied group in one
+    /// batched query per `HEADS_PER_QUERY` groups; only groups found behind then read messages.
     pub(super) fn check_tails(&mut self) {
-        if self.peer.is_none() || self.last_tail_check.elapsed() < TAIL_CHECK_EVERY {
+        if self.peer.is_none()
+            || self.heads_in_flight > 0
+            || self.last_tail_check.elapsed() < TAIL_CHECK_EVERY
+        {
             return;
         }
         self.last_tail_check = Instant::now();
-        self.sequencer.check_tails();
+        let Some(pool) = self.pool.as_mut() else {
+            return;
+        };
+        let occupied = self.sequencer.occupied();
+        for chunk in occupied.chunks(HEADS_PER_QUERY) {
+            self.heads_in_flight += 1;
+            self.metrics.head_checks += 1;
+            pool.submit(Requester::Server, Work::Heads(chunk.to_vec()));
+        }
     }
 }

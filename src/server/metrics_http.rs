@@ -56,6 +56,7 @@ impl Server {
                     heartbeat_lag_ms: peer.stats.heartbeat_lag_ms.load(Relaxed),
                     heartbeat_resets: peer.stats.heartbeat_resets.load(Relaxed),
                     catch_ups: self.metrics.catch_ups,
+                    head_checks: self.metrics.head_checks,
                 }
             }),
         };

@@ -81,9 +81,12 @@ const CLOSING_LINGER: Duration = Duration::from_secs(5);
 /// How long a leave is remembered: an `enter_group` submitted before it but completing after
 /// it must not put the user back in the room.
 const LEAVE_MEMORY: Duration = Duration::from_secs(60);
-/// In peer mode, how often every occupied room checks the database for messages it was never
-/// relayed (a peer that stored a message and died before publishing it).
+/// In peer mode, how often the occupied groups' newest seqs are read (one batched query) to
+/// find messages a peer stored but could not relay (its Redis link is down). A peer killed
+/// between storing and publishing is found by its heartbeats stopping (`peer::PEER_SILENT_AFTER`).
 const TAIL_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Groups one head-check query names.
+const HEADS_PER_QUERY: usize = 1000;
 /// How long a group's relay channel stays subscribed after its room here emptied (so a client
 /// that leaves and comes back, or room churn, does not subscribe and unsubscribe each time).
 const UNWATCH_LINGER: Duration = Duration::from_secs(10);
@@ -132,6 +135,8 @@ pub struct Server {
     recent_leaves: HashMap<(String, String), (u64, Instant)>,
     leave_clock: u64,
     last_tail_check: Instant,
+    /// Head-check queries not answered yet (a new round starts only after the last one).
+    heads_in_flight: usize,
     rules: Rules,
     /// Messages one connection may have with the store at once (`in_flight.rs`).
     pipeline_depth: usize,
@@ -232,6 +237,7 @@ impl Server {
             recent_leaves: HashMap::new(),
             leave_clock: 0,
             last_tail_check: Instant::now(),
+            heads_in_flight: 0,
             rules,
         })
     }

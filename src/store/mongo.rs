@@ -1007,6 +1007,22 @@ impl Store for MongoStore {
         Ok(GroupsPage { groups, has_more })
     }
 
+    fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let cursor = self
+            .counters
+            .find(doc! {"_id": {"$in": group_names.to_vec()}})
+            .max_time(self.max_time)
+            .run()?;
+        let mut heads = Vec::with_capacity(group_names.len());
+        for counter in cursor {
+            let counter = counter?;
+            if let (Ok(name), Some(seq)) = (counter.get_str("_id"), seq_of(&counter)) {
+                heads.push((name.to_string(), seq));
+            }
+        }
+        Ok(heads)
+    }
+
     fn messages_after(
         &mut self,
         group_name: &str,

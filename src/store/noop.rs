@@ -261,6 +261,10 @@ impl Store for NoopStore {
         })
     }
 
+    fn group_heads(&mut self, _: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+
     fn messages_after(&mut self, _: &str, _: u64, _: u32) -> Result<Vec<Message>, StoreError> {
         Ok(Vec::new())
     }

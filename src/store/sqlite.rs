@@ -794,6 +794,20 @@ impl Store for SqliteStore {
         Ok(GroupsPage { groups, has_more })
     }
 
+    fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT last_seq FROM groups WHERE group_name = ?1")?;
+        let mut heads = Vec::with_capacity(group_names.len());
+        for name in group_names {
+            let seq: Option<i64> = statement.query_row([name], |row| row.get(0)).optional()?;
+            if let Some(seq) = seq {
+                heads.push((name.clone(), seq as u64));
+            }
+        }
+        Ok(heads)
+    }
+
     fn messages_after(
         &mut self,
         group_name: &str,
