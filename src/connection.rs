@@ -616,6 +616,14 @@ impl Connection {
         }
     }
 
+    /// Whether room lines written to the socket are still unacknowledged by the client's
+    /// kernel (a connection the server cut off lingers for them, so its implicit read mark
+    /// counts what reached the client after the cut too, not only what had before it).
+    pub fn awaits_acknowledgement(&mut self) -> bool {
+        self.settle();
+        self.session.room.is_some() && !self.unsettled.is_empty()
+    }
+
     /// Whether some room lines wait for `settle`.
     pub fn has_unsettled(&self) -> bool {
         !self.unsettled.is_empty()

@@ -551,11 +551,19 @@ impl Server {
             connection.say_closing(encode_closing(reason));
             if connection.pending_output() > 0 && !draining {
                 connection.linger(Instant::now());
-                self.leave_room_on_close(token);
+                // Out of the room's registry (no more broadcasts), but the read mark waits for
+                // the final close: lines already in the kernel's send queue keep reaching the
+                // client while it lingers, and they count as read once acknowledged.
+                if let Some(group_name) = connection.session().room_name().map(str::to_string) {
+                    self.leave_room(&group_name, token);
+                }
                 return;
             }
         }
-        if connection.lingering_since().is_some() && connection.pending_output() > 0 && !draining {
+        if connection.lingering_since().is_some()
+            && (connection.pending_output() > 0 || connection.awaits_acknowledgement())
+            && !draining
+        {
             return;
         }
         self.close_now(token);

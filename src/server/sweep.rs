@@ -6,6 +6,8 @@ use super::*;
 pub(super) enum Overdue {
     /// Its `closing` line had `CLOSING_LINGER` to be written.
     Lingered,
+    /// Its `closing` line is written: close it once what it was sent is acknowledged.
+    Acknowledged,
     Timeout(Closing),
     /// Its store call outlived `STORE_TIMEOUT_MS`.
     StoreCall,
@@ -37,6 +39,10 @@ impl Server {
                     .is_some_and(|t| now.duration_since(t) > CLOSING_LINGER)
                 {
                     Overdue::Lingered
+                } else if c.lingering_since().is_some() && c.pending_output() == 0 {
+                    // Its `closing` line is written; it waits only for the client's kernel to
+                    // acknowledge the room lines before it (see `close`), checked here.
+                    Overdue::Acknowledged
                 } else if c.session().username.is_none()
                     && now.duration_since(c.opened_at()) > login_timeout
                 {
@@ -55,6 +61,7 @@ impl Server {
         for (token, overdue) in due {
             match overdue {
                 Overdue::Lingered => self.close_now(token),
+                Overdue::Acknowledged => self.close(token),
                 Overdue::Timeout(reason) => {
                     if let Some(connection) = self.connections.get_mut(&token) {
                         log::info!("closing {}: {}", connection.peer(), reason.code());
