@@ -6,8 +6,21 @@
 //! People type at this server with `telnet` too, which sends option negotiation (RFC 854: IAC
 //! = 0xFF, then a command) and, on Ctrl-C and the like, waits for an answer: without one the
 //! session freezes. 0xFF never occurs in UTF-8 or JSON, so every IAC sequence is taken out of
-//! the stream, and each offer is refused (`DO x` → `WONT x`, `WILL x` → `DONT x`) through
-//! `take_telnet_answers`.
+//! the stream, and answered through `take_telnet_answers`: offers are refused (`DO x` → `WONT
+//! x`, `WILL x` → `DONT x`) except BINARY (8-bit input, which the server asks for) and
+//! TIMING-MARK (`WILL`, as RFC 860 asks).
+//!
+//! Non-English text: a BSD-derived telnet (Debian's inetutils and netkit clients) not in
+//! BINARY mode compares the *low seven bits* of every typed byte with its special characters,
+//! so UTF-8 continuation bytes 0x83, 0x8F, 0x9A and 0x9C (Ctrl-C, Ctrl-O, Ctrl-Z and Ctrl-\
+//! with the top bit set; e.g. in ✓, 本, σ, я, Ü) leave as `IAC IP`, `IAC AO`, `IAC SUSP`,
+//! `IAC BRK`/`IAC ABORT`, each maybe followed by `IAC DO TIMING-MARK`. Such a command in the
+//! middle of a UTF-8 sequence can only be that substitution, so the byte it replaced is put
+//! back. And the first IAC a client sends proves it speaks telnet: the server then asks it
+//! for BINARY (`IAC DO BINARY`), after which it sends every byte as typed. 0x85 (its echo
+//! toggle) and 0x9D (its escape character) never leave a client before that; the line then
+//! fails UTF-8 validation with an error that says how to start telnet (`-8 -E`). Clients that
+//! never send IAC (`nc`, programs) are never sent one, and their bytes are never changed.
 
 /// One framed unit of input.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +46,38 @@ const WONT: u8 = 252;
 const WILL: u8 = 251;
 const SB: u8 = 250;
 const SE: u8 = 240;
+const TELOPT_BINARY: u8 = 0;
+const TELOPT_TIMING_MARK: u8 = 6;
+
+/// The byte a BSD telnet not in BINARY mode replaced with this command: its special character
+/// with the top bit set (default `stty` characters: intr ^C, quit ^\, susp ^Z, discard ^O,
+/// eof ^D, kill ^U).
+fn replaced_byte(command: u8) -> Option<u8> {
+    match command {
+        244 => Some(0x83),       // IP: ^C
+        243 | 238 => Some(0x9C), // BRK (its "kludge" line mode) or ABORT: ^\
+        237 => Some(0x9A),       // SUSP: ^Z
+        245 => Some(0x8F),       // AO: ^O
+        236 => Some(0x84),       // EOF: ^D (LINEMODE only)
+        248 => Some(0x95),       // EL: ^U
+        _ => None,
+    }
+}
+
+/// Continuation bytes still due after `bytes`, given `before` were due at its start.
+fn utf8_due_after(bytes: &[u8], before: u8) -> u8 {
+    let mut due = before;
+    for &byte in bytes {
+        due = match byte {
+            0x80..=0xBF => due.saturating_sub(1),
+            0xC0..=0xDF => 1,
+            0xE0..=0xEF => 2,
+            0xF0..=0xF7 => 3,
+            _ => 0,
+        };
+    }
+    due
+}
 
 /// Where the framer is inside a telnet command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +120,11 @@ pub struct LineFramer {
     max_line: usize,
     telnet: Telnet,
     answers: Vec<u8>,
+    /// The client has sent a telnet command (so it may be sent some).
+    speaks_telnet: bool,
+    /// UTF-8 continuation bytes the data so far still owes (a command arriving while some
+    /// are due stands for one of them, see the module doc).
+    utf8_due: u8,
 }
 
 impl LineFramer {
@@ -85,6 +135,8 @@ impl LineFramer {
             max_line,
             telnet: Telnet::Data,
             answers: Vec::new(),
+            speaks_telnet: false,
+            utf8_due: 0,
         }
     }
 
@@ -96,6 +148,7 @@ impl LineFramer {
     /// Feeds newly read bytes; complete frames are pushed onto `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut impl Extend<Frame>) {
         if self.telnet == Telnet::Data && !bytes.contains(&IAC) {
+            self.utf8_due = utf8_due_after(bytes, self.utf8_due);
             return self.feed_data(bytes, out);
         }
         let mut data = Vec::with_capacity(bytes.len());
@@ -104,23 +157,35 @@ impl LineFramer {
                 // A newline always ends a line: no telnet command spans one.
                 (_, b'\n') => {
                     data.push(byte);
+                    self.utf8_due = 0;
                     Telnet::Data
                 }
-                (Telnet::Data, IAC) => Telnet::Command,
+                (Telnet::Data, IAC) => {
+                    if !std::mem::replace(&mut self.speaks_telnet, true) {
+                        // Ask for 8-bit input: from now on nothing typed is mangled.
+                        self.answers.extend_from_slice(&[IAC, DO, TELOPT_BINARY]);
+                    }
+                    Telnet::Command
+                }
                 (Telnet::Data, _) => {
                     data.push(byte);
+                    self.utf8_due = utf8_due_after(&[byte], self.utf8_due);
                     Telnet::Data
                 }
                 (Telnet::Command, WILL | WONT | DO | DONT) => Telnet::Option(byte),
                 (Telnet::Command, SB) => Telnet::Sub(0),
+                // Inside a UTF-8 sequence a special-character command is the byte it replaced.
+                (Telnet::Command, command) if self.utf8_due > 0 => {
+                    if let Some(replaced) = replaced_byte(command) {
+                        data.push(replaced);
+                        self.utf8_due -= 1;
+                    }
+                    Telnet::Data
+                }
                 // IAC IAC is a literal 0xFF: not valid in a JSON line, so it stays out too.
                 (Telnet::Command, _) => Telnet::Data,
                 (Telnet::Option(command), option) => {
-                    match command {
-                        DO => self.answers.extend_from_slice(&[IAC, WONT, option]),
-                        WILL => self.answers.extend_from_slice(&[IAC, DONT, option]),
-                        _ => {}
-                    }
+                    self.answer_option(command, option);
                     Telnet::Data
                 }
                 (Telnet::Sub(n) | Telnet::SubCommand(n), _) if n >= MAX_SUBNEGOTIATION => {
@@ -133,6 +198,25 @@ impl LineFramer {
             };
         }
         self.feed_data(&data, out);
+    }
+
+    /// Answers one option request: the client's 8-bit input is wanted (`WILL BINARY`, asked
+    /// for by the server), TIMING-MARK is confirmed (RFC 860: the client waits for it before
+    /// showing output again), everything else is refused, our own BINARY output too (a
+    /// client receiving in binary mode stops turning "\n" into a new line on the terminal,
+    /// and UTF-8 output displays fine without it).
+    fn answer_option(&mut self, command: u8, option: u8) {
+        let answer = match (command, option) {
+            // Our own `DO BINARY` is being agreed to: no answer (RFC 854 option rules).
+            (WILL, TELOPT_BINARY) => None,
+            (DO, TELOPT_TIMING_MARK) => Some(WILL),
+            (DO, _) => Some(WONT),
+            (WILL, _) => Some(DONT),
+            _ => None,
+        };
+        if let Some(answer) = answer {
+            self.answers.extend_from_slice(&[IAC, answer, option]);
+        }
     }
 
     fn feed_data(&mut self, mut bytes: &[u8], out: &mut impl Extend<Frame>) {
@@ -243,9 +327,54 @@ mod tests {
         assert_eq!(out, vec![line("{\"a\":1}")]);
         assert_eq!(
             framer.take_telnet_answers(),
-            Some(vec![IAC, WONT, 1, IAC, DONT, 3])
+            Some(vec![IAC, DO, 0, IAC, WONT, 1, IAC, DONT, 3])
         );
         assert_eq!(framer.take_telnet_answers(), None);
+    }
+
+    #[test]
+    fn a_special_character_command_inside_utf8_is_the_byte_it_replaced() {
+        // What a 7-bit telnet sends for "✓ Ü σ я 本 њ": each 0x9C/0x83/0x8F/0x9A became a
+        // command, some followed by IAC DO TIMING-MARK.
+        let mut sent = Vec::new();
+        sent.extend_from_slice(&[0xE2, IAC, 243, IAC, DO, 6, 0x93, b' ']); // ✓ E2 9C 93
+        sent.extend_from_slice(&[0xC3, IAC, 238, b' ']); // Ü C3 9C
+        sent.extend_from_slice(&[0xCF, IAC, 244, IAC, DO, 6, b' ']); // σ CF 83
+        sent.extend_from_slice(&[0xD1, IAC, 245, b' ']); // я D1 8F
+        sent.extend(b"\xE6\x9C\xAC"); // 本, typed once BINARY holds
+        sent.extend_from_slice(&[b' ', 0xD1, IAC, 237, b'\r', b'\n']); // њ D1 9A
+        let mut framer = LineFramer::new(100);
+        let mut out = Vec::new();
+        // Split anywhere: the state carries across reads.
+        for chunk in sent.chunks(3) {
+            framer.feed(chunk, &mut out);
+        }
+        assert_eq!(out, vec![line("✓ Ü σ я 本 њ")]);
+        assert_eq!(
+            framer.take_telnet_answers(),
+            Some(vec![IAC, DO, 0, IAC, WILL, 6, IAC, WILL, 6])
+        );
+        // The client agreeing to BINARY gets no answer; an IP outside UTF-8 is dropped.
+        framer.feed(&[IAC, WILL, 0, b'a', IAC, 244, b'b', b'\n'], &mut out);
+        assert_eq!(out.last(), Some(&line("ab")));
+        assert_eq!(framer.take_telnet_answers(), None);
+    }
+
+    #[test]
+    fn bytes_from_clients_that_never_send_iac_are_untouched() {
+        let text = "✓ Ü σ я 本 Њ \u{1F642}".as_bytes();
+        let mut framer = LineFramer::new(100);
+        let mut out = Vec::new();
+        framer.feed(text, &mut out);
+        framer.feed(&[0xC3, b'x', b'\n'], &mut out);
+        let mut expected = text.to_vec();
+        expected.extend_from_slice(&[0xC3, b'x']);
+        assert_eq!(out, vec![Frame::Line(expected)]);
+        assert_eq!(
+            framer.take_telnet_answers(),
+            None,
+            "nothing is ever sent to them"
+        );
     }
 
     #[test]

@@ -216,13 +216,17 @@ fn telnet_negotiation_is_refused_and_plain_text_gets_help() {
     // What a telnet client sends: IAC DO ECHO, IAC WILL NAWS, then a typed line with "é".
     client.send_raw(&[255, 253, 1, 255, 251, 31]);
     client.send_raw("{\"event\":\"find_user\",\"data\":{\"username\":\"Zoé\"}}\r\n".as_bytes());
-    let mut answers = [0u8; 6];
+    let mut answers = [0u8; 9];
     client
         .stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     client.stream.read_exact(&mut answers).expect("answers");
-    assert_eq!(answers, [255, 252, 1, 255, 254, 31], "WONT ECHO, DONT NAWS");
+    assert_eq!(
+        answers,
+        [255, 253, 0, 255, 252, 1, 255, 254, 31],
+        "DO BINARY (8-bit input, issue 27), WONT ECHO, DONT NAWS"
+    );
     let login = client.recv();
     assert_eq!(login["event"], "user_created", "{login}");
     assert_eq!(login["data"]["username"], "Zoé");

@@ -2,15 +2,14 @@
 //! `members` while there are at most `MAX_LISTED_MEMBERS`). The page shrinks to fit
 //! `MAX_REPLY_BYTES`; `has_more` and `next_after` say where the next one starts.
 
-use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::groups_query;
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{groups_page, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::{GroupsPage, GroupsQuery};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
-use crate::store::{fit_page, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
 pub struct ListGroups {
@@ -47,12 +46,9 @@ impl StoreCall for ListGroups {
     }
 
     fn answer(self, page: GroupsPage, id: Option<&RawValue>) -> Completed {
-        let (groups, cut) = fit_page(page.groups, self.reply_budget);
-        let has_more = page.has_more || cut;
-        let mut data = json!({ "groups": groups, "has_more": has_more });
-        if has_more {
-            data["next_after"] = json!(groups.last().map(|g| &g.group_name));
-        }
+        let data = groups_page(page.groups, page.has_more, self.reply_budget, |g| {
+            g.group_name.as_str()
+        });
         Completed::reply(encode_line("groups", &data, id))
     }
 }

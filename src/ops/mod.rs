@@ -229,6 +229,24 @@ pub fn within_reply_limit(
     Completed::reply(encode_failure(&error.into(), id))
 }
 
+/// A page of groups fitted to the reply budget: `{groups, has_more, next_after?}`, where
+/// `next_after` (present whenever `has_more` is) names the last group given: ask again with
+/// `after` set to it. `list_groups` and `my_groups` answer with this.
+pub fn groups_page<T: serde::Serialize>(
+    rows: Vec<T>,
+    more: bool,
+    budget: usize,
+    name: impl Fn(&T) -> &str,
+) -> serde_json::Value {
+    let (rows, cut) = crate::store::fit_page(rows, budget);
+    let has_more = more || cut;
+    let mut data = serde_json::json!({ "groups": rows, "has_more": has_more });
+    if has_more {
+        data["next_after"] = serde_json::json!(rows.last().map(name));
+    }
+    data
+}
+
 /// The store job for a call.
 pub fn store<C: StoreCall>(call: C) -> Planned {
     Planned::Store(Work::Call(Box::new(Pending { call, result: None })))

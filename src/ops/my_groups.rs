@@ -2,15 +2,14 @@
 //! read state (newest seq, marker, unread count). The page shrinks to fit `MAX_REPLY_BYTES`;
 //! `has_more` and `next_after` say where the next one starts.
 
-use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::{limit_field, name_field, optional_string};
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{groups_page, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::{GroupsQuery, MembershipsPage};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
-use crate::store::{fit_page, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Memberships one `my_groups` page holds at most (and by default, so a v2 client that never
 /// pages gets every group of an ordinary user in one reply).
@@ -59,12 +58,9 @@ impl StoreCall for MyGroups {
     }
 
     fn answer(self, page: MembershipsPage, id: Option<&RawValue>) -> Completed {
-        let (groups, cut) = fit_page(page.groups, self.reply_budget);
-        let has_more = page.has_more || cut;
-        let mut data = json!({ "groups": groups, "has_more": has_more });
-        if has_more {
-            data["next_after"] = json!(groups.last().map(|g| &g.group_name));
-        }
+        let data = groups_page(page.groups, page.has_more, self.reply_budget, |g| {
+            g.group_name.as_str()
+        });
         Completed::reply(encode_line("my_groups", &data, id))
     }
 }

@@ -55,8 +55,9 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
             return Err(reject(
                 None,
                 ErrorCode::BadJson,
-                "Request is not valid UTF-8.",
-            ))
+                // The usual cause is a telnet client in its 7-bit mode (see framing.rs).
+                "Request is not valid UTF-8. Typing in telnet? Its 7-bit mode drops some letters until the server has switched it to 8-bit: start it as `telnet -- HOST -PORT` (a dash before the port: it then switches at once), or use nc.",
+            ));
         }
         Err(_) => {
             return Err(reject(
