@@ -72,6 +72,8 @@ pub struct Config {
     /// `find_user` needs a token signed with this (`AUTH_SECRET`, `AUTH_SECRET_FILE`, or the
     /// systemd credential `auth_secret`); `None`: anyone may claim any name.
     pub auth_secret: Option<Secret>,
+    /// Most backlog messages a `since_seq` resume streams (`RESUME_MAX_MESSAGES`).
+    pub resume_max_messages: u64,
     /// `AUTH_AUDIENCE`: tokens must carry this `aud`; `None`: `aud` is not checked.
     pub auth_audience: Option<String>,
     /// The TLS certificate chain and key (PEM); `None`: no TLS listener.
@@ -240,7 +242,12 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "WRITE_DELAY_MS",
         "10",
-        "broadcasts wait up to this long to leave in one write with the ones after them; 0: at once",
+        "while busy, broadcasts wait up to this long to leave in one write with the ones after them; 0: at once",
+    ),
+    (
+        "RESUME_MAX_MESSAGES",
+        "10000",
+        "most backlog messages an enter_group {since_seq} resume streams (older: truncated)",
     ),
     (
         "KEEPALIVE_IDLE_MS",
@@ -456,6 +463,11 @@ impl Config {
             keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES", 6)?
                 as u32,
             auth_secret: auth_secret(env)?,
+            resume_max_messages: parse_positive(
+                get("RESUME_MAX_MESSAGES"),
+                "RESUME_MAX_MESSAGES",
+                10_000,
+            )? as u64,
             auth_audience: get("AUTH_AUDIENCE")
                 .filter(|audience| !audience.is_empty())
                 .map(str::to_string),

@@ -20,7 +20,7 @@ use crate::in_flight::{Answered, InFlight};
 use crate::limits::TokenBucket;
 use crate::ops::Completed;
 use crate::protocol::RequestId;
-use crate::session::{Room, Session, MAX_AUTH_FAILURES};
+use crate::session::{ResumeCursor, Room, Session, MAX_AUTH_FAILURES};
 use crate::transport::Transport;
 use crate::workers::Work;
 
@@ -232,8 +232,34 @@ impl Connection {
         self.auth_failures = 0;
     }
 
+    /// Switches the connection's protocol version (`hello {protocol}`).
+    pub fn set_protocol(&mut self, version: u8) {
+        self.session.protocol = version;
+    }
+
+    /// A resume goes on after `cursor` once the output drains (see `take_due_resume`).
+    pub fn resume_from(&mut self, cursor: ResumeCursor) {
+        self.session.resume = Some(cursor);
+    }
+
+    /// The resume cursor, taken, when its next page is due: nothing in flight or held, and
+    /// less than `low_water` bytes waiting to be written. Taken, so a page that fails ends
+    /// the resume instead of retrying forever; a page that succeeds puts it back.
+    pub fn take_due_resume(&mut self, low_water: usize) -> Option<ResumeCursor> {
+        if self.session.resume.is_none()
+            || self.doomed
+            || !self.in_flight.is_empty()
+            || self.held.is_some()
+            || self.pending_bytes > low_water
+        {
+            return None;
+        }
+        self.session.resume.take()
+    }
+
     /// Puts the connection in a room; lines queued for an earlier room count for nothing.
     pub fn enter_room(&mut self, room: Room) {
+        self.session.resume = None;
         self.session.room = Some(room);
         self.new_visit();
     }

@@ -46,6 +46,8 @@ pub struct Rules {
     pub hello_tls: std::rc::Rc<serde_json::Value>,
     /// Checks `find_user` tokens when authentication is on.
     pub auth: Option<std::rc::Rc<Authenticator>>,
+    /// Most backlog messages a `since_seq` resume streams (`RESUME_MAX_MESSAGES`).
+    pub resume_max_messages: u64,
 }
 
 /// Bytes of a history reply that are not messages: the event name, `group_name`, flags and the
@@ -53,12 +55,36 @@ pub struct Rules {
 const REPLY_OVERHEAD: usize = 512;
 
 /// What a connection is logged in as and where it is.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub username: Option<String>,
     pub room: Option<Room>,
     /// The connection came in over TLS.
     pub tls: bool,
+    /// The protocol version it speaks: 2 until `hello {protocol: 3}`.
+    pub protocol: u8,
+    /// A `since_seq` resume still streaming its backlog (see `ops/resume.rs`).
+    pub resume: Option<ResumeCursor>,
+}
+
+impl Default for Session {
+    fn default() -> Session {
+        Session {
+            username: None,
+            room: None,
+            tls: false,
+            protocol: 2,
+            resume: None,
+        }
+    }
+}
+
+/// Where a gapless resume stands: the backlog of `group_name` has been sent up to
+/// `after_seq`; the next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeCursor {
+    pub group_name: String,
+    pub after_seq: u64,
 }
 
 impl Session {
@@ -83,6 +109,8 @@ impl Session {
 pub enum Plan {
     /// Answer now with this line.
     Reply(Vec<u8>),
+    /// Answer now with this line, and change the session so.
+    ReplyAnd(Vec<u8>, Effect),
     /// Run this store job; its completion produces the reply.
     Store { work: Work, id: Option<RequestId> },
     /// A `find_user` that failed authentication: answer with this line, and count it (the
@@ -104,6 +132,10 @@ pub enum Effect {
         username: String,
         group_name: String,
     },
+    /// The connection now speaks this protocol version (`hello {protocol}`).
+    Protocol(u8),
+    /// A resume streams its backlog: out of the current room, the next page after this.
+    Resume(ResumeCursor),
 }
 
 /// Plans one framed request: decode the envelope, check the session, then hand the data to
@@ -153,6 +185,7 @@ pub fn plan(session: &Session, frame: Frame, rules: &Rules) -> Plan {
     };
     match planned {
         Ok(Planned::Now(line)) => Plan::Reply(line),
+        Ok(Planned::NowAnd(line, effect)) => Plan::ReplyAnd(line, effect),
         Ok(Planned::Store(work)) => Plan::Store { work, id },
         Err(
             failure @ Failure::Protocol(ProtocolError {
@@ -180,13 +213,14 @@ mod tests {
             hello: std::rc::Rc::new(serde_json::json!({"server": "noomnim"})),
             hello_tls: std::rc::Rc::new(serde_json::json!({"server": "noomnim", "tls": true})),
             auth: None,
+            resume_max_messages: 10_000,
         };
         plan(session, Frame::Line(line.as_bytes().to_vec()), &rules)
     }
 
     fn reply_json(plan: Plan) -> serde_json::Value {
         match plan {
-            Plan::Reply(bytes) | Plan::Refused(bytes) => {
+            Plan::Reply(bytes) | Plan::Refused(bytes) | Plan::ReplyAnd(bytes, _) => {
                 serde_json::from_slice(&bytes).expect("reply is json")
             }
             Plan::Store { work, .. } => panic!("expected an immediate reply, got job {work:?}"),

@@ -370,6 +370,7 @@ mod tests {
             hello: std::rc::Rc::new(serde_json::json!({})),
             hello_tls: std::rc::Rc::new(serde_json::json!({})),
             auth: None,
+            resume_max_messages: 10_000,
         };
         let session = Session {
             username: Some("u".into()),

@@ -1,12 +1,14 @@
 //! `enter_group {username, group_name}` (protocol v2): enters the room with its history in one
 //! reply: unread messages (oldest first, up to `MAX_UNREAD_ON_ENTER` and the reply budget), a
 //! little already-read context, and the group's `epoch`. Re-entering the current room is
-//! allowed (it re-reads the history).
+//! allowed (it re-reads the history). With `since_seq` it is a gapless resume instead
+//! (`resume.rs`).
 
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::fields::user_and_group;
+use super::fields::{optional_count, optional_string, user_and_group};
+use super::resume::{first_page, ResumeStart};
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::{GroupHistory, ReadMark};
 use crate::protocol::reply::encode_line;
@@ -22,6 +24,8 @@ pub struct EnterGroup {
     leaving: Option<ReadMark>,
     /// Encoded bytes the history may take in the reply.
     reply_budget: usize,
+    /// Resume after this seq (`since_seq`), and the epoch the client had (`since_epoch`).
+    since: Option<(u64, Option<String>)>,
 }
 
 impl Event for EnterGroup {
@@ -29,11 +33,22 @@ impl Event for EnterGroup {
 
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         let (username, group_name) = user_and_group(data)?;
+        let since_epoch = optional_string(data, "since_epoch")?;
+        let since = match optional_count(data, "since_seq")? {
+            Some(seq) => Some((seq, since_epoch)),
+            None if since_epoch.is_some() => {
+                return Err(super::fields::bad_request(
+                    "Field 'since_epoch' needs 'since_seq'.".to_string(),
+                ))
+            }
+            None => None,
+        };
         Ok(EnterGroup {
             username,
             group_name,
             leaving: None,
             reply_budget: 0,
+            since,
         })
     }
 
@@ -46,6 +61,20 @@ impl Event for EnterGroup {
             .session
             .leaving_mark()
             .filter(|mark| mark.group_name != self.group_name);
+        if let Some((since_seq, since_epoch)) = self.since {
+            let start = ResumeStart {
+                since_epoch,
+                max_messages: context.rules.resume_max_messages,
+                leaving,
+            };
+            return Ok(first_page(
+                self.username,
+                self.group_name,
+                since_seq,
+                start,
+                context.reply_budget,
+            ));
+        }
         Ok(store(EnterGroup {
             leaving,
             reply_budget: context.reply_budget,

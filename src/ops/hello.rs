@@ -1,19 +1,44 @@
-//! `hello`: the handshake. Answered at once with the server's identity, protocol version,
-//! the events it knows and its running limits (built once from the configuration).
+//! `hello {protocol?}`: the handshake. Answered at once with the server's identity, protocol
+//! version, the protocols it speaks, the events it knows and its running limits (built once
+//! from the configuration). `protocol: 3` switches the connection to protocol 3 (the opt-in
+//! for its new unsolicited events, like Redis's `HELLO 3`); without it the connection stays on
+//! protocol 2 and sees exactly what it always did.
 
+use serde_json::Value;
+
+use super::fields::bad_request;
 use super::{Context, Data, Event, Planned};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
+use crate::session::Effect;
 
-pub struct Hello;
+/// The protocols this server speaks, oldest first; the last is the newest.
+pub const PROTOCOLS: [u8; 2] = [2, 3];
+
+pub struct Hello {
+    /// The protocol asked for (`None`: not asked, the connection's stays as it is).
+    protocol: Option<u8>,
+}
 
 impl Event for Hello {
     const NAME: &'static str = "hello";
     const BEFORE_LOGIN: bool = true;
     const NAMES_USER: bool = false;
 
-    fn parse(_: &Data) -> Result<Self, ProtocolError> {
-        Ok(Hello)
+    fn parse(data: &Data) -> Result<Self, ProtocolError> {
+        let protocol = match data.get("protocol") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(
+                value
+                    .as_u64()
+                    .and_then(|v| u8::try_from(v).ok())
+                    .filter(|v| PROTOCOLS.contains(v))
+                    .ok_or_else(|| {
+                        bad_request(format!("Field 'protocol' must be one of {PROTOCOLS:?}."))
+                    })?,
+            ),
+        };
+        Ok(Hello { protocol })
     }
 
     fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
@@ -22,10 +47,17 @@ impl Event for Hello {
         } else {
             &context.rules.hello
         };
-        Ok(Planned::Now(encode_line(
-            "hello",
-            data.as_ref(),
-            context.id,
-        )))
+        let protocol = self.protocol.unwrap_or(context.session.protocol);
+        let line = if protocol == 2 {
+            encode_line("hello", data.as_ref(), context.id)
+        } else {
+            let mut data = data.as_ref().clone();
+            data["protocol"] = protocol.into();
+            encode_line("hello", &data, context.id)
+        };
+        Ok(match self.protocol {
+            Some(protocol) => Planned::NowAnd(line, Effect::Protocol(protocol)),
+            None => Planned::Now(line),
+        })
     }
 }

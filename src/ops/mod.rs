@@ -22,13 +22,14 @@ mod create_group;
 mod enter_group;
 mod fetch_messages;
 mod find_user;
-mod hello;
+pub mod hello;
 mod join_group;
 mod leave_group;
 mod list_groups;
 mod mark_read;
 mod my_groups;
 mod ping;
+pub mod resume;
 pub mod send_message;
 mod visit_group;
 
@@ -67,6 +68,8 @@ pub struct Context<'a> {
 pub enum Planned {
     /// This reply line, at once.
     Now(Vec<u8>),
+    /// This reply line, at once, and this change to the session.
+    NowAnd(Vec<u8>, Effect),
     /// This store job; its completion produces the reply.
     Store(Work),
 }

@@ -31,6 +31,7 @@ pub fn hello_data(info: &HelloInfo, tls: bool) -> serde_json::Value {
         "server": "noomnim",
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": 2,
+        "protocols": crate::ops::hello::PROTOCOLS,
         "node_id": info.node_id,
         "auth": if info.auth { "token" } else { "none" },
         "tls": tls,

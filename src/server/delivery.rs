@@ -189,7 +189,8 @@ impl Server {
             return;
         }
         let line = Rc::new(encode_broadcast(message));
-        let write_delay = self.config.write_delay;
+        // Held only while the loop is short of time: a quiet server writes at once.
+        let write_delay = self.config.write_delay.filter(|_| self.load.holding());
         let deferring = write_delay.is_some();
         for token in members {
             let Some(connection) = self.connections.get_mut(&token) else {

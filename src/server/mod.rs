@@ -42,6 +42,7 @@ use crate::workers::{Completion, Done, Requester, Work, WorkerPool, WriteRouting
 
 mod accept;
 mod delivery;
+mod load;
 mod metrics_http;
 mod slab;
 mod sweep;
@@ -90,6 +91,11 @@ const HEADS_PER_QUERY: usize = 1000;
 /// How long a group's relay channel stays subscribed after its room here emptied (so a client
 /// that leaves and comes back, or room churn, does not subscribe and unsubscribe each time).
 const UNWATCH_LINGER: Duration = Duration::from_secs(10);
+/// A resume's next backlog page is read once less than this is waiting to be written, so a
+/// resuming connection holds about one page at a time however long its backlog.
+const RESUME_LOW_WATER: usize = 64 * 1024;
+/// Room left in `MAX_REPLY_BYTES` beside a resume page's lines.
+const RESUME_PAGE_MARGIN: usize = 512;
 /// How long shutdown waits for in-flight work and unsent output.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
@@ -121,6 +127,8 @@ pub struct Server {
     /// tick costs less CPU for the same latency (docs/BENCHMARKS.md).
     deferred: Vec<Token>,
     deferred_flush_at: Option<Instant>,
+    /// The loop's busy share: broadcasts are held only while it is high (`load.rs`).
+    load: load::LoopLoad,
     read_buffer: Vec<u8>,
     metrics: Metrics,
     metrics_listener: Option<TcpListener>,
@@ -226,6 +234,7 @@ impl Server {
             touched: Vec::new(),
             deferred: Vec::new(),
             deferred_flush_at: None,
+            load: load::LoopLoad::new(Instant::now()),
             read_buffer: vec![0; READ_BUFFER_BYTES],
             metrics: Metrics::default(),
             metrics_listener,
@@ -283,6 +292,7 @@ impl Server {
                 }
                 return Err(error);
             }
+            let woke = Instant::now();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_from(false),
@@ -309,6 +319,7 @@ impl Server {
             self.sweep();
             self.release_deferred();
             self.service_touched();
+            self.load.turn(woke, Instant::now());
             if self.shutdown_step() {
                 break;
             }
@@ -398,6 +409,22 @@ impl Server {
                     self.leave_room(&old.group_name, token);
                 }
                 self.enter_room(token, room);
+            }
+            Effect::Protocol(version) => {
+                if let Some(connection) = self.connections.get_mut(&token) {
+                    connection.set_protocol(version);
+                }
+            }
+            Effect::Resume(cursor) => {
+                let Some(connection) = self.connections.get_mut(&token) else {
+                    return;
+                };
+                if let Some(old) = connection.leave_room() {
+                    self.leave_room(&old.group_name, token);
+                }
+                if let Some(connection) = self.connections.get_mut(&token) {
+                    connection.resume_from(cursor);
+                }
             }
             Effect::LeftGroup {
                 username,
@@ -490,6 +517,12 @@ impl Server {
                         count_reply(&mut self.metrics, &line);
                         connection.reply_in_order(line);
                     }
+                    Plan::ReplyAnd(line, effect) => {
+                        connection.reply_in_order(line);
+                        if let Effect::Protocol(version) = effect {
+                            connection.set_protocol(version);
+                        }
+                    }
                     Plan::Refused(line) => {
                         self.metrics.error(ErrorCode::Unauthorized);
                         connection.reply_in_order(line);
@@ -533,6 +566,19 @@ impl Server {
         if let Err(e) = connection.flush() {
             log::debug!("write to {} failed: {e}", connection.peer());
             connection.doom();
+        }
+        // A resume's next page, once what was sent of it has drained (`ops/resume.rs`).
+        if let Some(cursor) = connection.take_due_resume(RESUME_LOW_WATER) {
+            if let Some(username) = connection.session().username.clone() {
+                let budget = rules.max_reply_bytes.saturating_sub(RESUME_PAGE_MARGIN);
+                let work = crate::ops::resume::next_page(username, cursor, budget);
+                if let Some((work, ticket)) = connection.start_or_hold(work, None, self.leave_clock)
+                {
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.submit(Requester::Connection(token, ticket), work);
+                    }
+                }
+            }
         }
         if connection.is_doomed() || connection.finished() {
             self.close(token);
@@ -634,6 +680,7 @@ fn rules_of(config: &Config) -> Rules {
         max_groups_per_user: config.max_groups_per_user,
         hello: Rc::new(hello_data(&info, false)),
         hello_tls: Rc::new(hello_data(&info, true)),
+        resume_max_messages: config.resume_max_messages,
         auth: config
             .auth_secret
             .as_ref()

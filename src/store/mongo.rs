@@ -754,6 +754,9 @@ impl Store for MongoStore {
             Err(error) if is_duplicate_key(&error) => return Err(StoreError::GroupExists),
             Err(error) => return Err(error.into()),
         }
+        // A seq hint from the start, so listing read states finds every group's head in one
+        // query (`head_seqs`); only groups older than hints are read one by one, once.
+        self.raise_head_hint(group_name, 0);
         let last_read = timestamp_of(Some(&Bson::DateTime(now)));
         let user = vec![Member {
             name_id: username.to_string(),

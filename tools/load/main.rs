@@ -337,6 +337,9 @@ struct Tally {
     first_error: Option<String>,
     /// CPU time (user + system) the servers used over the run, drain included.
     server_cpu_seconds: Option<f64>,
+    /// CPU time this generator used over the same span: its own cost per delivery must stay
+    /// well under the server's, or the run measures the generator.
+    load_cpu_seconds: Option<f64>,
 }
 
 struct Load {
@@ -627,6 +630,7 @@ impl Load {
         let run_for = Duration::from_secs_f64(args.seconds);
         self.measuring = true;
         let cpu_before = total_cpu_seconds(&args.server_pids);
+        let own_cpu_before = cpu_seconds(std::process::id());
         let tag = args.tag.clone();
         self.pump(
             run_for,
@@ -672,6 +676,9 @@ impl Load {
         // From the first send to the last delivery of the drain: all the work of the run.
         self.tally.server_cpu_seconds = total_cpu_seconds(&args.server_pids)
             .zip(cpu_before)
+            .map(|(a, b)| a - b);
+        self.tally.load_cpu_seconds = cpu_seconds(std::process::id())
+            .zip(own_cpu_before)
             .map(|(a, b)| a - b);
         Ok(elapsed)
     }
@@ -757,6 +764,10 @@ fn report_storm(load: &mut Load, args: &Args, elapsed: f64) {
     if let Some(cpu) = load.tally.server_cpu_seconds {
         let per_delivery = cpu * 1e6 / load.tally.delivered.max(1) as f64;
         println!("server_cpu_s={cpu:.2} server_cpu_us_per_delivery={per_delivery:.2}");
+    }
+    if let Some(cpu) = load.tally.load_cpu_seconds {
+        let per_delivery = cpu * 1e6 / load.tally.delivered.max(1) as f64;
+        println!("load_cpu_s={cpu:.2} load_cpu_us_per_delivery={per_delivery:.2}");
     }
 }
 

@@ -1,0 +1,179 @@
+//! Gapless resume: `enter_group {group_name, since_seq, since_epoch?}`. The connection is sent
+//! every message of the group with seq > `since_seq` exactly once, in seq order, as ordinary
+//! `message_sent` lines: first the stored backlog, page by page, then live. No client-side
+//! paging, holding or de-duplication.
+//!
+//! How: each page is one store call, ordered with the group's messages (`Route::with_messages`),
+//! that reads the group's head and up to `PAGE_MESSAGES` messages after the cursor. While a page
+//! ends below the head it read, the connection is outside the room and the next page is asked
+//! for only once its output has drained below `RESUME_LOW_WATER` (server side): memory per
+//! connection stays at about a page, and backlog lines are replies, so a slow reader is slowed
+//! down, never cut off as a slow consumer for its own backlog. The page that reaches the head
+//! enters the room with that head as its floor, so live broadcasts continue exactly after it
+//! (the same hand-over `enter_group` has always used).
+//!
+//! Beyond `RESUME_MAX_MESSAGES` the stream starts that many messages before the head and the
+//! reply says `truncated: true` and `first_seq` (as Centrifugo's `recovered: false`). A
+//! `since_epoch` other than the group's (the group was re-created) is reported
+//! (`epoch_changed: true`) and the stream starts at the new group's beginning.
+
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use super::{store, Completed, Planned, Route, StoreCall};
+use crate::model::{GroupReadState, Message, ReadMark};
+use crate::protocol::encode_broadcast;
+use crate::protocol::reply::encode_line;
+use crate::session::{Effect, ResumeCursor, Room};
+use crate::store::{fit_messages, Store, StoreError};
+use crate::workers::Work;
+
+/// Most messages one page reads (fewer when they would not fit the reply budget).
+pub const PAGE_MESSAGES: u32 = 500;
+
+/// What only the first page does: the reply header, the checks, the leaving mark.
+#[derive(Debug)]
+pub struct ResumeStart {
+    pub since_epoch: Option<String>,
+    pub max_messages: u64,
+    /// The read mark leaving the current room implies.
+    pub leaving: Option<ReadMark>,
+}
+
+/// One page of a resume.
+#[derive(Debug)]
+pub struct ResumePage {
+    username: String,
+    group_name: String,
+    after_seq: u64,
+    start: Option<ResumeStart>,
+    /// Bytes the page's lines may take together.
+    budget: usize,
+}
+
+/// What a page read.
+#[derive(Debug)]
+pub struct PageRead {
+    state: GroupReadState,
+    /// The stream goes on after this seq (moved by truncation or an epoch change).
+    after_seq: u64,
+    messages: Vec<Message>,
+    truncated: bool,
+    epoch_changed: bool,
+}
+
+/// The first page, from `enter_group {since_seq}`.
+pub fn first_page(
+    username: String,
+    group_name: String,
+    since_seq: u64,
+    start: ResumeStart,
+    budget: usize,
+) -> Planned {
+    store(ResumePage {
+        username,
+        group_name,
+        after_seq: since_seq,
+        start: Some(start),
+        budget,
+    })
+}
+
+/// The next page of a resume in progress (asked for by the server as output drains).
+pub fn next_page(username: String, cursor: ResumeCursor, budget: usize) -> Work {
+    match store(ResumePage {
+        username,
+        group_name: cursor.group_name,
+        after_seq: cursor.after_seq,
+        start: None,
+        budget,
+    }) {
+        Planned::Store(work) => work,
+        // `store` always plans a store job.
+        Planned::Now(_) | Planned::NowAnd(..) => unreachable!("store() plans a job"),
+    }
+}
+
+impl StoreCall for ResumePage {
+    type Output = PageRead;
+
+    fn route(&self) -> Route<'_> {
+        Route::with_messages(&self.group_name)
+    }
+
+    fn run(&self, store: &mut dyn Store) -> Result<PageRead, StoreError> {
+        let state = store.read_state(&self.username, &self.group_name)?;
+        let head = state.last_seq;
+        let mut after = self.after_seq;
+        let (mut truncated, mut epoch_changed) = (false, false);
+        if let Some(start) = &self.start {
+            if let Some(mark) = &start.leaving {
+                store.mark_read(std::slice::from_ref(mark))?;
+            }
+            if start
+                .since_epoch
+                .as_ref()
+                .is_some_and(|epoch| *epoch != state.group_id)
+            {
+                epoch_changed = true;
+                after = 0;
+            }
+            after = after.min(head);
+            if head - after > start.max_messages {
+                after = head - start.max_messages;
+                truncated = true;
+            }
+        }
+        let wanted = (head.saturating_sub(after)).min(u64::from(PAGE_MESSAGES)) as u32;
+        let mut messages = if wanted == 0 {
+            Vec::new()
+        } else {
+            store.messages_after(&self.group_name, after, wanted)?
+        };
+        messages.retain(|m| m.seq <= head);
+        Ok(PageRead {
+            state,
+            after_seq: after,
+            messages,
+            truncated,
+            epoch_changed,
+        })
+    }
+
+    fn answer(self, read: PageRead, id: Option<&RawValue>) -> Completed {
+        let (messages, _) = fit_messages(read.messages, true, self.budget);
+        let head = read.state.last_seq;
+        let mut line = Vec::new();
+        if self.start.is_some() {
+            let mut data = json!({
+                "group_name": self.group_name,
+                "epoch": read.state.group_id,
+                "since_seq": self.after_seq,
+                "first_seq": read.after_seq + 1,
+                "head_seq": head,
+                "truncated": read.truncated,
+            });
+            if read.epoch_changed {
+                data["epoch_changed"] = json!(true);
+            }
+            line = encode_line("enter_group", &data, id);
+        }
+        for message in &messages {
+            line.extend(encode_broadcast(message));
+        }
+        // Caught up with the head this page read (or nothing more to read): enter the room,
+        // live broadcasts follow from the head on.
+        let effect = match messages.last() {
+            Some(last) if last.seq < head => Effect::Resume(ResumeCursor {
+                group_name: self.group_name,
+                after_seq: last.seq,
+            }),
+            _ => Effect::EnterRoom(Room::new(self.group_name, head, read.state.last_read_seq)),
+        };
+        Completed {
+            line,
+            effect,
+            shows: None,
+        }
+    }
+}
