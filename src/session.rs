@@ -136,6 +136,17 @@ pub enum Effect {
     Protocol(u8),
     /// A resume streams its backlog: out of the current room, the next page after this.
     Resume(ResumeCursor),
+    /// The user is typing in the group's room (relayed to the others, rate-limited).
+    Typing {
+        username: String,
+        group_name: String,
+    },
+    /// This line goes to every other protocol-3 connection of the user, on every instance
+    /// (devices in sync: `read_marker`, `joined_group`).
+    TellUser {
+        username: String,
+        line: Vec<u8>,
+    },
 }
 
 /// Plans one framed request: decode the envelope, check the session, then hand the data to

@@ -42,6 +42,9 @@ impl StoreCall for JoinGroup {
     }
 
     fn answer(self, group: GroupRef, id: Option<&RawValue>) -> Completed {
-        Completed::reply(encode_line("join_success", &group, id))
+        // The user's other protocol-3 connections hear of it (devices in sync).
+        let notice = serde_json::json!({"group_name": group.group_name});
+        let line = encode_line("join_success", &group, id);
+        Completed::reply_and_tell(line, self.0.username, "joined_group", &notice)
     }
 }

@@ -62,6 +62,8 @@ impl StoreCall for MarkRead {
             "last_read_seq": state.last_read_seq,
             "unread_count": state.unread_count,
         });
-        Completed::reply(encode_line("marked_read", &data, id))
+        // The user's other protocol-3 connections hear of it (devices in sync).
+        let line = encode_line("marked_read", &data, id);
+        Completed::reply_and_tell(line, self.0.username, "read_marker", &data)
     }
 }

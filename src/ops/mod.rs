@@ -31,10 +31,11 @@ mod my_groups;
 mod ping;
 pub mod resume;
 pub mod send_message;
+pub mod typing;
 mod visit_group;
 
 /// Every request event, in the order `hello` and `unknown_event` list them.
-pub const EVENTS: [EventEntry; 13] = [
+pub const EVENTS: [EventEntry; 14] = [
     entry::<hello::Hello>(),
     entry::<find_user::FindUser>(),
     entry::<create_group::CreateGroup>(),
@@ -48,6 +49,7 @@ pub const EVENTS: [EventEntry; 13] = [
     entry::<ping::Ping>(),
     entry::<mark_read::MarkRead>(),
     entry::<my_groups::MyGroups>(),
+    entry::<typing::Typing>(),
 ];
 
 /// A request's `data` object.
@@ -164,6 +166,24 @@ impl Completed {
         Completed {
             line,
             effect: Effect::None,
+            shows: None,
+        }
+    }
+
+    /// A reply, and `notice` (an event without `id`) to the user's other protocol-3
+    /// connections everywhere (devices in sync).
+    pub fn reply_and_tell(
+        line: Vec<u8>,
+        username: String,
+        event: &str,
+        notice: &serde_json::Value,
+    ) -> Completed {
+        Completed {
+            line,
+            effect: Effect::TellUser {
+                username,
+                line: crate::protocol::reply::encode_line(event, notice, None),
+            },
             shows: None,
         }
     }

@@ -116,6 +116,10 @@ pub enum PeerEvent {
     /// The subscription to this group's channel is confirmed: read what the room may have
     /// missed before it took effect.
     Subscribed(String),
+    /// Someone on another instance is typing in a group's room.
+    Typing(Departure),
+    /// A line for one user's protocol-3 connections here.
+    User(UserNotice),
 }
 
 /// What the loop asks of the subscriber.
@@ -125,11 +129,21 @@ enum Command {
     Unwatch(String),
 }
 
-/// A user who left a group (and so must leave its room everywhere).
+/// A user who left a group (and so must leave its room everywhere). Also what a `typing`
+/// relay carries: who is typing in which group's room.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Departure {
     pub username: String,
     pub group_name: String,
+}
+
+/// A line for every protocol-3 connection of one user, on every instance (devices in sync:
+/// `read_marker`, `joined_group`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNotice {
+    pub username: String,
+    /// The whole line, as the connections get it (without its newline).
+    pub line: String,
 }
 
 /// What this node relays.
@@ -139,6 +153,10 @@ enum Relay {
     Left(Departure),
     /// "I am alive", with the time it was sent (milliseconds since the Unix epoch).
     Heartbeat(u64),
+    /// Someone is typing in a group's room (relayed like its messages).
+    Typing(Departure),
+    /// A line for one user's connections everywhere (on the control channel).
+    User(UserNotice),
 }
 
 /// One relayed item on the wire: a message, a leave, a heartbeat, or (none of them) "resync
@@ -151,6 +169,10 @@ struct Envelope {
     left: Option<Departure>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     heartbeat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    typing: Option<Departure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<UserNotice>,
 }
 
 fn unix_millis() -> u64 {
@@ -249,6 +271,19 @@ impl PeerLink {
         }
     }
 
+    /// Tells the instances hosting the group's room that someone is typing (never blocks;
+    /// dropped when the queue is full: it is only a hint).
+    pub fn publish_typing(&self, typing: Departure) {
+        let _ = self.outgoing.try_send(Relay::Typing(typing));
+    }
+
+    /// Sends a line to one user's connections on every other instance (never blocks).
+    pub fn publish_user(&self, notice: UserNotice) {
+        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::User(notice)) {
+            log::warn!("peer publish queue full; a notice to a user's devices was not relayed");
+        }
+    }
+
     /// A room of this group is occupied here: receive its messages (per-group mode).
     pub fn watch(&self, group_name: &str) {
         if self.mode == RelayMode::PerGroup {
@@ -292,6 +327,9 @@ impl Channels {
         match (self.mode, relay) {
             (RelayMode::PerGroup, Some(Relay::Message(message))) => {
                 group_channel(&self.database, &message.group_name)
+            }
+            (RelayMode::PerGroup, Some(Relay::Typing(typing))) => {
+                group_channel(&self.database, &typing.group_name)
             }
             _ => self.control(),
         }
@@ -482,6 +520,14 @@ impl Publisher {
                 Some(Relay::Heartbeat(sent)) => Some(*sent),
                 _ => None,
             },
+            typing: match relay {
+                Some(Relay::Typing(typing)) => Some(typing.clone()),
+                _ => None,
+            },
+            user: match relay {
+                Some(Relay::User(notice)) => Some(notice.clone()),
+                _ => None,
+            },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
@@ -549,6 +595,19 @@ impl Delivery {
                 ..
             }) => {
                 self.tell(PeerEvent::Left(departure));
+                false
+            }
+            Ok(Envelope {
+                typing: Some(typing),
+                ..
+            }) => {
+                self.tell(PeerEvent::Typing(typing));
+                false
+            }
+            Ok(Envelope {
+                user: Some(notice), ..
+            }) => {
+                self.tell(PeerEvent::User(notice));
                 false
             }
             Ok(Envelope { message: None, .. }) => {
@@ -624,6 +683,8 @@ mod tests {
             message: Some(message.clone()),
             left: None,
             heartbeat: None,
+            typing: None,
+            user: None,
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");

@@ -18,10 +18,12 @@ pub enum ErrorCode {
     /// A reply that would exceed `MAX_REPLY_BYTES` (every listing fits itself first; this is
     /// the last guard, in one place for every event).
     ReplyTooLarge,
+    /// A request that needs the connection in the group's room (`typing`).
+    NotInRoom,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownEvent,
         ErrorCode::BadRequest,
@@ -33,6 +35,7 @@ impl ErrorCode {
         ErrorCode::QuotaExceeded,
         ErrorCode::Unauthorized,
         ErrorCode::ReplyTooLarge,
+        ErrorCode::NotInRoom,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ReplyTooLarge => "reply_too_large",
+            ErrorCode::NotInRoom => "not_in_room",
         }
     }
 }

@@ -150,7 +150,16 @@ impl Server {
                 PeerEvent::Resync => self.sequencer.suspect_all(),
                 PeerEvent::Subscribed(group_name) => self.sequencer.suspect(&group_name),
                 PeerEvent::LinkDown => self.peer_link_up = false,
-                PeerEvent::Left(departure) => self.user_left(departure),
+                PeerEvent::Left(departure) => {
+                    self.tell_left(&departure, None);
+                    self.user_left(departure);
+                }
+                PeerEvent::Typing(typing) => self.typing(typing, None),
+                PeerEvent::User(notice) => {
+                    let mut line = notice.line.into_bytes();
+                    line.push(b'\n');
+                    self.tell_user_here(&notice.username, &line, None);
+                }
             }
         }
     }

@@ -42,6 +42,7 @@ use crate::workers::{Completion, Done, Requester, Work, WorkerPool, WriteRouting
 
 mod accept;
 mod delivery;
+mod devices;
 mod load;
 mod metrics_http;
 mod slab;
@@ -141,6 +142,10 @@ pub struct Server {
     accept_blocked: bool,
     /// Leaves seen (here or from peers) by (username, group): the leave clock when seen.
     recent_leaves: HashMap<(String, String), (u64, Instant)>,
+    /// The connections each logged-in user has here (lines to all of a user's devices).
+    users: HashMap<String, Vec<Token>>,
+    /// When each (user, group) last had a `typing` relayed (at most one per 2 s).
+    typing_seen: HashMap<(String, String), Instant>,
     leave_clock: u64,
     last_tail_check: Instant,
     /// Head-check queries not answered yet (a new round starts only after the last one).
@@ -244,6 +249,8 @@ impl Server {
             last_sweep: Instant::now(),
             accept_blocked: false,
             recent_leaves: HashMap::new(),
+            users: HashMap::new(),
+            typing_seen: HashMap::new(),
             leave_clock: 0,
             last_tail_check: Instant::now(),
             heads_in_flight: 0,
@@ -397,10 +404,22 @@ impl Server {
         match effect {
             Effect::None => {}
             Effect::Bind(username) => {
+                self.index_user(token, &username);
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.bind(username);
                 }
             }
+            Effect::Typing {
+                username,
+                group_name,
+            } => self.typing(
+                Departure {
+                    username,
+                    group_name,
+                },
+                Some(token),
+            ),
+            Effect::TellUser { username, line } => self.tell_user(username, line, token),
             Effect::EnterRoom(room) => {
                 let Some(connection) = self.connections.get_mut(&token) else {
                     return;
@@ -437,6 +456,7 @@ impl Server {
                 if let Some(peer) = &self.peer {
                     peer.publish_leave(departure.clone());
                 }
+                self.tell_left(&departure, Some(token));
                 self.user_left(departure);
             }
         }
@@ -475,13 +495,20 @@ impl Server {
         self.deferred = deferred;
     }
 
+    /// Services every touched connection. Servicing one may touch others (a `typing` or a
+    /// line to a user's devices): those are serviced in the same turn, round after round.
     fn service_touched(&mut self) {
-        let mut touched = std::mem::take(&mut self.touched);
-        for &token in &touched {
-            self.service(token);
+        while !self.touched.is_empty() {
+            let mut touched = std::mem::take(&mut self.touched);
+            for &token in &touched {
+                self.service(token);
+            }
+            touched.clear();
+            if self.touched.is_empty() {
+                // Keep the allocation for the next turn.
+                self.touched = touched;
+            }
         }
-        touched.clear();
-        self.touched = touched;
     }
 
     /// Handles waiting requests, writes pending output, and closes the connection when done.
@@ -492,6 +519,8 @@ impl Server {
             return;
         };
         connection.untouch();
+        // Effects of immediate replies that reach beyond this connection (`typing`).
+        let mut effects = Vec::new();
         while !draining && !connection.is_doomed() {
             loop {
                 // A held job (not a message) starts once what was in flight is answered.
@@ -519,8 +548,9 @@ impl Server {
                     }
                     Plan::ReplyAnd(line, effect) => {
                         connection.reply_in_order(line);
-                        if let Effect::Protocol(version) = effect {
-                            connection.set_protocol(version);
+                        match effect {
+                            Effect::Protocol(version) => connection.set_protocol(version),
+                            effect => effects.push(effect),
                         }
                     }
                     Plan::Refused(line) => {
@@ -583,6 +613,9 @@ impl Server {
         if connection.is_doomed() || connection.finished() {
             self.close(token);
         }
+        for effect in effects {
+            self.apply(token, effect);
+        }
     }
 
     /// Closes a connection. One the server cuts off for a reason first gets its `closing` line;
@@ -621,6 +654,9 @@ impl Server {
         let Some(mut connection) = self.connections.remove(&token) else {
             return;
         };
+        if let Some(username) = connection.session().username.clone() {
+            self.unindex_user(token, &username);
+        }
         let _ = self.poll.registry().deregister(connection.tcp());
         self.per_ip.release(connection.peer().ip());
         log::debug!("connection {} from {} closed", token.0, connection.peer());

@@ -1,0 +1,57 @@
+//! `typing {group_name}` (protocol 3): "I am typing" to the others in the group's room. Never
+//! stored. The sender must be in that room (`enter_group` first). The server relays at most
+//! one per user per group per `TYPING_EVERY` (2 s) and drops the rest silently; others'
+//! protocol-3 connections in the room, on every instance, receive `typing {group_name,
+//! username}` and expire the indicator themselves (after 6 s, documented). The reply is
+//! `typing {group_name}` whether it was relayed or dropped.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::fields::name_field;
+use super::{Context, Data, Event, Planned};
+use crate::protocol::reply::encode_line;
+use crate::protocol::{ErrorCode, Failure, ProtocolError};
+use crate::session::Effect;
+
+/// At most one `typing` relayed per user per group this often.
+pub const TYPING_EVERY: Duration = Duration::from_secs(2);
+
+pub struct Typing {
+    group_name: String,
+}
+
+impl Event for Typing {
+    const NAME: &'static str = "typing";
+    const NAMES_USER: bool = false;
+
+    fn parse(data: &Data) -> Result<Self, ProtocolError> {
+        Ok(Typing {
+            group_name: name_field(data, "group_name")?,
+        })
+    }
+
+    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+        let Some(username) = context.session.username.clone() else {
+            let text = "Log in with find_user first.";
+            return Err(ProtocolError::new(ErrorCode::NotLoggedIn, text).into());
+        };
+        if context.session.room_name() != Some(self.group_name.as_str()) {
+            let text = "Enter the group's room (enter_group) before typing in it.";
+            return Err(ProtocolError::new(ErrorCode::NotInRoom, text).into());
+        }
+        let line = encode_line(
+            "typing",
+            &json!({"group_name": self.group_name}),
+            context.id,
+        );
+        Ok(Planned::NowAnd(
+            line,
+            Effect::Typing {
+                username,
+                group_name: self.group_name,
+            },
+        ))
+    }
+}

@@ -1,0 +1,109 @@
+//! Protocol 3's live events between connections: a user's devices in sync (`read_marker`,
+//! `joined_group`, `left_group` to the user's other connections) and `typing` in a room. Only
+//! connections that asked for protocol 3 get any of it; every line also goes to the other
+//! instances (peer mode), the user's through the control channel and typing through the
+//! group's channel.
+
+use super::*;
+use crate::ops::typing::TYPING_EVERY;
+use crate::peer::UserNotice;
+
+impl Server {
+    /// Remembers which connections a user has here (for lines to all of a user's devices).
+    pub(super) fn index_user(&mut self, token: Token, username: &str) {
+        let tokens = self.users.entry(username.to_string()).or_default();
+        if !tokens.contains(&token) {
+            tokens.push(token);
+        }
+    }
+
+    /// Forgets a closed connection in the user index.
+    pub(super) fn unindex_user(&mut self, token: Token, username: &str) {
+        if let Some(tokens) = self.users.get_mut(username) {
+            tokens.retain(|t| *t != token);
+            if tokens.is_empty() {
+                self.users.remove(username);
+            }
+        }
+    }
+
+    /// Queues `line` for every protocol-3 connection of `username` here but `except`.
+    pub(super) fn tell_user_here(&mut self, username: &str, line: &[u8], except: Option<Token>) {
+        let tokens = self.users.get(username).cloned().unwrap_or_default();
+        for token in tokens.into_iter().filter(|t| Some(*t) != except) {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            if connection.session().protocol >= 3 && !connection.is_doomed() {
+                connection.queue_reply(line.to_vec(), None);
+                self.touch(token);
+            }
+        }
+    }
+
+    /// A line for the user's other devices, here and on every other instance.
+    pub(super) fn tell_user(&mut self, username: String, line: Vec<u8>, origin: Token) {
+        self.tell_user_here(&username, &line, Some(origin));
+        if let Some(peer) = &self.peer {
+            let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(&line));
+            peer.publish_user(UserNotice {
+                username,
+                line: text.into_owned(),
+            });
+        }
+    }
+
+    /// A user's devices here hear that the user left a group (here or on a peer).
+    pub(super) fn tell_left(&mut self, departure: &Departure, origin: Option<Token>) {
+        let line = crate::protocol::reply::encode_line(
+            "left_group",
+            &serde_json::json!({"group_name": departure.group_name, "reason": "left"}),
+            None,
+        );
+        self.tell_user_here(&departure.username, &line, origin);
+    }
+
+    /// `typing` from a connection in the room: relayed unless this user typed in this group
+    /// less than `TYPING_EVERY` ago (then dropped silently).
+    pub(super) fn typing(&mut self, typing: Departure, origin: Option<Token>) {
+        let now = Instant::now();
+        if origin.is_some() {
+            let key = (typing.username.clone(), typing.group_name.clone());
+            if self
+                .typing_seen
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < TYPING_EVERY)
+            {
+                return;
+            }
+            self.typing_seen.insert(key, now);
+            if let Some(peer) = &self.peer {
+                peer.publish_typing(typing.clone());
+            }
+        }
+        let line = crate::protocol::reply::encode_line(
+            "typing",
+            &serde_json::json!({"group_name": typing.group_name, "username": typing.username}),
+            None,
+        );
+        for token in self.rooms.members(&typing.group_name) {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            let session = connection.session();
+            if session.protocol >= 3
+                && session.username.as_deref() != Some(typing.username.as_str())
+                && !connection.is_doomed()
+            {
+                connection.queue_reply(line.clone(), None);
+                self.touch(token);
+            }
+        }
+    }
+
+    /// Forgets typing times older than the relay interval (from the sweep).
+    pub(super) fn forget_old_typing(&mut self, now: Instant) {
+        self.typing_seen
+            .retain(|_, at| now.duration_since(*at) < TYPING_EVERY);
+    }
+}
