@@ -74,6 +74,8 @@ pub struct Config {
     pub auth_secret: Option<Secret>,
     /// Most backlog messages a `since_seq` resume streams (`RESUME_MAX_MESSAGES`).
     pub resume_max_messages: u64,
+    /// At most one `group_activity` per group per this (`ACTIVITY_INTERVAL_MS`).
+    pub activity_interval: Duration,
     /// `AUTH_AUDIENCE`: tokens must carry this `aud`; `None`: `aud` is not checked.
     pub auth_audience: Option<String>,
     /// The TLS certificate chain and key (PEM); `None`: no TLS listener.
@@ -243,6 +245,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "WRITE_DELAY_MS",
         "10",
         "while busy, broadcasts wait up to this long to leave in one write with the ones after them; 0: at once",
+    ),
+    (
+        "ACTIVITY_INTERVAL_MS",
+        "1000",
+        "protocol 3: at most one group_activity per group this often (and one after a burst)",
     ),
     (
         "RESUME_MAX_MESSAGES",
@@ -463,6 +470,11 @@ impl Config {
             keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES", 6)?
                 as u32,
             auth_secret: auth_secret(env)?,
+            activity_interval: Duration::from_millis(parse_positive(
+                get("ACTIVITY_INTERVAL_MS"),
+                "ACTIVITY_INTERVAL_MS",
+                1000,
+            )? as u64),
             resume_max_messages: parse_positive(
                 get("RESUME_MAX_MESSAGES"),
                 "RESUME_MAX_MESSAGES",

@@ -142,11 +142,19 @@ pub enum Effect {
         group_name: String,
     },
     /// This line goes to every other protocol-3 connection of the user, on every instance
-    /// (devices in sync: `read_marker`, `joined_group`).
+    /// (devices in sync: `read_marker`).
     TellUser {
         username: String,
         line: Vec<u8>,
     },
+    /// The user joined a group: their other devices hear `joined_group`, and their
+    /// connections here hear of the group's activity from now on.
+    JoinedGroup {
+        username: String,
+        group_name: String,
+    },
+    /// The connection's memberships, loaded for activity notices.
+    Watch(Vec<crate::model::GroupReadState>),
 }
 
 /// Plans one framed request: decode the envelope, check the session, then hand the data to

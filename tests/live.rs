@@ -1,6 +1,7 @@
-//! Issue 23 items 4 and 6: a user's devices in sync (`read_marker`, `joined_group`,
-//! `left_group` to the user's other protocol-3 connections) and `typing` in a room, on one
-//! instance and across two peers; protocol-2 connections see none of it.
+//! Issue 23 items 3, 4 and 6: activity in every group (`group_activity`), a user's devices in
+//! sync (`read_marker`, `joined_group`, `left_group` to the user's other protocol-3
+//! connections) and `typing` in a room, on one instance and across two peers; protocol-2
+//! connections see none of it.
 
 mod common;
 
@@ -11,11 +12,24 @@ use serde_json::{json, Value};
 
 fn v3(server: &Server, username: &str) -> Client {
     let mut client = server.connect();
-    let hello = client.request("hello", json!({"protocol": 3}));
+    let hello = ask(&mut client, "hello", json!({"protocol": 3}));
     assert_eq!(hello["data"]["protocol"], 3, "{hello}");
-    let login = client.request("find_user", json!({"username": username}));
+    let login = ask(&mut client, "find_user", json!({"username": username}));
     assert!(login["event"] == "user_created" || login["event"] == "user_found");
     client
+}
+
+/// Sends a request and returns its reply, passing over the unsolicited lines (activity,
+/// devices, typing) that may arrive before it.
+fn ask(client: &mut Client, event: &str, data: Value) -> Value {
+    let id = json!(unique("ask"));
+    client.send(&json!({"event": event, "data": data, "id": id}));
+    loop {
+        let line = client.recv();
+        if line["id"] == id {
+            return line;
+        }
+    }
 }
 
 /// The next line that is not a reply to a request (no `id`).
@@ -23,6 +37,17 @@ fn next_event(client: &mut Client) -> Value {
     loop {
         let line = client.recv();
         if line.get("id").is_none() {
+            return line;
+        }
+    }
+}
+
+/// The next unsolicited line that is one of `events` (activity notices in between are
+/// passed over).
+fn next_of(client: &mut Client, events: &[&str]) -> Value {
+    loop {
+        let line = next_event(client);
+        if events.iter().any(|e| line["event"] == *e) {
             return line;
         }
     }
@@ -47,31 +72,40 @@ fn devices_follow_each_other(a: &Server, b: &Server) {
     let user = unique("dev");
     let group = unique("devg");
     let mut owner = a.login("owner");
-    owner.request("create_group", ug("owner", &group));
+    ask(&mut owner, "create_group", ug("owner", &group));
     let mut phone = v3(a, &user);
     let mut laptop = v3(b, &user);
     let mut old = b.login(&user); // protocol 2: sees none of it
-    let joined = phone.request("join_group", ug(&user, &group));
+    let joined = ask(&mut phone, "join_group", ug(&user, &group));
     assert_eq!(joined["event"], "join_success", "{joined}");
-    let seen = next_event(&mut laptop);
+    let seen = next_of(&mut laptop, &["joined_group", "read_marker"]);
     assert_eq!(seen["event"], "joined_group", "{seen}");
     assert_eq!(seen["data"]["group_name"], group.as_str());
     for i in 0..3 {
-        owner.request(
+        ask(
+            &mut owner,
             "send_message",
             common::msg("owner", &group, &format!("m{i}")),
         );
     }
-    let marked = phone.request("mark_read", json!({"group_name": group, "seq": 2}));
+    let marked = ask(
+        &mut phone,
+        "mark_read",
+        json!({"group_name": group, "seq": 2}),
+    );
     assert_eq!(marked["data"]["last_read_seq"], 2, "{marked}");
-    let seen = next_event(&mut laptop);
+    let seen = next_of(&mut laptop, &["joined_group", "read_marker"]);
     assert_eq!(seen["event"], "read_marker", "{seen}");
     assert_eq!(seen["data"]["last_read_seq"], 2);
     assert_eq!(seen["data"]["unread_count"], 1);
-    assert!(nothing_pending(&mut phone).is_empty(), "not to itself");
-    let left = laptop.request("leave_group", ug(&user, &group));
+    let extra = nothing_pending(&mut phone);
+    assert!(
+        extra.iter().all(|l| l["event"] != "read_marker"),
+        "not to itself: {extra:?}"
+    );
+    let left = ask(&mut laptop, "leave_group", ug(&user, &group));
     assert_eq!(left["event"], "leave_success", "{left}");
-    let seen = next_event(&mut phone);
+    let seen = next_of(&mut phone, &["left_group"]);
     assert_eq!(seen["event"], "left_group", "{seen}");
     assert_eq!(seen["data"], json!({"group_name": group, "reason": "left"}));
     assert!(
@@ -91,14 +125,19 @@ fn a_users_devices_follow_each_other_on_one_instance() {
 /// a `typing` sent right after entering a room is not lost to a subscription still under way
 /// (typing is a hint and is never recovered from the store, unlike messages).
 fn peers(storage: &Storage, redis: &LocalService) -> (Server, Server) {
+    peers_relaying(storage, redis, "shared")
+}
+
+fn peers_relaying(storage: &Storage, redis: &LocalService, relay: &str) -> (Server, Server) {
     let start = |node: &str| {
         Server::start_with(
             storage,
             &[
                 ("PEER", "true"),
-                ("PEER_RELAY", "shared"),
+                ("PEER_RELAY", relay),
                 ("REDIS_URL", &redis.redis_url()),
                 ("NODE_ID", node),
+                ("METRICS_PORT", "0"),
             ],
         )
     };
@@ -120,22 +159,22 @@ fn a_users_devices_follow_each_other_across_peers() {
 fn typing_reaches_the_room(a: &Server, b: &Server) {
     let group = unique("typ");
     let mut alice = v3(a, "alice");
-    alice.request("create_group", ug("alice", &group));
+    ask(&mut alice, "create_group", ug("alice", &group));
     let mut bob = v3(b, "bob");
-    bob.request("join_group", ug("bob", &group));
+    ask(&mut bob, "join_group", ug("bob", &group));
     let mut carol = b.login("carol"); // protocol 2
-    carol.request("join_group", ug("carol", &group));
+    ask(&mut carol, "join_group", ug("carol", &group));
     for client in [&mut alice, &mut bob, &mut carol] {
-        let entered = client.request("enter_group", json!({"group_name": group}));
+        let entered = ask(client, "enter_group", json!({"group_name": group}));
         assert_eq!(entered["event"], "enter_group", "{entered}");
     }
     // Not in the room: refused with a code.
     let mut elsewhere = v3(a, "dave");
-    let refused = elsewhere.request("typing", json!({"group_name": group}));
+    let refused = ask(&mut elsewhere, "typing", json!({"group_name": group}));
     assert_eq!(refused["data"]["code"], "not_in_room", "{refused}");
     // A flood: one relayed, the rest dropped silently (each still answered).
     for _ in 0..50 {
-        let ack = alice.request("typing", json!({"group_name": group}));
+        let ack = ask(&mut alice, "typing", json!({"group_name": group}));
         assert_eq!(ack["event"], "typing", "{ack}");
     }
     let seen = next_event(&mut bob);
@@ -144,7 +183,11 @@ fn typing_reaches_the_room(a: &Server, b: &Server) {
         json!({"event": "typing", "data": {"group_name": group, "username": "alice"}})
     );
     // A message sent after the flood arrives next: the other 49 were not relayed.
-    alice.request("send_message", common::msg("alice", &group, "after typing"));
+    ask(
+        &mut alice,
+        "send_message",
+        common::msg("alice", &group, "after typing"),
+    );
     let next = next_event(&mut bob);
     assert_eq!(next["event"], "message_sent", "{next}");
     let carols = next_event(&mut carol);
@@ -155,7 +198,7 @@ fn typing_reaches_the_room(a: &Server, b: &Server) {
     assert!(nothing_pending(&mut alice).is_empty(), "not to the typist");
     // Two seconds on, one more is relayed.
     std::thread::sleep(Duration::from_millis(2100));
-    alice.request("typing", json!({"group_name": group}));
+    ask(&mut alice, "typing", json!({"group_name": group}));
     assert_eq!(next_event(&mut bob)["event"], "typing");
 }
 
@@ -172,4 +215,110 @@ fn typing_reaches_the_room_across_peers() {
     let redis = LocalService::redis();
     let (a, b) = peers(&storage, &redis);
     typing_reaches_the_room(&a, &b);
+}
+
+/// Reads `group_activity` lines of `group` until one carries `last_seq`; returns how many came.
+fn activity_until(client: &mut Client, group: &str, last_seq: u64) -> (usize, Value) {
+    let mut count = 0;
+    loop {
+        let line = next_event(client);
+        if line["event"] == "group_activity" && line["data"]["group_name"] == group {
+            count += 1;
+            if line["data"]["last_seq"] == last_seq {
+                return (count, line);
+            }
+        }
+    }
+}
+
+fn activity_reaches_members_outside_the_room(a: &Server, b: &Server) {
+    let (quiet, busy) = (unique("quiet"), unique("busy"));
+    let mut sender = a.login("sender");
+    ask(&mut sender, "create_group", ug("sender", &busy));
+    ask(&mut sender, "create_group", ug("sender", &quiet));
+    let watcher_name = unique("watcher");
+    let mut setup = b.login(&watcher_name);
+    ask(&mut setup, "join_group", ug(&watcher_name, &busy));
+    // Memberships are loaded when a protocol-3 connection logs in...
+    let mut watcher = v3(b, &watcher_name);
+    let mut old = b.login(&watcher_name); // protocol 2
+                                          // ...and a group joined later is added.
+    ask(&mut watcher, "join_group", ug(&watcher_name, &quiet));
+    assert!(nothing_pending(&mut watcher).is_empty());
+    // A burst of 20: a notice at once, then at most one per second, the last one carrying
+    // the burst's end.
+    let mut burst = Vec::new();
+    for i in 0..20 {
+        burst.extend(
+            serde_json::to_vec(&json!({"event": "send_message", "data": common::msg("sender", &busy, &format!("m{i}"))}))
+                .expect("encode"),
+        );
+        burst.push(b'\n');
+    }
+    sender.send_raw(&burst);
+    for _ in 0..20 {
+        let ack = sender.recv();
+        assert_eq!(ack["event"], "message_sent", "{ack}");
+    }
+    let (count, last) = activity_until(&mut watcher, &busy, 20);
+    assert!(count <= 3, "{count} notices for one burst");
+    assert_eq!(last["data"]["unread_count"], 20, "{last}");
+    ask(
+        &mut sender,
+        "send_message",
+        common::msg("sender", &quiet, "one"),
+    );
+    let (_, quiet_line) = activity_until(&mut watcher, &quiet, 1);
+    assert_eq!(quiet_line["data"]["unread_count"], 1);
+    // Marking read lowers the count the next notice carries.
+    ask(
+        &mut watcher,
+        "mark_read",
+        json!({"group_name": busy, "seq": 18}),
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    ask(
+        &mut sender,
+        "send_message",
+        common::msg("sender", &busy, "m20"),
+    );
+    let (_, after_mark) = activity_until(&mut watcher, &busy, 21);
+    assert_eq!(after_mark["data"]["unread_count"], 3, "{after_mark}");
+    // In the room: messages, not notices.
+    ask(&mut watcher, "enter_group", json!({"group_name": busy}));
+    ask(
+        &mut sender,
+        "send_message",
+        common::msg("sender", &busy, "m21"),
+    );
+    let seen = next_event(&mut watcher);
+    assert_eq!(seen["event"], "message_sent", "{seen}");
+    let extra = nothing_pending(&mut old);
+    assert!(
+        extra.iter().all(|l| l["event"] != "group_activity"),
+        "protocol 2 gets no notices: {extra:?}"
+    );
+}
+
+#[test]
+fn activity_reaches_members_outside_the_room_on_one_instance() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    activity_reaches_members_outside_the_room(&server, &server);
+}
+
+/// Across peers with per-group channels: the instance hosting only the member (not the room)
+/// gets notices, never the group's message stream.
+#[test]
+fn activity_crosses_peers_as_notices_not_messages() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let (a, b) = peers_relaying(&storage, &redis, "per_group");
+    activity_reaches_members_outside_the_room(&a, &b);
+    // b hosted the watcher's room only at the very end (one message then).
+    let relayed = common::metric(&b, "noomnim_peer_relay_messages_in_total").expect("metric");
+    assert!(
+        relayed <= 1.0,
+        "{relayed} messages relayed to the member's instance"
+    );
 }

@@ -7,6 +7,7 @@ use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::GroupRef;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
+use crate::session::Effect;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
@@ -43,8 +44,13 @@ impl StoreCall for JoinGroup {
 
     fn answer(self, group: GroupRef, id: Option<&RawValue>) -> Completed {
         // The user's other protocol-3 connections hear of it (devices in sync).
-        let notice = serde_json::json!({"group_name": group.group_name});
-        let line = encode_line("join_success", &group, id);
-        Completed::reply_and_tell(line, self.0.username, "joined_group", &notice)
+        Completed {
+            line: encode_line("join_success", &group, id),
+            effect: Effect::JoinedGroup {
+                username: self.0.username,
+                group_name: self.0.group_name,
+            },
+            shows: None,
+        }
     }
 }

@@ -27,7 +27,7 @@ mod join_group;
 mod leave_group;
 mod list_groups;
 mod mark_read;
-mod my_groups;
+pub mod my_groups;
 mod ping;
 pub mod resume;
 pub mod send_message;

@@ -62,6 +62,23 @@ fn group_channel(database: &str, group_name: &str) -> String {
     format!("noomnim:{database}:g:{group_name}")
 }
 
+/// One group's coalesced activity notices (`per_group` mode): what an instance whose users
+/// are members, but not in the room, receives instead of the message stream.
+fn activity_channel(database: &str, group_name: &str) -> String {
+    format!("noomnim:{database}:a:{group_name}")
+}
+
+/// Watch keys starting with this name a group's activity channel instead of its message
+/// channel (group names cannot contain control characters, so no group is mistaken for one).
+pub const ACTIVITY_KEY: &str = "\u{1}activity:";
+
+/// A group's newest seq, as an activity notice carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupActivity {
+    pub group_name: String,
+    pub last_seq: u64,
+}
+
 /// How messages are spread over Redis channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayMode {
@@ -120,6 +137,8 @@ pub enum PeerEvent {
     Typing(Departure),
     /// A line for one user's protocol-3 connections here.
     User(UserNotice),
+    /// A group's newest seq, from the instance that stored it (coalesced).
+    Activity(GroupActivity),
 }
 
 /// What the loop asks of the subscriber.
@@ -157,6 +176,8 @@ enum Relay {
     Typing(Departure),
     /// A line for one user's connections everywhere (on the control channel).
     User(UserNotice),
+    /// A group's coalesced activity (on its activity channel).
+    Activity(GroupActivity),
 }
 
 /// One relayed item on the wire: a message, a leave, a heartbeat, or (none of them) "resync
@@ -173,6 +194,8 @@ struct Envelope {
     typing: Option<Departure>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<UserNotice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    activity: Option<GroupActivity>,
 }
 
 fn unix_millis() -> u64 {
@@ -277,6 +300,12 @@ impl PeerLink {
         let _ = self.outgoing.try_send(Relay::Typing(typing));
     }
 
+    /// Tells the instances whose users are members of the group what its newest seq is
+    /// (coalesced by the caller; never blocks, dropped when the queue is full).
+    pub fn publish_activity(&self, activity: GroupActivity) {
+        let _ = self.outgoing.try_send(Relay::Activity(activity));
+    }
+
     /// Sends a line to one user's connections on every other instance (never blocks).
     pub fn publish_user(&self, notice: UserNotice) {
         if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::User(notice)) {
@@ -331,12 +360,19 @@ impl Channels {
             (RelayMode::PerGroup, Some(Relay::Typing(typing))) => {
                 group_channel(&self.database, &typing.group_name)
             }
+            (RelayMode::PerGroup, Some(Relay::Activity(activity))) => {
+                activity_channel(&self.database, &activity.group_name)
+            }
             _ => self.control(),
         }
     }
 
-    fn group(&self, group_name: &str) -> String {
-        group_channel(&self.database, group_name)
+    /// The channel a watch key names: a group's messages, or its activity (`ACTIVITY_KEY`).
+    fn group(&self, key: &str) -> String {
+        match key.strip_prefix(ACTIVITY_KEY) {
+            Some(group_name) => activity_channel(&self.database, group_name),
+            None => group_channel(&self.database, key),
+        }
     }
 
     /// Shard `index`'s heartbeat channel: the control channel on a single server; on a
@@ -528,6 +564,10 @@ impl Publisher {
                 Some(Relay::User(notice)) => Some(notice.clone()),
                 _ => None,
             },
+            activity: match relay {
+                Some(Relay::Activity(activity)) => Some(activity.clone()),
+                _ => None,
+            },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
@@ -610,6 +650,13 @@ impl Delivery {
                 self.tell(PeerEvent::User(notice));
                 false
             }
+            Ok(Envelope {
+                activity: Some(activity),
+                ..
+            }) => {
+                self.tell(PeerEvent::Activity(activity));
+                false
+            }
             Ok(Envelope { message: None, .. }) => {
                 self.tell(PeerEvent::Resync);
                 false
@@ -685,6 +732,7 @@ mod tests {
             heartbeat: None,
             typing: None,
             user: None,
+            activity: None,
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");

@@ -35,6 +35,8 @@ impl Server {
                     if let Some(peer) = &self.peer {
                         peer.publish(message);
                     }
+                    let (group_name, seq) = (message.group_name.clone(), message.seq);
+                    self.activity_seen(&group_name, seq, true);
                     let released = self.sequencer.offer(message.clone(), requester);
                     self.broadcast_all(released);
                 }
@@ -99,7 +101,10 @@ impl Server {
                 .shows
                 .filter(|(group, _, _)| connection.session().room_name() == Some(group.as_str()))
                 .map(|(_, first, last)| (first, last));
-            connection.queue_reply(completed.line, shows);
+            // A server-side read (activity memberships) has no line of its own.
+            if !completed.line.is_empty() {
+                connection.queue_reply(completed.line, shows);
+            }
             let effect = match completed.effect {
                 // The user left this group after the enter was submitted (on this node or
                 // another): in that order the enter happened first and the leave took the user
@@ -140,6 +145,7 @@ impl Server {
             match event {
                 PeerEvent::Relayed(message) => {
                     self.metrics.messages_relayed_in += 1;
+                    self.activity_seen(&message.group_name, message.seq, false);
                     let released = self.sequencer.offer(message, Requester::Server);
                     self.broadcast_all(released);
                 }
@@ -158,7 +164,11 @@ impl Server {
                 PeerEvent::User(notice) => {
                     let mut line = notice.line.into_bytes();
                     line.push(b'\n');
+                    self.note_user_line(&notice.username, &line);
                     self.tell_user_here(&notice.username, &line, None);
+                }
+                PeerEvent::Activity(activity) => {
+                    self.activity_seen(&activity.group_name, activity.last_seq, false)
                 }
             }
         }
@@ -187,6 +197,10 @@ impl Server {
 
     pub(super) fn broadcast_all(&mut self, released: Vec<Release>) {
         for (message, origin) in released {
+            if origin == Requester::Server {
+                // Relayed or read back from the store (stored elsewhere).
+                self.activity_seen(&message.group_name, message.seq, false);
+            }
             self.broadcast(&message, origin);
         }
     }
@@ -239,6 +253,7 @@ impl Server {
     /// the leave is remembered so that an enter already in flight does not undo it.
     pub(super) fn user_left(&mut self, departure: Departure) {
         self.leave_clock += 1;
+        self.left_activity(&departure.username, &departure.group_name);
         for member in self.rooms.members(&departure.group_name) {
             let Some(connection) = self.connections.get_mut(&member) else {
                 continue;

@@ -41,6 +41,7 @@ use crate::transport::Transport;
 use crate::workers::{Completion, Done, Requester, Work, WorkerPool, WriteRouting};
 
 mod accept;
+mod activity;
 mod delivery;
 mod devices;
 mod load;
@@ -146,6 +147,14 @@ pub struct Server {
     users: HashMap<String, Vec<Token>>,
     /// When each (user, group) last had a `typing` relayed (at most one per 2 s).
     typing_seen: HashMap<(String, String), Instant>,
+    /// Activity notices (`activity.rs`): per group, the protocol-3 connections here whose
+    /// user is a member; per such connection, its groups; the known read markers of their
+    /// users; each group's coalescing state, and when the next trailing notice is due.
+    watchers: HashMap<String, std::collections::HashSet<Token>>,
+    watching: HashMap<Token, std::collections::HashSet<String>>,
+    marks: HashMap<String, HashMap<String, u64>>,
+    activity: HashMap<String, activity::ActivityState>,
+    activity_wake: Option<Instant>,
     leave_clock: u64,
     last_tail_check: Instant,
     /// Head-check queries not answered yet (a new round starts only after the last one).
@@ -251,6 +260,11 @@ impl Server {
             recent_leaves: HashMap::new(),
             users: HashMap::new(),
             typing_seen: HashMap::new(),
+            watchers: HashMap::new(),
+            watching: HashMap::new(),
+            marks: HashMap::new(),
+            activity: HashMap::new(),
+            activity_wake: None,
             leave_clock: 0,
             last_tail_check: Instant::now(),
             heads_in_flight: 0,
@@ -325,6 +339,7 @@ impl Server {
             self.start_catch_ups();
             self.sweep();
             self.release_deferred();
+            self.release_activity();
             self.service_touched();
             self.load.turn(woke, Instant::now());
             if self.shutdown_step() {
@@ -358,10 +373,20 @@ impl Server {
         let deferred = self
             .deferred_flush_at
             .map(|due| due.saturating_duration_since(Instant::now()));
-        [catch_up, draining, accept, deferred, Some(SWEEP_EVERY)]
-            .into_iter()
-            .flatten()
-            .min()
+        let activity = self
+            .activity_wake
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        [
+            catch_up,
+            draining,
+            accept,
+            deferred,
+            activity,
+            Some(SWEEP_EVERY),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Starts draining on a stop request; true once draining is complete.
@@ -408,6 +433,20 @@ impl Server {
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.bind(username);
                 }
+                self.start_activity(token);
+            }
+            Effect::Watch(groups) => self.watch_groups(token, groups),
+            Effect::JoinedGroup {
+                username,
+                group_name,
+            } => {
+                self.joined_activity(&username, &group_name);
+                let line = crate::protocol::reply::encode_line(
+                    "joined_group",
+                    &serde_json::json!({"group_name": group_name}),
+                    None,
+                );
+                self.tell_user(username, line, token);
             }
             Effect::Typing {
                 username,
@@ -419,7 +458,10 @@ impl Server {
                 },
                 Some(token),
             ),
-            Effect::TellUser { username, line } => self.tell_user(username, line, token),
+            Effect::TellUser { username, line } => {
+                self.note_user_line(&username, &line);
+                self.tell_user(username, line, token);
+            }
             Effect::EnterRoom(room) => {
                 let Some(connection) = self.connections.get_mut(&token) else {
                     return;
@@ -433,6 +475,7 @@ impl Server {
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.set_protocol(version);
                 }
+                self.start_activity(token);
             }
             Effect::Resume(cursor) => {
                 let Some(connection) = self.connections.get_mut(&token) else {
@@ -548,10 +591,12 @@ impl Server {
                     }
                     Plan::ReplyAnd(line, effect) => {
                         connection.reply_in_order(line);
-                        match effect {
-                            Effect::Protocol(version) => connection.set_protocol(version),
-                            effect => effects.push(effect),
+                        // The version applies at once (to what is planned next); the rest of
+                        // the effect (activity notices) once this connection is serviced.
+                        if let Effect::Protocol(version) = effect {
+                            connection.set_protocol(version);
                         }
+                        effects.push(effect);
                     }
                     Plan::Refused(line) => {
                         self.metrics.error(ErrorCode::Unauthorized);
@@ -655,6 +700,7 @@ impl Server {
             return;
         };
         if let Some(username) = connection.session().username.clone() {
+            self.stop_activity(token, &username);
             self.unindex_user(token, &username);
         }
         let _ = self.poll.registry().deregister(connection.tcp());

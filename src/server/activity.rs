@@ -1,0 +1,317 @@
+//! Protocol 3's activity in every group: a logged-in protocol-3 connection hears of new
+//! messages in each group of its user whose room it is not in, as `group_activity
+//! {group_name, last_seq, unread_count}`, at most one per group per `ACTIVITY_INTERVAL_MS`
+//! and always one after the last message of a burst (a trailing notice).
+//!
+//! The loop keeps, per group with interested connections here, which connections those are
+//! (loaded with one `my_groups` read when a connection is logged in and on protocol 3, kept
+//! current by joins and leaves), the users' read markers (for `unread_count`), and one
+//! coalescing state. Messages stored here, relayed messages and catch-up reads all feed it.
+//! In peer mode the instance that stores a group's messages publishes the same coalesced
+//! notice on the group's activity channel, which an instance subscribes to only while it has
+//! interested connections: it then receives one small notice per group per interval, never
+//! the group's message stream.
+
+use super::*;
+use crate::model::{GroupReadState, GroupsQuery};
+use crate::ops::{store, Completed, Route, StoreCall};
+use crate::peer::{GroupActivity, ACTIVITY_KEY};
+
+/// One group's coalescing state.
+#[derive(Debug, Default)]
+pub(super) struct ActivityState {
+    last_seq: u64,
+    sent_at: Option<Instant>,
+    /// A newer seq than the last notice carries waits for the interval to pass.
+    due: bool,
+    /// A message stored on this instance since the last notice (so peers are told).
+    stored_here: bool,
+}
+
+/// The store read that loads a connection's memberships for activity notices.
+#[derive(Debug)]
+struct Memberships {
+    username: String,
+}
+
+impl StoreCall for Memberships {
+    type Output = Vec<GroupReadState>;
+
+    fn route(&self) -> Route<'_> {
+        Route::by(&self.username)
+    }
+
+    fn run(&self, store: &mut dyn Store) -> Result<Vec<GroupReadState>, StoreError> {
+        let query = GroupsQuery {
+            after: None,
+            limit: crate::ops::my_groups::MAX_MEMBERSHIPS_PAGE,
+        };
+        Ok(store.my_groups(&self.username, &query)?.groups)
+    }
+
+    fn answer(
+        self,
+        groups: Vec<GroupReadState>,
+        _: Option<&serde_json::value::RawValue>,
+    ) -> Completed {
+        Completed {
+            line: Vec::new(),
+            effect: Effect::Watch(groups),
+            shows: None,
+        }
+    }
+}
+
+impl Server {
+    /// Starts loading a connection's memberships once it is logged in and on protocol 3.
+    pub(super) fn start_activity(&mut self, token: Token) {
+        if self.watching.contains_key(&token) {
+            return;
+        }
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let Some(username) = connection.session().username.clone() else {
+            return;
+        };
+        if connection.session().protocol < 3 {
+            return;
+        }
+        self.watching.insert(token, Default::default());
+        let crate::ops::Planned::Store(work) = store(Memberships { username }) else {
+            return;
+        };
+        if let Some((work, ticket)) = connection.start_or_hold(work, None, self.leave_clock) {
+            if let Some(pool) = self.pool.as_mut() {
+                pool.submit(Requester::Connection(token, ticket), work);
+            }
+        }
+    }
+
+    /// The memberships loaded: the connection hears of these groups from now on.
+    pub(super) fn watch_groups(&mut self, token: Token, groups: Vec<GroupReadState>) {
+        let Some(username) = self
+            .connections
+            .get(&token)
+            .and_then(|c| c.session().username.clone())
+        else {
+            return;
+        };
+        for group in groups {
+            self.know_mark(&username, &group.group_name, group.last_read_seq);
+            let state = self.activity.entry(group.group_name.clone()).or_default();
+            state.last_seq = state.last_seq.max(group.last_seq);
+            self.watch_group(token, group.group_name);
+        }
+    }
+
+    fn watch_group(&mut self, token: Token, group_name: String) {
+        let Some(groups) = self.watching.get_mut(&token) else {
+            return;
+        };
+        groups.insert(group_name.clone());
+        let watchers = self.watchers.entry(group_name.clone()).or_default();
+        if watchers.is_empty() {
+            if let Some(peer) = &self.peer {
+                peer.watch(&format!("{ACTIVITY_KEY}{group_name}"));
+            }
+        }
+        watchers.insert(token);
+    }
+
+    fn unwatch_group(&mut self, token: Token, group_name: &str) {
+        if let Some(groups) = self.watching.get_mut(&token) {
+            groups.remove(group_name);
+        }
+        let Some(watchers) = self.watchers.get_mut(group_name) else {
+            return;
+        };
+        watchers.remove(&token);
+        if watchers.is_empty() {
+            self.watchers.remove(group_name);
+            if let Some(peer) = &self.peer {
+                peer.unwatch(&format!("{ACTIVITY_KEY}{group_name}"));
+            }
+        }
+    }
+
+    /// A closing connection stops hearing of its groups; the last connection of a user takes
+    /// the user's known read markers with it.
+    pub(super) fn stop_activity(&mut self, token: Token, username: &str) {
+        if let Some(groups) = self.watching.remove(&token) {
+            for group in groups {
+                self.unwatch_group(token, &group);
+            }
+        }
+        let others = self
+            .users
+            .get(username)
+            .is_some_and(|tokens| tokens.iter().any(|t| *t != token));
+        if !others {
+            self.marks.remove(username);
+        }
+    }
+
+    /// The user joined a group: their connections here that hear of activity add it.
+    pub(super) fn joined_activity(&mut self, username: &str, group_name: &str) {
+        let tokens = self.users.get(username).cloned().unwrap_or_default();
+        for token in tokens {
+            if self.watching.contains_key(&token) {
+                self.watch_group(token, group_name.to_string());
+            }
+        }
+    }
+
+    /// The user left a group (here or on a peer): their connections here drop it.
+    pub(super) fn left_activity(&mut self, username: &str, group_name: &str) {
+        let tokens = self.users.get(username).cloned().unwrap_or_default();
+        for token in tokens {
+            self.unwatch_group(token, group_name);
+        }
+    }
+
+    /// A user's read marker in a group is known to be at least `seq` (kept only for users
+    /// with a protocol-3 connection here).
+    pub(super) fn know_mark(&mut self, username: &str, group_name: &str, seq: u64) {
+        let has_watcher = self
+            .users
+            .get(username)
+            .is_some_and(|tokens| tokens.iter().any(|t| self.watching.contains_key(t)));
+        if !has_watcher {
+            return;
+        }
+        let mark = self
+            .marks
+            .entry(username.to_string())
+            .or_default()
+            .entry(group_name.to_string())
+            .or_default();
+        *mark = (*mark).max(seq);
+    }
+
+    /// Reads what a line to a user's devices says about their state: a raised read marker,
+    /// or a group joined (their connections here then hear of it too).
+    pub(super) fn note_user_line(&mut self, username: &str, line: &[u8]) {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return;
+        };
+        let group = value["data"]["group_name"].as_str().unwrap_or_default();
+        match value["event"].as_str() {
+            Some("read_marker") => {
+                let seq = value["data"]["last_read_seq"].as_u64().unwrap_or(0);
+                self.know_mark(username, group, seq);
+            }
+            Some("joined_group") => self.joined_activity(username, group),
+            _ => {}
+        }
+    }
+
+    /// A message of `group_name` with `seq` exists (stored here when `stored_here`).
+    pub(super) fn activity_seen(&mut self, group_name: &str, seq: u64, stored_here: bool) {
+        if !stored_here && !self.watchers.contains_key(group_name) {
+            return;
+        }
+        let interval = self.config.activity_interval;
+        let state = self.activity.entry(group_name.to_string()).or_default();
+        if seq <= state.last_seq {
+            return;
+        }
+        state.last_seq = seq;
+        state.stored_here |= stored_here;
+        if let Some(sent) = state.sent_at.filter(|sent| sent.elapsed() < interval) {
+            state.due = true;
+            let at = sent + interval;
+            self.activity_wake = Some(self.activity_wake.map_or(at, |wake| wake.min(at)));
+            return;
+        }
+        self.emit_activity(group_name);
+    }
+
+    /// Sends a group's notice to the interested connections here and, for messages stored
+    /// here, to the other instances.
+    fn emit_activity(&mut self, group_name: &str) {
+        let Some(state) = self.activity.get_mut(group_name) else {
+            return;
+        };
+        state.sent_at = Some(Instant::now());
+        state.due = false;
+        let last_seq = state.last_seq;
+        if std::mem::take(&mut state.stored_here) {
+            if let Some(peer) = &self.peer {
+                peer.publish_activity(GroupActivity {
+                    group_name: group_name.to_string(),
+                    last_seq,
+                });
+            }
+        }
+        let tokens: Vec<Token> = self
+            .watchers
+            .get(group_name)
+            .map(|w| w.iter().copied().collect())
+            .unwrap_or_default();
+        for token in tokens {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            let session = connection.session();
+            if session.room_name() == Some(group_name) || connection.is_doomed() {
+                continue;
+            }
+            let Some(username) = session.username.as_deref() else {
+                continue;
+            };
+            let mark = self
+                .marks
+                .get(username)
+                .and_then(|groups| groups.get(group_name))
+                .copied()
+                .unwrap_or(0);
+            let line = crate::protocol::reply::encode_line(
+                "group_activity",
+                &serde_json::json!({
+                    "group_name": group_name,
+                    "last_seq": last_seq,
+                    "unread_count": last_seq.saturating_sub(mark),
+                }),
+                None,
+            );
+            connection.queue_reply(line, None);
+            self.touch(token);
+        }
+    }
+
+    /// Sends the trailing notices whose interval has passed (only when one is due: no scan
+    /// on other turns).
+    pub(super) fn release_activity(&mut self) {
+        if self.activity_wake.is_none_or(|wake| wake > Instant::now()) {
+            return;
+        }
+        let interval = self.config.activity_interval;
+        let due: Vec<String> = self
+            .activity
+            .iter()
+            .filter(|(_, s)| s.due && s.sent_at.is_none_or(|sent| sent.elapsed() >= interval))
+            .map(|(group, _)| group.clone())
+            .collect();
+        for group in due {
+            self.emit_activity(&group);
+        }
+        self.activity_wake = self
+            .activity
+            .values()
+            .filter(|s| s.due)
+            .filter_map(|s| s.sent_at.map(|sent| sent + interval))
+            .min();
+    }
+
+    /// Forgets coalescing states of groups nobody here watches and that went quiet (sweep).
+    pub(super) fn forget_quiet_activity(&mut self) {
+        let interval = self.config.activity_interval;
+        let watchers = &self.watchers;
+        self.activity.retain(|group, state| {
+            watchers.contains_key(group)
+                || state.due
+                || state.sent_at.is_some_and(|sent| sent.elapsed() < interval)
+        });
+    }
+}
