@@ -219,7 +219,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "RATE_LIMIT",
         "1000",
-        "requests per second one connection may make (ping excepted); 0: unlimited",
+        "store-bound requests per second per connection (ping, hello, typing and refused requests not counted; rate_limited beyond); 0: unlimited",
     ),
     (
         "RATE_BURST",

@@ -74,7 +74,7 @@ fn run(config: &Config, server: Server) -> Result<(), String> {
         .unwrap_or_default();
     let tls = match (server.tls_addr(), config.plaintext) {
         (Some(tls), true) => format!("; TLS on {tls}"),
-        (Some(_), false) => " (TLS only)".to_string(),
+        (Some(tls), false) => format!(" (TLS only); TLS on {tls}"),
         (None, _) => String::new(),
     };
     log::info!(
