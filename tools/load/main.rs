@@ -31,8 +31,10 @@ const USAGE: &str =
     "usage: noomnim-load [--addr HOST:PORT]... [--clients C] [--groups G] [--senders S]
        [--seconds T] [--rate MSGS_PER_SEC] [--window W] [--text-bytes N] [--tag NAME]
        [--server-pid PID]... [--idle] [--history N] [--enter-samples K] [--irc] [--client-msg-id]
-       [--tls CAFILE] [--token-secret SECRET]
+       [--tls CAFILE] [--token-secret SECRET] [--v3-groups K]
 
+--v3-groups K: every client speaks protocol 3 and is a member of K groups (its own room's and
+K-1 more), so it also receives group_activity notices (counted apart, not as deliveries).
 --irc speaks IRC instead (NICK/USER/JOIN, PRIVMSG to #channels, each message followed by a
 PING whose PONG stands in for the ack), to measure an IRC server on the same shape.";
 
@@ -57,6 +59,8 @@ struct Args {
     tls_ca: Option<String>,
     /// Log in with tokens signed with this secret.
     token_secret: Option<String>,
+    /// Protocol 3, each client a member of this many groups (0: protocol 2, one group).
+    v3_groups: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -78,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
         keyed: false,
         tls_ca: None,
         token_secret: None,
+        v3_groups: 0,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -102,6 +107,7 @@ fn parse_args() -> Result<Args, String> {
             "--idle" => args.idle = true,
             "--irc" => args.irc = true,
             "--client-msg-id" => args.keyed = true,
+            "--v3-groups" => args.v3_groups = number(value()?)? as usize,
             "--tls" => args.tls_ca = Some(value()?),
             "--token-secret" => args.token_secret = Some(value()?),
             "--history" => args.history = Some(number(value()?)? as u64),
@@ -591,6 +597,17 @@ impl Load {
         self.round(&joiners, |i, c| {
             format!(r#"{{"event":"join_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, c.group)
         })?;
+        if args.v3_groups > 0 {
+            self.round(&all, |_, _| {
+                r#"{"event":"hello","data":{"protocol":3},"id":0}"#.to_string()
+            })?;
+            let groups = args.groups;
+            for k in 1..args.v3_groups.min(groups) {
+                self.round(&all, |i, c| {
+                    format!(r#"{{"event":"join_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, (c.group + k) % groups)
+                })?;
+            }
+        }
         self.round(&all, |i, c| {
             format!(r#"{{"event":"enter_group","data":{{"username":"{tag}-u{i}","group_name":"{tag}-g{}"}},"id":0}}"#, c.group)
         })?;

@@ -2,10 +2,14 @@
 """Noomnim Chat reference client: Python 3.8+, standard library only (asyncio).
 
 A client that survives its connection: every message gets a `client_msg_id` and stays in an
-outbox until its `message_sent` arrives; after a reconnect it logs in again, re-enters its room,
-catches up by `seq` and resends the outbox (a repeat is answered with the original message and
-`"duplicate": true`, so nothing is stored twice). Messages are shown once each, in `seq` order.
-See docs/PROTOCOL.md ("Resume after a disconnect without loss or duplication").
+outbox until its `message_sent` arrives; after a reconnect it logs in again, re-enters its room
+with `since_seq` (protocol 3's gapless resume: the server streams every message after the last
+one shown, exactly once, in order, then live) and resends the outbox (a repeat is answered with
+the original message and `"duplicate": true`, so nothing is stored twice). Messages are shown
+once each, in `seq` order. Against a server without protocol 3 it pages history and holds
+early broadcasts instead. It also keeps `groups`, a sidebar of the user's groups with their
+unread counts, current from `group_activity` and `read_marker`. See docs/PROTOCOL.md ("Resume
+after a disconnect without loss or duplication", "Protocol 3").
 
 As a library:
     client = Client("127.0.0.1", 7777, "alice", on_message=print)
@@ -52,7 +56,12 @@ class Client:
         self.hello = None
         self._pending = {}  # request id -> future of the reply line
         self._ids = 0
-        self._catching_up = None  # broadcasts held while history is paged
+        self._catching_up = None  # broadcasts held while history is paged (protocol 2)
+        self._backlog = None  # (group, head_seq, future) while a resume streams its backlog
+        self.protocol = 2
+        self.gaps = 0  # broadcasts that were not exactly the next seq (must stay 0)
+        self._early = {}  # group -> {seq: message}: own acks ahead of the room's stream
+        self.groups = {}  # group -> {"last_seq", "unread_count"}: the sidebar (protocol 3)
         self._writer = None
         self._reader_task = None
         self._abandoned = []  # transports left open on purpose (see `cut_off`)
@@ -65,6 +74,9 @@ class Client:
         self._closed = False
         self._reader_task = asyncio.ensure_future(self._read_loop(reader))
         self.hello = (await self.request("hello"))["data"]
+        if 3 in self.hello.get("protocols", []):
+            self.hello = (await self.request("hello", {"protocol": 3}))["data"]
+        self.protocol = self.hello.get("protocol", 2)
         await self.request("find_user", {"username": self.username})
         if self.room is not None:
             await self.enter(self.room)
@@ -115,7 +127,13 @@ class Client:
             if self._catching_up is not None:
                 self._catching_up.append(line["data"])
             else:
-                self._show(line["data"])
+                self._show(line["data"], broadcast=True)
+        elif line.get("event") in ("group_activity", "read_marker"):
+            data = line["data"]
+            entry = self.groups.setdefault(data["group_name"], {})
+            if "last_seq" in data:
+                entry["last_seq"] = data["last_seq"]
+            entry["unread_count"] = data["unread_count"]
 
     # -- requests ---------------------------------------------------------------------------
     async def request(self, event, data=None):
@@ -145,8 +163,34 @@ class Client:
         await self.enter(group)
 
     async def enter(self, group):
-        """Enters the room, then pages everything after the last seq shown (broadcasts that
-        arrive meanwhile are held, then shown if still new)."""
+        """Enters the room and catches up after the last seq shown; returns once the backlog
+        has been shown."""
+        if self.protocol >= 3:
+            await self._resume(group)
+            return
+        await self._page_in(group)
+
+    async def _resume(self, group):
+        """Protocol 3: the server streams the backlog after `since_seq`, then live."""
+        data = {"group_name": group, "since_seq": self.last_seq.get(group, 0)}
+        if group in self.epoch:
+            data["since_epoch"] = self.epoch[group]
+        done = asyncio.get_running_loop().create_future()
+        reply = (await self.request("enter_group", data))["data"]
+        self.room = group
+        if reply.get("epoch_changed"):
+            self.last_seq[group] = reply["first_seq"] - 1  # the numbering restarted
+        elif reply.get("truncated"):
+            self.last_seq[group] = reply["first_seq"] - 1  # older ones: fetch_messages
+        self.epoch[group] = reply["epoch"]
+        if self.last_seq.get(group, 0) >= reply["head_seq"]:
+            return
+        self._backlog = (group, reply["head_seq"], done)
+        await done
+
+    async def _page_in(self, group):
+        """Protocol 2: enters the room, then pages everything after the last seq shown
+        (broadcasts that arrive meanwhile are held, then shown if still new)."""
         self._catching_up = []
         try:
             reply = (await self.request("enter_group", {"group_name": group}))["data"]
@@ -204,13 +248,33 @@ class Client:
         if future is not None and not future.done():
             future.set_result(data)
 
-    def _show(self, message):
+    def _show(self, message, broadcast=False):
         group, seq = message["group_name"], message["seq"]
-        if seq <= self.last_seq.get(group, 0):
-            return  # already shown (a page and a broadcast may overlap)
+        last = self.last_seq.get(group, 0)
+        if seq <= last:
+            return  # already shown (an ack and a broadcast, or a page, may overlap)
+        if seq != last + 1 and self.protocol >= 3 and group == self.room:
+            if broadcast:
+                self.gaps += 1  # never expected: the room's lines come once each, in order
+            # An ack ahead of the room's stream (a peer's earlier message is still on its
+            # way): shown when the stream reaches it, so nothing before it is skipped.
+            self._early.setdefault(group, {})[seq] = message
+            return
+        self._advance(group, message)
+        early = self._early.get(group, {})
+        while self.last_seq[group] + 1 in early:
+            self._advance(group, early.pop(self.last_seq[group] + 1))
+
+    def _advance(self, group, message):
+        seq = message["seq"]
         self.last_seq[group] = seq
         if self.on_message is not None:
             self.on_message(message)
+        if self._backlog is not None and self._backlog[0] == group and seq >= self._backlog[1]:
+            _, _, done = self._backlog
+            self._backlog = None
+            if not done.done():
+                done.set_result(None)
 
 
 # -- the cut-off scenario --------------------------------------------------------------------
@@ -263,9 +327,11 @@ async def scenario(host, port, messages, cutoffs, prefix):
         f"python client: {messages} messages, {cutoffs} cut-offs "
         f"({(cutoffs + 1) // 2} clean, {cutoffs // 2} abandoned), "
         f"{sender.duplicates} retries answered as duplicates: lost={lost} "
-        f"duplicated={duplicated} out_of_order={out_of_order} stored_twice={stored_twice}"
+        f"duplicated={duplicated} out_of_order={out_of_order} stored_twice={stored_twice} "
+        f"protocol={sender.protocol} gaps={watcher.gaps + sender.gaps}"
     )
-    return lost == 0 and duplicated == 0 and out_of_order == 0 and stored_twice == 0
+    ok = lost == 0 and duplicated == 0 and out_of_order == 0 and stored_twice == 0
+    return ok and watcher.gaps == 0 and sender.gaps == 0
 
 
 def main():
