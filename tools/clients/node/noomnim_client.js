@@ -3,9 +3,13 @@
 //
 // A client that survives its connection: every message gets a `client_msg_id` and stays in an
 // outbox until its `message_sent` arrives; after a reconnect it logs in again, re-enters its
-// room, catches up by `seq` and resends the outbox (a repeat is answered with the original
-// message and `"duplicate": true`, so nothing is stored twice). Messages are shown once each,
-// in `seq` order. See docs/PROTOCOL.md ("Resume after a disconnect without loss or duplication").
+// room with `since_seq` (protocol 3's gapless resume: every message after the last one shown,
+// exactly once, in order, then live) and resends the outbox (a repeat is answered with the
+// original message and `"duplicate": true`, so nothing is stored twice). Messages are shown
+// once each, in `seq` order. Against a server without protocol 3 it pages history and holds
+// early broadcasts instead. `groups` is a sidebar of the user's groups with their unread counts,
+// kept current from `group_activity` and `read_marker`. See docs/PROTOCOL.md ("Resume after a
+// disconnect without loss or duplication", "Protocol 3").
 //
 // As a library:
 //   const { Client } = require('./noomnim_client.js');
@@ -48,7 +52,12 @@ class Client {
     this.duplicates = 0; // acks that said `duplicate` (retries of stored messages)
     this.pending = new Map(); // request id -> deferred reply line
     this.ids = 0;
-    this.catchingUp = null; // broadcasts held while history is paged
+    this.catchingUp = null; // broadcasts held while history is paged (protocol 2)
+    this.backlog = null; // [group, headSeq, deferred] while a resume streams its backlog
+    this.protocol = 2;
+    this.gaps = 0; // broadcasts that were not exactly the next seq (must stay 0)
+    this.early = new Map(); // group -> Map(seq -> message): own acks ahead of the room's stream
+    this.groups = new Map(); // group -> { last_seq, unread_count }: the sidebar (protocol 3)
     this.socket = null;
     this.abandoned = []; // sockets left open on purpose (see cutOff)
   }
@@ -74,6 +83,10 @@ class Client {
     socket.on('close', lost);
     socket.on('error', lost);
     this.hello = (await this.request('hello')).data;
+    if ((this.hello.protocols || []).includes(3)) {
+      this.hello = (await this.request('hello', { protocol: 3 })).data;
+    }
+    this.protocol = this.hello.protocol || 2;
     await this.request('find_user', { username: this.username });
     if (this.room !== null) await this.enter(this.room);
     for (const [id, [group, text]] of this.outbox) this.writeSend(id, group, text);
@@ -104,7 +117,12 @@ class Client {
       d.resolve(line);
     } else if (line.event === 'message_sent') {
       if (this.onBroadcast) this.onBroadcast(line.data);
-      if (this.catchingUp) this.catchingUp.push(line.data); else this.show(line.data);
+      if (this.catchingUp) this.catchingUp.push(line.data); else this.show(line.data, true);
+    } else if (line.event === 'group_activity' || line.event === 'read_marker') {
+      const entry = this.groups.get(line.data.group_name) || {};
+      if (line.data.last_seq !== undefined) entry.last_seq = line.data.last_seq;
+      entry.unread_count = line.data.unread_count;
+      this.groups.set(line.data.group_name, entry);
     }
   }
 
@@ -132,9 +150,30 @@ class Client {
     await this.enter(group);
   }
 
-  // Enters the room, then pages everything after the last seq shown (broadcasts that arrive
-  // meanwhile are held, then shown if still new).
+  // Enters the room and catches up after the last seq shown; resolves once the backlog has
+  // been shown.
   async enter(group) {
+    if (this.protocol >= 3) return this.resume(group);
+    return this.pageIn(group);
+  }
+
+  // Protocol 3: the server streams the backlog after `since_seq`, then live.
+  async resume(group) {
+    const data = { group_name: group, since_seq: this.lastSeq.get(group) || 0 };
+    if (this.epoch.has(group)) data.since_epoch = this.epoch.get(group);
+    const reply = (await this.request('enter_group', data)).data;
+    this.room = group;
+    if (reply.epoch_changed || reply.truncated) this.lastSeq.set(group, reply.first_seq - 1);
+    this.epoch.set(group, reply.epoch);
+    if ((this.lastSeq.get(group) || 0) >= reply.head_seq) return undefined;
+    const d = deferred();
+    this.backlog = [group, reply.head_seq, d];
+    return d.promise;
+  }
+
+  // Protocol 2: enters the room, then pages everything after the last seq shown (broadcasts
+  // that arrive meanwhile are held, then shown if still new).
+  async pageIn(group) {
     this.catchingUp = [];
     let held;
     try {
@@ -193,11 +232,35 @@ class Client {
     if (d && !d.done) { d.done = true; d.resolve(line.data); }
   }
 
-  show(message) {
+  show(message, broadcast = false) {
     const { group_name: group, seq } = message;
-    if (seq <= (this.lastSeq.get(group) || 0)) return; // already shown
-    this.lastSeq.set(group, seq);
+    const last = this.lastSeq.get(group) || 0;
+    if (seq <= last) return; // already shown (an ack and a broadcast may overlap)
+    if (seq !== last + 1 && this.protocol >= 3 && group === this.room) {
+      if (broadcast) this.gaps += 1; // never expected: the room's lines come once, in order
+      // An ack ahead of the room's stream (a peer's earlier message is still on its way):
+      // shown when the stream reaches it, so nothing before it is skipped.
+      if (!this.early.has(group)) this.early.set(group, new Map());
+      this.early.get(group).set(seq, message);
+      return;
+    }
+    this.advance(group, message);
+    const early = this.early.get(group) || new Map();
+    while (early.has(this.lastSeq.get(group) + 1)) {
+      const next = early.get(this.lastSeq.get(group) + 1);
+      early.delete(next.seq);
+      this.advance(group, next);
+    }
+  }
+
+  advance(group, message) {
+    this.lastSeq.set(group, message.seq);
     if (this.onMessage) this.onMessage(message);
+    if (this.backlog && this.backlog[0] === group && message.seq >= this.backlog[1]) {
+      const d = this.backlog[2];
+      this.backlog = null;
+      if (!d.done) { d.done = true; d.resolve(); }
+    }
   }
 
   close() {
@@ -256,10 +319,12 @@ async function scenario({ host, port, messages, cutoffs, prefix }) {
   console.log(`node client: ${messages} messages, ${cutoffs} cut-offs `
     + `(${Math.ceil(cutoffs / 2)} clean, ${Math.floor(cutoffs / 2)} abandoned), `
     + `${sender.duplicates} retries answered as duplicates: lost=${lost} `
-    + `duplicated=${duplicated} out_of_order=${outOfOrder} stored_twice=${storedTwice}`);
+    + `duplicated=${duplicated} out_of_order=${outOfOrder} stored_twice=${storedTwice} `
+    + `protocol=${sender.protocol} gaps=${watcher.gaps + sender.gaps}`);
   watcher.close();
   sender.close();
-  return lost === 0 && duplicated === 0 && outOfOrder === 0 && storedTwice === 0;
+  return lost === 0 && duplicated === 0 && outOfOrder === 0 && storedTwice === 0
+    && watcher.gaps === 0 && sender.gaps === 0;
 }
 
 function parseArgs(argv) {
