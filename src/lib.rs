@@ -3,6 +3,7 @@
 //! the line framing. The `noomnim` binary (src/main.rs) is a thin wrapper around it.
 
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod connection;
 pub mod fd_limit;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("token") => return print_token(std::env::args().skip(2).collect()),
+        Some("backup") => return run_backup(std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!(
                 "noomnim: unknown argument {other:?}; configuration is by environment (see --help)"
@@ -146,6 +147,33 @@ fn print_token(args: Vec<String>) -> ExitCode {
     match noomnim::auth::Authenticator::new(&secret, audience.as_deref()).mint(username, ttl) {
         Ok(token) => {
             println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("noomnim: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `noomnim backup PATH`: a consistent copy of the embedded store (`DATA_DIR`), taken while the
+/// server runs. Exit 0 with a summary line; 2 for a usage or configuration error; 1 when the
+/// copy failed.
+fn run_backup(args: Vec<String>) -> ExitCode {
+    let [target] = args.as_slice() else {
+        eprintln!("noomnim: usage: noomnim backup PATH (with the server's DATA_DIR set)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("noomnim: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match noomnim::backup::backup(&config, std::path::Path::new(target)) {
+        Ok(summary) => {
+            println!("{summary}");
             ExitCode::SUCCESS
         }
         Err(error) => {

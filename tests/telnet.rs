@@ -141,6 +141,16 @@ fn plain_telnet_delivers_every_script_exactly_as_typed() {
 }
 
 #[test]
+fn telnet_8_bit_without_escape_delivers_every_script_exactly_as_typed() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    // `-8 -E`: no escape character, but with a plain port the client still starts in its
+    // 7-bit mode (its comparison follows the BINARY option), so the server's switch matters.
+    let (stored, screen) = typed_through_telnet(&server, "-8 -E 127.0.0.1 PORT", &TEXTS);
+    assert_eq!(stored, TEXTS, "byte for byte, in order:\n{screen}");
+}
+
+#[test]
 fn telnet_with_a_dashed_port_is_8_bit_from_the_first_line() {
     let storage = Storage::new(Backend::Embedded);
     let server = Server::start(&storage);
