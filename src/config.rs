@@ -48,6 +48,8 @@ pub struct Config {
     pub max_connections: usize,
     pub workers: usize,
     pub log_level: log::LevelFilter,
+    /// `LOG_FORMAT`: text lines (default) or one JSON object per line.
+    pub log_format: crate::logging::LogFormat,
     pub store_timeout: Duration,
     pub node_id: String,
     /// Port of the Prometheus `/metrics` endpoint (on `bind`); `None`: off.
@@ -273,6 +275,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
     (
+        "LOG_FORMAT",
+        "text",
+        "text, or json: one object per line (time, level, target, message)",
+    ),
+    (
         "AUTH_SECRET",
         "(unset)",
         "HS256 secret: find_user then needs a JWT {sub: username, exp} signed with it",
@@ -398,6 +405,11 @@ impl Config {
             )?,
             max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
             workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
+            log_format: match get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
+                None | Some("text") => crate::logging::LogFormat::Text,
+                Some("json") => crate::logging::LogFormat::Json,
+                Some(other) => return Err(invalid("LOG_FORMAT", other, "text or json")),
+            },
             log_level: parse_value(
                 get("LOG_LEVEL"),
                 "LOG_LEVEL",

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(config.log_level);
+    logging::init(config.log_level, config.log_format);
     if config.auth_secret.is_none() && !config.bind.is_loopback() {
         log::warn!(
             "no AUTH_SECRET: anyone who can reach {} may log in as anyone",

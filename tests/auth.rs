@@ -278,3 +278,34 @@ fn peers_check_tokens_with_the_shared_secret() {
     assert_eq!(line["data"]["text"], "over the relay", "{line}");
     assert_unauthorized(&find_user(&mut b.connect(), "alice", None), "peer b");
 }
+
+/// Issue 26 item 3: `LOG_FORMAT=json` writes one JSON object per line (time, level, target,
+/// message), and neither the secret nor a token ever appears in it.
+#[test]
+fn json_logs_are_one_object_per_line_without_secrets() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = start(&storage, &[("LOG_FORMAT", "json"), ("LOG_LEVEL", "trace")]);
+    let good = pyjwt_token(&claims("dora", 600), SECRET, "HS256");
+    let mut dora = server.login_with_token("dora", &good);
+    assert!(dora.try_request_ping());
+    assert_unauthorized(
+        &find_user(&mut server.connect(), "dora", Some("bad.token.here")),
+        "bad",
+    );
+    drop(dora);
+    assert!(server.logged("closed"), "{}", server.log_text());
+    let log = server.log_text();
+    assert!(
+        !log.contains(SECRET) && !log.contains(&good),
+        "no secret, no token"
+    );
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        for key in ["time", "level", "target", "message"] {
+            assert!(value[key].is_string(), "{key} in {line}");
+        }
+        lines += 1;
+    }
+    assert!(lines >= 2, "{log}");
+}
