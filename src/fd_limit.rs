@@ -17,6 +17,12 @@ pub enum FdLimit {
     Short { soft: u64, wanted: u64 },
 }
 
+/// Descriptors this process has open and its soft limit (for the fd-headroom metrics).
+pub fn usage() -> (usize, u64) {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count());
+    (open, current().map_or(0, |(soft, _)| soft))
+}
+
 /// The current (soft, hard) open-file limits.
 fn current() -> Option<(u64, u64)> {
     let mut limit = libc::rlimit {

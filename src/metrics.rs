@@ -27,6 +27,8 @@ pub struct Metrics {
     pub messages_relayed_in: u64,
     /// Database reads that filled rooms' missing messages (peer mode).
     pub catch_ups: u64,
+    /// Connections cut off as slow consumers (`MAX_OUTPUT_BYTES` of unread broadcasts).
+    pub slow_consumer_cuts: u64,
     /// Batched reads of occupied groups' newest seqs (peer mode's tail check).
     pub head_checks: u64,
     errors: HashMap<&'static str, u64>,
@@ -39,6 +41,9 @@ pub struct Metrics {
 #[derive(Debug, Clone, Copy)]
 pub struct Gauges {
     pub connections: usize,
+    /// Descriptors open, and the soft limit on them.
+    pub open_fds: usize,
+    pub fd_limit: u64,
     pub rooms_held_messages: usize,
     /// `None` when not in peer mode.
     pub peer_link_up: Option<bool>,
@@ -104,6 +109,24 @@ impl Metrics {
             "noomnim_connections",
             "Open client connections.",
             gauges.connections,
+        );
+        gauge(
+            &mut out,
+            "noomnim_open_fds",
+            "File descriptors the process has open.",
+            gauges.open_fds,
+        );
+        gauge(
+            &mut out,
+            "noomnim_fd_limit",
+            "The soft limit on open file descriptors.",
+            gauges.fd_limit as usize,
+        );
+        counter(
+            &mut out,
+            "noomnim_slow_consumer_cuts_total",
+            "Connections cut off for leaving MAX_OUTPUT_BYTES of broadcasts unread.",
+            self.slow_consumer_cuts,
         );
         counter(
             &mut out,
@@ -339,6 +362,8 @@ mod tests {
         metrics.store_latency(Duration::from_millis(2));
         let text = metrics.render(Gauges {
             connections: 2,
+            open_fds: 10,
+            fd_limit: 1024,
             rooms_held_messages: 0,
             peer_link_up: Some(true),
             relay: None,

@@ -232,6 +232,9 @@ impl Server {
             // A client cut off as a slow consumer is closed this turn; other broadcasts may
             // wait for the deferred flush, to leave with the ones after them.
             let cut_off = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
+            if cut_off {
+                self.metrics.slow_consumer_cuts += 1;
+            }
             if cut_off || !deferring {
                 if connection.touch() {
                     self.touched.push(token);

@@ -43,8 +43,11 @@ impl Server {
     }
 
     pub(super) fn serve_metrics(&mut self, token: Token) {
+        let (open_fds, fd_limit) = crate::fd_limit::usage();
         let gauges = Gauges {
             connections: self.connections.len(),
+            open_fds,
+            fd_limit,
             rooms_held_messages: self.sequencer.held(),
             peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
             relay: self.peer.as_ref().map(|peer| {
