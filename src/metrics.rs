@@ -29,6 +29,8 @@ pub struct Metrics {
     pub catch_ups: u64,
     /// Connections cut off as slow consumers (`MAX_OUTPUT_BYTES` of unread broadcasts).
     pub slow_consumer_cuts: u64,
+    /// Presence changes (a user came online or went offline, as this instance saw it).
+    pub presence_events: u64,
     /// Batched reads of occupied groups' newest seqs (peer mode's tail check).
     pub head_checks: u64,
     errors: HashMap<&'static str, u64>,
@@ -41,6 +43,8 @@ pub struct Metrics {
 #[derive(Debug, Clone, Copy)]
 pub struct Gauges {
     pub connections: usize,
+    /// Users online anywhere, as this instance knows (protocol 3 presence).
+    pub presence_online: usize,
     /// Descriptors open, and the soft limit on them.
     pub open_fds: usize,
     pub fd_limit: u64,
@@ -121,6 +125,18 @@ impl Metrics {
             "noomnim_fd_limit",
             "The soft limit on open file descriptors.",
             gauges.fd_limit as usize,
+        );
+        gauge(
+            &mut out,
+            "noomnim_presence_online_users",
+            "Users online on any instance, as this one knows.",
+            gauges.presence_online,
+        );
+        counter(
+            &mut out,
+            "noomnim_presence_changes_total",
+            "Times a user came online or went offline.",
+            self.presence_events,
         );
         counter(
             &mut out,
@@ -362,6 +378,7 @@ mod tests {
         metrics.store_latency(Duration::from_millis(2));
         let text = metrics.render(Gauges {
             connections: 2,
+            presence_online: 0,
             open_fds: 10,
             fd_limit: 1024,
             rooms_held_messages: 0,

@@ -155,6 +155,14 @@ pub enum Effect {
     },
     /// The connection's memberships, loaded for activity notices.
     Watch(Vec<crate::model::GroupReadState>),
+    /// Enter the room; the reply gains `online`: these members who are online (protocol 3).
+    EnterRoomOnline(Room, Vec<String>),
+    /// A user came online or went offline: tell the rooms here of these groups.
+    Presence {
+        username: String,
+        online: bool,
+        groups: Vec<String>,
+    },
 }
 
 /// Plans one framed request: decode the envelope, check the session, then hand the data to

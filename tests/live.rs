@@ -322,3 +322,85 @@ fn activity_crosses_peers_as_notices_not_messages() {
         "{relayed} messages relayed to the member's instance"
     );
 }
+
+/// Issue 23 item 5: `enter_group` on protocol 3 names the members online, and the room hears
+/// `presence` when a member's first connection logs in or (after a few seconds' grace) the last
+/// one closes; a reconnect within the grace is silent.
+#[test]
+fn presence_on_one_instance() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let group = unique("pres");
+    let mut alice = v3(&server, "alice");
+    ask(&mut alice, "create_group", ug("alice", &group));
+    let mut bob = server.login("bob");
+    bob.request("join_group", ug("bob", &group));
+    let mut dave = server.login("dave");
+    dave.request("join_group", ug("dave", &group));
+    drop(dave);
+    let entered = ask(&mut alice, "enter_group", json!({"group_name": group}));
+    let mut online: Vec<&str> = entered["data"]["online"]
+        .as_array()
+        .expect("online")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    online.sort_unstable();
+    // dave closed a moment ago: still in his grace, so still online.
+    assert_eq!(online, ["alice", "bob", "dave"], "{entered}");
+    let gone = next_of(&mut alice, &["presence"]);
+    assert_eq!(
+        gone["data"],
+        json!({"group_name": group, "username": "dave", "online": false})
+    );
+    // A reconnect within the grace is silent; a later close is announced.
+    drop(bob);
+    let bob = server.login("bob");
+    std::thread::sleep(Duration::from_millis(3500));
+    let extra = nothing_pending(&mut alice);
+    assert!(extra.iter().all(|l| l["event"] != "presence"), "{extra:?}");
+    drop(bob);
+    let gone = next_of(&mut alice, &["presence"]);
+    assert_eq!(gone["data"]["username"], "bob");
+    assert_eq!(gone["data"]["online"], false);
+    let _bob = server.login("bob");
+    let back = next_of(&mut alice, &["presence"]);
+    assert_eq!(
+        back["data"],
+        json!({"group_name": group, "username": "bob", "online": true})
+    );
+}
+
+/// Across peers: a member logging in on another instance is announced, and when that instance
+/// is killed (-9) its users go offline within 10 s.
+#[test]
+fn presence_across_peers_settles_after_a_kill() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let (a, mut b) = peers_relaying(&storage, &redis, "per_group");
+    let group = unique("prespeer");
+    let mut alice = v3(&a, "alice");
+    ask(&mut alice, "create_group", ug("alice", &group));
+    let mut setup = a.login("bob");
+    setup.request("join_group", ug("bob", &group));
+    drop(setup);
+    let entered = ask(&mut alice, "enter_group", json!({"group_name": group}));
+    assert_eq!(entered["event"], "enter_group", "{entered}");
+    let gone = next_of(&mut alice, &["presence"]);
+    assert_eq!(
+        gone["data"]["online"], false,
+        "bob's setup connection closed: {gone}"
+    );
+    let _bob = b.login("bob");
+    let came = next_of(&mut alice, &["presence"]);
+    assert_eq!(
+        came["data"],
+        json!({"group_name": group, "username": "bob", "online": true})
+    );
+    b.kill();
+    let gone = next_of(&mut alice, &["presence"]);
+    assert_eq!(
+        gone["data"],
+        json!({"group_name": group, "username": "bob", "online": false})
+    );
+}

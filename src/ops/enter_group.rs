@@ -26,6 +26,8 @@ pub struct EnterGroup {
     reply_budget: usize,
     /// Resume after this seq (`since_seq`), and the epoch the client had (`since_epoch`).
     since: Option<(u64, Option<String>)>,
+    /// Protocol 3: the reply also names the members online (`online`).
+    with_members: bool,
 }
 
 impl Event for EnterGroup {
@@ -49,6 +51,7 @@ impl Event for EnterGroup {
             leaving: None,
             reply_budget: 0,
             since,
+            with_members: false,
         })
     }
 
@@ -78,13 +81,14 @@ impl Event for EnterGroup {
         Ok(store(EnterGroup {
             leaving,
             reply_budget: context.reply_budget,
+            with_members: context.session.protocol >= 3,
             ..self
         }))
     }
 }
 
 impl StoreCall for EnterGroup {
-    type Output = GroupHistory;
+    type Output = (GroupHistory, Option<Vec<String>>);
 
     /// Ordered with the group's messages: the reply fixes the `seq` after which live
     /// broadcasts start.
@@ -92,16 +96,22 @@ impl StoreCall for EnterGroup {
         Route::with_messages(&self.group_name)
     }
 
-    fn run(&self, store: &mut dyn Store) -> Result<GroupHistory, StoreError> {
-        store.enter_group(
+    fn run(&self, store: &mut dyn Store) -> Result<Self::Output, StoreError> {
+        let history = store.enter_group(
             &self.username,
             &self.group_name,
             self.leaving.as_ref(),
             self.reply_budget,
-        )
+        )?;
+        let members = if self.with_members {
+            Some(store.group_members(&self.group_name)?)
+        } else {
+            None
+        };
+        Ok((history, members))
     }
 
-    fn answer(self, history: GroupHistory, id: Option<&RawValue>) -> Completed {
+    fn answer(self, (history, members): Self::Output, id: Option<&RawValue>) -> Completed {
         let data = json!({
             "group_name": self.group_name,
             "unread": history.unread,
@@ -109,13 +119,13 @@ impl StoreCall for EnterGroup {
             "unread_has_more": history.unread_has_more,
             "epoch": history.epoch,
         });
+        let room = Room::new(self.group_name, history.head_seq, history.read_seq);
         Completed {
             line: encode_line("enter_group", &data, id),
-            effect: Effect::EnterRoom(Room::new(
-                self.group_name,
-                history.head_seq,
-                history.read_seq,
-            )),
+            effect: match members {
+                Some(members) => Effect::EnterRoomOnline(room, members),
+                None => Effect::EnterRoom(room),
+            },
             shows: None,
         }
     }

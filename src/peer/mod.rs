@@ -72,6 +72,13 @@ fn activity_channel(database: &str, group_name: &str) -> String {
 /// channel (group names cannot contain control characters, so no group is mistaken for one).
 pub const ACTIVITY_KEY: &str = "\u{1}activity:";
 
+/// Who is logged in on one instance (its whole list, sent every few seconds and on change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceSnapshot {
+    pub node: String,
+    pub users: Vec<String>,
+}
+
 /// A group's newest seq, as an activity notice carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupActivity {
@@ -139,6 +146,8 @@ pub enum PeerEvent {
     User(UserNotice),
     /// A group's newest seq, from the instance that stored it (coalesced).
     Activity(GroupActivity),
+    /// Another instance's logged-in users.
+    Presence(PresenceSnapshot),
 }
 
 /// What the loop asks of the subscriber.
@@ -178,6 +187,8 @@ enum Relay {
     User(UserNotice),
     /// A group's coalesced activity (on its activity channel).
     Activity(GroupActivity),
+    /// This instance's logged-in users (on the control channel).
+    Presence(PresenceSnapshot),
 }
 
 /// One relayed item on the wire: a message, a leave, a heartbeat, or (none of them) "resync
@@ -196,6 +207,8 @@ struct Envelope {
     user: Option<UserNotice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     activity: Option<GroupActivity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    presence: Option<PresenceSnapshot>,
 }
 
 fn unix_millis() -> u64 {
@@ -304,6 +317,12 @@ impl PeerLink {
     /// (coalesced by the caller; never blocks, dropped when the queue is full).
     pub fn publish_activity(&self, activity: GroupActivity) {
         let _ = self.outgoing.try_send(Relay::Activity(activity));
+    }
+
+    /// Tells the other instances who is logged in here (never blocks; the next snapshot
+    /// repeats it if the queue was full).
+    pub fn publish_presence(&self, snapshot: PresenceSnapshot) {
+        let _ = self.outgoing.try_send(Relay::Presence(snapshot));
     }
 
     /// Sends a line to one user's connections on every other instance (never blocks).
@@ -568,6 +587,10 @@ impl Publisher {
                 Some(Relay::Activity(activity)) => Some(activity.clone()),
                 _ => None,
             },
+            presence: match relay {
+                Some(Relay::Presence(snapshot)) => Some(snapshot.clone()),
+                _ => None,
+            },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
@@ -657,6 +680,13 @@ impl Delivery {
                 self.tell(PeerEvent::Activity(activity));
                 false
             }
+            Ok(Envelope {
+                presence: Some(snapshot),
+                ..
+            }) => {
+                self.tell(PeerEvent::Presence(snapshot));
+                false
+            }
             Ok(Envelope { message: None, .. }) => {
                 self.tell(PeerEvent::Resync);
                 false
@@ -733,6 +763,7 @@ mod tests {
             typing: None,
             user: None,
             activity: None,
+            presence: None,
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");

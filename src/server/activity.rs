@@ -28,10 +28,20 @@ pub(super) struct ActivityState {
     stored_here: bool,
 }
 
-/// The store read that loads a connection's memberships for activity notices.
+/// What a user's memberships are read for.
 #[derive(Debug)]
-struct Memberships {
-    username: String,
+pub(super) enum MembershipsFor {
+    /// A connection's activity notices (`Effect::Watch`).
+    Activity,
+    /// Telling the user's rooms that the user came online or went offline.
+    Presence { online: bool },
+}
+
+/// The store read of a user's memberships (the first page, by name).
+#[derive(Debug)]
+pub(super) struct Memberships {
+    pub(super) username: String,
+    pub(super) purpose: MembershipsFor,
 }
 
 impl StoreCall for Memberships {
@@ -54,9 +64,18 @@ impl StoreCall for Memberships {
         groups: Vec<GroupReadState>,
         _: Option<&serde_json::value::RawValue>,
     ) -> Completed {
+        let effect = match self.purpose {
+            MembershipsFor::Activity => Effect::Watch(groups),
+            MembershipsFor::Presence { online } => Effect::Presence {
+                username: self.username,
+                online,
+                groups: groups.into_iter().map(|g| g.group_name).collect(),
+            },
+        };
+        // No line: the server's own read, answered with an effect only.
         Completed {
             line: Vec::new(),
-            effect: Effect::Watch(groups),
+            effect,
             shows: None,
         }
     }
@@ -78,7 +97,10 @@ impl Server {
             return;
         }
         self.watching.insert(token, Default::default());
-        let crate::ops::Planned::Store(work) = store(Memberships { username }) else {
+        let crate::ops::Planned::Store(work) = store(Memberships {
+            username,
+            purpose: MembershipsFor::Activity,
+        }) else {
             return;
         };
         if let Some((work, ticket)) = connection.start_or_hold(work, None, self.leave_clock) {

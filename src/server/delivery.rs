@@ -67,6 +67,11 @@ impl Server {
             }
         };
         let Requester::Connection(token, ticket) = requester else {
+            // The server's own reads (presence): their effect, no reply.
+            if let Answer::Call(call) = answer {
+                let completed = call.finish(None, self.config.max_reply_bytes);
+                self.apply(Token(usize::MAX), completed.effect);
+            }
             return;
         };
         let Some(connection) = self.connections.get_mut(&token) else {
@@ -95,7 +100,16 @@ impl Server {
             let Some(answered) = connection.next_answer() else {
                 break;
             };
-            let completed = answered.completed;
+            let mut completed = answered.completed;
+            // A protocol-3 `enter_group` reply names the members online now.
+            if let Effect::EnterRoomOnline(room, members) = completed.effect {
+                let online = self.online_members(members);
+                completed.line = with_online(completed.line, &online);
+                completed.effect = Effect::EnterRoom(room);
+            }
+            let Some(connection) = self.connections.get_mut(&token) else {
+                return;
+            };
             count_reply(&mut self.metrics, &completed.line);
             let shows = completed
                 .shows
@@ -170,6 +184,7 @@ impl Server {
                 PeerEvent::Activity(activity) => {
                     self.activity_seen(&activity.group_name, activity.last_seq, false)
                 }
+                PeerEvent::Presence(snapshot) => self.presence_snapshot(snapshot),
             }
         }
     }
@@ -341,4 +356,20 @@ impl Server {
             pool.submit(Requester::Server, Work::Heads(chunk.to_vec()));
         }
     }
+}
+
+/// `{"event":"enter_group","data":{...` with `"online":[...]` put first in `data`.
+fn with_online(line: Vec<u8>, online: &[String]) -> Vec<u8> {
+    const PREFIX: &[u8] = b"{\"event\":\"enter_group\",\"data\":{";
+    if !line.starts_with(PREFIX) {
+        return line;
+    }
+    let names = serde_json::to_vec(online).unwrap_or_else(|_| b"[]".to_vec());
+    let mut out = Vec::with_capacity(line.len() + names.len() + 12);
+    out.extend_from_slice(PREFIX);
+    out.extend_from_slice(b"\"online\":");
+    out.extend_from_slice(&names);
+    out.push(b',');
+    out.extend_from_slice(&line[PREFIX.len()..]);
+    out
 }

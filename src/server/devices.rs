@@ -14,6 +14,9 @@ impl Server {
         let tokens = self.users.entry(username.to_string()).or_default();
         if !tokens.contains(&token) {
             tokens.push(token);
+            if tokens.len() == 1 {
+                self.user_came(username);
+            }
         }
     }
 
@@ -23,6 +26,7 @@ impl Server {
             tokens.retain(|t| *t != token);
             if tokens.is_empty() {
                 self.users.remove(username);
+                self.user_went(username);
             }
         }
     }

@@ -46,6 +46,7 @@ impl Server {
         let (open_fds, fd_limit) = crate::fd_limit::usage();
         let gauges = Gauges {
             connections: self.connections.len(),
+            presence_online: self.presence.online_count(),
             open_fds,
             fd_limit,
             rooms_held_messages: self.sequencer.held(),

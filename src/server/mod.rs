@@ -46,6 +46,7 @@ mod delivery;
 mod devices;
 mod load;
 mod metrics_http;
+mod presence;
 mod slab;
 mod sweep;
 
@@ -155,6 +156,8 @@ pub struct Server {
     marks: HashMap<String, HashMap<String, u64>>,
     activity: HashMap<String, activity::ActivityState>,
     activity_wake: Option<Instant>,
+    /// Who is online, here and on the peers (`presence.rs`).
+    presence: presence::Presence,
     leave_clock: u64,
     last_tail_check: Instant,
     /// Head-check queries not answered yet (a new round starts only after the last one).
@@ -265,6 +268,7 @@ impl Server {
             marks: HashMap::new(),
             activity: HashMap::new(),
             activity_wake: None,
+            presence: presence::Presence::default(),
             leave_clock: 0,
             last_tail_check: Instant::now(),
             heads_in_flight: 0,
@@ -436,6 +440,13 @@ impl Server {
                 self.start_activity(token);
             }
             Effect::Watch(groups) => self.watch_groups(token, groups),
+            // Applied in `deliver_answers` (the reply line is completed there).
+            Effect::EnterRoomOnline(room, _) => self.apply(token, Effect::EnterRoom(room)),
+            Effect::Presence {
+                username,
+                online,
+                groups,
+            } => self.presence_to_rooms(&username, online, groups),
             Effect::JoinedGroup {
                 username,
                 group_name,

@@ -28,6 +28,7 @@ impl Server {
             .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
         self.forget_old_typing(now);
         self.forget_quiet_activity();
+        self.presence_sweep(now);
         self.expire_metrics_clients(now);
         let login_timeout = self.config.login_timeout;
         let idle_timeout = self.config.idle_timeout;

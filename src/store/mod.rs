@@ -113,6 +113,8 @@ pub trait Store: Send {
     /// A page of groups by name (byte order), each with its member count and, while small,
     /// its members.
     fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError>;
+    /// The names of a group's members (`GroupNotFound` when there is no such group).
+    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError>;
     /// The newest seq of each named group that exists, in one query (peer mode's tail check:
     /// MongoDB answers from the seq hints, which an instance raises right after it stores).
     fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError>;

@@ -1010,6 +1010,10 @@ impl Store for MongoStore {
         Ok(GroupsPage { groups, has_more })
     }
 
+    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError> {
+        Ok(member_names(&self.group(group_name)?))
+    }
+
     fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
         let cursor = self
             .counters

@@ -261,6 +261,16 @@ impl Store for NoopStore {
         })
     }
 
+    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError> {
+        self.with(|shared| {
+            shared
+                .groups
+                .get(group_name)
+                .map(|(members, _)| members.iter().cloned().collect())
+                .ok_or(StoreError::GroupNotFound)
+        })
+    }
+
     fn group_heads(&mut self, _: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
         Ok(Vec::new())
     }

@@ -794,6 +794,16 @@ impl Store for SqliteStore {
         Ok(GroupsPage { groups, has_more })
     }
 
+    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError> {
+        group_id(&self.connection, group_name)?;
+        let names = self
+            .connection
+            .prepare_cached("SELECT username FROM members WHERE group_name = ?1 ORDER BY rowid")?
+            .query_map([group_name], |row| row.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(names)
+    }
+
     fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
         let mut statement = self
             .connection

@@ -1,0 +1,195 @@
+//! Protocol 3's presence: who is online. A user is online while they have a logged-in
+//! connection on any instance. Going offline waits `PRESENCE_GRACE` (a reconnect within it is
+//! silent). Each instance tells the others who is logged in on it with a full snapshot every
+//! `SNAPSHOT_EVERY` and on each change (control channel); a snapshot older than
+//! `SNAPSHOT_EXPIRY` is dropped, so a killed instance's users go offline within about 7 s.
+//! When a user's state changes, the rooms here of the user's groups get `presence
+//! {group_name, username, online}` (protocol-3 connections, not the user's own), and
+//! `enter_group` on protocol 3 answers `online`: the group's members online now.
+
+use std::collections::HashSet;
+
+use super::*;
+use crate::ops::store;
+use crate::peer::PresenceSnapshot;
+
+/// How long a user whose last connection closed still counts as online.
+const PRESENCE_GRACE: Duration = Duration::from_secs(3);
+/// How often an instance sends its snapshot of logged-in users.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(2);
+/// A peer's snapshot this old is taken as the peer gone.
+const SNAPSHOT_EXPIRY: Duration = Duration::from_secs(6);
+
+/// Presence state of this instance.
+#[derive(Debug, Default)]
+pub(super) struct Presence {
+    /// Users whose last connection here closed, and when they go offline (grace).
+    leaving: HashMap<String, Instant>,
+    /// Other instances' logged-in users, and when their snapshot arrived.
+    remote: HashMap<String, (HashSet<String>, Instant)>,
+    /// Users announced online (the state rooms were last told).
+    online: HashSet<String>,
+    last_snapshot: Option<Instant>,
+}
+
+impl Presence {
+    pub(super) fn online_count(&self) -> usize {
+        self.online.len()
+    }
+}
+
+impl Server {
+    /// Online anywhere: a connection here (or in its grace), or in a fresh peer snapshot.
+    fn is_online(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+            || self.presence.leaving.contains_key(username)
+            || self
+                .presence
+                .remote
+                .values()
+                .any(|(users, _)| users.contains(username))
+    }
+
+    /// Members of a group online now (for `enter_group`'s `online`).
+    pub(super) fn online_members(&self, members: Vec<String>) -> Vec<String> {
+        members
+            .into_iter()
+            .filter(|member| self.is_online(member))
+            .collect()
+    }
+
+    /// A user's first connection here logged in.
+    pub(super) fn user_came(&mut self, username: &str) {
+        self.presence.leaving.remove(username);
+        self.presence_check(username);
+        self.send_snapshot();
+    }
+
+    /// A user's last connection here closed: offline after the grace, unless they come back.
+    pub(super) fn user_went(&mut self, username: &str) {
+        self.presence
+            .leaving
+            .insert(username.to_string(), Instant::now() + PRESENCE_GRACE);
+    }
+
+    /// Another instance's snapshot: users that appeared or vanished there are checked.
+    pub(super) fn presence_snapshot(&mut self, snapshot: PresenceSnapshot) {
+        let users: HashSet<String> = snapshot.users.into_iter().collect();
+        let old = self
+            .presence
+            .remote
+            .insert(snapshot.node, (users.clone(), Instant::now()))
+            .map(|(old, _)| old)
+            .unwrap_or_default();
+        let changed: Vec<String> = users.symmetric_difference(&old).cloned().collect();
+        for username in changed {
+            self.presence_check(&username);
+        }
+    }
+
+    /// Graces that ended, peers that went silent, and this instance's periodic snapshot
+    /// (from the sweep).
+    pub(super) fn presence_sweep(&mut self, now: Instant) {
+        let ended: Vec<String> = self
+            .presence
+            .leaving
+            .iter()
+            .filter(|(_, due)| **due <= now)
+            .map(|(user, _)| user.clone())
+            .collect();
+        for username in &ended {
+            self.presence.leaving.remove(username);
+            self.presence_check(username);
+        }
+        let gone: Vec<String> = self
+            .presence
+            .remote
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) > SNAPSHOT_EXPIRY)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in gone {
+            if let Some((users, _)) = self.presence.remote.remove(&node) {
+                log::info!("presence: no snapshot from {node}; its users are offline here");
+                for username in users {
+                    self.presence_check(&username);
+                }
+            }
+        }
+        let due = self
+            .presence
+            .last_snapshot
+            .is_none_or(|at| now.duration_since(at) >= SNAPSHOT_EVERY);
+        if due || !ended.is_empty() {
+            self.send_snapshot();
+        }
+    }
+
+    fn send_snapshot(&mut self) {
+        let Some(peer) = &self.peer else {
+            return;
+        };
+        self.presence.last_snapshot = Some(Instant::now());
+        let users: Vec<String> = self
+            .users
+            .keys()
+            .chain(self.presence.leaving.keys())
+            .cloned()
+            .collect();
+        peer.publish_presence(PresenceSnapshot {
+            node: self.config.node_id.clone(),
+            users,
+        });
+    }
+
+    /// Tells the user's rooms here if their state changed (after reading their groups).
+    fn presence_check(&mut self, username: &str) {
+        let online = self.is_online(username);
+        if online == self.presence.online.contains(username) {
+            return;
+        }
+        if online {
+            self.presence.online.insert(username.to_string());
+        } else {
+            self.presence.online.remove(username);
+        }
+        self.metrics.presence_events += 1;
+        // Nobody here speaks protocol 3: nobody to tell, no store read.
+        if self.watching.is_empty() {
+            return;
+        }
+        let crate::ops::Planned::Store(work) = store(super::activity::Memberships {
+            username: username.to_string(),
+            purpose: super::activity::MembershipsFor::Presence { online },
+        }) else {
+            return;
+        };
+        if let Some(pool) = self.pool.as_mut() {
+            pool.submit(Requester::Server, work);
+        }
+    }
+
+    /// `presence` to the protocol-3 connections in the rooms here of these groups.
+    pub(super) fn presence_to_rooms(&mut self, username: &str, online: bool, groups: Vec<String>) {
+        for group in groups {
+            let line = crate::protocol::reply::encode_line(
+                "presence",
+                &serde_json::json!({"group_name": group, "username": username, "online": online}),
+                None,
+            );
+            for token in self.rooms.members(&group) {
+                let Some(connection) = self.connections.get_mut(&token) else {
+                    continue;
+                };
+                let session = connection.session();
+                if session.protocol >= 3
+                    && session.username.as_deref() != Some(username)
+                    && !connection.is_doomed()
+                {
+                    connection.queue_reply(line.clone(), None);
+                    self.touch(token);
+                }
+            }
+        }
+    }
+}
