@@ -2,7 +2,8 @@
 //! in their cut-off scenario: a sender loses its connection 12 times mid-stream (alternately a
 //! clean close and an abandoned socket), reconnects, resumes by seq and resends everything
 //! unacknowledged with the same `client_msg_id`s; a watcher must receive every message exactly
-//! once, in seq order, and the store must hold each once.
+//! once, in seq order, and the store must hold each once. The Python client also runs it across
+//! a peer hop (two instances; the watcher resumes on the other one).
 
 mod common;
 
@@ -45,6 +46,51 @@ fn run_scenario(backend: Backend, program: &str, script: &str) {
 
 fn python_client_survives_cut_offs(backend: Backend) {
     run_scenario(backend, "python3", "python/noomnim_client.py");
+}
+
+/// Issue 23: the same naive printing loop across a peer hop. Two instances share one MongoDB
+/// and a Redis; the sender reconnects to either in turn and the watcher, cut off halfway,
+/// resumes (`since_seq`) on the other instance: still every message once, in order.
+#[test]
+fn python_client_survives_cut_offs_and_a_peer_hop() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = common::LocalService::redis();
+    let start = |node: &str| {
+        Server::start_with(
+            &storage,
+            &[
+                ("PEER", "true"),
+                ("REDIS_URL", &redis.redis_url()),
+                ("NODE_ID", node),
+            ],
+        )
+    };
+    let (a, b) = (start("hop_a"), start("hop_b"));
+    for server in [&a, &b] {
+        assert!(server.logged("peer subscriber: connected"));
+    }
+    let script = format!(
+        "{}/tools/clients/python/noomnim_client.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (port, hop) = (a.addr.port().to_string(), b.addr.port().to_string());
+    let output = Command::new("python3")
+        .args([&script, "scenario", "--port", &port, "--hop-port", &hop])
+        .args(["--messages", "100", "--cutoffs", "12"])
+        .args(["--prefix", &common::unique("hop")])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "scenario failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("peer hop") && stdout.contains("lost=0 duplicated=0 out_of_order=0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("protocol=3 gaps=0"), "{stdout}");
 }
 
 fn node_client_survives_cut_offs(backend: Backend) {

@@ -278,7 +278,10 @@ class Client:
 
 
 # -- the cut-off scenario --------------------------------------------------------------------
-async def scenario(host, port, messages, cutoffs, prefix):
+async def scenario(host, port, messages, cutoffs, prefix, hop_port=None):
+    """With `hop_port` (a peer instance): the sender reconnects to either instance in turn, and
+    halfway through the watcher itself is cut off and resumes on the other instance, so the
+    printing loop is checked across a peer hop too."""
     group = f"{prefix}-room"
     seen, raw = [], []
     watcher = Client(host, port, f"{prefix}-watcher", on_message=seen.append)
@@ -302,7 +305,13 @@ async def scenario(host, port, messages, cutoffs, prefix):
         await asyncio.gather(*batch[: len(batch) // 2])
         if round_number < cutoffs:
             sender.cut_off(clean=round_number % 2 == 0)
+            if hop_port is not None:
+                sender.port = hop_port if round_number % 2 == 0 else port
             await sender.connect()
+        if hop_port is not None and round_number == rounds // 2:
+            watcher.cut_off(clean=True)
+            watcher.port = hop_port
+            await watcher.connect()
     stored = await asyncio.wait_for(asyncio.gather(*sent), 60)
     end = await sender.send(group, "end")
 
@@ -325,6 +334,7 @@ async def scenario(host, port, messages, cutoffs, prefix):
     stored_twice = len(history_ids) - len(set(history_ids))
     print(
         f"python client: {messages} messages, {cutoffs} cut-offs "
+        f"{'and a peer hop ' if hop_port else ''}"
         f"({(cutoffs + 1) // 2} clean, {cutoffs // 2} abandoned), "
         f"{sender.duplicates} retries answered as duplicates: lost={lost} "
         f"duplicated={duplicated} out_of_order={out_of_order} stored_twice={stored_twice} "
@@ -342,8 +352,11 @@ def main():
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--cutoffs", type=int, default=12)
     parser.add_argument("--prefix", default="py-" + uuid.uuid4().hex[:8])
+    parser.add_argument("--hop-port", type=int, default=None, help="a peer instance's port")
     args = parser.parse_args()
-    ok = asyncio.run(scenario(args.host, args.port, args.messages, args.cutoffs, args.prefix))
+    ok = asyncio.run(
+        scenario(args.host, args.port, args.messages, args.cutoffs, args.prefix, args.hop_port)
+    )
     sys.exit(0 if ok else 1)
 
 
