@@ -313,8 +313,8 @@ pub fn help_text() -> String {
     let mut out = String::from(
         "noomnim - Noomnim Chat server: newline-delimited JSON chat over TCP\n\n\
          Usage: noomnim [--help | --version]\n\
-         \x20      noomnim token USERNAME [--ttl SECONDS]   (a token signed with AUTH_SECRET)\n\
-         \x20      noomnim backup PATH   (a consistent copy of the embedded store in DATA_DIR)\n\n\
+         Or:    noomnim token USERNAME [--ttl SECONDS]   (a token signed with AUTH_SECRET)\n\
+         Or:    noomnim backup PATH   (a consistent copy of the embedded store in DATA_DIR)\n\n\
          Configuration is read from environment variables:\n",
     );
     for (name, default, what) in VARIABLES {

@@ -191,6 +191,11 @@ impl Sequencer {
         }
     }
 
+    /// The newest seq released to the group's room here (occupied groups only).
+    pub fn delivered(&self, group_name: &str) -> Option<u64> {
+        self.groups.get(group_name).map(|order| order.delivered)
+    }
+
     /// Catch-up reads in flight.
     pub fn fetching(&self) -> usize {
         self.groups.values().filter(|order| order.fetching).count()

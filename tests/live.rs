@@ -404,3 +404,39 @@ fn presence_across_peers_settles_after_a_kill() {
         json!({"group_name": group, "username": "bob", "online": false})
     );
 }
+
+/// Marks a connection implies (closing while in a room, entering another room) reach the
+/// user's other devices as `read_marker` too, up to what reached the closing client.
+#[test]
+fn an_implicit_mark_reaches_the_other_devices() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let user = unique("implicit");
+    let group = unique("implicitg");
+    let mut owner = server.login("owner");
+    owner.request("create_group", ug("owner", &group));
+    let mut phone = v3(&server, &user);
+    let mut laptop = v3(&server, &user);
+    ask(&mut phone, "join_group", ug(&user, &group));
+    ask(&mut phone, "enter_group", json!({"group_name": group}));
+    for i in 0..3 {
+        owner.request(
+            "send_message",
+            common::msg("owner", &group, &format!("m{i}")),
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            next_of(&mut phone, &["message_sent"])["event"],
+            "message_sent"
+        );
+    }
+    assert!(phone.try_request_ping());
+    drop(phone);
+    let seen = next_of(&mut laptop, &["read_marker"]);
+    assert_eq!(
+        seen["data"],
+        json!({"group_name": group, "last_read_seq": 3, "unread_count": 0}),
+        "{seen}"
+    );
+}

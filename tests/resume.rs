@@ -245,3 +245,57 @@ fn a_resume_on_another_instance_continues_exactly() {
     assert!(print_until(&mut reader, &group, &mut last, 550));
     assert!(reader.try_request_ping());
 }
+
+/// A reader cut off as a slow consumer prints what reached it, comes back with `since_seq` and
+/// gets the rest: still every message once, in order.
+#[test]
+fn a_reader_resumes_through_a_slow_consumer_cut() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(
+        &storage,
+        &[("MAX_OUTPUT_BYTES", "65536"), ("RATE_LIMIT", "0")],
+    );
+    let group = unique("cut");
+    let mut owner = server.login("owner");
+    owner.request("create_group", ug("owner", &group));
+    let mut reader = server.connect_small_window();
+    reader.request("find_user", json!({"username": "cutreader"}));
+    reader.request("join_group", ug("cutreader", &group));
+    resume(&mut reader, &group, 0);
+    let total = 600;
+    let text = "y".repeat(1000);
+    let mut batch = Vec::new();
+    for _ in 0..total {
+        batch.extend(
+            serde_json::to_vec(
+                &json!({"event": "send_message", "data": {"group_name": group, "text": text}}),
+            )
+            .expect("encode"),
+        );
+        batch.push(b'\n');
+    }
+    owner.send_raw(&batch);
+    for _ in 0..total {
+        assert_eq!(owner.recv()["event"], "message_sent");
+    }
+    // The reader was not reading: it is cut off; it prints what reached it, to the close.
+    let mut last = 0;
+    let mut closing = None;
+    while let Some(line) = reader.recv_or_closed() {
+        match line["event"].as_str() {
+            Some("message_sent") => {
+                let seq = line["data"]["seq"].as_u64().expect("seq");
+                assert_eq!(seq, last + 1, "{line}");
+                last = seq;
+            }
+            Some("closing") => closing = Some(line["data"]["code"].clone()),
+            _ => {}
+        }
+    }
+    assert_eq!(closing, Some(json!("slow_consumer")));
+    assert!(last < total as u64, "cut before the end ({last})");
+    let mut reader = server.login("cutreader");
+    resume(&mut reader, &group, last);
+    assert!(print_until(&mut reader, &group, &mut last, total as u64));
+    assert_eq!(last, total as u64);
+}

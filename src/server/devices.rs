@@ -57,6 +57,27 @@ impl Server {
         }
     }
 
+    /// An implicit read mark (a connection left a room or closed): the user's other devices
+    /// hear `read_marker`, its `unread_count` from the newest seq this instance knows.
+    pub(super) fn announce_mark(&mut self, origin: Token, mark: &crate::model::ReadMark) {
+        let head = self
+            .sequencer
+            .delivered(&mark.group_name)
+            .unwrap_or(mark.seq)
+            .max(mark.seq);
+        let line = crate::protocol::reply::encode_line(
+            "read_marker",
+            &serde_json::json!({
+                "group_name": mark.group_name,
+                "last_read_seq": mark.seq,
+                "unread_count": head - mark.seq,
+            }),
+            None,
+        );
+        self.note_user_line(&mark.username, &line);
+        self.tell_user(mark.username.clone(), line, origin);
+    }
+
     /// A user's devices here hear that the user left a group (here or on a peer).
     pub(super) fn tell_left(&mut self, departure: &Departure, origin: Option<Token>) {
         let line = crate::protocol::reply::encode_line(

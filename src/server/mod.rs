@@ -477,8 +477,14 @@ impl Server {
                 let Some(connection) = self.connections.get_mut(&token) else {
                     return;
                 };
+                // Leaving the old room marks read what reached the client there (the store
+                // applies it with the enter); the user's other devices hear of it.
+                let mark = connection.session().leaving_mark();
                 if let Some(old) = connection.leave_room() {
                     self.leave_room(&old.group_name, token);
+                }
+                if let Some(mark) = mark.filter(|m| m.group_name != room.group_name) {
+                    self.announce_mark(token, &mark);
                 }
                 self.enter_room(token, room);
             }
@@ -733,12 +739,15 @@ impl Server {
         let Some(room) = connection.leave_room() else {
             return;
         };
-        self.leave_room(&room.group_name, token);
         // Only what really reached this client is marked read, and only when that is more
         // than the store already has (most closes then cost no write at all).
-        if let (Some(mark), Some(pool)) = (mark, self.pool.as_mut()) {
-            pool.submit(Requester::Server, Work::Mark(mark));
+        if let Some(mark) = mark {
+            self.announce_mark(token, &mark);
+            if let Some(pool) = self.pool.as_mut() {
+                pool.submit(Requester::Server, Work::Mark(mark));
+            }
         }
+        self.leave_room(&room.group_name, token);
     }
 }
 
