@@ -125,17 +125,24 @@ fn a_users_devices_follow_each_other_on_one_instance() {
 /// a `typing` sent right after entering a room is not lost to a subscription still under way
 /// (typing is a hint and is never recovered from the store, unlike messages).
 fn peers(storage: &Storage, redis: &LocalService) -> (Server, Server) {
-    peers_relaying(storage, redis, "shared")
+    peers_relaying(storage, &redis.redis_url(), "shared")
 }
 
-fn peers_relaying(storage: &Storage, redis: &LocalService, relay: &str) -> (Server, Server) {
+/// The shared three-master test cluster (tools/services.sh).
+fn cluster_url() -> String {
+    std::env::var("NOOMNIM_TEST_REDIS_CLUSTER_URL").unwrap_or_else(|_| {
+        panic!("NOOMNIM_TEST_REDIS_CLUSTER_URL is not set: start the test services with tools/services.sh")
+    })
+}
+
+fn peers_relaying(storage: &Storage, redis_url: &str, relay: &str) -> (Server, Server) {
     let start = |node: &str| {
         Server::start_with(
             storage,
             &[
                 ("PEER", "true"),
                 ("PEER_RELAY", relay),
-                ("REDIS_URL", &redis.redis_url()),
+                ("REDIS_URL", redis_url),
                 ("NODE_ID", node),
                 ("METRICS_PORT", "0"),
             ],
@@ -313,7 +320,7 @@ fn activity_reaches_members_outside_the_room_on_one_instance() {
 fn activity_crosses_peers_as_notices_not_messages() {
     let storage = Storage::new(Backend::Mongo);
     let redis = LocalService::redis();
-    let (a, b) = peers_relaying(&storage, &redis, "per_group");
+    let (a, b) = peers_relaying(&storage, &redis.redis_url(), "per_group");
     activity_reaches_members_outside_the_room(&a, &b);
     // b hosted the watcher's room only at the very end (one message then).
     let relayed = common::metric(&b, "noomnim_peer_relay_messages_in_total").expect("metric");
@@ -377,7 +384,7 @@ fn presence_on_one_instance() {
 fn presence_across_peers_settles_after_a_kill() {
     let storage = Storage::new(Backend::Mongo);
     let redis = LocalService::redis();
-    let (a, mut b) = peers_relaying(&storage, &redis, "per_group");
+    let (a, mut b) = peers_relaying(&storage, &redis.redis_url(), "per_group");
     let group = unique("prespeer");
     let mut alice = v3(&a, "alice");
     ask(&mut alice, "create_group", ug("alice", &group));
@@ -439,4 +446,42 @@ fn an_implicit_mark_reaches_the_other_devices() {
         json!({"group_name": group, "last_read_seq": 3, "unread_count": 0}),
         "{seen}"
     );
+}
+
+/// The protocol-3 events across peers on a Redis Cluster (sharded channels): devices,
+/// activity and typing, as on a single Redis.
+#[test]
+fn protocol_3_events_cross_peers_on_a_redis_cluster() {
+    let storage = Storage::new(Backend::Mongo);
+    let url = cluster_url();
+    let (a, b) = peers_relaying(&storage, &url, "per_group");
+    devices_follow_each_other(&a, &b);
+    activity_reaches_members_outside_the_room(&a, &b);
+    // Typing goes on the group's sharded channel, which B subscribes to when its room is
+    // occupied; a typing sent before that subscription took effect is lost (it is a hint), so
+    // the typist repeats it after the 2 s relay interval until it arrives.
+    let group = unique("ctyp");
+    let mut alice = v3(&a, "calice");
+    ask(&mut alice, "create_group", ug("calice", &group));
+    let mut bob = v3(&b, "cbob");
+    ask(&mut bob, "join_group", ug("cbob", &group));
+    ask(&mut alice, "enter_group", json!({"group_name": group}));
+    ask(&mut bob, "enter_group", json!({"group_name": group}));
+    let mut seen = None;
+    for _ in 0..5 {
+        ask(&mut alice, "typing", json!({"group_name": group}));
+        let deadline = std::time::Instant::now() + Duration::from_millis(2200);
+        while seen.is_none() && std::time::Instant::now() < deadline {
+            if let Some(line) = bob.try_recv(Duration::from_millis(200)) {
+                if line["event"] == "typing" {
+                    seen = Some(line);
+                }
+            }
+        }
+        if seen.is_some() {
+            break;
+        }
+    }
+    let seen = seen.expect("typing crossed the cluster");
+    assert_eq!(seen["data"]["username"], "calice", "{seen}");
 }
