@@ -28,12 +28,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let config = match Config::from_env() {
+    let config = match configuration() {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("noomnim: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     logging::init(config.log_level, config.log_format);
     if config.auth_secret.is_none() && !config.bind.is_loopback() {
@@ -133,16 +130,13 @@ fn print_token(args: Vec<String>) -> ExitCode {
         eprintln!("noomnim: {USAGE}");
         return ExitCode::from(2);
     };
-    let (secret, audience) = match Config::from_env().map(|c| (c.auth_secret, c.auth_audience)) {
+    let (secret, audience) = match configuration().map(|c| (c.auth_secret, c.auth_audience)) {
         Ok((Some(secret), audience)) => (secret, audience),
         Ok((None, _)) => {
             eprintln!("noomnim: no secret: set AUTH_SECRET or AUTH_SECRET_FILE");
             return ExitCode::from(2);
         }
-        Err(error) => {
-            eprintln!("noomnim: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match noomnim::auth::Authenticator::new(&secret, audience.as_deref()).mint(username, ttl) {
         Ok(token) => {
@@ -164,12 +158,9 @@ fn run_backup(args: Vec<String>) -> ExitCode {
         eprintln!("noomnim: usage: noomnim backup PATH (with the server's DATA_DIR set)");
         return ExitCode::from(2);
     };
-    let config = match Config::from_env() {
+    let config = match configuration() {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("noomnim: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match noomnim::backup::backup(&config, std::path::Path::new(target)) {
         Ok(summary) => {
@@ -181,4 +172,13 @@ fn run_backup(args: Vec<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration from the environment; a bad value is one line on stderr and exit 2 (for
+/// the server and every subcommand alike).
+fn configuration() -> Result<Config, ExitCode> {
+    Config::from_env().map_err(|error| {
+        eprintln!("noomnim: {error}");
+        ExitCode::from(2)
+    })
 }

@@ -54,6 +54,15 @@ pub struct Rules {
 /// request `id` are added to this.
 const REPLY_OVERHEAD: usize = 512;
 
+/// A user's read marker in a group and what lies after it (`read_marker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadState {
+    pub username: String,
+    pub group_name: String,
+    pub last_read_seq: u64,
+    pub unread_count: u64,
+}
+
 /// What a connection is logged in as and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -141,12 +150,8 @@ pub enum Effect {
         username: String,
         group_name: String,
     },
-    /// This line goes to every other protocol-3 connection of the user, on every instance
-    /// (devices in sync: `read_marker`).
-    TellUser {
-        username: String,
-        line: Vec<u8>,
-    },
+    /// The user's read marker rose: their other devices hear `read_marker` (devices in sync).
+    ReadMarker(ReadState),
     /// The user joined a group: their other devices hear `joined_group`, and their
     /// connections here hear of the group's activity from now on.
     JoinedGroup {

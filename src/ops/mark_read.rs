@@ -9,6 +9,7 @@ use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::{GroupReadState, ReadMark};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
+use crate::session::{Effect, ReadState};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
@@ -63,7 +64,15 @@ impl StoreCall for MarkRead {
             "unread_count": state.unread_count,
         });
         // The user's other protocol-3 connections hear of it (devices in sync).
-        let line = encode_line("marked_read", &data, id);
-        Completed::reply_and_tell(line, self.0.username, "read_marker", &data)
+        Completed {
+            line: encode_line("marked_read", &data, id),
+            effect: Effect::ReadMarker(ReadState {
+                username: self.0.username,
+                group_name: state.group_name,
+                last_read_seq: state.last_read_seq,
+                unread_count: state.unread_count,
+            }),
+            shows: None,
+        }
     }
 }

@@ -169,24 +169,6 @@ impl Completed {
             shows: None,
         }
     }
-
-    /// A reply, and `notice` (an event without `id`) to the user's other protocol-3
-    /// connections everywhere (devices in sync).
-    pub fn reply_and_tell(
-        line: Vec<u8>,
-        username: String,
-        event: &str,
-        notice: &serde_json::Value,
-    ) -> Completed {
-        Completed {
-            line,
-            effect: Effect::TellUser {
-                username,
-                line: crate::protocol::reply::encode_line(event, notice, None),
-            },
-            shows: None,
-        }
-    }
 }
 
 /// A store call and, once run, its result: what the worker queues carry (object-safe).
@@ -270,9 +252,14 @@ pub fn groups_page<T: serde::Serialize>(
     data
 }
 
-/// The store job for a call.
+/// The store job for a call, as a request plans it.
 pub fn store<C: StoreCall>(call: C) -> Planned {
-    Planned::Store(Work::Call(Box::new(Pending { call, result: None })))
+    Planned::Store(work(call))
+}
+
+/// The store job for a call the server makes itself (not planned from a request).
+pub fn work<C: StoreCall>(call: C) -> Work {
+    Work::Call(Box::new(Pending { call, result: None }))
 }
 
 /// The error reply for a store error.

@@ -20,7 +20,7 @@
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{store, Completed, Planned, Route, StoreCall};
+use super::{store, work, Completed, Planned, Route, StoreCall};
 use crate::model::{GroupReadState, Message, ReadMark};
 use crate::protocol::encode_broadcast;
 use crate::protocol::reply::encode_line;
@@ -81,17 +81,13 @@ pub fn first_page(
 
 /// The next page of a resume in progress (asked for by the server as output drains).
 pub fn next_page(username: String, cursor: ResumeCursor, budget: usize) -> Work {
-    match store(ResumePage {
+    work(ResumePage {
         username,
         group_name: cursor.group_name,
         after_seq: cursor.after_seq,
         start: None,
         budget,
-    }) {
-        Planned::Store(work) => work,
-        // `store` always plans a store job.
-        Planned::Now(_) | Planned::NowAnd(..) => unreachable!("store() plans a job"),
-    }
+    })
 }
 
 impl StoreCall for ResumePage {

@@ -14,7 +14,7 @@
 
 use super::*;
 use crate::model::{GroupReadState, GroupsQuery};
-use crate::ops::{store, Completed, Route, StoreCall};
+use crate::ops::{Completed, Route, StoreCall};
 use crate::peer::{GroupActivity, ACTIVITY_KEY};
 
 /// One group's coalescing state.
@@ -97,17 +97,18 @@ impl Server {
             return;
         }
         self.watching.insert(token, Default::default());
-        let crate::ops::Planned::Store(work) = store(Memberships {
+        let work = crate::ops::work(Memberships {
             username,
             purpose: MembershipsFor::Activity,
-        }) else {
-            return;
-        };
-        if let Some((work, ticket)) = connection.start_or_hold(work, None, self.leave_clock) {
-            if let Some(pool) = self.pool.as_mut() {
-                pool.submit(Requester::Connection(token, ticket), work);
-            }
-        }
+        });
+        super::start_job(
+            connection,
+            &mut self.pool,
+            token,
+            work,
+            None,
+            self.leave_clock,
+        );
     }
 
     /// The memberships loaded: the connection hears of these groups from now on.
@@ -211,8 +212,8 @@ impl Server {
         *mark = (*mark).max(seq);
     }
 
-    /// Reads what a line to a user's devices says about their state: a raised read marker,
-    /// or a group joined (their connections here then hear of it too).
+    /// Reads what a line to a user's devices from another instance says about their state: a
+    /// raised read marker, or a group joined (their connections here then hear of it too).
     pub(super) fn note_user_line(&mut self, username: &str, line: &[u8]) {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
             return;

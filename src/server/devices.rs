@@ -7,6 +7,7 @@
 use super::*;
 use crate::ops::typing::TYPING_EVERY;
 use crate::peer::UserNotice;
+use crate::session::ReadState;
 
 impl Server {
     /// Remembers which connections a user has here (for lines to all of a user's devices).
@@ -57,25 +58,39 @@ impl Server {
         }
     }
 
-    /// An implicit read mark (a connection left a room or closed): the user's other devices
-    /// hear `read_marker`, its `unread_count` from the newest seq this instance knows.
+    /// An implicit read mark (a connection left a room or closed): announced like an
+    /// explicit one, its `unread_count` from the newest seq this instance delivered.
     pub(super) fn announce_mark(&mut self, origin: Token, mark: &crate::model::ReadMark) {
         let head = self
             .sequencer
             .delivered(&mark.group_name)
             .unwrap_or(mark.seq)
             .max(mark.seq);
+        self.read_marker_rose(
+            origin,
+            ReadState {
+                username: mark.username.clone(),
+                group_name: mark.group_name.clone(),
+                last_read_seq: mark.seq,
+                unread_count: head - mark.seq,
+            },
+        );
+    }
+
+    /// A user's read marker rose (explicitly or implicitly): this instance's activity notices
+    /// count from it, and the user's other devices hear `read_marker`.
+    pub(super) fn read_marker_rose(&mut self, origin: Token, state: ReadState) {
+        self.know_mark(&state.username, &state.group_name, state.last_read_seq);
         let line = crate::protocol::reply::encode_line(
             "read_marker",
             &serde_json::json!({
-                "group_name": mark.group_name,
-                "last_read_seq": mark.seq,
-                "unread_count": head - mark.seq,
+                "group_name": state.group_name,
+                "last_read_seq": state.last_read_seq,
+                "unread_count": state.unread_count,
             }),
             None,
         );
-        self.note_user_line(&mark.username, &line);
-        self.tell_user(mark.username.clone(), line, origin);
+        self.tell_user(state.username, line, origin);
     }
 
     /// A user's devices here hear that the user left a group (here or on a peer).
@@ -111,16 +126,22 @@ impl Server {
             &serde_json::json!({"group_name": typing.group_name, "username": typing.username}),
             None,
         );
-        for token in self.rooms.members(&typing.group_name) {
+        self.tell_room(&typing.group_name, &line, &typing.username);
+    }
+
+    /// Queues `line` for the protocol-3 connections in a group's room here, but `about`'s own
+    /// (a line about that user: typing, presence).
+    pub(super) fn tell_room(&mut self, group_name: &str, line: &[u8], about: &str) {
+        for token in self.rooms.members(group_name) {
             let Some(connection) = self.connections.get_mut(&token) else {
                 continue;
             };
             let session = connection.session();
             if session.protocol >= 3
-                && session.username.as_deref() != Some(typing.username.as_str())
+                && session.username.as_deref() != Some(about)
                 && !connection.is_doomed()
             {
-                connection.queue_reply(line.clone(), None);
+                connection.queue_reply(line.to_vec(), None);
                 self.touch(token);
             }
         }

@@ -469,23 +469,9 @@ impl Server {
                 },
                 Some(token),
             ),
-            Effect::TellUser { username, line } => {
-                self.note_user_line(&username, &line);
-                self.tell_user(username, line, token);
-            }
+            Effect::ReadMarker(state) => self.read_marker_rose(token, state),
             Effect::EnterRoom(room) => {
-                let Some(connection) = self.connections.get_mut(&token) else {
-                    return;
-                };
-                // Leaving the old room marks read what reached the client there (the store
-                // applies it with the enter); the user's other devices hear of it.
-                let mark = connection.session().leaving_mark();
-                if let Some(old) = connection.leave_room() {
-                    self.leave_room(&old.group_name, token);
-                }
-                if let Some(mark) = mark.filter(|m| m.group_name != room.group_name) {
-                    self.announce_mark(token, &mark);
-                }
+                self.leave_for(token, &room.group_name);
                 self.enter_room(token, room);
             }
             Effect::Protocol(version) => {
@@ -495,12 +481,7 @@ impl Server {
                 self.start_activity(token);
             }
             Effect::Resume(cursor) => {
-                let Some(connection) = self.connections.get_mut(&token) else {
-                    return;
-                };
-                if let Some(old) = connection.leave_room() {
-                    self.leave_room(&old.group_name, token);
-                }
+                self.leave_for(token, &cursor.group_name);
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.resume_from(cursor);
                 }
@@ -519,6 +500,23 @@ impl Server {
                 self.tell_left(&departure, Some(token));
                 self.user_left(departure);
             }
+        }
+    }
+
+    /// Takes a connection out of its room before it enters (or resumes in) `next`. Leaving
+    /// marks read what reached the client there (the request's store call stores it); the
+    /// user's other devices hear of it.
+    fn leave_for(&mut self, token: Token, next: &str) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let mark = connection.session().leaving_mark();
+        let Some(old) = connection.leave_room() else {
+            return;
+        };
+        self.leave_room(&old.group_name, token);
+        if let Some(mark) = mark.filter(|mark| mark.group_name != next) {
+            self.announce_mark(token, &mark);
         }
     }
 
@@ -637,13 +635,14 @@ impl Server {
                         connection.reply_in_order(encode_failure(&error.into(), id.as_deref()));
                     }
                     Plan::Store { work, id } => {
-                        if let Some((work, ticket)) =
-                            connection.start_or_hold(work, id, self.leave_clock)
-                        {
-                            if let Some(pool) = self.pool.as_mut() {
-                                pool.submit(Requester::Connection(token, ticket), work);
-                            }
-                        }
+                        start_job(
+                            connection,
+                            &mut self.pool,
+                            token,
+                            work,
+                            id,
+                            self.leave_clock,
+                        );
                     }
                 }
             }
@@ -664,12 +663,14 @@ impl Server {
             if let Some(username) = connection.session().username.clone() {
                 let budget = rules.max_reply_bytes.saturating_sub(RESUME_PAGE_MARGIN);
                 let work = crate::ops::resume::next_page(username, cursor, budget);
-                if let Some((work, ticket)) = connection.start_or_hold(work, None, self.leave_clock)
-                {
-                    if let Some(pool) = self.pool.as_mut() {
-                        pool.submit(Requester::Connection(token, ticket), work);
-                    }
-                }
+                start_job(
+                    connection,
+                    &mut self.pool,
+                    token,
+                    work,
+                    None,
+                    self.leave_clock,
+                );
             }
         }
         if connection.is_doomed() || connection.finished() {
@@ -748,6 +749,23 @@ impl Server {
             }
         }
         self.leave_room(&room.group_name, token);
+    }
+}
+
+/// Starts a store job for a connection (or holds it behind what is in flight, see
+/// `in_flight.rs`); its answer comes back to that connection.
+fn start_job(
+    connection: &mut Connection,
+    pool: &mut Option<WorkerPool>,
+    token: Token,
+    work: Work,
+    id: Option<crate::protocol::RequestId>,
+    leave_clock: u64,
+) {
+    if let Some((work, ticket)) = connection.start_or_hold(work, id, leave_clock) {
+        if let Some(pool) = pool.as_mut() {
+            pool.submit(Requester::Connection(token, ticket), work);
+        }
     }
 }
 

@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 
 use super::*;
-use crate::ops::store;
 use crate::peer::PresenceSnapshot;
 
 /// How long a user whose last connection closed still counts as online.
@@ -158,12 +157,10 @@ impl Server {
         if self.watching.is_empty() {
             return;
         }
-        let crate::ops::Planned::Store(work) = store(super::activity::Memberships {
+        let work = crate::ops::work(super::activity::Memberships {
             username: username.to_string(),
             purpose: super::activity::MembershipsFor::Presence { online },
-        }) else {
-            return;
-        };
+        });
         if let Some(pool) = self.pool.as_mut() {
             pool.submit(Requester::Server, work);
         }
@@ -177,19 +174,7 @@ impl Server {
                 &serde_json::json!({"group_name": group, "username": username, "online": online}),
                 None,
             );
-            for token in self.rooms.members(&group) {
-                let Some(connection) = self.connections.get_mut(&token) else {
-                    continue;
-                };
-                let session = connection.session();
-                if session.protocol >= 3
-                    && session.username.as_deref() != Some(username)
-                    && !connection.is_doomed()
-                {
-                    connection.queue_reply(line.clone(), None);
-                    self.touch(token);
-                }
-            }
+            self.tell_room(&group, &line, username);
         }
     }
 }
