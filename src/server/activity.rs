@@ -229,18 +229,27 @@ impl Server {
         }
     }
 
-    /// A message of `group_name` with `seq` exists (stored here when `stored_here`).
+    /// A message of `group_name` with `seq` exists (stored here when `stored_here`). Called
+    /// for every message: nothing is kept for a group nobody here watches unless peers may
+    /// (a message stored here in peer mode), and a known group costs no allocation.
     pub(super) fn activity_seen(&mut self, group_name: &str, seq: u64, stored_here: bool) {
-        if !stored_here && !self.watchers.contains_key(group_name) {
+        let peers_may_watch = stored_here && self.peer.is_some();
+        if !peers_may_watch && !self.watchers.contains_key(group_name) {
             return;
         }
         let interval = self.config.activity_interval;
-        let state = self.activity.entry(group_name.to_string()).or_default();
+        if !self.activity.contains_key(group_name) {
+            self.activity
+                .insert(group_name.to_string(), ActivityState::default());
+        }
+        let Some(state) = self.activity.get_mut(group_name) else {
+            return;
+        };
         if seq <= state.last_seq {
             return;
         }
         state.last_seq = seq;
-        state.stored_here |= stored_here;
+        state.stored_here |= peers_may_watch;
         if let Some(sent) = state.sent_at.filter(|sent| sent.elapsed() < interval) {
             state.due = true;
             let at = sent + interval;

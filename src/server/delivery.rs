@@ -35,8 +35,7 @@ impl Server {
                     if let Some(peer) = &self.peer {
                         peer.publish(message);
                     }
-                    let (group_name, seq) = (message.group_name.clone(), message.seq);
-                    self.activity_seen(&group_name, seq, true);
+                    self.activity_seen(&message.group_name, message.seq, true);
                     let released = self.sequencer.offer(message.clone(), requester);
                     self.broadcast_all(released);
                 }
@@ -47,6 +46,10 @@ impl Server {
                 let found = result
                     .map_err(|error| log::warn!("catch-up read for {group_name} failed: {error}"))
                     .ok();
+                // Read back from the store (stored elsewhere): the newest one is the activity.
+                if let Some(newest) = found.as_ref().and_then(|found| found.last()) {
+                    self.activity_seen(&group_name, newest.seq, false);
+                }
                 let released = self.sequencer.caught_up(&group_name, found);
                 self.broadcast_all(released);
                 return;
@@ -212,10 +215,6 @@ impl Server {
 
     pub(super) fn broadcast_all(&mut self, released: Vec<Release>) {
         for (message, origin) in released {
-            if origin == Requester::Server {
-                // Relayed or read back from the store (stored elsewhere).
-                self.activity_seen(&message.group_name, message.seq, false);
-            }
             self.broadcast(&message, origin);
         }
     }

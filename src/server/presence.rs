@@ -1,7 +1,7 @@
 //! Protocol 3's presence: who is online. A user is online while they have a logged-in
 //! connection on any instance. Going offline waits `PRESENCE_GRACE` (a reconnect within it is
 //! silent). Each instance tells the others who is logged in on it with a full snapshot every
-//! `SNAPSHOT_EVERY` and on each change (control channel); a snapshot older than
+//! `SNAPSHOT_EVERY`, and at the next sweep (within a second) after a change (control channel); a snapshot older than
 //! `SNAPSHOT_EXPIRY` is dropped, so a killed instance's users go offline within about 7 s.
 //! When a user's state changes, the rooms here of the user's groups get `presence
 //! {group_name, username, online}` (protocol-3 connections, not the user's own), and
@@ -29,6 +29,9 @@ pub(super) struct Presence {
     /// Users announced online (the state rooms were last told).
     online: HashSet<String>,
     last_snapshot: Option<Instant>,
+    /// Users logged in here changed since the last snapshot (sent at the next sweep, so a
+    /// burst of logins costs one snapshot, not one per login).
+    changed: bool,
 }
 
 impl Presence {
@@ -61,7 +64,7 @@ impl Server {
     pub(super) fn user_came(&mut self, username: &str) {
         self.presence.leaving.remove(username);
         self.presence_check(username);
-        self.send_snapshot();
+        self.presence.changed = true;
     }
 
     /// A user's last connection here closed: offline after the grace, unless they come back.
@@ -119,7 +122,7 @@ impl Server {
             .presence
             .last_snapshot
             .is_none_or(|at| now.duration_since(at) >= SNAPSHOT_EVERY);
-        if due || !ended.is_empty() {
+        if due || self.presence.changed || !ended.is_empty() {
             self.send_snapshot();
         }
     }
@@ -129,6 +132,7 @@ impl Server {
             return;
         };
         self.presence.last_snapshot = Some(Instant::now());
+        self.presence.changed = false;
         let users: Vec<String> = self
             .users
             .keys()
