@@ -78,6 +78,10 @@ pub struct Config {
     pub resume_max_messages: u64,
     /// At most one `group_activity` per group per this (`ACTIVITY_INTERVAL_MS`).
     pub activity_interval: Duration,
+    /// Retention (`RETENTION_MAX_AGE`, `RETENTION_MAX_MESSAGES`); off by default.
+    pub retention: crate::store::manage::Retention,
+    /// How often the background pruner walks the groups (`RETENTION_INTERVAL_MS`).
+    pub retention_interval: Duration,
     /// `AUTH_AUDIENCE`: tokens must carry this `aud`; `None`: `aud` is not checked.
     pub auth_audience: Option<String>,
     /// The TLS certificate chain and key (PEM); `None`: no TLS listener.
@@ -257,6 +261,21 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "RESUME_MAX_MESSAGES",
         "10000",
         "most backlog messages an enter_group {since_seq} resume streams (older: truncated)",
+    ),
+    (
+        "RETENTION_MAX_AGE",
+        "0",
+        "messages older than this are removed in the background, e.g. 90d, 12h, 30m, 45s; 0: kept for ever",
+    ),
+    (
+        "RETENTION_MAX_MESSAGES",
+        "0",
+        "each group keeps at most this many newest messages; 0: no limit",
+    ),
+    (
+        "RETENTION_INTERVAL_MS",
+        "60000",
+        "how often retention walks the groups (in batches that never hold writers up)",
     ),
     (
         "KEEPALIVE_IDLE_MS",
@@ -494,6 +513,20 @@ impl Config {
                 "RESUME_MAX_MESSAGES",
                 10_000,
             )? as u64,
+            retention: crate::store::manage::Retention {
+                max_age: parse_age(get("RETENTION_MAX_AGE"))?,
+                max_messages: parse_value(
+                    get("RETENTION_MAX_MESSAGES"),
+                    "RETENTION_MAX_MESSAGES",
+                    Some(0),
+                    "a whole number (0: no limit)",
+                )?,
+            },
+            retention_interval: Duration::from_millis(parse_positive(
+                get("RETENTION_INTERVAL_MS"),
+                "RETENTION_INTERVAL_MS",
+                60_000,
+            )? as u64),
             auth_audience: get("AUTH_AUDIENCE")
                 .filter(|audience| !audience.is_empty())
                 .map(str::to_string),
@@ -625,6 +658,31 @@ fn parse_value<T: std::str::FromStr>(
     match raw {
         Some(text) => text.parse().map_err(|_| invalid(name, text, expected)),
         None => default.ok_or_else(|| invalid(name, "", expected)),
+    }
+}
+
+/// `RETENTION_MAX_AGE`: a whole number with a unit (`d`, `h`, `m`, `s`); `0` is off.
+fn parse_age(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    const NAME: &str = "RETENTION_MAX_AGE";
+    const EXPECTED: &str = "0, or a whole number with d, h, m or s (e.g. 90d)";
+    let Some(text) = raw.map(str::trim).filter(|t| !t.is_empty() && *t != "0") else {
+        return Ok(None);
+    };
+    let split = text.len() - text.chars().last().map_or(0, char::len_utf8);
+    let (number, unit) = text.split_at(split);
+    let seconds: u64 = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(invalid(NAME, text, EXPECTED)),
+    };
+    match number.parse::<u64>() {
+        Ok(count) if count > 0 => count
+            .checked_mul(seconds)
+            .map(|s| Some(Duration::from_secs(s)))
+            .ok_or_else(|| invalid(NAME, text, EXPECTED)),
+        _ => Err(invalid(NAME, text, EXPECTED)),
     }
 }
 

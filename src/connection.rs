@@ -75,6 +75,8 @@ pub enum Closing {
     SlowConsumer,
     /// `MAX_AUTH_FAILURES` `find_user` attempts failed authentication.
     AuthFailed,
+    /// The logged-in user was erased (`noomnim admin erase-user`).
+    AccountErased,
 }
 
 impl Closing {
@@ -85,6 +87,7 @@ impl Closing {
             Closing::Shutdown => "shutdown",
             Closing::SlowConsumer => "slow_consumer",
             Closing::AuthFailed => "auth_failed",
+            Closing::AccountErased => "account_erased",
         }
     }
 
@@ -97,6 +100,7 @@ impl Closing {
                 "Too much unread output (over MAX_OUTPUT_BYTES); closing. Reconnect and fetch what you missed."
             }
             Closing::AuthFailed => "Too many failed authentication attempts; closing.",
+            Closing::AccountErased => "This account was erased by an operator; closing.",
         }
     }
 }

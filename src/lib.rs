@@ -18,6 +18,7 @@ pub mod ops;
 pub mod peer;
 pub mod protocol;
 pub mod read_marker;
+pub mod retention;
 pub mod rooms;
 pub mod sequencer;
 pub mod server;

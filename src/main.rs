@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         }
         Some("token") => return print_token(std::env::args().skip(2).collect()),
         Some("backup") => return run_backup(std::env::args().skip(2).collect()),
+        Some("admin") => return run_admin(std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!(
                 "noomnim: unknown argument {other:?}; configuration is by environment (see --help)"
@@ -166,6 +167,47 @@ fn run_backup(args: Vec<String>) -> ExitCode {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("noomnim: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `noomnim admin erase-user NAME`: erases a user through the store the configuration names
+/// (works while servers run: each closes the user's connections within seconds). Exit 0 with
+/// a summary; 1 when the user does not exist or the store failed; 2 for usage.
+fn run_admin(args: Vec<String>) -> ExitCode {
+    let [command, username] = args.as_slice() else {
+        eprintln!(
+            "noomnim: usage: noomnim admin erase-user NAME (with the server's store settings)"
+        );
+        return ExitCode::from(2);
+    };
+    if command != "erase-user" {
+        eprintln!("noomnim: unknown admin command {command:?}; known: erase-user");
+        return ExitCode::from(2);
+    }
+    let config = match configuration() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    // Names are compared in NFC, as the server stores them.
+    let username: String =
+        unicode_normalization::UnicodeNormalization::nfc(username.as_str()).collect();
+    let erased = noomnim::store::open(&config).and_then(|mut store| store.erase_user(&username));
+    match erased {
+        Ok(groups) => {
+            println!(
+                "erased user {username:?}: messages deleted, memberships of {} group(s) removed; connected clients are closed within seconds",
+                groups.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(noomnim::store::StoreError::UserNotFound) => {
+            eprintln!("noomnim: no user {username:?}");
+            ExitCode::FAILURE
         }
         Err(error) => {
             eprintln!("noomnim: {error}");

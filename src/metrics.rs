@@ -146,6 +146,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "noomnim_retention_pruned_total",
+            "Messages removed by retention (RETENTION_MAX_AGE, RETENTION_MAX_MESSAGES).",
+            crate::retention::PRUNED.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
             "noomnim_connections_accepted_total",
             "Client connections accepted.",
             self.connections_accepted,

@@ -6,18 +6,61 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// One stored chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     #[serde(rename = "_id")]
     pub id: String,
     pub group_name: String,
     pub username: String,
+    /// Empty only in a tombstone (`deleted`): a live message's text is never empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub text: String,
     pub timestamp: String,
     pub seq: u64,
     /// The sender's idempotency key (`send_message {client_msg_id}`), when it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_msg_id: Option<String>,
+    /// When the text was last replaced (`edit_message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    /// A tombstone: the message was deleted and its text erased; its seq stays taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+/// A member's standing in a group: the creator is its `owner`; the owner names `admin`s;
+/// owner and admins moderate (remove, ban, delete any message).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Owner,
+    Admin,
+    #[default]
+    Member,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+
+    /// The stored name back (anything unknown is a plain member).
+    pub fn parse(text: &str) -> Role {
+        match text {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            _ => Role::Member,
+        }
+    }
+
+    /// May remove, ban and delete others' messages.
+    pub fn moderates(self) -> bool {
+        matches!(self, Role::Owner | Role::Admin)
+    }
 }
 
 /// A message waiting to be stored.
@@ -102,6 +145,9 @@ pub struct GroupSummary {
     /// v1's member list, kept only while it has at most `MAX_LISTED_MEMBERS` names.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<String>>,
+    /// The asking user's role, when a member.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
 }
 
 impl GroupSummary {
@@ -111,6 +157,7 @@ impl GroupSummary {
             group_name,
             member_count: members.len() as u64,
             members: (members.len() <= MAX_LISTED_MEMBERS).then_some(members),
+            role: None,
         }
     }
 }
@@ -153,6 +200,8 @@ pub struct GroupHistory {
     pub read_seq: u64,
     /// The group's seq numbering identity (see `MessagePage::epoch`).
     pub epoch: String,
+    /// The oldest seq still stored (retention may have removed older ones; 1 if none did).
+    pub first_seq: u64,
 }
 
 /// A page of `fetch_messages`.
@@ -163,6 +212,8 @@ pub struct MessagePage {
     /// Changes if and only if the group's `seq` numbering restarted: it is the group's id,
     /// which a re-created group or a replaced store does not share.
     pub epoch: String,
+    /// The oldest seq still stored (see `GroupHistory::first_seq`).
+    pub first_seq: u64,
 }
 
 /// Which page of a group's history `fetch_messages` wants.
@@ -190,6 +241,8 @@ pub struct GroupReadState {
     pub last_seq: u64,
     pub last_read_seq: u64,
     pub unread_count: u64,
+    /// The member's role (`my_groups`).
+    pub role: Role,
 }
 
 impl GroupReadState {
@@ -200,7 +253,12 @@ impl GroupReadState {
             last_seq,
             last_read_seq,
             unread_count: last_seq.saturating_sub(last_read_seq),
+            role: Role::Member,
         }
+    }
+
+    pub fn with_role(self, role: Role) -> Self {
+        GroupReadState { role, ..self }
     }
 }
 
@@ -225,6 +283,13 @@ pub fn format_timestamp(time: DateTime<Utc>) -> String {
 /// The current time in wire format.
 pub fn now_timestamp() -> String {
     format_timestamp(Utc::now())
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A fresh 24-hex-digit ObjectId string.

@@ -168,6 +168,29 @@ pub enum Effect {
         online: bool,
         groups: Vec<String>,
     },
+    /// A line for everyone in the group's room, on every instance (an edit, a delete, a role
+    /// change), but the connection that asked (it has the reply).
+    RoomLine {
+        group_name: String,
+        line: Vec<u8>,
+    },
+    /// A moderator removed or banned `username` (`reason`): every connection of that user
+    /// leaves the room on every instance and hears `left_group {reason}`; the room hears
+    /// `line` (`member_removed`).
+    Removed {
+        username: String,
+        group_name: String,
+        reason: &'static str,
+        line: Vec<u8>,
+    },
+    /// The group was deleted: its room hears `line` (`group_deleted`) and empties, on every
+    /// instance.
+    GroupDeleted {
+        group_name: String,
+        line: Vec<u8>,
+    },
+    /// Users erased (from the store's erasure log, with when): their connections here close.
+    Erased(Vec<(String, u64)>),
 }
 
 /// Plans one framed request: decode the envelope, check the session, then hand the data to

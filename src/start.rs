@@ -65,6 +65,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .map(|_| store::open(&config))
         .collect::<Result<Vec<_>, _>>()
         .map_err(StartError::Store)?;
+    crate::retention::start(&config);
     Server::start(config, stores)
 }
 

@@ -112,13 +112,14 @@ impl StoreCall for EnterGroup {
     }
 
     fn answer(self, (history, members): Self::Output, id: Option<&RawValue>) -> Completed {
-        let data = json!({
+        let mut data = json!({
             "group_name": self.group_name,
             "unread": history.unread,
             "read": history.read,
             "unread_has_more": history.unread_has_more,
             "epoch": history.epoch,
         });
+        super::mark_history_start(&mut data, history.first_seq);
         let room = Room::new(self.group_name, history.head_seq, history.read_seq);
         Completed {
             line: encode_line("enter_group", &data, id),

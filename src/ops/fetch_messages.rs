@@ -71,12 +71,13 @@ impl StoreCall for FetchMessages {
             (Some(first), Some(last)) => Some((self.group_name.clone(), first.seq, last.seq)),
             _ => None,
         };
-        let data = json!({
+        let mut data = json!({
             "group_name": self.group_name,
             "messages": page.messages,
             "has_more": page.has_more,
             "epoch": page.epoch,
         });
+        super::mark_history_start(&mut data, page.first_seq);
         Completed {
             line: encode_line("messages", &data, id),
             effect: Effect::None,

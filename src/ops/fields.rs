@@ -179,6 +179,27 @@ pub fn optional_count(data: &Map<String, Value>, name: &str) -> Result<Option<u6
     }
 }
 
+/// A count that must be there (`seq` of `mark_read`, `edit_message`, `delete_message`).
+pub fn required_count(data: &Map<String, Value>, name: &str) -> Result<u64, ProtocolError> {
+    optional_count(data, name)?.ok_or_else(|| bad_request(format!("Field '{name}' is missing.")))
+}
+
+/// A group and one of its messages: `{group_name, seq}`.
+#[derive(Debug, Clone)]
+pub struct MessageRef {
+    pub group_name: String,
+    pub seq: u64,
+}
+
+impl MessageRef {
+    pub fn parse(data: &Map<String, Value>) -> Result<MessageRef, ProtocolError> {
+        Ok(MessageRef {
+            group_name: name_field(data, "group_name")?,
+            seq: required_count(data, "seq")?,
+        })
+    }
+}
+
 /// A page size: 1-`most`, `default` when absent.
 pub fn limit_field(
     data: &Map<String, Value>,

@@ -9,7 +9,7 @@ use crate::model::GroupRef;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::session::Effect;
-use crate::store::{Store, StoreError};
+use crate::store::{manage, Store, StoreError};
 
 #[derive(Debug)]
 pub struct LeaveGroup(UserGroup);
@@ -39,7 +39,8 @@ impl StoreCall for LeaveGroup {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<GroupRef, StoreError> {
-        store.leave_group(&self.0.username, &self.0.group_name)
+        // An owner who leaves hands the group on (see `manage::leave`).
+        manage::leave(store, &self.0.username, &self.0.group_name).map(|(group, _)| group)
     }
 
     fn answer(self, group: GroupRef, id: Option<&RawValue>) -> Completed {

@@ -1,6 +1,7 @@
 //! `list_groups {after?, limit?}`: one page of groups by name, each with `member_count` (and
 //! `members` while there are at most `MAX_LISTED_MEMBERS`). The page shrinks to fit
-//! `MAX_REPLY_BYTES`; `has_more` and `next_after` say where the next one starts.
+//! `MAX_REPLY_BYTES`; `has_more` and `next_after` say where the next one starts. Groups the
+//! asking user is in show their `role`.
 
 use serde_json::value::RawValue;
 
@@ -15,6 +16,8 @@ use crate::store::{Store, StoreError};
 pub struct ListGroups {
     query: GroupsQuery,
     reply_budget: usize,
+    /// Who asks (each group they are in shows their `role`).
+    asking: String,
 }
 
 impl Event for ListGroups {
@@ -25,11 +28,13 @@ impl Event for ListGroups {
         Ok(ListGroups {
             query: groups_query(data)?,
             reply_budget: 0,
+            asking: String::new(),
         })
     }
 
     fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
         self.reply_budget = context.reply_budget;
+        self.asking = context.session.username.clone().unwrap_or_default();
         Ok(store(self))
     }
 }
@@ -42,7 +47,7 @@ impl StoreCall for ListGroups {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<GroupsPage, StoreError> {
-        store.list_groups(&self.query)
+        store.list_groups(&self.query, &self.asking)
     }
 
     fn answer(self, page: GroupsPage, id: Option<&RawValue>) -> Completed {

@@ -4,7 +4,7 @@
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::fields::{bad_request, optional_count, user_and_group};
+use super::fields::{required_count, user_and_group};
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::model::{GroupReadState, ReadMark};
 use crate::protocol::reply::encode_line;
@@ -20,8 +20,7 @@ impl Event for MarkRead {
 
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         let (username, group_name) = user_and_group(data)?;
-        let seq = optional_count(data, "seq")?
-            .ok_or_else(|| bad_request("Field 'seq' is missing.".to_string()))?;
+        let seq = required_count(data, "seq")?;
         Ok(MarkRead(ReadMark {
             username,
             group_name,

@@ -19,6 +19,9 @@ use crate::workers::Work;
 pub mod fields;
 
 mod create_group;
+mod delete_group;
+mod delete_message;
+mod edit_message;
 mod enter_group;
 mod fetch_messages;
 mod find_user;
@@ -27,15 +30,17 @@ mod join_group;
 mod leave_group;
 mod list_groups;
 mod mark_read;
+mod moderation;
 pub mod my_groups;
 mod ping;
 pub mod resume;
 pub mod send_message;
+mod set_role;
 pub mod typing;
 mod visit_group;
 
 /// Every request event, in the order `hello` and `unknown_event` list them.
-pub const EVENTS: [EventEntry; 14] = [
+pub const EVENTS: [EventEntry; 21] = [
     entry::<hello::Hello>(),
     entry::<find_user::FindUser>(),
     entry::<create_group::CreateGroup>(),
@@ -50,6 +55,13 @@ pub const EVENTS: [EventEntry; 14] = [
     entry::<mark_read::MarkRead>(),
     entry::<my_groups::MyGroups>(),
     entry::<typing::Typing>(),
+    entry::<edit_message::EditMessage>(),
+    entry::<delete_message::DeleteMessage>(),
+    entry::<set_role::SetRole>(),
+    entry::<moderation::Moderate<moderation::Remove>>(),
+    entry::<moderation::Moderate<moderation::Ban>>(),
+    entry::<moderation::Moderate<moderation::Unban>>(),
+    entry::<delete_group::DeleteGroup>(),
 ];
 
 /// A request's `data` object.
@@ -252,6 +264,44 @@ pub fn groups_page<T: serde::Serialize>(
     data
 }
 
+/// A history reply says where the group's history now starts (`first_seq`) once retention
+/// removed its beginning; before that every seq from 1 is there and the field is left out.
+pub fn mark_history_start(data: &mut serde_json::Value, first_seq: u64) {
+    if first_seq > 1 {
+        data["first_seq"] = serde_json::json!(first_seq);
+    }
+}
+
+/// The logged-in user a request acts as (every event after login has one).
+pub fn acting(context: &Context<'_>) -> Result<String, Failure> {
+    context.session.username.clone().ok_or_else(|| {
+        ProtocolError::new(ErrorCode::NotLoggedIn, "Log in with find_user first.").into()
+    })
+}
+
+/// The reply to an edit or delete (`event`, with the message as now stored) and, when it
+/// changed anything, the same line for the group's room.
+pub fn message_changed(
+    event: &str,
+    rewritten: crate::store::manage::Rewritten,
+    id: Option<&RawValue>,
+) -> Completed {
+    let message = &rewritten.message;
+    let effect = if rewritten.changed {
+        Effect::RoomLine {
+            group_name: message.group_name.clone(),
+            line: crate::protocol::reply::encode_line(event, message, None),
+        }
+    } else {
+        Effect::None
+    };
+    Completed {
+        line: crate::protocol::reply::encode_line(event, message, id),
+        effect,
+        shows: None,
+    }
+}
+
 /// The store job for a call, as a request plans it.
 pub fn store<C: StoreCall>(call: C) -> Planned {
     Planned::Store(work(call))
@@ -272,6 +322,17 @@ pub fn failure_of(error: StoreError) -> Failure {
         StoreError::QuotaExceeded => ProtocolError::new(
             ErrorCode::QuotaExceeded,
             "You have created as many groups as one user may (MAX_GROUPS_PER_USER).",
+        )
+        .into(),
+        StoreError::Banned => ProtocolError::new(
+            ErrorCode::Banned,
+            "You are banned from this group; an admin or its owner may lift the ban.",
+        )
+        .into(),
+        StoreError::Forbidden(why) => ProtocolError::new(ErrorCode::Forbidden, why).into(),
+        StoreError::MessageNotFound => ProtocolError::new(
+            ErrorCode::NotFound,
+            "No such message in this group (never sent, deleted, or removed by retention).",
         )
         .into(),
         StoreError::Unavailable(_) => ProtocolError::new(

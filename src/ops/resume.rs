@@ -127,6 +127,13 @@ impl StoreCall for ResumePage {
             store.messages_after(&self.group_name, after, wanted)?
         };
         messages.retain(|m| m.seq <= head);
+        // Retention removed the start of what was asked for: say so, like a cut backlog.
+        if let (Some(_), Some(first)) = (&self.start, messages.first()) {
+            if first.seq > after + 1 {
+                after = first.seq - 1;
+                truncated = true;
+            }
+        }
         Ok(PageRead {
             state,
             after_seq: after,

@@ -148,6 +148,8 @@ pub enum PeerEvent {
     Activity(GroupActivity),
     /// Another instance's logged-in users.
     Presence(PresenceSnapshot),
+    /// A line for a group's room (a change to its messages, members or the group itself).
+    Room(RoomLine),
 }
 
 /// What the loop asks of the subscriber.
@@ -163,6 +165,22 @@ enum Command {
 pub struct Departure {
     pub username: String,
     pub group_name: String,
+    /// Why the user is out of the group when it was not their own leave: `removed` or
+    /// `banned` (by a moderator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A line for every connection in a group's room on every instance (`message_edited`,
+/// `message_deleted`, `role_changed`, `member_removed`, `group_deleted`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomLine {
+    pub group_name: String,
+    /// The whole line, as the connections get it (without its newline).
+    pub line: String,
+    /// The group is gone: after the line every connection leaves the room.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closes: bool,
 }
 
 /// A line for every protocol-3 connection of one user, on every instance (devices in sync:
@@ -189,6 +207,8 @@ enum Relay {
     Activity(GroupActivity),
     /// This instance's logged-in users (on the control channel).
     Presence(PresenceSnapshot),
+    /// A line for a group's room (on the group's channel, after its messages).
+    Room(RoomLine),
 }
 
 /// One relayed item on the wire: a message, a leave, a heartbeat, or (none of them) "resync
@@ -209,6 +229,8 @@ struct Envelope {
     activity: Option<GroupActivity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     presence: Option<PresenceSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    room: Option<RoomLine>,
 }
 
 fn unix_millis() -> u64 {
@@ -325,6 +347,13 @@ impl PeerLink {
         let _ = self.outgoing.try_send(Relay::Presence(snapshot));
     }
 
+    /// Sends a line to a group's room on every other instance (never blocks).
+    pub fn publish_room(&self, room: RoomLine) {
+        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::Room(room)) {
+            log::warn!("peer publish queue full; a room notice was not relayed");
+        }
+    }
+
     /// Sends a line to one user's connections on every other instance (never blocks).
     pub fn publish_user(&self, notice: UserNotice) {
         if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::User(notice)) {
@@ -378,6 +407,9 @@ impl Channels {
             }
             (RelayMode::PerGroup, Some(Relay::Typing(typing))) => {
                 group_channel(&self.database, &typing.group_name)
+            }
+            (RelayMode::PerGroup, Some(Relay::Room(room))) => {
+                group_channel(&self.database, &room.group_name)
             }
             (RelayMode::PerGroup, Some(Relay::Activity(activity))) => {
                 activity_channel(&self.database, &activity.group_name)
@@ -591,6 +623,10 @@ impl Publisher {
                 Some(Relay::Presence(snapshot)) => Some(snapshot.clone()),
                 _ => None,
             },
+            room: match relay {
+                Some(Relay::Room(room)) => Some(room.clone()),
+                _ => None,
+            },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("encoding: {e}")))
@@ -685,6 +721,12 @@ impl Delivery {
                 ..
             }) => {
                 self.tell(PeerEvent::Presence(snapshot));
+                false
+            }
+            Ok(Envelope {
+                room: Some(room), ..
+            }) => {
+                self.tell(PeerEvent::Room(room));
                 false
             }
             Ok(Envelope { message: None, .. }) => {

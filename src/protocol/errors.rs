@@ -20,10 +20,14 @@ pub enum ErrorCode {
     ReplyTooLarge,
     /// A request that needs the connection in the group's room (`typing`).
     NotInRoom,
+    /// A `join_group` by a user the group banned.
+    Banned,
+    /// A message (by seq) that does not exist or was deleted.
+    NotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownEvent,
         ErrorCode::BadRequest,
@@ -36,6 +40,8 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::ReplyTooLarge,
         ErrorCode::NotInRoom,
+        ErrorCode::Banned,
+        ErrorCode::NotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +58,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ReplyTooLarge => "reply_too_large",
             ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::Banned => "banned",
+            ErrorCode::NotFound => "not_found",
         }
     }
 }

@@ -142,7 +142,7 @@ impl Server {
         watchers.insert(token);
     }
 
-    fn unwatch_group(&mut self, token: Token, group_name: &str) {
+    pub(super) fn unwatch_group(&mut self, token: Token, group_name: &str) {
         if let Some(groups) = self.watching.get_mut(&token) {
             groups.remove(group_name);
         }

@@ -188,6 +188,11 @@ impl Server {
                     self.activity_seen(&activity.group_name, activity.last_seq, false)
                 }
                 PeerEvent::Presence(snapshot) => self.presence_snapshot(snapshot),
+                PeerEvent::Room(room) => {
+                    let mut line = room.line.into_bytes();
+                    line.push(b'\n');
+                    self.room_line_here(&room.group_name, &line, None, room.closes);
+                }
             }
         }
     }

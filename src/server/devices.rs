@@ -93,14 +93,33 @@ impl Server {
         self.tell_user(state.username, line, origin);
     }
 
-    /// A user's devices here hear that the user left a group (here or on a peer).
+    /// A user's devices here hear that the user left a group (here or on a peer). A removal
+    /// or ban is also told to the user's connections in that room whatever their protocol:
+    /// they are taken out of it and should know why.
     pub(super) fn tell_left(&mut self, departure: &Departure, origin: Option<Token>) {
+        let reason = departure.reason.as_deref().unwrap_or("left");
         let line = crate::protocol::reply::encode_line(
             "left_group",
-            &serde_json::json!({"group_name": departure.group_name, "reason": "left"}),
+            &serde_json::json!({"group_name": departure.group_name, "reason": reason}),
             None,
         );
         self.tell_user_here(&departure.username, &line, origin);
+        if departure.reason.is_none() {
+            return;
+        }
+        for token in self.rooms.members(&departure.group_name) {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            let session = connection.session();
+            if session.protocol < 3
+                && session.username.as_deref() == Some(departure.username.as_str())
+                && !connection.is_doomed()
+            {
+                connection.queue_reply(line.clone(), None);
+                self.touch(token);
+            }
+        }
     }
 
     /// `typing` from a connection in the room: relayed unless this user typed in this group

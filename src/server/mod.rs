@@ -45,6 +45,7 @@ mod activity;
 mod delivery;
 mod devices;
 mod load;
+mod manage;
 mod metrics_http;
 mod presence;
 mod slab;
@@ -139,6 +140,8 @@ pub struct Server {
     next_metrics_token: usize,
     per_ip: PerIp,
     last_sweep: Instant,
+    /// Erasures already acted on (and when they were seen), and the erasure log's read point.
+    erasures: manage::Erasures,
     /// Set while `accept` fails with EMFILE/ENFILE: queued clients are accepted on a timer
     /// and whenever a connection closes (an edge-triggered listener is not woken again).
     accept_blocked: bool,
@@ -259,6 +262,7 @@ impl Server {
             next_metrics_token: FIRST_METRICS_CLIENT,
             per_ip: PerIp::default(),
             last_sweep: Instant::now(),
+            erasures: manage::Erasures::new(),
             accept_blocked: false,
             recent_leaves: HashMap::new(),
             users: HashMap::new(),
@@ -466,9 +470,30 @@ impl Server {
                 Departure {
                     username,
                     group_name,
+                    reason: None,
                 },
                 Some(token),
             ),
+            Effect::Erased(erased) => self.erased(erased),
+            Effect::RoomLine { group_name, line } => {
+                self.room_line(&group_name, line, Some(token), false)
+            }
+            Effect::GroupDeleted { group_name, line } => {
+                self.room_line(&group_name, line, Some(token), true)
+            }
+            Effect::Removed {
+                username,
+                group_name,
+                reason,
+                line,
+            } => {
+                let departure = Departure {
+                    username,
+                    group_name,
+                    reason: Some(reason.to_string()),
+                };
+                self.removed(departure, line, token);
+            }
             Effect::ReadMarker(state) => self.read_marker_rose(token, state),
             Effect::EnterRoom(room) => {
                 self.leave_for(token, &room.group_name);
@@ -493,6 +518,7 @@ impl Server {
                 let departure = Departure {
                     username,
                     group_name,
+                    reason: None,
                 };
                 if let Some(peer) = &self.peer {
                     peer.publish_leave(departure.clone());

@@ -1,6 +1,7 @@
 //! The `Store` trait: every persistent operation the server needs, implemented by the embedded
 //! SQLite backend and the MongoDB backend. Calls are blocking and run only on worker threads.
 
+pub mod manage;
 pub mod mongo;
 #[cfg(feature = "bench-noop")]
 pub mod noop;
@@ -11,7 +12,8 @@ use std::fmt;
 use crate::config::{Config, StoreKind};
 use crate::model::{
     Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
-    MembershipsPage, Message, MessagePage, NewMessage, PageQuery, ReadMark, UserProfile, Visit,
+    MembershipsPage, Message, MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile,
+    Visit,
 };
 
 /// Why a store call failed.
@@ -23,6 +25,12 @@ pub enum StoreError {
     NotAMember,
     /// The user already created `MAX_GROUPS_PER_USER` groups.
     QuotaExceeded,
+    /// The user is banned from the group (`join_group`).
+    Banned,
+    /// The user's role does not allow this; the text says what would.
+    Forbidden(&'static str),
+    /// No message with that seq (never stored, removed by retention, or the group's).
+    MessageNotFound,
     /// The database could not be reached or failed; nothing was changed.
     Unavailable(String),
 }
@@ -35,6 +43,9 @@ impl fmt::Display for StoreError {
             StoreError::GroupNotFound => write!(f, "group not found"),
             StoreError::NotAMember => write!(f, "not a member"),
             StoreError::QuotaExceeded => write!(f, "group quota reached"),
+            StoreError::Banned => write!(f, "banned"),
+            StoreError::Forbidden(why) => write!(f, "forbidden: {why}"),
+            StoreError::MessageNotFound => write!(f, "message not found"),
             StoreError::Unavailable(reason) => write!(f, "store unavailable: {reason}"),
         }
     }
@@ -110,9 +121,9 @@ pub trait Store: Send {
         group_name: &str,
         page: PageQuery,
     ) -> Result<MessagePage, StoreError>;
-    /// A page of groups by name (byte order), each with its member count and, while small,
-    /// its members.
-    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError>;
+    /// A page of groups by name (byte order), each with its member count, while small its
+    /// members, and `asking`'s role where a member.
+    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> Result<GroupsPage, StoreError>;
     /// The names of a group's members (`GroupNotFound` when there is no such group).
     fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError>;
     /// The newest seq of each named group that exists, in one query (peer mode's tail check:
@@ -125,6 +136,60 @@ pub trait Store: Send {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError>;
+
+    // Primitives for managing messages, members and groups. Who may do what is decided once,
+    // above the backends, in `manage.rs`; these only read and write.
+
+    /// One message by seq, tombstones included (`None`: there is none; `GroupNotFound`).
+    fn message_at(&mut self, group_name: &str, seq: u64) -> Result<Option<Message>, StoreError>;
+    /// Replaces a live message's text (`Some`, stamping `edited_at` with `at`) or erases it
+    /// into a tombstone (`None`). Never touches a tombstone, so an edit racing a delete can
+    /// not bring text back: `None` when the message is missing or already deleted.
+    fn rewrite_message(
+        &mut self,
+        group_name: &str,
+        seq: u64,
+        text: Option<&str>,
+        at: &str,
+    ) -> Result<Option<Message>, StoreError>;
+    /// The member's role (`GroupNotFound`, `NotAMember`).
+    fn role(&mut self, group_name: &str, username: &str) -> Result<Role, StoreError>;
+    /// Sets a member's role (`NotAMember`).
+    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> Result<(), StoreError>;
+    /// The members holding `role`, in joining order.
+    fn members_with_role(
+        &mut self,
+        group_name: &str,
+        role: Role,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Bans (a banned user's `join_group` is `Banned`) or lifts a ban (`GroupNotFound`).
+    fn set_banned(
+        &mut self,
+        group_name: &str,
+        username: &str,
+        banned: bool,
+    ) -> Result<(), StoreError>;
+    /// Removes a group: its memberships, messages and bans go with it. A group created later
+    /// under the name is a new group with a new epoch.
+    fn remove_group(&mut self, group_name: &str) -> Result<(), StoreError>;
+    /// Retention: removes at most `limit` of the group's oldest messages among those with
+    /// `seq < below_seq` or a timestamp before `older_than`, and records where its history now
+    /// starts (`first_seq`). Returns how many it removed (0: nothing left to prune).
+    fn prune(
+        &mut self,
+        group_name: &str,
+        below_seq: u64,
+        older_than: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+    /// At most `limit` group names after `after`, by name, with each group's newest seq.
+    fn group_names(&mut self, after: &str, limit: u32) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Erases a user: their messages become tombstones, their memberships, bans and the user
+    /// record go, and the erasure is recorded (`erasures_since`) so that every running server
+    /// closes the user's connections. Returns the groups they were in (`UserNotFound`).
+    fn erase_user(&mut self, username: &str) -> Result<Vec<String>, StoreError>;
+    /// Users erased at or after `since_ms` (milliseconds since the Unix epoch), with when.
+    fn erasures_since(&mut self, since_ms: u64) -> Result<Vec<(String, u64)>, StoreError>;
 }
 
 /// Opens the backend the configuration selects (one call per worker).

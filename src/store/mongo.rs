@@ -30,17 +30,21 @@ use mongodb::IndexModel;
 
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
-    format_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupSummary,
-    GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage, NewMessage, PageQuery,
-    ReadMark, UserProfile, Visit, MAX_GROUP_LIST, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    format_timestamp, unix_millis, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
+    GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage,
+    NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST, MAX_READ_ON_ENTER,
+    MAX_UNREAD_ON_ENTER,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
 /// The schema this code writes, recorded in `meta {_id: "schema", version}`. 1: the first
 /// release; 2: read markers by seq (`user.last_read_seq`, read lazily where missing) and
 /// `groups.creator`; 3: `messages.client_msg_id` and its unique index. Older databases need
+/// 4: edits and tombstones (`messages.edited_at`, `deleted`), roles (`user.role`; an entry
+/// without one is its group's `creator`'s owner entry or a member), bans (`groups.banned`),
+/// `groups.first_seq` (retention) and the `erasures` collection. Older databases need
 /// no rewrite (new fields are optional); a newer one is refused.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// How often one batch retries after losing `seq` numbers to another process.
 const MAX_SEQ_RETRIES: usize = 1000;
 
@@ -50,6 +54,7 @@ pub struct MongoStore {
     messages: Collection<Document>,
     counters: Collection<Document>,
     meta: Collection<Document>,
+    erasures: Collection<Document>,
     indexes_ready: bool,
     max_time: Duration,
 }
@@ -83,6 +88,7 @@ impl MongoStore {
             messages: db.collection("messages"),
             counters: db.collection("counters"),
             meta: db.collection("meta"),
+            erasures: db.collection("erasures"),
             indexes_ready: false,
             max_time: timeout,
         };
@@ -145,6 +151,9 @@ impl MongoStore {
                     )
                     .build(),
             )
+            .run()?;
+        self.erasures
+            .create_index(IndexModel::builder().keys(doc! {"at": 1}).build())
             .run()?;
         self.meta
             .update_one(
@@ -510,6 +519,7 @@ fn unstored(message: &NewMessage, now: &str) -> Message {
         timestamp: now.to_string(),
         seq: 0,
         client_msg_id: message.client_msg_id.clone(),
+        ..Message::default()
     }
 }
 
@@ -605,10 +615,13 @@ fn message_from(document: &Document) -> Result<Message, StoreError> {
             .map_err(broken)?,
         group_name: text("group_name").map_err(broken)?,
         username: text("username").map_err(broken)?,
-        text: text("text").map_err(broken)?,
+        // A tombstone has no text at all.
+        text: text("text").unwrap_or_default(),
         timestamp: timestamp_of(document.get("timestamp")),
         seq: seq_of(document).unwrap_or(0),
         client_msg_id: document.get_str("client_msg_id").ok().map(str::to_string),
+        edited_at: document.get("edited_at").map(|at| timestamp_of(Some(at))),
+        deleted: document.get_bool("deleted").unwrap_or(false),
     })
 }
 
@@ -650,6 +663,21 @@ fn member_last_read(group: &Document, username: &str) -> Result<String, StoreErr
     member_entry(group, username)
         .map(|entry| timestamp_of(entry.get("last_read")))
         .ok_or(StoreError::NotAMember)
+}
+
+/// The member's role: as recorded, else (entries from before roles) owner for the group's
+/// creator and member for everyone else.
+fn member_role(group: &Document, username: &str) -> Result<Role, StoreError> {
+    let entry = member_entry(group, username).ok_or(StoreError::NotAMember)?;
+    Ok(match entry.get_str("role") {
+        Ok(role) => Role::parse(role),
+        Err(_) if group.get_str("creator") == Ok(username) => Role::Owner,
+        Err(_) => Role::Member,
+    })
+}
+
+fn first_seq_of(group: &Document) -> u64 {
+    seq_of_field(group, "first_seq").unwrap_or(1)
 }
 
 /// The member's entry in `group.user`.
@@ -747,7 +775,7 @@ impl Store for MongoStore {
             "_id": ObjectId::new(),
             "group_name": group_name,
             "creator": username,
-            "user": [{"name_ID": username, "last_read": now, "last_read_seq": 0_i64}],
+            "user": [{"name_ID": username, "last_read": now, "last_read_seq": 0_i64, "role": "owner"}],
         };
         match self.groups.insert_one(group).run() {
             Ok(_) => {}
@@ -774,9 +802,19 @@ impl Store for MongoStore {
             return Err(StoreError::UserNotFound);
         }
         let group = self.group(group_name)?;
+        let banned = |group: &Document| {
+            group
+                .get_array("banned")
+                .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(username)))
+        };
+        if banned(&group) {
+            return Err(StoreError::Banned);
+        }
+        // The ban is checked again in the update itself: a ban landing between the read above
+        // and this write must still win.
         self.groups
             .update_one(
-                doc! {"group_name": group_name, "user.name_ID": {"$ne": username}},
+                doc! {"group_name": group_name, "user.name_ID": {"$ne": username}, "banned": {"$ne": username}},
                 doc! {"$push": {"user": {"name_ID": username, "last_read": mongodb::bson::DateTime::now(), "last_read_seq": self.head_seq(group_name)? as i64}}},
             )
             .run()?;
@@ -890,6 +928,7 @@ impl Store for MongoStore {
             head_seq,
             read_seq,
             epoch: group_ref(&group, group_name).group_id,
+            first_seq: first_seq_of(&group),
         })
     }
 
@@ -949,7 +988,9 @@ impl Store for MongoStore {
             let last_read_seq = self.member_read_seq(group, username)?;
             let id = group_ref(group, &group_name).group_id;
             let last_seq = heads.get(&group_name).copied().unwrap_or(0);
-            states.push(GroupReadState::new(group_name, id, last_seq, last_read_seq));
+            let role = member_role(group, username)?;
+            states
+                .push(GroupReadState::new(group_name, id, last_seq, last_read_seq).with_role(role));
         }
         Ok(MembershipsPage {
             groups: states,
@@ -984,10 +1025,11 @@ impl Store for MongoStore {
             messages,
             has_more,
             epoch: group_ref(&group, group_name).group_id,
+            first_seq: first_seq_of(&group),
         })
     }
 
-    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> Result<GroupsPage, StoreError> {
         let filter = match &query.after {
             Some(after) => doc! {"group_name": {"$gt": after}},
             None => doc! {},
@@ -1003,7 +1045,9 @@ impl Store for MongoStore {
         for group in cursor {
             let group = group?;
             let group_name = group.get_str("group_name").unwrap_or_default().to_string();
-            groups.push(GroupSummary::new(group_name, member_names(&group)));
+            let mut summary = GroupSummary::new(group_name, member_names(&group));
+            summary.role = member_role(&group, asking).ok();
+            groups.push(summary);
         }
         let has_more = groups.len() > query.limit as usize;
         groups.truncate(query.limit as usize);
@@ -1041,6 +1085,262 @@ impl Store for MongoStore {
             true,
             limit,
         )
+    }
+
+    fn message_at(&mut self, group_name: &str, seq: u64) -> Result<Option<Message>, StoreError> {
+        self.ensure_indexes()?;
+        self.group(group_name)?;
+        let seq = seq.min(i64::MAX as u64) as i64;
+        first(
+            &self.messages,
+            doc! {"group_name": group_name, "seq": seq},
+            None,
+        )?
+        .map(|document| message_from(&document))
+        .transpose()
+    }
+
+    fn rewrite_message(
+        &mut self,
+        group_name: &str,
+        seq: u64,
+        text: Option<&str>,
+        at: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        self.ensure_indexes()?;
+        let seq = seq.min(i64::MAX as u64) as i64;
+        let update = match text {
+            Some(text) => doc! {"$set": {"text": text, "edited_at": datetime_from(at)}},
+            // The text is removed from the document, not flagged: a tombstone keeps no trace.
+            None => doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": ""}},
+        };
+        let changed = self
+            .messages
+            .update_one(
+                doc! {"group_name": group_name, "seq": seq, "deleted": {"$ne": true}},
+                update,
+            )
+            .run()?;
+        if changed.matched_count == 0 {
+            return Ok(None);
+        }
+        first(
+            &self.messages,
+            doc! {"group_name": group_name, "seq": seq},
+            None,
+        )?
+        .map(|document| message_from(&document))
+        .transpose()
+    }
+
+    fn role(&mut self, group_name: &str, username: &str) -> Result<Role, StoreError> {
+        self.ensure_indexes()?;
+        member_role(&self.group(group_name)?, username)
+    }
+
+    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> Result<(), StoreError> {
+        self.ensure_indexes()?;
+        let changed = self
+            .groups
+            .update_one(
+                doc! {"group_name": group_name, "user.name_ID": username},
+                doc! {"$set": {"user.$.role": role.as_str()}},
+            )
+            .run()?;
+        if changed.matched_count == 0 {
+            self.group(group_name)?;
+            return Err(StoreError::NotAMember);
+        }
+        Ok(())
+    }
+
+    fn members_with_role(
+        &mut self,
+        group_name: &str,
+        role: Role,
+    ) -> Result<Vec<String>, StoreError> {
+        self.ensure_indexes()?;
+        let group = self.group(group_name)?;
+        Ok(member_names(&group)
+            .into_iter()
+            .filter(|name| member_role(&group, name).is_ok_and(|r| r == role))
+            .collect())
+    }
+
+    fn set_banned(
+        &mut self,
+        group_name: &str,
+        username: &str,
+        banned: bool,
+    ) -> Result<(), StoreError> {
+        self.ensure_indexes()?;
+        let update = if banned {
+            doc! {"$addToSet": {"banned": username}}
+        } else {
+            doc! {"$pull": {"banned": username}}
+        };
+        let changed = self
+            .groups
+            .update_one(doc! {"group_name": group_name}, update)
+            .run()?;
+        if changed.matched_count == 0 {
+            return Err(StoreError::GroupNotFound);
+        }
+        Ok(())
+    }
+
+    fn remove_group(&mut self, group_name: &str) -> Result<(), StoreError> {
+        self.ensure_indexes()?;
+        // The group document first: from then on no join or send finds the group, so nothing
+        // new lands among the messages being removed.
+        let removed = self
+            .groups
+            .delete_one(doc! {"group_name": group_name})
+            .run()?;
+        if removed.deleted_count == 0 {
+            return Err(StoreError::GroupNotFound);
+        }
+        self.messages
+            .delete_many(doc! {"group_name": group_name})
+            .run()?;
+        // A group created later under this name numbers from 1 again.
+        self.counters.delete_one(doc! {"_id": group_name}).run()?;
+        Ok(())
+    }
+
+    fn prune(
+        &mut self,
+        group_name: &str,
+        below_seq: u64,
+        older_than: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.ensure_indexes()?;
+        // The newest message always stays: MongoDB's head is the highest stored seq.
+        let head = self.head_seq(group_name)?.max(self.head_hint(group_name)?);
+        let below = below_seq.min(head).min(i64::MAX as u64) as i64;
+        let mut which = vec![doc! {"seq": {"$lt": below}}];
+        if let Some(older_than) = older_than {
+            which.push(doc! {"timestamp": {"$lt": datetime_from(older_than)}});
+        }
+        let filter = doc! {"group_name": group_name, "seq": {"$lt": head as i64}, "$or": which};
+        let cursor = self
+            .messages
+            .find(filter)
+            .sort(doc! {"seq": 1})
+            .limit(i64::from(limit))
+            .projection(doc! {"seq": 1})
+            .max_time(self.max_time)
+            .run()?;
+        let mut seqs = Vec::new();
+        for document in cursor {
+            if let Some(seq) = seq_of(&document?) {
+                seqs.push(seq as i64);
+            }
+        }
+        let Some(&last) = seqs.last() else {
+            return Ok(0);
+        };
+        let removed = self
+            .messages
+            .delete_many(doc! {"group_name": group_name, "seq": {"$lte": last}})
+            .run()?;
+        self.groups
+            .update_one(
+                doc! {"group_name": group_name},
+                doc! {"$max": {"first_seq": last + 1}},
+            )
+            .run()?;
+        Ok(removed.deleted_count)
+    }
+
+    fn group_names(&mut self, after: &str, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        self.ensure_indexes()?;
+        let cursor = self
+            .groups
+            .find(doc! {"group_name": {"$gt": after}})
+            .projection(doc! {"group_name": 1})
+            .sort(doc! {"group_name": 1})
+            .limit(i64::from(limit))
+            .max_time(self.max_time)
+            .run()?;
+        let mut names = Vec::new();
+        for group in cursor {
+            if let Ok(name) = group?.get_str("group_name") {
+                names.push(name.to_string());
+            }
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let heads = self.head_seqs(&refs)?;
+        Ok(names
+            .into_iter()
+            .map(|name| {
+                let head = heads.get(&name).copied().unwrap_or(0);
+                (name, head)
+            })
+            .collect())
+    }
+
+    fn erase_user(&mut self, username: &str) -> Result<Vec<String>, StoreError> {
+        self.ensure_indexes()?;
+        if !self.user_exists(username)? {
+            return Err(StoreError::UserNotFound);
+        }
+        let cursor = self
+            .groups
+            .find(doc! {"user.name_ID": username})
+            .projection(doc! {"group_name": 1})
+            .sort(doc! {"group_name": 1})
+            .run()?;
+        let mut groups = Vec::new();
+        for group in cursor {
+            if let Ok(name) = group?.get_str("group_name") {
+                groups.push(name.to_string());
+            }
+        }
+        self.messages
+            .update_many(
+                doc! {"username": username},
+                doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": "", "client_msg_id": ""}},
+            )
+            .run()?;
+        self.groups
+            .update_many(
+                doc! {"user.name_ID": username},
+                doc! {"$pull": {"user": {"name_ID": username}}},
+            )
+            .run()?;
+        self.groups
+            .update_many(
+                doc! {"banned": username},
+                doc! {"$pull": {"banned": username}},
+            )
+            .run()?;
+        self.users.delete_one(doc! {"username": username}).run()?;
+        self.erasures
+            .insert_one(doc! {"username": username, "at": unix_millis() as i64})
+            .run()?;
+        Ok(groups)
+    }
+
+    fn erasures_since(&mut self, since_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.ensure_indexes()?;
+        let cursor = self
+            .erasures
+            .find(doc! {"at": {"$gte": since_ms.min(i64::MAX as u64) as i64}})
+            .sort(doc! {"at": 1})
+            .max_time(self.max_time)
+            .run()?;
+        let mut erased = Vec::new();
+        for erasure in cursor {
+            let erasure = erasure?;
+            if let (Ok(name), Some(at)) =
+                (erasure.get_str("username"), seq_of_field(&erasure, "at"))
+            {
+                erased.push((name.to_string(), at));
+            }
+        }
+        Ok(erased)
     }
 }
 

@@ -9,7 +9,7 @@ use super::{Store, StoreError};
 use crate::model::{
     new_object_id, now_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
     GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage,
-    NewMessage, PageQuery, ReadMark, UserProfile, Visit,
+    NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit,
 };
 
 /// Every group's `epoch`: this store never restarts a numbering it keeps.
@@ -196,6 +196,7 @@ impl Store for NoopStore {
                 head_seq,
                 read_seq: head_seq,
                 epoch: NOOP_EPOCH.to_string(),
+                first_seq: 1,
             })
         })
     }
@@ -239,11 +240,12 @@ impl Store for NoopStore {
                 messages: Vec::new(),
                 has_more: false,
                 epoch: NOOP_EPOCH.to_string(),
+                first_seq: 1,
             })
         })
     }
 
-    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery, _: &str) -> Result<GroupsPage, StoreError> {
         self.with(|shared| {
             let after = query.after.as_deref().unwrap_or("");
             let mut groups: Vec<GroupSummary> = shared
@@ -278,4 +280,58 @@ impl Store for NoopStore {
     fn messages_after(&mut self, _: &str, _: u64, _: u32) -> Result<Vec<Message>, StoreError> {
         Ok(Vec::new())
     }
+    // Managing messages and groups is not part of what this store measures.
+    fn message_at(&mut self, _: &str, _: u64) -> Result<Option<Message>, StoreError> {
+        Err(not_kept())
+    }
+
+    fn rewrite_message(
+        &mut self,
+        _: &str,
+        _: u64,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        Err(not_kept())
+    }
+
+    fn role(&mut self, _: &str, _: &str) -> Result<Role, StoreError> {
+        Err(not_kept())
+    }
+
+    fn set_role(&mut self, _: &str, _: &str, _: Role) -> Result<(), StoreError> {
+        Err(not_kept())
+    }
+
+    fn members_with_role(&mut self, _: &str, _: Role) -> Result<Vec<String>, StoreError> {
+        Err(not_kept())
+    }
+
+    fn set_banned(&mut self, _: &str, _: &str, _: bool) -> Result<(), StoreError> {
+        Err(not_kept())
+    }
+
+    fn remove_group(&mut self, _: &str) -> Result<(), StoreError> {
+        Err(not_kept())
+    }
+
+    fn prune(&mut self, _: &str, _: u64, _: Option<&str>, _: u32) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    fn group_names(&mut self, _: &str, _: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn erase_user(&mut self, _: &str) -> Result<Vec<String>, StoreError> {
+        Err(not_kept())
+    }
+
+    fn erasures_since(&mut self, _: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+fn not_kept() -> StoreError {
+    StoreError::Unavailable("the benchmark store keeps no messages to manage".into())
 }

@@ -9,15 +9,15 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
 use crate::model::{
-    new_object_id, now_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
-    GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage,
-    NewMessage, PageQuery, ReadMark, UserProfile, Visit, MAX_GROUP_LIST, MAX_LISTED_MEMBERS,
-    MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    new_object_id, now_timestamp, unix_millis, Appended, CreatedGroup, GroupHistory,
+    GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage,
+    Message, MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit,
+    MAX_GROUP_LIST, MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
 /// versions existed (v1: no read marker by seq, no group creator), or a new file.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The v1 tables, as the first release created them; migrations run from here.
 const SCHEMA_V1: &str = "
@@ -70,6 +70,29 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_msg_id
     ON messages (username, client_msg_id) WHERE client_msg_id IS NOT NULL;
 ";
 
+/// v3 → v4: messages people manage. Edits (`edited_at`) and tombstones (`deleted`, text
+/// erased); roles (the creator of a group becomes its owner); bans; where retention left a
+/// group's history starting (`first_seq`); and user erasures, which running servers poll to
+/// close the erased user's connections.
+const MIGRATE_V3_TO_V4: &str = "
+ALTER TABLE messages ADD COLUMN edited_at TEXT;
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
+UPDATE members SET role = 'owner'
+    WHERE username = (SELECT creator FROM groups g WHERE g.group_name = members.group_name);
+ALTER TABLE groups ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE IF NOT EXISTS bans (
+    group_name TEXT NOT NULL,
+    username TEXT NOT NULL,
+    PRIMARY KEY (group_name, username)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS erasures (
+    username TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS erasures_by_time ON erasures (at);
+";
+
 /// v1's index of messages by time serves only the v1 → v2 migration above (read state is by
 /// `seq` since v2) but cost a B-tree update, about one more page per group written, in every
 /// commit of messages. Dropped without a version step: a server of the same schema version
@@ -82,7 +105,8 @@ const DROP_UNUSED_INDEXES: &str = "DROP INDEX IF EXISTS messages_by_time;";
 const ADD_INDEXES: &str =
     "CREATE INDEX IF NOT EXISTS members_by_user_and_group ON members (username, group_name);";
 
-const MESSAGE_COLUMNS: &str = "id, group_name, username, text, timestamp, seq, client_msg_id";
+const MESSAGE_COLUMNS: &str =
+    "id, group_name, username, text, timestamp, seq, client_msg_id, edited_at, deleted";
 
 /// One worker's connection to the embedded database.
 pub struct SqliteStore {
@@ -108,6 +132,9 @@ impl SqliteStore {
         connection.busy_timeout(Duration::from_secs(10))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+        // A deleted message's text (and a pruned or erased one's) is overwritten with zeros in
+        // the file, not just unlinked from the B-tree: deleting erases.
+        connection.pragma_update(None, "secure_delete", "ON")?;
         // Checkpoints run on their own thread, so no commit waits for one.
         connection.pragma_update(None, "wal_autocheckpoint", 0)?;
         // After a checkpoint resets the WAL, SQLite truncates the file back to this size, so a
@@ -134,6 +161,9 @@ impl SqliteStore {
         }
         if version < 3 {
             tx.execute_batch(MIGRATE_V2_TO_V3)?;
+        }
+        if version < 4 {
+            tx.execute_batch(MIGRATE_V3_TO_V4)?;
         }
         tx.execute_batch(DROP_UNUSED_INDEXES)?;
         tx.execute_batch(ADD_INDEXES)?;
@@ -252,6 +282,8 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         timestamp: row.get(4)?,
         seq: row.get::<_, i64>(5)? as u64,
         client_msg_id: row.get(6)?,
+        edited_at: row.get(7)?,
+        deleted: row.get::<_, i64>(8)? != 0,
     })
 }
 
@@ -273,8 +305,15 @@ fn user_exists(tx: &Connection, username: &str) -> Result<bool, StoreError> {
 }
 
 fn group_id(tx: &Connection, group_name: &str) -> Result<String, StoreError> {
-    tx.prepare_cached("SELECT id FROM groups WHERE group_name = ?1")?
-        .query_row([group_name], |row| row.get(0))
+    Ok(group_row(tx, group_name)?.0)
+}
+
+/// A group's id and `first_seq`.
+fn group_row(tx: &Connection, group_name: &str) -> Result<(String, u64), StoreError> {
+    tx.prepare_cached("SELECT id, first_seq FROM groups WHERE group_name = ?1")?
+        .query_row([group_name], |row| {
+            Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+        })
         .optional()?
         .ok_or(StoreError::GroupNotFound)
 }
@@ -282,6 +321,7 @@ fn group_id(tx: &Connection, group_name: &str) -> Result<String, StoreError> {
 /// A membership as the queries need it.
 struct MemberState {
     group_id: String,
+    first_seq: u64,
     last_read: String,
     last_read_seq: u64,
 }
@@ -293,7 +333,7 @@ fn member_state(
     username: &str,
     group_name: &str,
 ) -> Result<MemberState, StoreError> {
-    let group_id = group_id(tx, group_name)?;
+    let (group_id, first_seq) = group_row(tx, group_name)?;
     let (last_read, last_read_seq) = tx
         .prepare_cached(
             "SELECT last_read, last_read_seq FROM members WHERE group_name = ?1 AND username = ?2",
@@ -305,6 +345,7 @@ fn member_state(
         .ok_or(StoreError::NotAMember)?;
     Ok(MemberState {
         group_id,
+        first_seq,
         last_read,
         last_read_seq,
     })
@@ -403,6 +444,7 @@ impl Appender {
             timestamp: timestamp.to_string(),
             seq: seq as u64,
             client_msg_id: message.client_msg_id.clone(),
+            ..Message::default()
         };
         tx.prepare_cached(
             "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id)
@@ -436,6 +478,15 @@ impl Appender {
         }
         Ok(())
     }
+}
+
+/// The user's role in the group, or `None` when not a member.
+fn role_of(tx: &Connection, group_name: &str, username: &str) -> Result<Option<Role>, StoreError> {
+    let role: Option<String> = tx
+        .prepare_cached("SELECT role FROM members WHERE group_name = ?1 AND username = ?2")?
+        .query_row([group_name, username], |row| row.get(0))
+        .optional()?;
+    Ok(role.map(|role| Role::parse(&role)))
 }
 
 /// Whether the user belongs to the group: one lookup when it does (the common case); the
@@ -522,7 +573,7 @@ impl Store for SqliteStore {
             [group_name, &new_object_id(), username],
         )?;
         tx.execute(
-            "INSERT INTO members (group_name, username, last_read) VALUES (?1, ?2, ?3)",
+            "INSERT INTO members (group_name, username, last_read, role) VALUES (?1, ?2, ?3, 'owner')",
             [group_name, username, &last_read],
         )?;
         tx.commit()?;
@@ -542,6 +593,12 @@ impl Store for SqliteStore {
             return Err(StoreError::UserNotFound);
         }
         let group_id = group_id(&tx, group_name)?;
+        if tx
+            .prepare_cached("SELECT 1 FROM bans WHERE group_name = ?1 AND username = ?2")?
+            .exists([group_name, username])?
+        {
+            return Err(StoreError::Banned);
+        }
         tx.execute(
             // What was said before joining counts as read, as the seed's `last_read := now` had it.
             "INSERT OR IGNORE INTO members (group_name, username, last_read, last_read_seq)
@@ -666,6 +723,7 @@ impl Store for SqliteStore {
             head_seq,
             read_seq,
             epoch: member.group_id,
+            first_seq: member.first_seq,
         })
     }
 
@@ -702,7 +760,7 @@ impl Store for SqliteStore {
         query: &GroupsQuery,
     ) -> Result<MembershipsPage, StoreError> {
         let mut statement = self.connection.prepare_cached(
-            "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq FROM members m
+            "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq, m.role FROM members m
              JOIN groups g ON g.group_name = m.group_name
              WHERE m.username = ?1 AND m.group_name > ?2 ORDER BY m.group_name LIMIT ?3",
         )?;
@@ -713,7 +771,8 @@ impl Store for SqliteStore {
                 row.get(1)?,
                 row.get::<_, i64>(2)? as u64,
                 row.get::<_, i64>(3)? as u64,
-            ))
+            )
+            .with_role(Role::parse(&row.get::<_, String>(4)?)))
         })?;
         let mut groups = rows.collect::<Result<Vec<_>, _>>()?;
         let has_more = groups.len() > query.limit as usize;
@@ -753,10 +812,11 @@ impl Store for SqliteStore {
             messages,
             has_more,
             epoch: member.group_id,
+            first_seq: member.first_seq,
         })
     }
 
-    fn list_groups(&mut self, query: &GroupsQuery) -> Result<GroupsPage, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> Result<GroupsPage, StoreError> {
         let tx = self.connection.transaction()?;
         // Names compare as bytes (SQLite's BINARY collation on UTF-8), the order `after` pages by.
         let names: Vec<String> = tx
@@ -785,10 +845,12 @@ impl Store for SqliteStore {
             } else {
                 None
             };
+            let role = role_of(&tx, &group_name, asking)?;
             groups.push(GroupSummary {
                 group_name,
                 member_count: count as u64,
                 members,
+                role,
             });
         }
         Ok(GroupsPage { groups, has_more })
@@ -829,6 +891,203 @@ impl Store for SqliteStore {
             "group_name = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             params![group_name, after_seq.min(i64::MAX as u64) as i64, limit],
         )
+    }
+
+    fn message_at(&mut self, group_name: &str, seq: u64) -> Result<Option<Message>, StoreError> {
+        group_id(&self.connection, group_name)?;
+        Ok(query_messages(
+            &self.connection,
+            "group_name = ?1 AND seq = ?2",
+            params![group_name, seq.min(i64::MAX as u64) as i64],
+        )?
+        .pop())
+    }
+
+    fn rewrite_message(
+        &mut self,
+        group_name: &str,
+        seq: u64,
+        text: Option<&str>,
+        at: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        let tx = self.write()?;
+        let seq = seq.min(i64::MAX as u64) as i64;
+        let changed = match text {
+            Some(text) => tx
+                .prepare_cached(
+                    "UPDATE messages SET text = ?3, edited_at = ?4
+                     WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
+                )?
+                .execute(params![group_name, seq, text, at])?,
+            // The text is overwritten, not flagged: a tombstone keeps no trace of it.
+            None => tx
+                .prepare_cached(
+                    "UPDATE messages SET text = '', edited_at = NULL, deleted = 1
+                     WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
+                )?
+                .execute(params![group_name, seq])?,
+        };
+        let message = if changed == 0 {
+            None
+        } else {
+            query_messages(
+                &tx,
+                "group_name = ?1 AND seq = ?2",
+                params![group_name, seq],
+            )?
+            .pop()
+        };
+        tx.commit()?;
+        Ok(message)
+    }
+
+    fn role(&mut self, group_name: &str, username: &str) -> Result<Role, StoreError> {
+        group_id(&self.connection, group_name)?;
+        role_of(&self.connection, group_name, username)?.ok_or(StoreError::NotAMember)
+    }
+
+    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        let changed = tx
+            .prepare_cached("UPDATE members SET role = ?3 WHERE group_name = ?1 AND username = ?2")?
+            .execute(params![group_name, username, role.as_str()])?;
+        if changed == 0 {
+            return Err(StoreError::NotAMember);
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn members_with_role(
+        &mut self,
+        group_name: &str,
+        role: Role,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .connection
+            .prepare_cached(
+                "SELECT username FROM members WHERE group_name = ?1 AND role = ?2 ORDER BY rowid",
+            )?
+            .query_map(params![group_name, role.as_str()], |row| row.get(0))?
+            .collect::<Result<Vec<String>, _>>()?)
+    }
+
+    fn set_banned(
+        &mut self,
+        group_name: &str,
+        username: &str,
+        banned: bool,
+    ) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        group_id(&tx, group_name)?;
+        let sql = if banned {
+            "INSERT OR IGNORE INTO bans (group_name, username) VALUES (?1, ?2)"
+        } else {
+            "DELETE FROM bans WHERE group_name = ?1 AND username = ?2"
+        };
+        tx.prepare_cached(sql)?.execute([group_name, username])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn remove_group(&mut self, group_name: &str) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        group_id(&tx, group_name)?;
+        for table in ["messages", "members", "bans", "groups"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE group_name = ?1"),
+                [group_name],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn prune(
+        &mut self,
+        group_name: &str,
+        below_seq: u64,
+        older_than: Option<&str>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let tx = self.write()?;
+        let below = below_seq.min(i64::MAX as u64) as i64;
+        // Oldest first, by the primary key: a batch costs `limit` row deletions however large
+        // the group is. Always a prefix of the history (everything up to the newest message
+        // chosen), so it stays gapless from `first_seq`, and never the newest message.
+        let removed = tx
+            .prepare_cached(
+                "DELETE FROM messages WHERE group_name = ?1 AND seq <= (
+                    SELECT MAX(seq) FROM (SELECT seq FROM messages WHERE group_name = ?1
+                    AND seq < (SELECT last_seq FROM groups WHERE group_name = ?1)
+                    AND (seq < ?2 OR timestamp < ?3) ORDER BY seq LIMIT ?4))",
+            )?
+            .execute(params![group_name, below, older_than.unwrap_or(""), limit])?;
+        if removed > 0 {
+            tx.prepare_cached(
+                "UPDATE groups SET first_seq = COALESCE(
+                    (SELECT MIN(seq) FROM messages WHERE group_name = ?1), last_seq + 1)
+                 WHERE group_name = ?1",
+            )?
+            .execute([group_name])?;
+        }
+        tx.commit()?;
+        Ok(removed as u64)
+    }
+
+    fn group_names(&mut self, after: &str, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .connection
+            .prepare_cached(
+                "SELECT group_name, last_seq FROM groups WHERE group_name > ?1
+                 ORDER BY group_name LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |row| {
+                Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn erase_user(&mut self, username: &str) -> Result<Vec<String>, StoreError> {
+        let tx = self.write()?;
+        if !user_exists(&tx, username)? {
+            return Err(StoreError::UserNotFound);
+        }
+        let groups = tx
+            .prepare_cached(
+                "SELECT group_name FROM members WHERE username = ?1 ORDER BY group_name",
+            )?
+            .query_map([username], |row| row.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        // No index of messages by sender (it would cost every send a B-tree update): an
+        // erasure reads the table once, a rare price for a rare request.
+        tx.execute(
+            "UPDATE messages SET text = '', edited_at = NULL, deleted = 1, client_msg_id = NULL
+             WHERE username = ?1",
+            [username],
+        )?;
+        for table in ["members", "bans", "users"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE username = ?1"),
+                [username],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO erasures (username, at) VALUES (?1, ?2)",
+            params![username, unix_millis() as i64],
+        )?;
+        tx.commit()?;
+        Ok(groups)
+    }
+
+    fn erasures_since(&mut self, since_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .connection
+            .prepare_cached("SELECT username, at FROM erasures WHERE at >= ?1 ORDER BY at")?
+            .query_map([since_ms.min(i64::MAX as u64) as i64], |row| {
+                Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?)
     }
 }
 

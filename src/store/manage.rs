@@ -1,0 +1,284 @@
+//! Who may change what: the rules of editing and deleting messages, roles, removals, bans,
+//! deleting a group, retention and erasing a user, written once over the `Store` primitives
+//! (each backend only reads and writes; see `store/mod.rs`).
+//!
+//! Every rule that must hold against a concurrent writer is enforced by a conditional write in
+//! the primitive itself (an edit never touches a tombstone; a join never passes a ban); what
+//! is checked here first can only change to something the primitive still refuses.
+
+use super::{Store, StoreError};
+use crate::model::{Message, Role};
+
+/// A message change that was carried out (`changed`), or found already done (a repeated
+/// delete: nothing to broadcast).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    pub message: Message,
+    pub changed: bool,
+}
+
+/// `edit_message`: only the author, while a member, and never a deleted message.
+pub fn edit(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+    seq: u64,
+    text: &str,
+) -> Result<Rewritten, StoreError> {
+    store.role(group_name, username)?;
+    let message = live_message(store, group_name, seq)?;
+    if message.username != username {
+        return Err(StoreError::Forbidden("Only the author may edit a message."));
+    }
+    let at = crate::model::now_timestamp();
+    let message = store
+        .rewrite_message(group_name, seq, Some(text), &at)?
+        .ok_or(StoreError::MessageNotFound)?;
+    Ok(Rewritten {
+        message,
+        changed: true,
+    })
+}
+
+/// `delete_message`: the author, or the group's owner or an admin. Deleting a tombstone again
+/// succeeds and changes nothing (so a retry is safe).
+pub fn delete(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+    seq: u64,
+) -> Result<Rewritten, StoreError> {
+    let role = store.role(group_name, username)?;
+    let message = store
+        .message_at(group_name, seq)?
+        .ok_or(StoreError::MessageNotFound)?;
+    if message.username != username && !role.moderates() {
+        return Err(StoreError::Forbidden(
+            "Only the author, an admin or the owner may delete a message.",
+        ));
+    }
+    if message.deleted {
+        return Ok(Rewritten {
+            message,
+            changed: false,
+        });
+    }
+    let at = crate::model::now_timestamp();
+    match store.rewrite_message(group_name, seq, None, &at)? {
+        Some(message) => Ok(Rewritten {
+            message,
+            changed: true,
+        }),
+        // Deleted by someone else in between: the same outcome.
+        None => Ok(Rewritten {
+            message: store
+                .message_at(group_name, seq)?
+                .ok_or(StoreError::MessageNotFound)?,
+            changed: false,
+        }),
+    }
+}
+
+fn live_message(store: &mut dyn Store, group_name: &str, seq: u64) -> Result<Message, StoreError> {
+    match store.message_at(group_name, seq)? {
+        Some(message) if !message.deleted => Ok(message),
+        _ => Err(StoreError::MessageNotFound),
+    }
+}
+
+/// What `set_role` did: the target's new role, and the actor's when ownership moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChange {
+    pub role: Role,
+    /// Set when the owner handed ownership over (the former owner is now an admin).
+    pub former_owner: Option<String>,
+}
+
+/// `set_role`: only the owner. `admin`/`member` for another member; `owner` hands ownership
+/// over (the former owner becomes an admin). The owner cannot demote themself otherwise: a
+/// group always has its owner.
+pub fn set_role(
+    store: &mut dyn Store,
+    actor: &str,
+    group_name: &str,
+    target: &str,
+    role: Role,
+) -> Result<RoleChange, StoreError> {
+    if store.role(group_name, actor)? != Role::Owner {
+        return Err(StoreError::Forbidden(
+            "Only the group's owner may change roles.",
+        ));
+    }
+    store.role(group_name, target)?;
+    if target == actor {
+        if role == Role::Owner {
+            return Ok(RoleChange {
+                role,
+                former_owner: None,
+            });
+        }
+        return Err(StoreError::Forbidden(
+            "The owner keeps the role until handing it to another member (role: owner).",
+        ));
+    }
+    store.set_role(group_name, target, role)?;
+    if role != Role::Owner {
+        return Ok(RoleChange {
+            role,
+            former_owner: None,
+        });
+    }
+    store.set_role(group_name, actor, Role::Admin)?;
+    Ok(RoleChange {
+        role,
+        former_owner: Some(actor.to_string()),
+    })
+}
+
+/// Whether `actor` may remove or ban `target`: owner and admins moderate; nobody removes the
+/// owner; only the owner removes an admin.
+fn may_moderate(
+    store: &mut dyn Store,
+    actor: &str,
+    group_name: &str,
+    target: &str,
+) -> Result<(), StoreError> {
+    let actor_role = store.role(group_name, actor)?;
+    if !actor_role.moderates() {
+        return Err(StoreError::Forbidden(
+            "Only the group's owner or an admin may remove or ban members.",
+        ));
+    }
+    if actor == target {
+        return Err(StoreError::Forbidden(
+            "You cannot remove or ban yourself; leave_group instead.",
+        ));
+    }
+    match store.role(group_name, target) {
+        Ok(Role::Owner) => Err(StoreError::Forbidden(
+            "Nobody may remove the group's owner.",
+        )),
+        Ok(Role::Admin) if actor_role != Role::Owner => Err(StoreError::Forbidden(
+            "Only the owner may remove or ban an admin.",
+        )),
+        Ok(_) | Err(StoreError::NotAMember) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// `remove_member`: takes a member out of the group (they may join again).
+pub fn remove(
+    store: &mut dyn Store,
+    actor: &str,
+    group_name: &str,
+    target: &str,
+) -> Result<(), StoreError> {
+    may_moderate(store, actor, group_name, target)?;
+    store.leave_group(target, group_name).map(|_| ())
+}
+
+/// `ban_member`: bans the user (a member or not) and takes them out of the group. The ban is
+/// written first, so a join racing it is refused rather than let in behind it.
+pub fn ban(
+    store: &mut dyn Store,
+    actor: &str,
+    group_name: &str,
+    target: &str,
+) -> Result<bool, StoreError> {
+    may_moderate(store, actor, group_name, target)?;
+    store.set_banned(group_name, target, true)?;
+    match store.leave_group(target, group_name) {
+        Ok(_) => Ok(true),
+        Err(StoreError::NotAMember | StoreError::UserNotFound) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// `unban_member`: owner and admins lift a ban (lifting none is a success).
+pub fn unban(
+    store: &mut dyn Store,
+    actor: &str,
+    group_name: &str,
+    target: &str,
+) -> Result<(), StoreError> {
+    if !store.role(group_name, actor)?.moderates() {
+        return Err(StoreError::Forbidden(
+            "Only the group's owner or an admin may lift a ban.",
+        ));
+    }
+    store.set_banned(group_name, target, false)
+}
+
+/// `delete_group`: only the owner.
+pub fn delete_group(
+    store: &mut dyn Store,
+    actor: &str,
+    group_name: &str,
+) -> Result<(), StoreError> {
+    if store.role(group_name, actor)? != Role::Owner {
+        return Err(StoreError::Forbidden(
+            "Only the group's owner may delete it.",
+        ));
+    }
+    store.remove_group(group_name)
+}
+
+/// `leave_group`: an owner who leaves hands ownership to the longest-standing admin, else to
+/// the longest-standing member (a group keeps an owner while it has members). Returns the new
+/// owner, if ownership moved.
+pub fn leave(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+) -> Result<(crate::model::GroupRef, Option<String>), StoreError> {
+    let was_owner = matches!(store.role(group_name, username), Ok(Role::Owner));
+    let group = store.leave_group(username, group_name)?;
+    if !was_owner {
+        return Ok((group, None));
+    }
+    let successor = match store.members_with_role(group_name, Role::Admin)?.first() {
+        Some(admin) => Some(admin.clone()),
+        None => store.group_members(group_name)?.first().cloned(),
+    };
+    if let Some(successor) = &successor {
+        store.set_role(group_name, successor, Role::Owner)?;
+    }
+    Ok((group, successor))
+}
+
+/// Retention limits (`RETENTION_MAX_AGE`, `RETENTION_MAX_MESSAGES`); zero is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub max_age: Option<std::time::Duration>,
+    pub max_messages: u64,
+}
+
+impl Retention {
+    pub fn is_off(&self) -> bool {
+        self.max_age.is_none() && self.max_messages == 0
+    }
+}
+
+/// One retention batch for one group whose newest seq is `head`: removes at most `batch` of
+/// its messages past the limits. Returns how many were removed (0: the group is within them).
+pub fn prune_batch(
+    store: &mut dyn Store,
+    retention: &Retention,
+    group_name: &str,
+    head: u64,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let below_seq = if retention.max_messages > 0 {
+        (head + 1).saturating_sub(retention.max_messages)
+    } else {
+        0
+    };
+    let older_than = retention.max_age.and_then(|age| {
+        let age = chrono::Duration::from_std(age).ok()?;
+        Some(crate::model::format_timestamp(chrono::Utc::now() - age))
+    });
+    if below_seq <= 1 && older_than.is_none() {
+        return Ok(0);
+    }
+    store.prune(group_name, below_seq, older_than.as_deref(), batch)
+}
