@@ -291,6 +291,7 @@ mod tests {
             timestamp: "2026-11-25T00:00:00.000Z".into(),
             seq,
             client_msg_id: None,
+            ..Message::default()
         }
     }
 

@@ -353,6 +353,7 @@ mod tests {
             timestamp: String::new(),
             seq: 5,
             client_msg_id: None,
+            ..Message::default()
         };
         assert!(!receives(&session, &message));
         message.seq = 6;

@@ -796,6 +796,7 @@ mod tests {
             timestamp: "2026-11-25T00:00:00.000Z".into(),
             seq: 9,
             client_msg_id: Some("k-1".into()),
+            ..Message::default()
         };
         let bytes = serde_json::to_vec(&Envelope {
             node: "a".into(),
@@ -806,6 +807,7 @@ mod tests {
             user: None,
             activity: None,
             presence: None,
+            room: None,
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");

@@ -141,6 +141,7 @@ mod tests {
             timestamp: "t".into(),
             seq: 1,
             client_msg_id: None,
+            ..Message::default()
         };
         let line = encode_broadcast(&message);
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);

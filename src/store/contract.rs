@@ -32,6 +32,262 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_idempotent_sends(store, prefix);
     check_group_pages(store, prefix);
     check_membership_pages(store, prefix);
+    check_management(store, prefix);
+    check_retention(store, prefix);
+    check_erasure(store, prefix);
+}
+
+fn page_from(after_seq: u64) -> PageQuery {
+    PageQuery {
+        before_seq: None,
+        after_seq: Some(after_seq),
+        limit: 100,
+    }
+}
+
+/// Edits, tombstones, roles, removal, bans and deleting a group: the rules of `manage.rs` over
+/// this backend's primitives.
+fn check_management(store: &mut dyn Store, prefix: &str) {
+    use super::manage;
+    use crate::model::Role;
+    let [owner, admin, member, stranger] =
+        ["owner", "admin", "member", "stranger"].map(|n| format!("{prefix}mg-{n}"));
+    let group = format!("{prefix}managed");
+    for user in [&owner, &admin, &member, &stranger] {
+        store.find_or_create_user(user, true).expect("user");
+    }
+    store.create_group(&owner, &group, 0).expect("group");
+    store.join_group(&admin, &group).expect("join");
+    store.join_group(&member, &group).expect("join");
+    assert_eq!(store.role(&group, &owner), Ok(Role::Owner));
+    assert_eq!(store.role(&group, &member), Ok(Role::Member));
+    assert_eq!(store.role(&group, &stranger), Err(StoreError::NotAMember));
+    let sent = store.append_messages(&[
+        message(&group, &member, "first"),
+        message(&group, &owner, "second"),
+        message(&group, &member, "third"),
+    ]);
+    assert!(sent.iter().all(Result::is_ok));
+
+    // Edit: the author only; the seq stays; history has the new text and `edited_at`.
+    let edited = manage::edit(store, &member, &group, 1, "first, edited").expect("edit");
+    assert!(edited.changed);
+    assert_eq!(edited.message.seq, 1);
+    assert_eq!(edited.message.text, "first, edited");
+    assert!(edited.message.edited_at.is_some());
+    assert!(matches!(
+        manage::edit(store, &owner, &group, 1, "hijack"),
+        Err(StoreError::Forbidden(_))
+    ));
+    assert_eq!(
+        manage::edit(store, &member, &group, 99, "nothing"),
+        Err(StoreError::MessageNotFound)
+    );
+
+    // Delete: the author, or a moderator; the tombstone keeps the seq and no text.
+    assert!(matches!(
+        manage::delete(store, &member, &group, 2),
+        Err(StoreError::Forbidden(_))
+    ));
+    let deleted = manage::delete(store, &owner, &group, 1).expect("owner deletes");
+    assert!(deleted.changed && deleted.message.deleted && deleted.message.text.is_empty());
+    let again = manage::delete(store, &member, &group, 1).expect("repeat");
+    assert!(!again.changed, "a repeated delete changes nothing");
+    assert_eq!(
+        manage::edit(store, &member, &group, 1, "back from the dead"),
+        Err(StoreError::MessageNotFound),
+        "a tombstone cannot be edited"
+    );
+    assert_eq!(
+        store.rewrite_message(&group, 1, Some("x"), "2026-01-01T00:00:00.000Z"),
+        Ok(None)
+    );
+    let page = store
+        .fetch_messages(&member, &group, page_from(0))
+        .expect("page");
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "tombstones keep history gapless");
+    assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
+    assert_eq!(page.messages[1].text, "second");
+
+    // Roles: only the owner sets them; hand-over makes the former owner an admin.
+    assert!(matches!(
+        manage::set_role(store, &member, &group, &admin, Role::Admin),
+        Err(StoreError::Forbidden(_))
+    ));
+    manage::set_role(store, &owner, &group, &admin, Role::Admin).expect("promote");
+    assert_eq!(store.role(&group, &admin), Ok(Role::Admin));
+    let page = store
+        .my_groups(
+            &admin,
+            &GroupsQuery {
+                after: None,
+                limit: 10,
+            },
+        )
+        .expect("my groups");
+    let mine = page
+        .groups
+        .iter()
+        .find(|g| g.group_name == group)
+        .expect("listed");
+    assert_eq!(mine.role, Role::Admin);
+    let listed = store
+        .list_groups(
+            &GroupsQuery {
+                after: Some(format!("{prefix}managec")),
+                limit: 1,
+            },
+            &admin,
+        )
+        .expect("list");
+    assert_eq!(listed.groups[0].role, Some(Role::Admin));
+
+    // An admin deletes anyone's message; removes members but not the owner.
+    assert!(
+        manage::delete(store, &admin, &group, 3)
+            .expect("admin deletes")
+            .changed
+    );
+    assert!(matches!(
+        manage::remove(store, &admin, &group, &owner),
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(matches!(
+        manage::remove(store, &member, &group, &admin),
+        Err(StoreError::Forbidden(_))
+    ));
+    manage::remove(store, &admin, &group, &member).expect("remove");
+    assert_eq!(store.role(&group, &member), Err(StoreError::NotAMember));
+    store
+        .join_group(&member, &group)
+        .expect("a removed member may rejoin");
+
+    // Ban: out at once, and no way back in until unbanned (a non-member can be banned too).
+    assert_eq!(manage::ban(store, &admin, &group, &member), Ok(true));
+    assert_eq!(store.join_group(&member, &group), Err(StoreError::Banned));
+    assert_eq!(manage::ban(store, &admin, &group, &stranger), Ok(false));
+    assert_eq!(store.join_group(&stranger, &group), Err(StoreError::Banned));
+    let refused = store.append_messages(&[message(&group, &member, "after the ban")]);
+    assert_eq!(refused[0], Err(StoreError::NotAMember));
+    manage::unban(store, &admin, &group, &member).expect("unban");
+    store
+        .join_group(&member, &group)
+        .expect("joins after the ban is lifted");
+
+    // Hand-over, then an owner who leaves passes the group to the longest-standing admin.
+    let change = manage::set_role(store, &owner, &group, &member, Role::Owner).expect("hand over");
+    assert_eq!(change.former_owner.as_deref(), Some(owner.as_str()));
+    assert_eq!(store.role(&group, &owner), Ok(Role::Admin));
+    // (`owner` has been a member, and an admin, longer than `admin`.)
+    let (_, successor) = manage::leave(store, &member, &group).expect("owner leaves");
+    assert_eq!(successor.as_deref(), Some(owner.as_str()));
+    assert_eq!(store.role(&group, &owner), Ok(Role::Owner));
+
+    // Delete the group: only the owner; a new group of that name has a new epoch and seq 1.
+    let old_epoch = store.read_state(&admin, &group).expect("state").group_id;
+    assert!(matches!(
+        manage::delete_group(store, &admin, &group),
+        Err(StoreError::Forbidden(_))
+    ));
+    manage::delete_group(store, &owner, &group).expect("delete group");
+    assert_eq!(store.role(&group, &admin), Err(StoreError::GroupNotFound));
+    assert_eq!(store.messages_after(&group, 0, 10), Ok(Vec::new()));
+    store
+        .create_group(&stranger, &group, 0)
+        .expect("the name is free again");
+    assert_eq!(
+        store.role(&group, &stranger),
+        Ok(Role::Owner),
+        "bans went with the group"
+    );
+    let fresh = store.append_messages(&[message(&group, &stranger, "new life")]);
+    assert_eq!(fresh[0].as_ref().map(|a| a.message.seq), Ok(1));
+    let state = store.read_state(&stranger, &group).expect("state");
+    assert_ne!(state.group_id, old_epoch);
+}
+
+/// Retention removes a prefix of the history in batches, never the newest message, and
+/// history replies say where it now starts.
+fn check_retention(store: &mut dyn Store, prefix: &str) {
+    use super::manage::{prune_batch, Retention};
+    let user = format!("{prefix}keeper");
+    let group = format!("{prefix}retained");
+    store.find_or_create_user(&user, true).expect("user");
+    store.create_group(&user, &group, 0).expect("group");
+    let batch: Vec<NewMessage> = (0..30)
+        .map(|i| message(&group, &user, &format!("m{i}")))
+        .collect();
+    assert!(store.append_messages(&batch).iter().all(Result::is_ok));
+    let keep_ten = Retention {
+        max_age: None,
+        max_messages: 10,
+    };
+    assert_eq!(prune_batch(store, &keep_ten, &group, 30, 7), Ok(7));
+    assert_eq!(prune_batch(store, &keep_ten, &group, 30, 100), Ok(13));
+    assert_eq!(prune_batch(store, &keep_ten, &group, 30, 100), Ok(0));
+    let page = store
+        .fetch_messages(&user, &group, page_from(0))
+        .expect("page");
+    assert_eq!(page.first_seq, 21);
+    assert_eq!(page.messages.first().map(|m| m.seq), Some(21));
+    assert_eq!(page.messages.len(), 10);
+    let history = store
+        .enter_group(&user, &group, None, 1 << 20)
+        .expect("enter");
+    assert_eq!(history.first_seq, 21);
+    // Everything is too old: all but the newest goes, and numbering goes on after it.
+    let nothing_is_young = Retention {
+        max_age: Some(std::time::Duration::from_secs(0)),
+        max_messages: 0,
+    };
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(
+        prune_batch(store, &nothing_is_young, &group, 30, 100),
+        Ok(9)
+    );
+    let page = store
+        .fetch_messages(&user, &group, page_from(0))
+        .expect("page");
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![30]
+    );
+    let next = store.append_messages(&[message(&group, &user, "after")]);
+    assert_eq!(next[0].as_ref().map(|a| a.message.seq), Ok(31));
+}
+
+/// Erasing a user: tombstones, no memberships, the name free, and the erasure logged.
+fn check_erasure(store: &mut dyn Store, prefix: &str) {
+    let (gone, stays) = (format!("{prefix}erased"), format!("{prefix}stays"));
+    let group = format!("{prefix}erasing");
+    store.find_or_create_user(&gone, true).expect("user");
+    store.find_or_create_user(&stays, true).expect("user");
+    store.create_group(&stays, &group, 0).expect("group");
+    store.join_group(&gone, &group).expect("join");
+    let sent = store.append_messages(&[
+        message_with_id(&group, &gone, "my secret", &format!("{prefix}erase-key")),
+        message(&group, &stays, "hello"),
+    ]);
+    assert!(sent.iter().all(Result::is_ok));
+    let before = crate::model::unix_millis();
+    assert_eq!(store.erase_user(&gone), Ok(vec![group.clone()]));
+    assert_eq!(store.erase_user(&gone), Err(StoreError::UserNotFound));
+    let page = store
+        .fetch_messages(&stays, &group, page_from(0))
+        .expect("page");
+    assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
+    assert_eq!(page.messages[0].client_msg_id, None);
+    assert_eq!(page.messages[1].text, "hello");
+    assert_eq!(store.group_members(&group), Ok(vec![stays.clone()]));
+    let erased = store.erasures_since(before).expect("log");
+    assert!(erased
+        .iter()
+        .any(|(name, at)| *name == gone && *at >= before));
+    let (_, created) = store
+        .find_or_create_user(&gone, true)
+        .expect("register again");
+    assert!(created, "the name can be registered again");
 }
 
 /// At most one message per (username, client_msg_id): repeats, in a later batch or the same
@@ -179,10 +435,13 @@ fn check_group_pages(store: &mut dyn Store, prefix: &str) {
     let mut after = Some(format!("{prefix}page-"));
     loop {
         let page = store
-            .list_groups(&GroupsQuery {
-                after: after.clone(),
-                limit: 2,
-            })
+            .list_groups(
+                &GroupsQuery {
+                    after: after.clone(),
+                    limit: 2,
+                },
+                &owner,
+            )
             .expect("page");
         assert!(page.groups.len() <= 2);
         let mine: Vec<String> = page
@@ -200,10 +459,13 @@ fn check_group_pages(store: &mut dyn Store, prefix: &str) {
     let expected: Vec<String> = (0..5).map(|i| format!("{prefix}page-{i}")).collect();
     assert_eq!(seen[..5], expected[..]);
     let first = store
-        .list_groups(&GroupsQuery {
-            after: Some(format!("{prefix}page-")),
-            limit: 1,
-        })
+        .list_groups(
+            &GroupsQuery {
+                after: Some(format!("{prefix}page-")),
+                limit: 1,
+            },
+            &owner,
+        )
         .expect("one");
     assert_eq!(first.groups[0].member_count, 1);
     assert_eq!(first.groups[0].members, Some(vec![owner.clone()]));
@@ -215,10 +477,13 @@ fn check_group_pages(store: &mut dyn Store, prefix: &str) {
         store.join_group(&member, &crowded).expect("join");
     }
     let last = store
-        .list_groups(&GroupsQuery {
-            after: Some(format!("{prefix}page-3")),
-            limit: 1,
-        })
+        .list_groups(
+            &GroupsQuery {
+                after: Some(format!("{prefix}page-3")),
+                limit: 1,
+            },
+            &owner,
+        )
         .expect("last");
     assert_eq!(last.groups[0].group_name, crowded);
     assert_eq!(last.groups[0].member_count, MAX_LISTED_MEMBERS as u64 + 1);
@@ -337,10 +602,13 @@ fn check_users_and_groups(store: &mut dyn Store, alice: &str, bob: &str, group: 
     let (bob_profile, _) = store.find_or_create_user(bob, true).expect("find bob");
     assert_eq!(bob_profile.group_list, vec![group.to_string()]);
     let listed = store
-        .list_groups(&GroupsQuery {
-            after: None,
-            limit: 100,
-        })
+        .list_groups(
+            &GroupsQuery {
+                after: None,
+                limit: 100,
+            },
+            "",
+        )
         .expect("list");
     let row = listed
         .groups
