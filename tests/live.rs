@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ug, unique, Backend, Client, LocalService, Server, Storage};
+use common::{
+    ask, next_event, next_of, nothing_pending, ug, unique, Backend, Client, LocalService, Server,
+    Storage,
+};
 use serde_json::{json, Value};
 
 fn v3(server: &Server, username: &str) -> Client {
@@ -17,55 +20,6 @@ fn v3(server: &Server, username: &str) -> Client {
     let login = ask(&mut client, "find_user", json!({"username": username}));
     assert!(login["event"] == "user_created" || login["event"] == "user_found");
     client
-}
-
-/// Sends a request and returns its reply, passing over the unsolicited lines (activity,
-/// devices, typing) that may arrive before it.
-fn ask(client: &mut Client, event: &str, data: Value) -> Value {
-    let id = json!(unique("ask"));
-    client.send(&json!({"event": event, "data": data, "id": id}));
-    loop {
-        let line = client.recv();
-        if line["id"] == id {
-            return line;
-        }
-    }
-}
-
-/// The next line that is not a reply to a request (no `id`).
-fn next_event(client: &mut Client) -> Value {
-    loop {
-        let line = client.recv();
-        if line.get("id").is_none() {
-            return line;
-        }
-    }
-}
-
-/// The next unsolicited line that is one of `events` (activity notices in between are
-/// passed over).
-fn next_of(client: &mut Client, events: &[&str]) -> Value {
-    loop {
-        let line = next_event(client);
-        if events.iter().any(|e| line["event"] == *e) {
-            return line;
-        }
-    }
-}
-
-/// What arrives within a short wait, for checking that nothing does. A ping is answered
-/// after anything queued before it, so lines queued earlier are seen first.
-fn nothing_pending(client: &mut Client) -> Vec<Value> {
-    let id = json!("probe");
-    client.send(&json!({"event": "ping", "id": id}));
-    let mut extra = Vec::new();
-    loop {
-        let line = client.recv();
-        if line["id"] == id {
-            return extra;
-        }
-        extra.push(line);
-    }
 }
 
 fn devices_follow_each_other(a: &Server, b: &Server) {

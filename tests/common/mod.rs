@@ -914,3 +914,52 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mut pass: impl FnMut(&[u8]) -> b
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+/// Sends a request and returns its reply, passing over the unsolicited lines (activity,
+/// devices, typing) that may arrive before it.
+pub fn ask(client: &mut Client, event: &str, data: Value) -> Value {
+    let id = json!(unique("ask"));
+    client.send(&json!({"event": event, "data": data, "id": id}));
+    loop {
+        let line = client.recv();
+        if line["id"] == id {
+            return line;
+        }
+    }
+}
+
+/// The next line that is not a reply to a request (no `id`).
+pub fn next_event(client: &mut Client) -> Value {
+    loop {
+        let line = client.recv();
+        if line.get("id").is_none() {
+            return line;
+        }
+    }
+}
+
+/// The next unsolicited line that is one of `events` (activity notices in between are
+/// passed over).
+pub fn next_of(client: &mut Client, events: &[&str]) -> Value {
+    loop {
+        let line = next_event(client);
+        if events.iter().any(|e| line["event"] == *e) {
+            return line;
+        }
+    }
+}
+
+/// What arrives within a short wait, for checking that nothing does. A ping is answered
+/// after anything queued before it, so lines queued earlier are seen first.
+pub fn nothing_pending(client: &mut Client) -> Vec<Value> {
+    let id = json!("probe");
+    client.send(&json!({"event": "ping", "id": id}));
+    let mut extra = Vec::new();
+    loop {
+        let line = client.recv();
+        if line["id"] == id {
+            return extra;
+        }
+        extra.push(line);
+    }
+}
