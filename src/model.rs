@@ -262,6 +262,21 @@ impl GroupReadState {
     }
 }
 
+/// A user and a group, as store calls about one membership take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberOf<'a> {
+    pub username: &'a str,
+    pub group_name: &'a str,
+}
+
+/// Entering a group's room (`visit_group`, `enter_group`): the member, and the read mark of
+/// the room being left (stored in the same step).
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub member: MemberOf<'a>,
+    pub leaving: Option<&'a ReadMark>,
+}
+
 /// Raise `username`'s read marker in `group_name` to `seq` (never lowers it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadMark {

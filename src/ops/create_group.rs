@@ -5,7 +5,7 @@ use serde_json::value::RawValue;
 
 use super::fields::{bad_request, new_name_rules, user_and_group};
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
-use crate::model::CreatedGroup;
+use crate::model::{CreatedGroup, MemberOf};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::store::{Store, StoreError};
@@ -50,7 +50,11 @@ impl StoreCall for CreateGroup {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<CreatedGroup, StoreError> {
-        store.create_group(&self.username, &self.group_name, self.max_per_user)
+        let creator = MemberOf {
+            username: &self.username,
+            group_name: &self.group_name,
+        };
+        store.create_group(creator, self.max_per_user)
     }
 
     fn answer(self, group: CreatedGroup, id: Option<&RawValue>) -> Completed {

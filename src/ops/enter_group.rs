@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::fields::{optional_count, optional_string, user_and_group};
 use super::resume::{first_page, ResumeStart};
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
-use crate::model::{GroupHistory, ReadMark};
+use crate::model::{Entry, GroupHistory, MemberOf, ReadMark};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::session::{Effect, Room};
@@ -97,12 +97,14 @@ impl StoreCall for EnterGroup {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<Self::Output, StoreError> {
-        let history = store.enter_group(
-            &self.username,
-            &self.group_name,
-            self.leaving.as_ref(),
-            self.reply_budget,
-        )?;
+        let entry = Entry {
+            member: MemberOf {
+                username: &self.username,
+                group_name: &self.group_name,
+            },
+            leaving: self.leaving.as_ref(),
+        };
+        let history = store.enter_group(&entry, self.reply_budget)?;
         let members = if self.with_members {
             Some(store.group_members(&self.group_name)?)
         } else {

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 
 use super::fields::{page_fields, user_and_group};
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
-use crate::model::{MessagePage, PageQuery};
+use crate::model::{MemberOf, MessagePage, PageQuery};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::session::Effect;
@@ -53,7 +53,13 @@ impl StoreCall for FetchMessages {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<MessagePage, StoreError> {
-        let mut found = store.fetch_messages(&self.username, &self.group_name, self.page)?;
+        let mut found = store.fetch_messages(
+            MemberOf {
+                username: &self.username,
+                group_name: &self.group_name,
+            },
+            self.page,
+        )?;
         // Pages after a seq keep their oldest messages, pages before one their newest, so the
         // next page continues where this one stopped.
         let (messages, cut) = fit_messages(

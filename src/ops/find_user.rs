@@ -82,7 +82,7 @@ impl StoreCall for FindOrCreate {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<Self::Output, StoreError> {
-        store.find_or_create_user(&self.username, self.new_name.is_none())
+        store.find_user(&self.username, self.new_name.is_none())
     }
 
     fn answer(self, (mut profile, created): Self::Output, id: Option<&RawValue>) -> Completed {

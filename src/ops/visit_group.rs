@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 
 use super::fields::user_and_group;
 use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
-use crate::model::{ReadMark, Visit};
+use crate::model::{Entry, MemberOf, ReadMark, Visit};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{EventError, Failure, ProtocolError};
 use crate::session::{Effect, Room};
@@ -57,7 +57,13 @@ impl StoreCall for VisitGroup {
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<Visit, StoreError> {
-        store.visit_group(&self.username, &self.group_name, self.leaving.as_ref())
+        store.visit_group(&Entry {
+            member: MemberOf {
+                username: &self.username,
+                group_name: &self.group_name,
+            },
+            leaving: self.leaving.as_ref(),
+        })
     }
 
     fn answer(self, visit: Visit, id: Option<&RawValue>) -> Completed {

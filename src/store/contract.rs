@@ -1,7 +1,10 @@
 //! Behaviour every `Store` backend must have, checked against a real backend instance.
 
-use super::{Store, StoreError};
-use crate::model::{GroupsQuery, NewMessage, PageQuery, ReadMark, MAX_LISTED_MEMBERS};
+use super::{Store, StoreError, StoreResult};
+use crate::model::{
+    CreatedGroup, Entry, GroupHistory, GroupsQuery, MemberOf, MessagePage, NewMessage, PageQuery,
+    ReadMark, Visit, MAX_LISTED_MEMBERS,
+};
 
 fn message(group: &str, user: &str, text: &str) -> NewMessage {
     NewMessage {
@@ -37,6 +40,73 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_erasure(store, prefix);
 }
 
+// The calls about one member, by name (what most checks here do).
+fn create(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+    quota: usize,
+) -> StoreResult<CreatedGroup> {
+    store.create_group(
+        MemberOf {
+            username,
+            group_name,
+        },
+        quota,
+    )
+}
+
+fn entry<'a>(username: &'a str, group_name: &'a str) -> Entry<'a> {
+    Entry {
+        member: MemberOf {
+            username,
+            group_name,
+        },
+        leaving: None,
+    }
+}
+
+fn enter(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+    leaving: Option<&ReadMark>,
+    budget: usize,
+) -> StoreResult<GroupHistory> {
+    let entry = Entry {
+        leaving,
+        ..entry(username, group_name)
+    };
+    store.enter_group(&entry, budget)
+}
+
+fn visit_as(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+    leaving: Option<&ReadMark>,
+) -> StoreResult<Visit> {
+    store.visit_group(&Entry {
+        leaving,
+        ..entry(username, group_name)
+    })
+}
+
+fn fetch(
+    store: &mut dyn Store,
+    username: &str,
+    group_name: &str,
+    page: PageQuery,
+) -> StoreResult<MessagePage> {
+    store.fetch_messages(
+        MemberOf {
+            username,
+            group_name,
+        },
+        page,
+    )
+}
+
 fn page_from(after_seq: u64) -> PageQuery {
     PageQuery {
         before_seq: None,
@@ -54,9 +124,9 @@ fn check_management(store: &mut dyn Store, prefix: &str) {
         ["owner", "admin", "member", "stranger"].map(|n| format!("{prefix}mg-{n}"));
     let group = format!("{prefix}managed");
     for user in [&owner, &admin, &member, &stranger] {
-        store.find_or_create_user(user, true).expect("user");
+        store.find_user(user, true).expect("user");
     }
-    store.create_group(&owner, &group, 0).expect("group");
+    create(store, &owner, &group, 0).expect("group");
     store.join_group(&admin, &group).expect("join");
     store.join_group(&member, &group).expect("join");
     assert_eq!(store.role(&group, &owner), Ok(Role::Owner));
@@ -99,12 +169,17 @@ fn check_management(store: &mut dyn Store, prefix: &str) {
         "a tombstone cannot be edited"
     );
     assert_eq!(
-        store.rewrite_message(&group, 1, Some("x"), "2026-01-01T00:00:00.000Z"),
+        store.rewrite(
+            &group,
+            1,
+            super::Rewrite::Edit {
+                text: "x",
+                at: "2026-01-01T00:00:00.000Z"
+            }
+        ),
         Ok(None)
     );
-    let page = store
-        .fetch_messages(&member, &group, page_from(0))
-        .expect("page");
+    let page = fetch(store, &member, &group, page_from(0)).expect("page");
     let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3], "tombstones keep history gapless");
     assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
@@ -193,9 +268,7 @@ fn check_management(store: &mut dyn Store, prefix: &str) {
     manage::delete_group(store, &owner, &group).expect("delete group");
     assert_eq!(store.role(&group, &admin), Err(StoreError::GroupNotFound));
     assert_eq!(store.messages_after(&group, 0, 10), Ok(Vec::new()));
-    store
-        .create_group(&stranger, &group, 0)
-        .expect("the name is free again");
+    create(store, &stranger, &group, 0).expect("the name is free again");
     assert_eq!(
         store.role(&group, &stranger),
         Ok(Role::Owner),
@@ -213,8 +286,8 @@ fn check_retention(store: &mut dyn Store, prefix: &str) {
     use super::manage::{prune_batch, Retention};
     let user = format!("{prefix}keeper");
     let group = format!("{prefix}retained");
-    store.find_or_create_user(&user, true).expect("user");
-    store.create_group(&user, &group, 0).expect("group");
+    store.find_user(&user, true).expect("user");
+    create(store, &user, &group, 0).expect("group");
     let batch: Vec<NewMessage> = (0..30)
         .map(|i| message(&group, &user, &format!("m{i}")))
         .collect();
@@ -226,15 +299,11 @@ fn check_retention(store: &mut dyn Store, prefix: &str) {
     assert_eq!(prune_batch(store, &keep_ten, &group, 30, 7), Ok(7));
     assert_eq!(prune_batch(store, &keep_ten, &group, 30, 100), Ok(13));
     assert_eq!(prune_batch(store, &keep_ten, &group, 30, 100), Ok(0));
-    let page = store
-        .fetch_messages(&user, &group, page_from(0))
-        .expect("page");
+    let page = fetch(store, &user, &group, page_from(0)).expect("page");
     assert_eq!(page.first_seq, 21);
     assert_eq!(page.messages.first().map(|m| m.seq), Some(21));
     assert_eq!(page.messages.len(), 10);
-    let history = store
-        .enter_group(&user, &group, None, 1 << 20)
-        .expect("enter");
+    let history = enter(store, &user, &group, None, 1 << 20).expect("enter");
     assert_eq!(history.first_seq, 21);
     // Everything is too old: all but the newest goes, and numbering goes on after it.
     let nothing_is_young = Retention {
@@ -246,9 +315,7 @@ fn check_retention(store: &mut dyn Store, prefix: &str) {
         prune_batch(store, &nothing_is_young, &group, 30, 100),
         Ok(9)
     );
-    let page = store
-        .fetch_messages(&user, &group, page_from(0))
-        .expect("page");
+    let page = fetch(store, &user, &group, page_from(0)).expect("page");
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![30]
@@ -261,9 +328,9 @@ fn check_retention(store: &mut dyn Store, prefix: &str) {
 fn check_erasure(store: &mut dyn Store, prefix: &str) {
     let (gone, stays) = (format!("{prefix}erased"), format!("{prefix}stays"));
     let group = format!("{prefix}erasing");
-    store.find_or_create_user(&gone, true).expect("user");
-    store.find_or_create_user(&stays, true).expect("user");
-    store.create_group(&stays, &group, 0).expect("group");
+    store.find_user(&gone, true).expect("user");
+    store.find_user(&stays, true).expect("user");
+    create(store, &stays, &group, 0).expect("group");
     store.join_group(&gone, &group).expect("join");
     let sent = store.append_messages(&[
         message_with_id(&group, &gone, "my secret", &format!("{prefix}erase-key")),
@@ -273,9 +340,7 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
     let before = crate::model::unix_millis();
     assert_eq!(store.erase_user(&gone), Ok(vec![group.clone()]));
     assert_eq!(store.erase_user(&gone), Err(StoreError::UserNotFound));
-    let page = store
-        .fetch_messages(&stays, &group, page_from(0))
-        .expect("page");
+    let page = fetch(store, &stays, &group, page_from(0)).expect("page");
     assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
     assert_eq!(page.messages[0].client_msg_id, None);
     assert_eq!(page.messages[1].text, "hello");
@@ -284,9 +349,7 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
     assert!(erased
         .iter()
         .any(|(name, at)| *name == gone && *at >= before));
-    let (_, created) = store
-        .find_or_create_user(&gone, true)
-        .expect("register again");
+    let (_, created) = store.find_user(&gone, true).expect("register again");
     assert!(created, "the name can be registered again");
 }
 
@@ -295,13 +358,11 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
 fn check_idempotent_sends(store: &mut dyn Store, prefix: &str) {
     let (dave, erin) = (format!("{prefix}dave"), format!("{prefix}erin"));
     let group = format!("{prefix}retries");
-    store.find_or_create_user(&dave, true).expect("dave");
-    store.find_or_create_user(&erin, true).expect("erin");
-    store.create_group(&dave, &group, 0).expect("group");
+    store.find_user(&dave, true).expect("dave");
+    store.find_user(&erin, true).expect("erin");
+    create(store, &dave, &group, 0).expect("group");
     let joined = store.join_group(&erin, &group).expect("erin joins");
-    let entered = store
-        .enter_group(&erin, &group, None, 1 << 20)
-        .expect("enter");
+    let entered = enter(store, &erin, &group, None, 1 << 20).expect("enter");
     assert_eq!(
         entered.epoch, joined.group_id,
         "the epoch is the group's identity"
@@ -340,17 +401,17 @@ fn check_idempotent_sends(store: &mut dyn Store, prefix: &str) {
     assert_eq!(seqs, vec![2, 3, 4, 5], "repeats take no seq");
     let stored = store.messages_after(&group, 0, 100).expect("history");
     assert_eq!(stored.len(), 5);
-    let page = store
-        .fetch_messages(
-            &erin,
-            &group,
-            PageQuery {
-                before_seq: None,
-                after_seq: None,
-                limit: 10,
-            },
-        )
-        .expect("page");
+    let page = fetch(
+        store,
+        &erin,
+        &group,
+        PageQuery {
+            before_seq: None,
+            after_seq: None,
+            limit: 10,
+        },
+    )
+    .expect("page");
     assert_eq!(page.epoch, joined.group_id);
     assert_eq!(stored[0].client_msg_id.as_deref(), Some("k1"));
     store.leave_group(&dave, &group).expect("dave leaves");
@@ -377,15 +438,15 @@ fn check_idempotent_sends(store: &mut dyn Store, prefix: &str) {
 /// whatever order they were created or joined in, and page with `after`.
 fn check_membership_pages(store: &mut dyn Store, prefix: &str) {
     let (owner, member) = (format!("{prefix}mp-owner"), format!("{prefix}mp-member"));
-    store.find_or_create_user(&owner, true).expect("owner");
-    store.find_or_create_user(&member, true).expect("member");
+    store.find_user(&owner, true).expect("owner");
+    store.find_user(&member, true).expect("member");
     // Created in one order, joined in another, listed by name.
     let names: Vec<String> = ["c", "a", "d", "b"]
         .iter()
         .map(|n| format!("{prefix}mp-{n}"))
         .collect();
     for name in &names {
-        store.create_group(&owner, name, 0).expect("group");
+        create(store, &owner, name, 0).expect("group");
     }
     for name in names.iter().rev() {
         store.join_group(&member, name).expect("join");
@@ -394,7 +455,7 @@ fn check_membership_pages(store: &mut dyn Store, prefix: &str) {
     assert!(first_in_a[0].is_ok());
     let mut sorted = names.clone();
     sorted.sort();
-    let (profile, _) = store.find_or_create_user(&member, true).expect("find");
+    let (profile, _) = store.find_user(&member, true).expect("find");
     assert_eq!(profile.group_list, sorted);
     assert!(!profile.group_list_has_more);
     let query = |after: Option<&String>, limit| GroupsQuery {
@@ -425,11 +486,9 @@ fn check_membership_pages(store: &mut dyn Store, prefix: &str) {
 /// `list_groups` pages by name with a member count; big groups leave out the member list.
 fn check_group_pages(store: &mut dyn Store, prefix: &str) {
     let owner = format!("{prefix}pager");
-    store.find_or_create_user(&owner, true).expect("owner");
+    store.find_user(&owner, true).expect("owner");
     for i in 0..5 {
-        store
-            .create_group(&owner, &format!("{prefix}page-{i}"), 0)
-            .expect("group");
+        create(store, &owner, &format!("{prefix}page-{i}"), 0).expect("group");
     }
     let mut seen = Vec::new();
     let mut after = Some(format!("{prefix}page-"));
@@ -473,7 +532,7 @@ fn check_group_pages(store: &mut dyn Store, prefix: &str) {
     let crowded = format!("{prefix}page-4");
     for i in 0..MAX_LISTED_MEMBERS {
         let member = format!("{prefix}crowd-{i}");
-        store.find_or_create_user(&member, true).expect("member");
+        store.find_user(&member, true).expect("member");
         store.join_group(&member, &crowded).expect("join");
     }
     let last = store
@@ -505,7 +564,7 @@ fn mark(user: &str, group: &str, seq: u64) -> ReadMark {
 /// only what was handed over.
 fn check_read_marks(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
     store.join_group(bob, group).expect("bob joins again");
-    let visit = store.visit_group(bob, group, None).expect("bob visits");
+    let visit = visit_as(store, bob, group, None).expect("bob visits");
     assert_eq!(
         visit.last_read_seq, 10,
         "joining counts earlier messages as read"
@@ -518,22 +577,19 @@ fn check_read_marks(store: &mut dyn Store, alice: &str, bob: &str, group: &str) 
     store
         .mark_read(&[mark(bob, group, 11)])
         .expect("a lower mark");
-    let visit = store.visit_group(bob, group, None).expect("visit");
+    let visit = visit_as(store, bob, group, None).expect("visit");
     assert_eq!(
         visit.last_read_seq, 12,
         "a lower mark never lowers the marker"
     );
     let one_message = super::encoded_len(&store.messages_after(group, 12, 1).expect("read")[0]);
-    let history = store
-        .enter_group(bob, group, None, one_message * 3)
-        .expect("enter with a small budget");
+    let history =
+        enter(store, bob, group, None, one_message * 3).expect("enter with a small budget");
     let unread: Vec<u64> = history.unread.iter().map(|m| m.seq).collect();
     assert_eq!(unread, vec![13, 14, 15], "the oldest unread that fit");
     assert!(history.unread_has_more);
     assert_eq!(history.read_seq, 15);
-    let history = store
-        .enter_group(bob, group, None, 1 << 20)
-        .expect("enter again");
+    let history = enter(store, bob, group, None, 1 << 20).expect("enter again");
     let unread: Vec<u64> = history.unread.iter().map(|m| m.seq).collect();
     assert_eq!(
         unread,
@@ -547,48 +603,37 @@ fn check_read_marks(store: &mut dyn Store, alice: &str, bob: &str, group: &str) 
 fn check_creation_limits(store: &mut dyn Store, prefix: &str) {
     let carol = format!("{prefix}carol");
     assert_eq!(
-        store.find_or_create_user(&carol, false).map(|(_, new)| new),
+        store.find_user(&carol, false).map(|(_, new)| new),
         Err(StoreError::UserNotFound),
         "a name that may not be created is not"
     );
-    store
-        .find_or_create_user(&carol, true)
-        .expect("create carol");
+    store.find_user(&carol, true).expect("create carol");
     for i in 0..2 {
-        store
-            .create_group(&carol, &format!("{prefix}carol-{i}"), 2)
-            .expect("within the quota");
+        create(store, &carol, &format!("{prefix}carol-{i}"), 2).expect("within the quota");
     }
     assert_eq!(
-        store.create_group(&carol, &format!("{prefix}carol-2"), 2),
+        create(store, &carol, &format!("{prefix}carol-2"), 2),
         Err(StoreError::QuotaExceeded)
     );
-    assert!(store
-        .create_group(&carol, &format!("{prefix}carol-3"), 0)
-        .is_ok());
+    assert!(create(store, &carol, &format!("{prefix}carol-3"), 0).is_ok());
 }
 
 fn check_users_and_groups(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
-    let (created, is_new) = store
-        .find_or_create_user(alice, true)
-        .expect("create alice");
+    let (created, is_new) = store.find_user(alice, true).expect("create alice");
     assert!(is_new);
     assert!(created.group_list.is_empty());
-    let (found, is_new) = store.find_or_create_user(alice, true).expect("find alice");
+    let (found, is_new) = store.find_user(alice, true).expect("find alice");
     assert!(!is_new);
     assert_eq!(found.id, created.id);
     assert_eq!(
-        store.create_group("nobody-here", group, 0),
+        create(store, "nobody-here", group, 0),
         Err(StoreError::UserNotFound)
     );
-    let made = store.create_group(alice, group, 0).expect("create group");
+    let made = create(store, alice, group, 0).expect("create group");
     assert_eq!(made.user.len(), 1);
     assert_eq!(made.user[0].name_id, alice);
-    assert_eq!(
-        store.create_group(alice, group, 0),
-        Err(StoreError::GroupExists)
-    );
-    store.find_or_create_user(bob, true).expect("create bob");
+    assert_eq!(create(store, alice, group, 0), Err(StoreError::GroupExists));
+    store.find_user(bob, true).expect("create bob");
     assert_eq!(
         store.join_group(bob, "no-such-group-x"),
         Err(StoreError::GroupNotFound)
@@ -599,7 +644,7 @@ fn check_users_and_groups(store: &mut dyn Store, alice: &str, bob: &str, group: 
         Ok(joined.clone()),
         "join is idempotent"
     );
-    let (bob_profile, _) = store.find_or_create_user(bob, true).expect("find bob");
+    let (bob_profile, _) = store.find_user(bob, true).expect("find bob");
     assert_eq!(bob_profile.group_list, vec![group.to_string()]);
     let listed = store
         .list_groups(
@@ -643,9 +688,7 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
         after_seq: None,
         limit: 3,
     };
-    let page = store
-        .fetch_messages(alice, group, newest)
-        .expect("newest page");
+    let page = fetch(store, alice, group, newest).expect("newest page");
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![8, 9, 10]
@@ -656,9 +699,7 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
         after_seq: None,
         limit: 5,
     };
-    let page = store
-        .fetch_messages(alice, group, older)
-        .expect("older page");
+    let page = fetch(store, alice, group, older).expect("older page");
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![1, 2]
@@ -669,26 +710,19 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
         after_seq: Some(7),
         limit: 2,
     };
-    let page = store
-        .fetch_messages(alice, group, after)
-        .expect("after page");
+    let page = fetch(store, alice, group, after).expect("after page");
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![8, 9]
     );
     assert!(page.has_more);
-    assert_eq!(
-        store.fetch_messages(bob, group, after),
-        Err(StoreError::NotAMember)
-    );
+    assert_eq!(fetch(store, bob, group, after), Err(StoreError::NotAMember));
     let tail = store.messages_after(group, 8, 100).expect("messages after");
     assert_eq!(tail.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
 }
 
 fn check_history(store: &mut dyn Store, alice: &str, group: &str) {
-    let history = store
-        .enter_group(alice, group, None, 1 << 20)
-        .expect("enter");
+    let history = enter(store, alice, group, None, 1 << 20).expect("enter");
     assert_eq!(history.head_seq, 10);
     assert_eq!(history.unread.len() + history.read.len(), 10);
     let seqs: Vec<u64> = history
@@ -703,19 +737,17 @@ fn check_history(store: &mut dyn Store, alice: &str, group: &str) {
         "read then unread, oldest first"
     );
     std::thread::sleep(std::time::Duration::from_millis(5));
-    let again = store
-        .enter_group(alice, group, None, 1 << 20)
-        .expect("enter again");
+    let again = enter(store, alice, group, None, 1 << 20).expect("enter again");
     assert!(again.unread.is_empty(), "entering marks everything read");
     assert_eq!(again.read.len(), 10);
-    let visit = store.visit_group(alice, group, None).expect("visit");
+    let visit = visit_as(store, alice, group, None).expect("visit");
     assert_eq!(visit.head_seq, 10);
     assert_eq!(
-        store.visit_group("nobody-here", group, None),
+        visit_as(store, "nobody-here", group, None),
         Err(StoreError::NotAMember)
     );
     assert_eq!(
-        store.enter_group(alice, "no-such-group-z", None, 1 << 20),
+        enter(store, alice, "no-such-group-z", None, 1 << 20),
         Err(StoreError::GroupNotFound)
     );
 }

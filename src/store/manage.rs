@@ -6,7 +6,7 @@
 //! the primitive itself (an edit never touches a tombstone; a join never passes a ban); what
 //! is checked here first can only change to something the primitive still refuses.
 
-use super::{Store, StoreError};
+use super::{PruneCut, Rewrite, Store, StoreError, StoreResult};
 use crate::model::{Message, Role};
 
 /// A message change that was carried out (`changed`), or found already done (a repeated
@@ -24,7 +24,7 @@ pub fn edit(
     group_name: &str,
     seq: u64,
     text: &str,
-) -> Result<Rewritten, StoreError> {
+) -> StoreResult<Rewritten> {
     store.role(group_name, username)?;
     let message = live_message(store, group_name, seq)?;
     if message.username != username {
@@ -32,7 +32,7 @@ pub fn edit(
     }
     let at = crate::model::now_timestamp();
     let message = store
-        .rewrite_message(group_name, seq, Some(text), &at)?
+        .rewrite(group_name, seq, Rewrite::Edit { text, at: &at })?
         .ok_or(StoreError::MessageNotFound)?;
     Ok(Rewritten {
         message,
@@ -47,7 +47,7 @@ pub fn delete(
     username: &str,
     group_name: &str,
     seq: u64,
-) -> Result<Rewritten, StoreError> {
+) -> StoreResult<Rewritten> {
     let role = store.role(group_name, username)?;
     let message = store
         .message_at(group_name, seq)?
@@ -63,8 +63,7 @@ pub fn delete(
             changed: false,
         });
     }
-    let at = crate::model::now_timestamp();
-    match store.rewrite_message(group_name, seq, None, &at)? {
+    match store.rewrite(group_name, seq, Rewrite::Erase)? {
         Some(message) => Ok(Rewritten {
             message,
             changed: true,
@@ -79,7 +78,7 @@ pub fn delete(
     }
 }
 
-fn live_message(store: &mut dyn Store, group_name: &str, seq: u64) -> Result<Message, StoreError> {
+fn live_message(store: &mut dyn Store, group_name: &str, seq: u64) -> StoreResult<Message> {
     match store.message_at(group_name, seq)? {
         Some(message) if !message.deleted => Ok(message),
         _ => Err(StoreError::MessageNotFound),
@@ -103,7 +102,7 @@ pub fn set_role(
     group_name: &str,
     target: &str,
     role: Role,
-) -> Result<RoleChange, StoreError> {
+) -> StoreResult<RoleChange> {
     if store.role(group_name, actor)? != Role::Owner {
         return Err(StoreError::Forbidden(
             "Only the group's owner may change roles.",
@@ -142,7 +141,7 @@ fn may_moderate(
     actor: &str,
     group_name: &str,
     target: &str,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     let actor_role = store.role(group_name, actor)?;
     if !actor_role.moderates() {
         return Err(StoreError::Forbidden(
@@ -172,7 +171,7 @@ pub fn remove(
     actor: &str,
     group_name: &str,
     target: &str,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     may_moderate(store, actor, group_name, target)?;
     store.leave_group(target, group_name).map(|_| ())
 }
@@ -184,7 +183,7 @@ pub fn ban(
     actor: &str,
     group_name: &str,
     target: &str,
-) -> Result<bool, StoreError> {
+) -> StoreResult<bool> {
     may_moderate(store, actor, group_name, target)?;
     store.set_banned(group_name, target, true)?;
     match store.leave_group(target, group_name) {
@@ -200,7 +199,7 @@ pub fn unban(
     actor: &str,
     group_name: &str,
     target: &str,
-) -> Result<(), StoreError> {
+) -> StoreResult<()> {
     if !store.role(group_name, actor)?.moderates() {
         return Err(StoreError::Forbidden(
             "Only the group's owner or an admin may lift a ban.",
@@ -210,11 +209,7 @@ pub fn unban(
 }
 
 /// `delete_group`: only the owner.
-pub fn delete_group(
-    store: &mut dyn Store,
-    actor: &str,
-    group_name: &str,
-) -> Result<(), StoreError> {
+pub fn delete_group(store: &mut dyn Store, actor: &str, group_name: &str) -> StoreResult<()> {
     if store.role(group_name, actor)? != Role::Owner {
         return Err(StoreError::Forbidden(
             "Only the group's owner may delete it.",
@@ -230,7 +225,7 @@ pub fn leave(
     store: &mut dyn Store,
     username: &str,
     group_name: &str,
-) -> Result<(crate::model::GroupRef, Option<String>), StoreError> {
+) -> StoreResult<(crate::model::GroupRef, Option<String>)> {
     let was_owner = matches!(store.role(group_name, username), Ok(Role::Owner));
     let group = store.leave_group(username, group_name)?;
     if !was_owner {
@@ -267,7 +262,7 @@ pub fn prune_batch(
     group_name: &str,
     head: u64,
     batch: u32,
-) -> Result<u64, StoreError> {
+) -> StoreResult<u64> {
     let below_seq = if retention.max_messages > 0 {
         (head + 1).saturating_sub(retention.max_messages)
     } else {
@@ -280,5 +275,9 @@ pub fn prune_batch(
     if below_seq <= 1 && older_than.is_none() {
         return Ok(0);
     }
-    store.prune(group_name, below_seq, older_than.as_deref(), batch)
+    let cut = PruneCut {
+        below_seq,
+        older_than: older_than.as_deref(),
+    };
+    store.prune(group_name, &cut, batch)
 }

@@ -11,9 +11,9 @@ use std::fmt;
 
 use crate::config::{Config, StoreKind};
 use crate::model::{
-    Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
-    MembershipsPage, Message, MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile,
-    Visit,
+    Appended, CreatedGroup, Entry, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
+    MemberOf, MembershipsPage, Message, MessagePage, NewMessage, PageQuery, ReadMark, Role,
+    UserProfile, Visit, MAX_GROUP_LIST, MAX_UNREAD_ON_ENTER,
 };
 
 /// Why a store call failed.
@@ -53,147 +53,108 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// What every store call returns.
+pub type StoreResult<T> = Result<T, StoreError>;
+
 /// Persistent chat state. One instance per worker thread.
 pub trait Store: Send {
     /// Finds the user, creating it if new and `may_create`; `true` when it was created.
     /// A missing user that may not be created is `UserNotFound`. `group_list` holds the first
     /// `MAX_GROUP_LIST` group names in byte order (`group_list_has_more` when there are more).
-    fn find_or_create_user(
-        &mut self,
-        username: &str,
-        may_create: bool,
-    ) -> Result<(UserProfile, bool), StoreError>;
+    fn find_user(&mut self, username: &str, create: bool) -> StoreResult<(UserProfile, bool)>;
     /// Creates a group with its creator as first member. `max_per_user` (0: no limit) caps how
     /// many groups one user may have created (`QuotaExceeded` beyond).
-    fn create_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        max_per_user: usize,
-    ) -> Result<CreatedGroup, StoreError>;
+    fn create_group(&mut self, creator: MemberOf, quota: usize) -> StoreResult<CreatedGroup>;
     /// Adds the user to the group; a member joining again is a success that changes nothing.
-    fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError>;
-    fn leave_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError>;
+    fn join_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef>;
+    fn leave_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef>;
     /// Stores a batch of messages in one commit, each with the next `seq` of its group.
     /// The result has one entry per input, in order. A message whose (username,
     /// client_msg_id) was stored before, by any connection or instance, or earlier in the same
     /// batch, is not stored again: its entry is that original with `duplicate` set (a unique
     /// index enforces this even against a concurrent writer).
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>>;
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<StoreResult<Appended>>;
     /// Enters a room: applies `leaving` (the mark for the room left, if any) and reports the
     /// member's read state in `group_name`.
-    fn visit_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        leaving: Option<&ReadMark>,
-    ) -> Result<Visit, StoreError>;
+    fn visit_group(&mut self, entry: &Entry) -> StoreResult<Visit>;
     /// Like `visit_group`, and returns the history (split by the member's `last_read_seq`,
     /// trimmed by `fit_history` to `reply_budget` encoded bytes) and marks read exactly what it
     /// returns.
-    fn enter_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        leaving: Option<&ReadMark>,
-        reply_budget: usize,
-    ) -> Result<GroupHistory, StoreError>;
+    fn enter_group(&mut self, entry: &Entry, reply_budget: usize) -> StoreResult<GroupHistory>;
     /// Raises read markers (a no-op for non-members and for marks below the current one).
     /// The timestamp `last_read` becomes now when the mark reaches the group's newest message,
     /// else the marked message's time.
-    fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError>;
+    fn mark_read(&mut self, marks: &[ReadMark]) -> StoreResult<()>;
     /// One membership's read state (`GroupNotFound`, `NotAMember`); O(1) per group.
-    fn read_state(
-        &mut self,
-        username: &str,
-        group_name: &str,
-    ) -> Result<GroupReadState, StoreError>;
+    fn read_state(&mut self, username: &str, group_name: &str) -> StoreResult<GroupReadState>;
     /// A page of the user's memberships with their read state, by group name (byte order),
     /// in a number of queries that does not grow with the page.
-    fn my_groups(
-        &mut self,
-        username: &str,
-        query: &GroupsQuery,
-    ) -> Result<MembershipsPage, StoreError>;
-    fn fetch_messages(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        page: PageQuery,
-    ) -> Result<MessagePage, StoreError>;
+    fn my_groups(&mut self, username: &str, query: &GroupsQuery) -> StoreResult<MembershipsPage>;
+    fn fetch_messages(&mut self, member: MemberOf, page: PageQuery) -> StoreResult<MessagePage>;
     /// A page of groups by name (byte order), each with its member count, while small its
     /// members, and `asking`'s role where a member.
-    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> Result<GroupsPage, StoreError>;
+    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> StoreResult<GroupsPage>;
     /// The names of a group's members (`GroupNotFound` when there is no such group).
-    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError>;
+    fn group_members(&mut self, group_name: &str) -> StoreResult<Vec<String>>;
     /// The newest seq of each named group that exists, in one query (peer mode's tail check:
     /// MongoDB answers from the seq hints, which an instance raises right after it stores).
-    fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError>;
+    fn group_heads(&mut self, group_names: &[String]) -> StoreResult<Vec<(String, u64)>>;
     /// Messages of a group with `seq > after_seq`, oldest first, at most `limit` (peer recovery).
-    fn messages_after(
-        &mut self,
-        group_name: &str,
-        after_seq: u64,
-        limit: u32,
-    ) -> Result<Vec<Message>, StoreError>;
+    fn messages_after(&mut self, group: &str, after: u64, limit: u32) -> StoreResult<Vec<Message>>;
 
     // Primitives for managing messages, members and groups. Who may do what is decided once,
     // above the backends, in `manage.rs`; these only read and write.
 
     /// One message by seq, tombstones included (`None`: there is none; `GroupNotFound`).
-    fn message_at(&mut self, group_name: &str, seq: u64) -> Result<Option<Message>, StoreError>;
+    fn message_at(&mut self, group_name: &str, seq: u64) -> StoreResult<Option<Message>>;
     /// Replaces a live message's text (`Some`, stamping `edited_at` with `at`) or erases it
     /// into a tombstone (`None`). Never touches a tombstone, so an edit racing a delete can
     /// not bring text back: `None` when the message is missing or already deleted.
-    fn rewrite_message(
-        &mut self,
-        group_name: &str,
-        seq: u64,
-        text: Option<&str>,
-        at: &str,
-    ) -> Result<Option<Message>, StoreError>;
+    fn rewrite(&mut self, group: &str, seq: u64, change: Rewrite) -> StoreResult<Option<Message>>;
     /// The member's role (`GroupNotFound`, `NotAMember`).
-    fn role(&mut self, group_name: &str, username: &str) -> Result<Role, StoreError>;
+    fn role(&mut self, group_name: &str, username: &str) -> StoreResult<Role>;
     /// Sets a member's role (`NotAMember`).
-    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> Result<(), StoreError>;
+    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> StoreResult<()>;
     /// The members holding `role`, in joining order.
-    fn members_with_role(
-        &mut self,
-        group_name: &str,
-        role: Role,
-    ) -> Result<Vec<String>, StoreError>;
+    fn members_with_role(&mut self, group_name: &str, role: Role) -> StoreResult<Vec<String>>;
     /// Bans (a banned user's `join_group` is `Banned`) or lifts a ban (`GroupNotFound`).
-    fn set_banned(
-        &mut self,
-        group_name: &str,
-        username: &str,
-        banned: bool,
-    ) -> Result<(), StoreError>;
+    fn set_banned(&mut self, group_name: &str, username: &str, banned: bool) -> StoreResult<()>;
     /// Removes a group: its memberships, messages and bans go with it. A group created later
     /// under the name is a new group with a new epoch.
-    fn remove_group(&mut self, group_name: &str) -> Result<(), StoreError>;
+    fn remove_group(&mut self, group_name: &str) -> StoreResult<()>;
     /// Retention: removes at most `limit` of the group's oldest messages among those with
     /// `seq < below_seq` or a timestamp before `older_than`, and records where its history now
     /// starts (`first_seq`). Returns how many it removed (0: nothing left to prune).
-    fn prune(
-        &mut self,
-        group_name: &str,
-        below_seq: u64,
-        older_than: Option<&str>,
-        limit: u32,
-    ) -> Result<u64, StoreError>;
+    fn prune(&mut self, group_name: &str, cut: &PruneCut, limit: u32) -> StoreResult<u64>;
     /// At most `limit` group names after `after`, by name, with each group's newest seq.
-    fn group_names(&mut self, after: &str, limit: u32) -> Result<Vec<(String, u64)>, StoreError>;
+    fn group_names(&mut self, after: &str, limit: u32) -> StoreResult<Vec<(String, u64)>>;
     /// Erases a user: their messages become tombstones, their memberships, bans and the user
     /// record go, and the erasure is recorded (`erasures_since`) so that every running server
     /// closes the user's connections. Returns the groups they were in (`UserNotFound`).
-    fn erase_user(&mut self, username: &str) -> Result<Vec<String>, StoreError>;
+    fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>>;
     /// Users erased at or after `since_ms` (milliseconds since the Unix epoch), with when.
-    fn erasures_since(&mut self, since_ms: u64) -> Result<Vec<(String, u64)>, StoreError>;
+    fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>>;
+}
+
+/// How `Store::rewrite` changes a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrite<'a> {
+    /// New text, edited at this time.
+    Edit { text: &'a str, at: &'a str },
+    /// Erase the text: the message becomes a tombstone.
+    Erase,
+}
+
+/// Which of a group's oldest messages retention removes: those with `seq < below_seq`, and
+/// those older than `older_than` (never the newest; see `Store::prune`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCut<'a> {
+    pub below_seq: u64,
+    pub older_than: Option<&'a str>,
 }
 
 /// Opens the backend the configuration selects (one call per worker).
-pub fn open(config: &Config) -> Result<Box<dyn Store>, StoreError> {
+pub fn open(config: &Config) -> StoreResult<Box<dyn Store>> {
     match &config.store {
         StoreKind::Embedded {
             data_dir,
@@ -274,6 +235,71 @@ fn fit<T: serde::Serialize>(
         messages.drain(..messages.len() - kept);
     }
     (messages, cut)
+}
+
+/// A `find_user` profile from the user's group names, read in name order with one more than
+/// `MAX_GROUP_LIST` (which only says that there are more).
+pub(crate) fn profile(id: String, username: &str, mut group_list: Vec<String>) -> UserProfile {
+    let group_list_has_more = group_list.len() > MAX_GROUP_LIST as usize;
+    group_list.truncate(MAX_GROUP_LIST as usize);
+    UserProfile {
+        id,
+        username: username.to_string(),
+        group_list,
+        group_list_has_more,
+    }
+}
+
+/// The `create_group` reply: the creator is the only member.
+pub(crate) fn created_group(group_name: &str, username: &str, last_read: String) -> CreatedGroup {
+    CreatedGroup {
+        group_name: group_name.to_string(),
+        user: vec![crate::model::Member {
+            name_id: username.to_string(),
+            last_read,
+        }],
+    }
+}
+
+/// What a backend reads for `enter_group`; `history` makes the reply of it.
+pub(crate) struct EnterRows {
+    /// Messages after the marker, oldest first, up to `MAX_UNREAD_ON_ENTER + 1`.
+    pub unread: Vec<Message>,
+    /// Messages at or before the marker, newest first, up to `MAX_READ_ON_ENTER`.
+    pub read_newest_first: Vec<Message>,
+    pub last_read_seq: u64,
+    pub head_seq: u64,
+    pub epoch: String,
+    pub first_seq: u64,
+}
+
+/// The `enter_group` history of what was read, fitted to `budget` bytes; its `read_seq` is
+/// the mark the backend then stores (see `read_seq_after_enter`).
+pub(crate) fn history(rows: EnterRows, budget: usize) -> GroupHistory {
+    let (unread, unread_has_more) = split_page(rows.unread, MAX_UNREAD_ON_ENTER);
+    let mut read = rows.read_newest_first;
+    read.reverse();
+    let (unread, unread_has_more, read) = fit_history(unread, unread_has_more, read, budget);
+    let read_seq =
+        read_seq_after_enter(rows.last_read_seq, rows.head_seq, &unread, unread_has_more);
+    GroupHistory {
+        unread,
+        unread_has_more,
+        read,
+        head_seq: rows.head_seq,
+        read_seq,
+        epoch: rows.epoch,
+        first_seq: rows.first_seq,
+    }
+}
+
+/// The read mark of entering a group (the `read_seq` of its history).
+pub(crate) fn entered_mark(username: &str, group_name: &str, history: &GroupHistory) -> ReadMark {
+    ReadMark {
+        username: username.to_string(),
+        group_name: group_name.to_string(),
+        seq: history.read_seq,
+    }
 }
 
 /// Fits an `enter_group` history into `budget` bytes: unread first (oldest kept, the rest is

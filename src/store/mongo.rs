@@ -28,12 +28,15 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::sync::{Client, Collection, Database};
 use mongodb::IndexModel;
 
-use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
+use super::{
+    created_group, entered_mark, history, profile, split_page, EnterRows, PruneCut, Rewrite, Store,
+    StoreError, StoreResult,
+};
 use crate::model::{
-    format_timestamp, unix_millis, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
-    GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage,
-    NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST, MAX_READ_ON_ENTER,
-    MAX_UNREAD_ON_ENTER,
+    format_timestamp, unix_millis, Appended, CreatedGroup, Entry, GroupHistory, GroupReadState,
+    GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf, MembershipsPage, Message,
+    MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST,
+    MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -67,11 +70,7 @@ impl From<MongoError> for StoreError {
 
 impl MongoStore {
     /// Creates a client; the connection itself is made lazily, so start-up never waits on MongoDB.
-    pub fn connect(
-        uri: &str,
-        database: &str,
-        timeout: Duration,
-    ) -> Result<Box<dyn Store>, StoreError> {
+    pub fn connect(uri: &str, database: &str, timeout: Duration) -> StoreResult<Box<dyn Store>> {
         let mut options = ClientOptions::parse(uri).run()?;
         // A call in flight to a server that is up but silent (frozen, partitioned) is not
         // interrupted here: the event loop answers such a request `unavailable` itself once it
@@ -99,7 +98,7 @@ impl MongoStore {
     }
 
     /// Creates the indexes the queries and the uniqueness rules need (idempotent).
-    fn ensure_indexes(&mut self) -> Result<(), StoreError> {
+    fn ensure_indexes(&mut self) -> StoreResult<()> {
         if self.indexes_ready {
             return Ok(());
         }
@@ -166,15 +165,15 @@ impl MongoStore {
         Ok(())
     }
 
-    fn user_exists(&self, username: &str) -> Result<bool, StoreError> {
+    fn user_exists(&self, username: &str) -> StoreResult<bool> {
         Ok(first(&self.users, doc! {"username": username}, None)?.is_some())
     }
 
-    fn group(&self, group_name: &str) -> Result<Document, StoreError> {
+    fn group(&self, group_name: &str) -> StoreResult<Document> {
         first(&self.groups, doc! {"group_name": group_name}, None)?.ok_or(StoreError::GroupNotFound)
     }
 
-    fn head_seq(&self, group_name: &str) -> Result<u64, StoreError> {
+    fn head_seq(&self, group_name: &str) -> StoreResult<u64> {
         let newest = first(
             &self.messages,
             doc! {"group_name": group_name},
@@ -184,7 +183,7 @@ impl MongoStore {
     }
 
     /// Raises a read marker (see `Store::mark_read`); `head_seq` is the group's newest seq.
-    fn set_read(&self, mark: &ReadMark, head_seq: u64) -> Result<(), StoreError> {
+    fn set_read(&self, mark: &ReadMark, head_seq: u64) -> StoreResult<()> {
         let seq = mark.seq.min(i64::MAX as u64) as i64;
         if mark.seq >= head_seq {
             // Caught up with the head: `last_read` is now, as the seed's enter/visit set it.
@@ -218,9 +217,35 @@ impl MongoStore {
         Ok(())
     }
 
+    /// One message of a group by seq, if stored.
+    fn stored_message(&self, group_name: &str, seq: i64) -> StoreResult<Option<Message>> {
+        first(
+            &self.messages,
+            doc! {"group_name": group_name, "seq": seq},
+            None,
+        )?
+        .map(|document| message_from(&document))
+        .transpose()
+    }
+
+    /// Groups matching `filter` by name, at most `limit` (one more than a page asks for).
+    fn groups_by_name(
+        &self,
+        filter: Document,
+        limit: u32,
+    ) -> StoreResult<mongodb::sync::Cursor<Document>> {
+        Ok(self
+            .groups
+            .find(filter)
+            .sort(doc! {"group_name": 1})
+            .limit(i64::from(limit))
+            .max_time(self.max_time)
+            .run()?)
+    }
+
     /// The member's read marker. Entries written before markers existed have only the
     /// `last_read` time: the marker is then the newest message at or before it.
-    fn member_read_seq(&self, group: &Document, username: &str) -> Result<u64, StoreError> {
+    fn member_read_seq(&self, group: &Document, username: &str) -> StoreResult<u64> {
         let entry = member_entry(group, username).ok_or(StoreError::NotAMember)?;
         if let Some(seq) = seq_of_field(entry, "last_read_seq") {
             return Ok(seq);
@@ -240,7 +265,7 @@ impl MongoStore {
         filter: Document,
         ascending: bool,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
+    ) -> StoreResult<Vec<Message>> {
         let cursor = self
             .messages
             .find(filter)
@@ -334,7 +359,7 @@ impl MongoStore {
 
     /// The stored originals of those pending messages whose sender already used their
     /// `client_msg_id` (no query when none has an id).
-    fn sent_before(&self, pending: &[(usize, Message)]) -> Result<Vec<Message>, StoreError> {
+    fn sent_before(&self, pending: &[(usize, Message)]) -> StoreResult<Vec<Message>> {
         let keys: Vec<Document> = pending
             .iter()
             .filter_map(|(_, m)| {
@@ -353,7 +378,7 @@ impl MongoStore {
     /// hints, then every message above its group's hint (none, unless a hint was left behind
     /// by a failed raise). A group with no hint yet (no message since hints existed) is read
     /// once by itself and gets one, so the next call finds it.
-    fn head_seqs(&self, names: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+    fn head_seqs(&self, names: &[&str]) -> StoreResult<HashMap<String, u64>> {
         let mut heads = HashMap::with_capacity(names.len());
         if names.is_empty() {
             return Ok(heads);
@@ -401,7 +426,7 @@ impl MongoStore {
     }
 
     /// The group's head `seq` as the `counters` hint has it (0 when there is none yet).
-    fn head_hint(&self, group_name: &str) -> Result<u64, StoreError> {
+    fn head_hint(&self, group_name: &str) -> StoreResult<u64> {
         let counter = first(&self.counters, doc! {"_id": group_name}, None)?;
         Ok(counter.and_then(|c| seq_of(&c)).unwrap_or(0))
     }
@@ -420,7 +445,7 @@ impl MongoStore {
     }
 
     /// Which of these messages are in the database (after a partly failed insert).
-    fn landed_ids(&self, pending: &[(usize, Message)]) -> Result<HashMap<String, ()>, StoreError> {
+    fn landed_ids(&self, pending: &[(usize, Message)]) -> StoreResult<HashMap<String, ()>> {
         let ids: Vec<Bson> = pending
             .iter()
             .filter_map(|(_, m)| ObjectId::parse_str(&m.id).ok())
@@ -445,7 +470,7 @@ impl MongoStore {
         group_name: &str,
         items: Vec<(usize, &NewMessage)>,
         now: &str,
-    ) -> Vec<(usize, Result<Appended, StoreError>)> {
+    ) -> Vec<(usize, StoreResult<Appended>)> {
         let group = match self.group(group_name) {
             Ok(group) => group,
             // A retry still gets its original when the group is gone or was never there
@@ -487,7 +512,7 @@ impl MongoStore {
         &self,
         strangers: Vec<(usize, Message)>,
         refusal: StoreError,
-    ) -> Vec<(usize, Result<Appended, StoreError>)> {
+    ) -> Vec<(usize, StoreResult<Appended>)> {
         let originals = match self.sent_before(&strangers) {
             Ok(originals) => originals,
             Err(error) => {
@@ -537,7 +562,7 @@ fn first(
     collection: &Collection<Document>,
     filter: Document,
     sort: Option<Document>,
-) -> Result<Option<Document>, StoreError> {
+) -> StoreResult<Option<Document>> {
     let mut cursor = collection.find(filter).limit(1);
     if let Some(sort) = sort {
         cursor = cursor.sort(sort);
@@ -605,7 +630,7 @@ fn message_document(message: &Message) -> Document {
     document
 }
 
-fn message_from(document: &Document) -> Result<Message, StoreError> {
+fn message_from(document: &Document) -> StoreResult<Message> {
     let text = |field: &str| document.get_str(field).map(str::to_string);
     let broken = |e| StoreError::Unavailable(format!("malformed message document: {e}"));
     Ok(Message {
@@ -659,7 +684,7 @@ fn group_ref(group: &Document, group_name: &str) -> GroupRef {
 }
 
 /// The member's `last_read` in the group, or why there is none.
-fn member_last_read(group: &Document, username: &str) -> Result<String, StoreError> {
+fn member_last_read(group: &Document, username: &str) -> StoreResult<String> {
     member_entry(group, username)
         .map(|entry| timestamp_of(entry.get("last_read")))
         .ok_or(StoreError::NotAMember)
@@ -667,7 +692,7 @@ fn member_last_read(group: &Document, username: &str) -> Result<String, StoreErr
 
 /// The member's role: as recorded, else (entries from before roles) owner for the group's
 /// creator and member for everyone else.
-fn member_role(group: &Document, username: &str) -> Result<Role, StoreError> {
+fn member_role(group: &Document, username: &str) -> StoreResult<Role> {
     let entry = member_entry(group, username).ok_or(StoreError::NotAMember)?;
     Ok(match entry.get_str("role") {
         Ok(role) => Role::parse(role),
@@ -691,11 +716,7 @@ fn member_entry<'a>(group: &'a Document, username: &str) -> Option<&'a Document>
 }
 
 impl Store for MongoStore {
-    fn find_or_create_user(
-        &mut self,
-        username: &str,
-        may_create: bool,
-    ) -> Result<(UserProfile, bool), StoreError> {
+    fn find_user(&mut self, username: &str, may_create: bool) -> StoreResult<(UserProfile, bool)> {
         self.ensure_indexes()?;
         let existing = first(&self.users, doc! {"username": username}, None)?;
         let (id, created) = match existing {
@@ -715,7 +736,7 @@ impl Store for MongoStore {
                 {
                     Ok(_) => (id.to_hex(), true),
                     Err(error) if is_duplicate_key(&error) => {
-                        return self.find_or_create_user(username, false)
+                        return self.find_user(username, false)
                     }
                     Err(error) => return Err(error.into()),
                 }
@@ -735,25 +756,11 @@ impl Store for MongoStore {
                 group_list.push(name.to_string());
             }
         }
-        let group_list_has_more = group_list.len() > MAX_GROUP_LIST as usize;
-        group_list.truncate(MAX_GROUP_LIST as usize);
-        Ok((
-            UserProfile {
-                id,
-                username: username.to_string(),
-                group_list,
-                group_list_has_more,
-            },
-            created,
-        ))
+        Ok((profile(id, username, group_list), created))
     }
 
-    fn create_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        max_per_user: usize,
-    ) -> Result<CreatedGroup, StoreError> {
+    fn create_group(&mut self, creator: MemberOf, quota: usize) -> StoreResult<CreatedGroup> {
+        let (username, group_name) = (creator.username, creator.group_name);
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
@@ -761,12 +768,12 @@ impl Store for MongoStore {
         if first(&self.groups, doc! {"group_name": group_name}, None)?.is_some() {
             return Err(StoreError::GroupExists);
         }
-        if max_per_user > 0 {
+        if quota > 0 {
             let created = self
                 .groups
                 .count_documents(doc! {"creator": username})
                 .run()?;
-            if created >= max_per_user as u64 {
+            if created >= quota as u64 {
                 return Err(StoreError::QuotaExceeded);
             }
         }
@@ -786,17 +793,10 @@ impl Store for MongoStore {
         // query (`head_seqs`); only groups older than hints are read one by one, once.
         self.raise_head_hint(group_name, 0);
         let last_read = timestamp_of(Some(&Bson::DateTime(now)));
-        let user = vec![Member {
-            name_id: username.to_string(),
-            last_read,
-        }];
-        Ok(CreatedGroup {
-            group_name: group_name.to_string(),
-            user,
-        })
+        Ok(created_group(group_name, username, last_read))
     }
 
-    fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+    fn join_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef> {
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
@@ -821,7 +821,7 @@ impl Store for MongoStore {
         Ok(group_ref(&group, group_name))
     }
 
-    fn leave_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+    fn leave_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef> {
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
@@ -840,7 +840,7 @@ impl Store for MongoStore {
         Ok(group_ref(&group, group_name))
     }
 
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>> {
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<StoreResult<Appended>> {
         if let Err(error) = self.ensure_indexes() {
             return batch.iter().map(|_| Err(error.clone())).collect();
         }
@@ -855,8 +855,7 @@ impl Store for MongoStore {
                 None => by_group.push((&message.group_name, vec![(index, message)])),
             }
         }
-        let mut results: Vec<Option<Result<Appended, StoreError>>> =
-            batch.iter().map(|_| None).collect();
+        let mut results: Vec<Option<StoreResult<Appended>>> = batch.iter().map(|_| None).collect();
         for (group_name, items) in by_group {
             for (index, outcome) in self.append_group(group_name, items, &now) {
                 results[index] = Some(outcome);
@@ -868,12 +867,9 @@ impl Store for MongoStore {
             .collect()
     }
 
-    fn visit_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        leaving: Option<&ReadMark>,
-    ) -> Result<Visit, StoreError> {
+    fn visit_group(&mut self, entry: &Entry) -> StoreResult<Visit> {
+        let (username, group_name) = (entry.member.username, entry.member.group_name);
+        let leaving = entry.leaving;
         self.ensure_indexes()?;
         let group = self.group(group_name)?;
         let last_read = member_last_read(&group, username)?;
@@ -888,13 +884,9 @@ impl Store for MongoStore {
         })
     }
 
-    fn enter_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        leaving: Option<&ReadMark>,
-        reply_budget: usize,
-    ) -> Result<GroupHistory, StoreError> {
+    fn enter_group(&mut self, entry: &Entry, reply_budget: usize) -> StoreResult<GroupHistory> {
+        let (username, group_name) = (entry.member.username, entry.member.group_name);
+        let leaving = entry.leaving;
         self.ensure_indexes()?;
         let group = self.group(group_name)?;
         let last_read_seq = self.member_read_seq(&group, username)?;
@@ -902,37 +894,24 @@ impl Store for MongoStore {
         let head_seq = self.head_seq(group_name)?;
         let unread =
             doc! {"group_name": group_name, "seq": {"$gt": marker, "$lte": head_seq as i64}};
-        let (unread, unread_has_more) = split_page(
-            self.find_messages(unread, true, MAX_UNREAD_ON_ENTER + 1)?,
-            MAX_UNREAD_ON_ENTER,
-        );
         let read = doc! {"group_name": group_name, "seq": {"$lte": marker}};
-        let mut read = self.find_messages(read, false, MAX_READ_ON_ENTER)?;
-        read.reverse();
-        let (unread, unread_has_more, read) =
-            fit_history(unread, unread_has_more, read, reply_budget);
-        let read_seq = read_seq_after_enter(last_read_seq, head_seq, &unread, unread_has_more);
+        let rows = EnterRows {
+            unread: self.find_messages(unread, true, MAX_UNREAD_ON_ENTER + 1)?,
+            read_newest_first: self.find_messages(read, false, MAX_READ_ON_ENTER)?,
+            last_read_seq,
+            head_seq,
+            epoch: group_ref(&group, group_name).group_id,
+            first_seq: first_seq_of(&group),
+        };
+        let history = history(rows, reply_budget);
         if let Some(mark) = leaving {
             self.mark_read(std::slice::from_ref(mark))?;
         }
-        let entered = ReadMark {
-            username: username.to_string(),
-            group_name: group_name.to_string(),
-            seq: read_seq,
-        };
-        self.set_read(&entered, head_seq)?;
-        Ok(GroupHistory {
-            unread,
-            unread_has_more,
-            read,
-            head_seq,
-            read_seq,
-            epoch: group_ref(&group, group_name).group_id,
-            first_seq: first_seq_of(&group),
-        })
+        self.set_read(&entered_mark(username, group_name, &history), head_seq)?;
+        Ok(history)
     }
 
-    fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError> {
+    fn mark_read(&mut self, marks: &[ReadMark]) -> StoreResult<()> {
         for mark in marks {
             let head_seq = self.head_seq(&mark.group_name)?;
             self.set_read(mark, head_seq)?;
@@ -940,11 +919,7 @@ impl Store for MongoStore {
         Ok(())
     }
 
-    fn read_state(
-        &mut self,
-        username: &str,
-        group_name: &str,
-    ) -> Result<GroupReadState, StoreError> {
+    fn read_state(&mut self, username: &str, group_name: &str) -> StoreResult<GroupReadState> {
         self.ensure_indexes()?;
         let group = self.group(group_name)?;
         let last_read_seq = self.member_read_seq(&group, username)?;
@@ -957,23 +932,13 @@ impl Store for MongoStore {
         ))
     }
 
-    fn my_groups(
-        &mut self,
-        username: &str,
-        query: &GroupsQuery,
-    ) -> Result<MembershipsPage, StoreError> {
+    fn my_groups(&mut self, username: &str, query: &GroupsQuery) -> StoreResult<MembershipsPage> {
         self.ensure_indexes()?;
         let mut filter = doc! {"user.name_ID": username};
         if let Some(after) = &query.after {
             filter.insert("group_name", doc! {"$gt": after});
         }
-        let cursor = self
-            .groups
-            .find(filter)
-            .sort(doc! {"group_name": 1})
-            .limit(i64::from(query.limit) + 1)
-            .max_time(self.max_time)
-            .run()?;
+        let cursor = self.groups_by_name(filter, query.limit + 1)?;
         let mut groups = cursor.collect::<Result<Vec<Document>, _>>()?;
         let has_more = groups.len() > query.limit as usize;
         groups.truncate(query.limit as usize);
@@ -998,12 +963,8 @@ impl Store for MongoStore {
         })
     }
 
-    fn fetch_messages(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        page: PageQuery,
-    ) -> Result<MessagePage, StoreError> {
+    fn fetch_messages(&mut self, member: MemberOf, page: PageQuery) -> StoreResult<MessagePage> {
+        let (username, group_name) = (member.username, member.group_name);
         self.ensure_indexes()?;
         let group = self.group(group_name)?;
         member_last_read(&group, username)?;
@@ -1029,18 +990,12 @@ impl Store for MongoStore {
         })
     }
 
-    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> Result<GroupsPage, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> StoreResult<GroupsPage> {
         let filter = match &query.after {
             Some(after) => doc! {"group_name": {"$gt": after}},
             None => doc! {},
         };
-        let cursor = self
-            .groups
-            .find(filter)
-            .sort(doc! {"group_name": 1})
-            .limit(i64::from(query.limit) + 1)
-            .max_time(self.max_time)
-            .run()?;
+        let cursor = self.groups_by_name(filter, query.limit + 1)?;
         let mut groups = Vec::new();
         for group in cursor {
             let group = group?;
@@ -1054,11 +1009,11 @@ impl Store for MongoStore {
         Ok(GroupsPage { groups, has_more })
     }
 
-    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError> {
+    fn group_members(&mut self, group_name: &str) -> StoreResult<Vec<String>> {
         Ok(member_names(&self.group(group_name)?))
     }
 
-    fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+    fn group_heads(&mut self, group_names: &[String]) -> StoreResult<Vec<(String, u64)>> {
         let cursor = self
             .counters
             .find(doc! {"_id": {"$in": group_names.to_vec()}})
@@ -1074,12 +1029,8 @@ impl Store for MongoStore {
         Ok(heads)
     }
 
-    fn messages_after(
-        &mut self,
-        group_name: &str,
-        after_seq: u64,
-        limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
+    fn messages_after(&mut self, group: &str, after: u64, limit: u32) -> StoreResult<Vec<Message>> {
+        let (group_name, after_seq) = (group, after);
         self.find_messages(
             doc! {"group_name": group_name, "seq": {"$gt": after_seq.min(i64::MAX as u64) as i64}},
             true,
@@ -1087,32 +1038,24 @@ impl Store for MongoStore {
         )
     }
 
-    fn message_at(&mut self, group_name: &str, seq: u64) -> Result<Option<Message>, StoreError> {
+    fn message_at(&mut self, group_name: &str, seq: u64) -> StoreResult<Option<Message>> {
         self.ensure_indexes()?;
         self.group(group_name)?;
-        let seq = seq.min(i64::MAX as u64) as i64;
-        first(
-            &self.messages,
-            doc! {"group_name": group_name, "seq": seq},
-            None,
-        )?
-        .map(|document| message_from(&document))
-        .transpose()
+        self.stored_message(group_name, seq.min(i64::MAX as u64) as i64)
     }
 
-    fn rewrite_message(
-        &mut self,
-        group_name: &str,
-        seq: u64,
-        text: Option<&str>,
-        at: &str,
-    ) -> Result<Option<Message>, StoreError> {
+    fn rewrite(&mut self, group: &str, seq: u64, change: Rewrite) -> StoreResult<Option<Message>> {
+        let group_name = group;
         self.ensure_indexes()?;
         let seq = seq.min(i64::MAX as u64) as i64;
-        let update = match text {
-            Some(text) => doc! {"$set": {"text": text, "edited_at": datetime_from(at)}},
+        let update = match change {
+            Rewrite::Edit { text, at } => {
+                doc! {"$set": {"text": text, "edited_at": datetime_from(at)}}
+            }
             // The text is removed from the document, not flagged: a tombstone keeps no trace.
-            None => doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": ""}},
+            Rewrite::Erase => {
+                doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": ""}}
+            }
         };
         let changed = self
             .messages
@@ -1124,21 +1067,15 @@ impl Store for MongoStore {
         if changed.matched_count == 0 {
             return Ok(None);
         }
-        first(
-            &self.messages,
-            doc! {"group_name": group_name, "seq": seq},
-            None,
-        )?
-        .map(|document| message_from(&document))
-        .transpose()
+        self.stored_message(group_name, seq)
     }
 
-    fn role(&mut self, group_name: &str, username: &str) -> Result<Role, StoreError> {
+    fn role(&mut self, group_name: &str, username: &str) -> StoreResult<Role> {
         self.ensure_indexes()?;
         member_role(&self.group(group_name)?, username)
     }
 
-    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> Result<(), StoreError> {
+    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> StoreResult<()> {
         self.ensure_indexes()?;
         let changed = self
             .groups
@@ -1154,11 +1091,7 @@ impl Store for MongoStore {
         Ok(())
     }
 
-    fn members_with_role(
-        &mut self,
-        group_name: &str,
-        role: Role,
-    ) -> Result<Vec<String>, StoreError> {
+    fn members_with_role(&mut self, group_name: &str, role: Role) -> StoreResult<Vec<String>> {
         self.ensure_indexes()?;
         let group = self.group(group_name)?;
         Ok(member_names(&group)
@@ -1167,12 +1100,7 @@ impl Store for MongoStore {
             .collect())
     }
 
-    fn set_banned(
-        &mut self,
-        group_name: &str,
-        username: &str,
-        banned: bool,
-    ) -> Result<(), StoreError> {
+    fn set_banned(&mut self, group_name: &str, username: &str, banned: bool) -> StoreResult<()> {
         self.ensure_indexes()?;
         let update = if banned {
             doc! {"$addToSet": {"banned": username}}
@@ -1189,7 +1117,7 @@ impl Store for MongoStore {
         Ok(())
     }
 
-    fn remove_group(&mut self, group_name: &str) -> Result<(), StoreError> {
+    fn remove_group(&mut self, group_name: &str) -> StoreResult<()> {
         self.ensure_indexes()?;
         // The group document first: from then on no join or send finds the group, so nothing
         // new lands among the messages being removed.
@@ -1208,13 +1136,8 @@ impl Store for MongoStore {
         Ok(())
     }
 
-    fn prune(
-        &mut self,
-        group_name: &str,
-        below_seq: u64,
-        older_than: Option<&str>,
-        limit: u32,
-    ) -> Result<u64, StoreError> {
+    fn prune(&mut self, group_name: &str, cut: &PruneCut, limit: u32) -> StoreResult<u64> {
+        let (below_seq, older_than) = (cut.below_seq, cut.older_than);
         self.ensure_indexes()?;
         // The newest message always stays: MongoDB's head is the highest stored seq.
         let head = self.head_seq(group_name)?.max(self.head_hint(group_name)?);
@@ -1254,7 +1177,7 @@ impl Store for MongoStore {
         Ok(removed.deleted_count)
     }
 
-    fn group_names(&mut self, after: &str, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+    fn group_names(&mut self, after: &str, limit: u32) -> StoreResult<Vec<(String, u64)>> {
         self.ensure_indexes()?;
         let cursor = self
             .groups
@@ -1281,7 +1204,7 @@ impl Store for MongoStore {
             .collect())
     }
 
-    fn erase_user(&mut self, username: &str) -> Result<Vec<String>, StoreError> {
+    fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>> {
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
@@ -1323,7 +1246,7 @@ impl Store for MongoStore {
         Ok(groups)
     }
 
-    fn erasures_since(&mut self, since_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {
         self.ensure_indexes()?;
         let cursor = self
             .erasures
@@ -1374,7 +1297,11 @@ mod tests {
             after_seq: None,
             limit: 1,
         };
-        let _ = store.fetch_messages("nobody", "nothing", page);
+        let nobody = MemberOf {
+            username: "nobody",
+            group_name: "nothing",
+        };
+        let _ = store.fetch_messages(nobody, page);
         let schema = first(&meta, doc! {"_id": "schema"}, None)
             .expect("read")
             .expect("recorded");
@@ -1387,7 +1314,7 @@ mod tests {
             .expect("bump");
         let mut newer =
             MongoStore::connect(&uri, &database, Duration::from_secs(5)).expect("connect");
-        match newer.fetch_messages("nobody", "nothing", page) {
+        match newer.fetch_messages(nobody, page) {
             Err(StoreError::Unavailable(reason)) => assert!(reason.contains("newer"), "{reason}"),
             other => panic!("a newer schema was not refused: {other:?}"),
         }

@@ -5,11 +5,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoreResult};
 use crate::model::{
-    new_object_id, now_timestamp, Appended, CreatedGroup, GroupHistory, GroupReadState, GroupRef,
-    GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage, Message, MessagePage,
-    NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit,
+    new_object_id, now_timestamp, Appended, CreatedGroup, Entry, GroupHistory, GroupReadState,
+    GroupRef, GroupSummary, GroupsPage, GroupsQuery, Member, MemberOf, MembershipsPage, Message,
+    MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit,
 };
 
 /// Every group's `epoch`: this store never restarts a numbering it keeps.
@@ -34,10 +34,7 @@ impl NoopStore {
         }
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Shared) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with<T>(&self, f: impl FnOnce(&mut Shared) -> StoreResult<T>) -> StoreResult<T> {
         let mut shared = self
             .shared
             .lock()
@@ -50,7 +47,7 @@ fn member_of<'a>(
     shared: &'a mut Shared,
     username: &str,
     group_name: &str,
-) -> Result<&'a mut (HashSet<String>, u64), StoreError> {
+) -> StoreResult<&'a mut (HashSet<String>, u64)> {
     let group = shared
         .groups
         .get_mut(group_name)
@@ -69,11 +66,7 @@ fn group_ref(group_name: &str) -> GroupRef {
 }
 
 impl Store for NoopStore {
-    fn find_or_create_user(
-        &mut self,
-        username: &str,
-        may_create: bool,
-    ) -> Result<(UserProfile, bool), StoreError> {
+    fn find_user(&mut self, username: &str, may_create: bool) -> StoreResult<(UserProfile, bool)> {
         self.with(|shared| {
             if !may_create && !shared.users.contains(username) {
                 return Err(StoreError::UserNotFound);
@@ -95,12 +88,8 @@ impl Store for NoopStore {
         })
     }
 
-    fn create_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        _max_per_user: usize,
-    ) -> Result<CreatedGroup, StoreError> {
+    fn create_group(&mut self, creator: MemberOf, _quota: usize) -> StoreResult<CreatedGroup> {
+        let (username, group_name) = (creator.username, creator.group_name);
         self.with(|shared| {
             if !shared.users.contains(username) {
                 return Err(StoreError::UserNotFound);
@@ -120,7 +109,7 @@ impl Store for NoopStore {
         })
     }
 
-    fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+    fn join_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef> {
         self.with(|shared| {
             if !shared.users.contains(username) {
                 return Err(StoreError::UserNotFound);
@@ -134,7 +123,7 @@ impl Store for NoopStore {
         })
     }
 
-    fn leave_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+    fn leave_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef> {
         self.with(|shared| {
             member_of(shared, username, group_name)?.0.remove(username);
             Ok(group_ref(group_name))
@@ -142,7 +131,7 @@ impl Store for NoopStore {
     }
 
     /// Keeps no messages, so `client_msg_id` repeats are not recognised (benchmarks only).
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>> {
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<StoreResult<Appended>> {
         let timestamp = now_timestamp();
         batch
             .iter()
@@ -164,12 +153,8 @@ impl Store for NoopStore {
             .collect()
     }
 
-    fn visit_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        _: Option<&ReadMark>,
-    ) -> Result<Visit, StoreError> {
+    fn visit_group(&mut self, entry: &Entry) -> StoreResult<Visit> {
+        let (username, group_name) = (entry.member.username, entry.member.group_name);
         self.with(|shared| {
             let head_seq = member_of(shared, username, group_name)?.1;
             Ok(Visit {
@@ -180,13 +165,8 @@ impl Store for NoopStore {
         })
     }
 
-    fn enter_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        _: Option<&ReadMark>,
-        _: usize,
-    ) -> Result<GroupHistory, StoreError> {
+    fn enter_group(&mut self, entry: &Entry, _: usize) -> StoreResult<GroupHistory> {
+        let (username, group_name) = (entry.member.username, entry.member.group_name);
         self.with(|shared| {
             let head_seq = member_of(shared, username, group_name)?.1;
             Ok(GroupHistory {
@@ -201,15 +181,11 @@ impl Store for NoopStore {
         })
     }
 
-    fn mark_read(&mut self, _: &[ReadMark]) -> Result<(), StoreError> {
+    fn mark_read(&mut self, _: &[ReadMark]) -> StoreResult<()> {
         Ok(())
     }
 
-    fn read_state(
-        &mut self,
-        username: &str,
-        group_name: &str,
-    ) -> Result<GroupReadState, StoreError> {
+    fn read_state(&mut self, username: &str, group_name: &str) -> StoreResult<GroupReadState> {
         self.with(|shared| {
             let head = member_of(shared, username, group_name)?.1;
             Ok(GroupReadState::new(
@@ -221,19 +197,15 @@ impl Store for NoopStore {
         })
     }
 
-    fn my_groups(&mut self, _: &str, _: &GroupsQuery) -> Result<MembershipsPage, StoreError> {
+    fn my_groups(&mut self, _: &str, _: &GroupsQuery) -> StoreResult<MembershipsPage> {
         Ok(MembershipsPage {
             groups: Vec::new(),
             has_more: false,
         })
     }
 
-    fn fetch_messages(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        _: PageQuery,
-    ) -> Result<MessagePage, StoreError> {
+    fn fetch_messages(&mut self, member: MemberOf, page: PageQuery) -> StoreResult<MessagePage> {
+        let (username, group_name) = (member.username, member.group_name);
         self.with(|shared| {
             member_of(shared, username, group_name)?;
             Ok(MessagePage {
@@ -245,7 +217,7 @@ impl Store for NoopStore {
         })
     }
 
-    fn list_groups(&mut self, query: &GroupsQuery, _: &str) -> Result<GroupsPage, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery, _: &str) -> StoreResult<GroupsPage> {
         self.with(|shared| {
             let after = query.after.as_deref().unwrap_or("");
             let mut groups: Vec<GroupSummary> = shared
@@ -263,7 +235,7 @@ impl Store for NoopStore {
         })
     }
 
-    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError> {
+    fn group_members(&mut self, group_name: &str) -> StoreResult<Vec<String>> {
         self.with(|shared| {
             shared
                 .groups
@@ -273,61 +245,55 @@ impl Store for NoopStore {
         })
     }
 
-    fn group_heads(&mut self, _: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+    fn group_heads(&mut self, _: &[String]) -> StoreResult<Vec<(String, u64)>> {
         Ok(Vec::new())
     }
 
-    fn messages_after(&mut self, _: &str, _: u64, _: u32) -> Result<Vec<Message>, StoreError> {
+    fn messages_after(&mut self, _: &str, _: u64, _: u32) -> StoreResult<Vec<Message>> {
         Ok(Vec::new())
     }
     // Managing messages and groups is not part of what this store measures.
-    fn message_at(&mut self, _: &str, _: u64) -> Result<Option<Message>, StoreError> {
+    fn message_at(&mut self, _: &str, _: u64) -> StoreResult<Option<Message>> {
         Err(not_kept())
     }
 
-    fn rewrite_message(
-        &mut self,
-        _: &str,
-        _: u64,
-        _: Option<&str>,
-        _: &str,
-    ) -> Result<Option<Message>, StoreError> {
+    fn rewrite(&mut self, _: &str, _: u64, _: Rewrite) -> StoreResult<Option<Message>> {
         Err(not_kept())
     }
 
-    fn role(&mut self, _: &str, _: &str) -> Result<Role, StoreError> {
+    fn role(&mut self, _: &str, _: &str) -> StoreResult<Role> {
         Err(not_kept())
     }
 
-    fn set_role(&mut self, _: &str, _: &str, _: Role) -> Result<(), StoreError> {
+    fn set_role(&mut self, _: &str, _: &str, _: Role) -> StoreResult<()> {
         Err(not_kept())
     }
 
-    fn members_with_role(&mut self, _: &str, _: Role) -> Result<Vec<String>, StoreError> {
+    fn members_with_role(&mut self, _: &str, _: Role) -> StoreResult<Vec<String>> {
         Err(not_kept())
     }
 
-    fn set_banned(&mut self, _: &str, _: &str, _: bool) -> Result<(), StoreError> {
+    fn set_banned(&mut self, _: &str, _: &str, _: bool) -> StoreResult<()> {
         Err(not_kept())
     }
 
-    fn remove_group(&mut self, _: &str) -> Result<(), StoreError> {
+    fn remove_group(&mut self, _: &str) -> StoreResult<()> {
         Err(not_kept())
     }
 
-    fn prune(&mut self, _: &str, _: u64, _: Option<&str>, _: u32) -> Result<u64, StoreError> {
+    fn prune(&mut self, _: &str, _: &PruneCut, _: u32) -> StoreResult<u64> {
         Ok(0)
     }
 
-    fn group_names(&mut self, _: &str, _: u32) -> Result<Vec<(String, u64)>, StoreError> {
+    fn group_names(&mut self, _: &str, _: u32) -> StoreResult<Vec<(String, u64)>> {
         Ok(Vec::new())
     }
 
-    fn erase_user(&mut self, _: &str) -> Result<Vec<String>, StoreError> {
+    fn erase_user(&mut self, _: &str) -> StoreResult<Vec<String>> {
         Err(not_kept())
     }
 
-    fn erasures_since(&mut self, _: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    fn erasures_since(&mut self, _: u64) -> StoreResult<Vec<(String, u64)>> {
         Ok(Vec::new())
     }
 }

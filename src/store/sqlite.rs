@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::{fit_history, read_seq_after_enter, split_page, Store, StoreError};
+use super::{
+    created_group, entered_mark, history, profile, split_page, EnterRows, PruneCut, Rewrite, Store,
+    StoreError, StoreResult,
+};
 use crate::model::{
-    new_object_id, now_timestamp, unix_millis, Appended, CreatedGroup, GroupHistory,
-    GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, Member, MembershipsPage,
+    new_object_id, now_timestamp, unix_millis, Appended, CreatedGroup, Entry, GroupHistory,
+    GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf, MembershipsPage,
     Message, MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit,
     MAX_GROUP_LIST, MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
@@ -123,7 +126,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database under `data_dir`. `durable`: every commit is
     /// fsynced before it is acknowledged (`synchronous=FULL`); otherwise commits survive a
     /// process crash but the last ones may be lost to a power cut (`NORMAL`).
-    pub fn open(data_dir: &Path, durable: bool, wal_limit: u64) -> Result<SqliteStore, StoreError> {
+    pub fn open(data_dir: &Path, durable: bool, wal_limit: u64) -> StoreResult<SqliteStore> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
         })?;
@@ -147,7 +150,7 @@ impl SqliteStore {
     }
 
     /// Brings the schema to `SCHEMA_VERSION`, one step at a time, in one transaction.
-    fn migrate(&mut self) -> Result<(), StoreError> {
+    fn migrate(&mut self) -> StoreResult<()> {
         let tx = self.write()?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         if version > SCHEMA_VERSION {
@@ -175,7 +178,7 @@ impl SqliteStore {
     /// Begins a write transaction. Writers of this process take turns on a mutex first: SQLite's
     /// own lock makes a waiting connection sleep in steps of up to 100 ms, which under load
     /// turned into second-long stalls; the mutex hands the turn over at once.
-    fn write(&mut self) -> Result<WriteTx<'_>, StoreError> {
+    fn write(&mut self) -> StoreResult<WriteTx<'_>> {
         let turn = writer_turn();
         let tx = self
             .connection
@@ -291,25 +294,25 @@ fn query_messages(
     tx: &Connection,
     filter: &str,
     args: impl rusqlite::Params,
-) -> Result<Vec<Message>, StoreError> {
+) -> StoreResult<Vec<Message>> {
     let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE {filter}");
     let mut statement = tx.prepare_cached(&sql)?;
     let rows = statement.query_map(args, message_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn user_exists(tx: &Connection, username: &str) -> Result<bool, StoreError> {
+fn user_exists(tx: &Connection, username: &str) -> StoreResult<bool> {
     Ok(tx
         .prepare_cached("SELECT 1 FROM users WHERE username = ?1")?
         .exists([username])?)
 }
 
-fn group_id(tx: &Connection, group_name: &str) -> Result<String, StoreError> {
+fn group_id(tx: &Connection, group_name: &str) -> StoreResult<String> {
     Ok(group_row(tx, group_name)?.0)
 }
 
 /// A group's id and `first_seq`.
-fn group_row(tx: &Connection, group_name: &str) -> Result<(String, u64), StoreError> {
+fn group_row(tx: &Connection, group_name: &str) -> StoreResult<(String, u64)> {
     tx.prepare_cached("SELECT id, first_seq FROM groups WHERE group_name = ?1")?
         .query_row([group_name], |row| {
             Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
@@ -328,11 +331,7 @@ struct MemberState {
 
 /// The member's read state and the group's id, after checking that the group exists and the
 /// user belongs to it.
-fn member_state(
-    tx: &Connection,
-    username: &str,
-    group_name: &str,
-) -> Result<MemberState, StoreError> {
+fn member_state(tx: &Connection, username: &str, group_name: &str) -> StoreResult<MemberState> {
     let (group_id, first_seq) = group_row(tx, group_name)?;
     let (last_read, last_read_seq) = tx
         .prepare_cached(
@@ -356,7 +355,7 @@ fn sent_before(
     tx: &Connection,
     username: &str,
     client_msg_id: &str,
-) -> Result<Option<Message>, StoreError> {
+) -> StoreResult<Option<Message>> {
     Ok(query_messages(
         tx,
         "username = ?1 AND client_msg_id = ?2",
@@ -367,7 +366,7 @@ fn sent_before(
 
 /// Raises a read marker (see `Store::mark_read`). SQLite evaluates every `SET` expression
 /// against the row as it was, so `last_read_seq` on the right is the old marker.
-fn set_read(tx: &Connection, mark: &ReadMark) -> Result<(), StoreError> {
+fn set_read(tx: &Connection, mark: &ReadMark) -> StoreResult<()> {
     tx.prepare_cached(
         "UPDATE members SET
             last_read = CASE
@@ -388,7 +387,7 @@ fn set_read(tx: &Connection, mark: &ReadMark) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn head_seq(tx: &Connection, group_name: &str) -> Result<u64, StoreError> {
+fn head_seq(tx: &Connection, group_name: &str) -> StoreResult<u64> {
     let seq: i64 = tx
         .prepare_cached("SELECT last_seq FROM groups WHERE group_name = ?1")?
         .query_row([group_name], |row| row.get(0))?;
@@ -413,7 +412,7 @@ impl Appender {
         tx: &Connection,
         message: &NewMessage,
         timestamp: &str,
-    ) -> Result<Appended, StoreError> {
+    ) -> StoreResult<Appended> {
         // The original is returned whatever happened since (the sender left the group, or
         // reused the id for another group): a retry must never store a second copy.
         if let Some(id) = &message.client_msg_id {
@@ -470,7 +469,7 @@ impl Appender {
     }
 
     /// Writes each group's new `last_seq` (in the same transaction, before the commit).
-    fn finish(self, tx: &Connection) -> Result<(), StoreError> {
+    fn finish(self, tx: &Connection) -> StoreResult<()> {
         let mut update =
             tx.prepare_cached("UPDATE groups SET last_seq = ?2 WHERE group_name = ?1")?;
         for (group_name, seq) in &self.last_seq {
@@ -481,7 +480,7 @@ impl Appender {
 }
 
 /// The user's role in the group, or `None` when not a member.
-fn role_of(tx: &Connection, group_name: &str, username: &str) -> Result<Option<Role>, StoreError> {
+fn role_of(tx: &Connection, group_name: &str, username: &str) -> StoreResult<Option<Role>> {
     let role: Option<String> = tx
         .prepare_cached("SELECT role FROM members WHERE group_name = ?1 AND username = ?2")?
         .query_row([group_name, username], |row| row.get(0))
@@ -491,7 +490,7 @@ fn role_of(tx: &Connection, group_name: &str, username: &str) -> Result<Option<R
 
 /// Whether the user belongs to the group: one lookup when it does (the common case); the
 /// group's existence is asked only to tell `GroupNotFound` from `NotAMember`.
-fn check_member(tx: &Connection, username: &str, group_name: &str) -> Result<(), StoreError> {
+fn check_member(tx: &Connection, username: &str, group_name: &str) -> StoreResult<()> {
     let member = tx
         .prepare_cached("SELECT 1 FROM members WHERE group_name = ?1 AND username = ?2")?
         .exists([group_name, username])?;
@@ -503,11 +502,7 @@ fn check_member(tx: &Connection, username: &str, group_name: &str) -> Result<(),
 }
 
 impl Store for SqliteStore {
-    fn find_or_create_user(
-        &mut self,
-        username: &str,
-        may_create: bool,
-    ) -> Result<(UserProfile, bool), StoreError> {
+    fn find_user(&mut self, username: &str, may_create: bool) -> StoreResult<(UserProfile, bool)> {
         let tx = self.write()?;
         let existing: Option<String> = tx
             .prepare_cached("SELECT id FROM users WHERE username = ?1")?
@@ -526,32 +521,18 @@ impl Store for SqliteStore {
                 id
             }
         };
-        let mut group_list = tx
+        let group_list = tx
             .prepare_cached(
                 "SELECT group_name FROM members WHERE username = ?1 ORDER BY group_name LIMIT ?2",
             )?
             .query_map(params![username, MAX_GROUP_LIST + 1], |row| row.get(0))?
             .collect::<Result<Vec<String>, _>>()?;
         tx.commit()?;
-        let group_list_has_more = group_list.len() > MAX_GROUP_LIST as usize;
-        group_list.truncate(MAX_GROUP_LIST as usize);
-        Ok((
-            UserProfile {
-                id,
-                username: username.to_string(),
-                group_list,
-                group_list_has_more,
-            },
-            created,
-        ))
+        Ok((profile(id, username, group_list), created))
     }
 
-    fn create_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        max_per_user: usize,
-    ) -> Result<CreatedGroup, StoreError> {
+    fn create_group(&mut self, creator: MemberOf, quota: usize) -> StoreResult<CreatedGroup> {
+        let (username, group_name) = (creator.username, creator.group_name);
         let tx = self.write()?;
         if !user_exists(&tx, username)? {
             return Err(StoreError::UserNotFound);
@@ -559,11 +540,11 @@ impl Store for SqliteStore {
         if group_id(&tx, group_name).is_ok() {
             return Err(StoreError::GroupExists);
         }
-        if max_per_user > 0 {
+        if quota > 0 {
             let created: i64 = tx
                 .prepare_cached("SELECT COUNT(*) FROM groups WHERE creator = ?1")?
                 .query_row([username], |row| row.get(0))?;
-            if created as usize >= max_per_user {
+            if created as usize >= quota {
                 return Err(StoreError::QuotaExceeded);
             }
         }
@@ -577,17 +558,10 @@ impl Store for SqliteStore {
             [group_name, username, &last_read],
         )?;
         tx.commit()?;
-        let user = vec![Member {
-            name_id: username.to_string(),
-            last_read,
-        }];
-        Ok(CreatedGroup {
-            group_name: group_name.to_string(),
-            user,
-        })
+        Ok(created_group(group_name, username, last_read))
     }
 
-    fn join_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+    fn join_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef> {
         let tx = self.write()?;
         if !user_exists(&tx, username)? {
             return Err(StoreError::UserNotFound);
@@ -612,7 +586,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn leave_group(&mut self, username: &str, group_name: &str) -> Result<GroupRef, StoreError> {
+    fn leave_group(&mut self, username: &str, group_name: &str) -> StoreResult<GroupRef> {
         let tx = self.write()?;
         if !user_exists(&tx, username)? {
             return Err(StoreError::UserNotFound);
@@ -632,7 +606,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<Result<Appended, StoreError>> {
+    fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<StoreResult<Appended>> {
         let unavailable = |error: StoreError| batch.iter().map(|_| Err(error.clone())).collect();
         let tx = match self.write() {
             Ok(tx) => tx,
@@ -656,12 +630,9 @@ impl Store for SqliteStore {
         }
     }
 
-    fn visit_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        leaving: Option<&ReadMark>,
-    ) -> Result<Visit, StoreError> {
+    fn visit_group(&mut self, entry: &Entry) -> StoreResult<Visit> {
+        let (username, group_name) = (entry.member.username, entry.member.group_name);
+        let leaving = entry.leaving;
         let tx = self.write()?;
         let MemberState {
             last_read,
@@ -680,54 +651,38 @@ impl Store for SqliteStore {
         })
     }
 
-    fn enter_group(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        leaving: Option<&ReadMark>,
-        reply_budget: usize,
-    ) -> Result<GroupHistory, StoreError> {
+    fn enter_group(&mut self, entry: &Entry, reply_budget: usize) -> StoreResult<GroupHistory> {
+        let (username, group_name) = (entry.member.username, entry.member.group_name);
+        let leaving = entry.leaving;
         let tx = self.write()?;
         let member = member_state(&tx, username, group_name)?;
-        let last_read_seq = member.last_read_seq;
-        let marker = last_read_seq as i64;
-        let unread = query_messages(
-            &tx,
-            "group_name = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            params![group_name, marker, MAX_UNREAD_ON_ENTER + 1],
-        )?;
-        let (unread, unread_has_more) = split_page(unread, MAX_UNREAD_ON_ENTER);
-        let mut read = query_messages(
-            &tx,
-            "group_name = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT ?3",
-            params![group_name, marker, MAX_READ_ON_ENTER],
-        )?;
-        read.reverse();
-        let (unread, unread_has_more, read) =
-            fit_history(unread, unread_has_more, read, reply_budget);
-        let head_seq = head_seq(&tx, group_name)?;
-        let read_seq = read_seq_after_enter(last_read_seq, head_seq, &unread, unread_has_more);
-        let entered = ReadMark {
-            username: username.to_string(),
-            group_name: group_name.to_string(),
-            seq: read_seq,
+        let marker = member.last_read_seq as i64;
+        let rows = EnterRows {
+            unread: query_messages(
+                &tx,
+                "group_name = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                params![group_name, marker, MAX_UNREAD_ON_ENTER + 1],
+            )?,
+            read_newest_first: query_messages(
+                &tx,
+                "group_name = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT ?3",
+                params![group_name, marker, MAX_READ_ON_ENTER],
+            )?,
+            last_read_seq: member.last_read_seq,
+            head_seq: head_seq(&tx, group_name)?,
+            epoch: member.group_id,
+            first_seq: member.first_seq,
         };
+        let history = history(rows, reply_budget);
+        let entered = entered_mark(username, group_name, &history);
         for mark in leaving.into_iter().chain(Some(&entered)) {
             set_read(&tx, mark)?;
         }
         tx.commit()?;
-        Ok(GroupHistory {
-            unread,
-            unread_has_more,
-            read,
-            head_seq,
-            read_seq,
-            epoch: member.group_id,
-            first_seq: member.first_seq,
-        })
+        Ok(history)
     }
 
-    fn mark_read(&mut self, marks: &[ReadMark]) -> Result<(), StoreError> {
+    fn mark_read(&mut self, marks: &[ReadMark]) -> StoreResult<()> {
         if marks.is_empty() {
             return Ok(());
         }
@@ -739,11 +694,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn read_state(
-        &mut self,
-        username: &str,
-        group_name: &str,
-    ) -> Result<GroupReadState, StoreError> {
+    fn read_state(&mut self, username: &str, group_name: &str) -> StoreResult<GroupReadState> {
         let member = member_state(&self.connection, username, group_name)?;
         let last_seq = head_seq(&self.connection, group_name)?;
         Ok(GroupReadState::new(
@@ -754,11 +705,7 @@ impl Store for SqliteStore {
         ))
     }
 
-    fn my_groups(
-        &mut self,
-        username: &str,
-        query: &GroupsQuery,
-    ) -> Result<MembershipsPage, StoreError> {
+    fn my_groups(&mut self, username: &str, query: &GroupsQuery) -> StoreResult<MembershipsPage> {
         let mut statement = self.connection.prepare_cached(
             "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq, m.role FROM members m
              JOIN groups g ON g.group_name = m.group_name
@@ -780,12 +727,8 @@ impl Store for SqliteStore {
         Ok(MembershipsPage { groups, has_more })
     }
 
-    fn fetch_messages(
-        &mut self,
-        username: &str,
-        group_name: &str,
-        page: PageQuery,
-    ) -> Result<MessagePage, StoreError> {
+    fn fetch_messages(&mut self, member: MemberOf, page: PageQuery) -> StoreResult<MessagePage> {
+        let (username, group_name) = (member.username, member.group_name);
         let tx = self.connection.transaction()?;
         let member = member_state(&tx, username, group_name)?;
         let after = page.after_seq.unwrap_or(0).min(i64::MAX as u64) as i64;
@@ -816,7 +759,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> Result<GroupsPage, StoreError> {
+    fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> StoreResult<GroupsPage> {
         let tx = self.connection.transaction()?;
         // Names compare as bytes (SQLite's BINARY collation on UTF-8), the order `after` pages by.
         let names: Vec<String> = tx
@@ -856,7 +799,7 @@ impl Store for SqliteStore {
         Ok(GroupsPage { groups, has_more })
     }
 
-    fn group_members(&mut self, group_name: &str) -> Result<Vec<String>, StoreError> {
+    fn group_members(&mut self, group_name: &str) -> StoreResult<Vec<String>> {
         group_id(&self.connection, group_name)?;
         let names = self
             .connection
@@ -866,7 +809,7 @@ impl Store for SqliteStore {
         Ok(names)
     }
 
-    fn group_heads(&mut self, group_names: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+    fn group_heads(&mut self, group_names: &[String]) -> StoreResult<Vec<(String, u64)>> {
         let mut statement = self
             .connection
             .prepare_cached("SELECT last_seq FROM groups WHERE group_name = ?1")?;
@@ -880,12 +823,8 @@ impl Store for SqliteStore {
         Ok(heads)
     }
 
-    fn messages_after(
-        &mut self,
-        group_name: &str,
-        after_seq: u64,
-        limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
+    fn messages_after(&mut self, group: &str, after: u64, limit: u32) -> StoreResult<Vec<Message>> {
+        let (group_name, after_seq) = (group, after);
         query_messages(
             &self.connection,
             "group_name = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -893,7 +832,7 @@ impl Store for SqliteStore {
         )
     }
 
-    fn message_at(&mut self, group_name: &str, seq: u64) -> Result<Option<Message>, StoreError> {
+    fn message_at(&mut self, group_name: &str, seq: u64) -> StoreResult<Option<Message>> {
         group_id(&self.connection, group_name)?;
         Ok(query_messages(
             &self.connection,
@@ -903,24 +842,19 @@ impl Store for SqliteStore {
         .pop())
     }
 
-    fn rewrite_message(
-        &mut self,
-        group_name: &str,
-        seq: u64,
-        text: Option<&str>,
-        at: &str,
-    ) -> Result<Option<Message>, StoreError> {
+    fn rewrite(&mut self, group: &str, seq: u64, change: Rewrite) -> StoreResult<Option<Message>> {
+        let group_name = group;
         let tx = self.write()?;
         let seq = seq.min(i64::MAX as u64) as i64;
-        let changed = match text {
-            Some(text) => tx
+        let changed = match change {
+            Rewrite::Edit { text, at } => tx
                 .prepare_cached(
                     "UPDATE messages SET text = ?3, edited_at = ?4
                      WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
                 )?
                 .execute(params![group_name, seq, text, at])?,
             // The text is overwritten, not flagged: a tombstone keeps no trace of it.
-            None => tx
+            Rewrite::Erase => tx
                 .prepare_cached(
                     "UPDATE messages SET text = '', edited_at = NULL, deleted = 1
                      WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
@@ -941,12 +875,12 @@ impl Store for SqliteStore {
         Ok(message)
     }
 
-    fn role(&mut self, group_name: &str, username: &str) -> Result<Role, StoreError> {
+    fn role(&mut self, group_name: &str, username: &str) -> StoreResult<Role> {
         group_id(&self.connection, group_name)?;
         role_of(&self.connection, group_name, username)?.ok_or(StoreError::NotAMember)
     }
 
-    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> Result<(), StoreError> {
+    fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> StoreResult<()> {
         let tx = self.write()?;
         let changed = tx
             .prepare_cached("UPDATE members SET role = ?3 WHERE group_name = ?1 AND username = ?2")?
@@ -958,11 +892,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn members_with_role(
-        &mut self,
-        group_name: &str,
-        role: Role,
-    ) -> Result<Vec<String>, StoreError> {
+    fn members_with_role(&mut self, group_name: &str, role: Role) -> StoreResult<Vec<String>> {
         Ok(self
             .connection
             .prepare_cached(
@@ -972,12 +902,7 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<String>, _>>()?)
     }
 
-    fn set_banned(
-        &mut self,
-        group_name: &str,
-        username: &str,
-        banned: bool,
-    ) -> Result<(), StoreError> {
+    fn set_banned(&mut self, group_name: &str, username: &str, banned: bool) -> StoreResult<()> {
         let tx = self.write()?;
         group_id(&tx, group_name)?;
         let sql = if banned {
@@ -990,7 +915,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn remove_group(&mut self, group_name: &str) -> Result<(), StoreError> {
+    fn remove_group(&mut self, group_name: &str) -> StoreResult<()> {
         let tx = self.write()?;
         group_id(&tx, group_name)?;
         for table in ["messages", "members", "bans", "groups"] {
@@ -1003,13 +928,8 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn prune(
-        &mut self,
-        group_name: &str,
-        below_seq: u64,
-        older_than: Option<&str>,
-        limit: u32,
-    ) -> Result<u64, StoreError> {
+    fn prune(&mut self, group_name: &str, cut: &PruneCut, limit: u32) -> StoreResult<u64> {
+        let (below_seq, older_than) = (cut.below_seq, cut.older_than);
         let tx = self.write()?;
         let below = below_seq.min(i64::MAX as u64) as i64;
         // Oldest first, by the primary key: a batch costs `limit` row deletions however large
@@ -1035,7 +955,7 @@ impl Store for SqliteStore {
         Ok(removed as u64)
     }
 
-    fn group_names(&mut self, after: &str, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+    fn group_names(&mut self, after: &str, limit: u32) -> StoreResult<Vec<(String, u64)>> {
         Ok(self
             .connection
             .prepare_cached(
@@ -1048,7 +968,7 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
-    fn erase_user(&mut self, username: &str) -> Result<Vec<String>, StoreError> {
+    fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>> {
         let tx = self.write()?;
         if !user_exists(&tx, username)? {
             return Err(StoreError::UserNotFound);
@@ -1080,7 +1000,7 @@ impl Store for SqliteStore {
         Ok(groups)
     }
 
-    fn erasures_since(&mut self, since_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {
         Ok(self
             .connection
             .prepare_cached("SELECT username, at FROM erasures WHERE at >= ?1 ORDER BY at")?
