@@ -26,6 +26,13 @@ backend_tests!(
     a_ban_mid_send_is_a_clean_cut,
 );
 
+/// A server on fresh storage of `backend` (the storage outlives the server).
+fn started(backend: Backend) -> (Storage, Server) {
+    let storage = Storage::new(backend);
+    let server = Server::start(&storage);
+    (storage, server)
+}
+
 /// A protocol-3 client logged in as `username`.
 fn v3(server: &Server, username: &str) -> Client {
     let mut client = server.connect();
@@ -83,9 +90,57 @@ fn history(client: &mut Client, group: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Sends `count` requests at once without waiting (ids 0..count), `line(i)` making each.
+fn pipeline(client: &mut Client, count: usize, line: impl Fn(usize) -> Value) {
+    let mut burst = Vec::new();
+    for i in 0..count {
+        burst.extend(serde_json::to_vec(&line(i)).expect("json"));
+        burst.push(b'\n');
+    }
+    client.send_raw(&burst);
+}
+
+/// `count` pipelined sends to `group` (ids 0..count).
+fn send_burst(client: &mut Client, group: &str, count: usize) {
+    pipeline(
+        client,
+        count,
+        |i| json!({"event": "send_message", "data": {"group_name": group, "text": format!("burst {i}")}, "id": i}),
+    );
+}
+
+/// Reads the replies to `count` pipelined requests (skipping lines without `id`) and hands
+/// each to `check`.
+fn replies(client: &mut Client, count: usize, mut check: impl FnMut(&Value)) {
+    let mut answered = 0;
+    while answered < count {
+        let line = client.recv();
+        if line.get("id").is_some() {
+            answered += 1;
+            check(&line);
+        }
+    }
+}
+
+/// The replies to a burst of sends cut off by a removal: stored ones, then only `refusals`
+/// (never a store after one). Returns how many were stored.
+fn stored_until_cut(client: &mut Client, count: usize, refusals: &[&str]) -> usize {
+    let (mut stored, mut refused) = (0, false);
+    replies(client, count, |line| {
+        let event = line["event"].as_str().unwrap_or("");
+        if event == "message_sent" {
+            assert!(!refused, "stored after a refusal: {line}");
+            stored += 1;
+        } else {
+            assert!(refusals.contains(&event), "unexpected reply {line}");
+            refused = true;
+        }
+    });
+    stored
+}
+
 fn edits_and_deletes_reach_the_room_and_history(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (_storage, server) = started(backend);
     let (alice, bob) = (unique("alice"), unique("bob"));
     let mut a = server.login(&alice);
     let mut b = server.login(&bob);
@@ -214,8 +269,7 @@ fn edits_and_deletes_reach_the_room_and_history(backend: Backend) {
 }
 
 fn moderators_remove_and_ban_members(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (_storage, server) = started(backend);
     let (owner, admin, member) = (unique("owner"), unique("admin"), unique("member"));
     let mut o = server.login(&owner);
     let mut a = server.login(&admin);
@@ -342,8 +396,7 @@ fn moderators_remove_and_ban_members(backend: Backend) {
 }
 
 fn deleting_a_group_empties_its_room_and_renews_its_epoch(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (_storage, server) = started(backend);
     let (owner, member) = (unique("owner"), unique("member"));
     let mut o = server.login(&owner);
     let mut m = v3(&server, &member);
@@ -399,8 +452,7 @@ fn deleting_a_group_empties_its_room_and_renews_its_epoch(backend: Backend) {
 }
 
 fn a_group_deleted_during_a_storm_keeps_nothing_sent_after_the_ack(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (_storage, server) = started(backend);
     let owner = unique("owner");
     let mut o = server.login(&owner);
     let senders: Vec<String> = (0..3).map(|_| unique("storm")).collect();
@@ -413,32 +465,12 @@ fn a_group_deleted_during_a_storm_keeps_nothing_sent_after_the_ack(backend: Back
     let group = group_with(&mut o, &owner, &mut pairs);
     // Every sender pipelines 300 sends; the owner deletes the group while they land.
     for client in clients.iter_mut() {
-        let mut burst = Vec::new();
-        for i in 0..300 {
-            let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("storm {i}")}, "id": i});
-            burst.extend(serde_json::to_vec(&line).expect("json"));
-            burst.push(b'\n');
-        }
-        client.send_raw(&burst);
+        send_burst(client, &group, 300);
     }
     let deleted = ask(&mut o, "delete_group", json!({"group_name": group}));
     assert_eq!(deleted["event"], "group_deleted", "{deleted}");
-    // Every sender's replies: stored ones, then only refusals (never a store after one).
     for client in clients.iter_mut() {
-        let mut refused = false;
-        let mut answered = 0;
-        while answered < 300 {
-            let line = client.recv();
-            if line.get("id").is_none() {
-                continue;
-            }
-            answered += 1;
-            match line["event"].as_str() {
-                Some("message_sent") => assert!(!refused, "stored after a refusal: {line}"),
-                Some("group_not_found" | "not_a_member") => refused = true,
-                _ => panic!("unexpected reply {line}"),
-            }
-        }
+        stored_until_cut(client, 300, &["group_not_found", "not_a_member"]);
     }
     // A group made under the name afterwards holds nothing of the storm.
     assert_eq!(
@@ -452,8 +484,7 @@ fn a_group_deleted_during_a_storm_keeps_nothing_sent_after_the_ack(backend: Back
 }
 
 fn an_erased_user_is_cut_off_and_the_name_is_free(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (storage, server) = started(backend);
     let (gone, stays) = (unique("gone"), unique("stays"));
     let mut g = server.login(&gone);
     let mut s = server.login(&stays);
@@ -562,8 +593,7 @@ fn retention_prunes_in_the_background_and_history_says_where_it_starts(backend: 
 }
 
 fn edit_racing_delete_never_brings_text_back(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (_storage, server) = started(backend);
     let (author, admin) = (unique("author"), unique("admin"));
     let mut w = server.login(&author);
     let mut a = server.login(&admin);
@@ -581,41 +611,24 @@ fn edit_racing_delete_never_brings_text_back(backend: Backend) {
         .collect();
     // The author edits every message while the admin deletes every one, pipelined on two
     // connections at once.
-    let burst = |event: &str, with_text: bool| {
-        let mut bytes = Vec::new();
-        for seq in &seqs {
-            let mut data = json!({"group_name": group, "seq": seq});
-            if with_text {
-                data["text"] = json!(format!("edited {seq}"));
-            }
-            bytes.extend(
-                serde_json::to_vec(&json!({"event": event, "data": data, "id": seq}))
-                    .expect("json"),
-            );
-            bytes.push(b'\n');
+    let request = |event: &str, i: usize| {
+        let seq = seqs[i];
+        let mut data = json!({"group_name": group, "seq": seq});
+        if event == "edit_message" {
+            data["text"] = json!(format!("edited {seq}"));
         }
-        bytes
+        json!({"event": event, "data": data, "id": i})
     };
-    w.send_raw(&burst("edit_message", true));
-    a.send_raw(&burst("delete_message", false));
-    for (client, ok) in [
-        (&mut w, ["message_edited", "error"]),
-        (&mut a, ["message_deleted", "message_deleted"]),
-    ] {
-        let mut answered = 0;
-        while answered < seqs.len() {
-            let line = client.recv();
-            if line.get("id").is_none() {
-                continue;
-            }
-            answered += 1;
-            let event = line["event"].as_str().unwrap_or("");
-            assert!(ok.contains(&event), "{line}");
-            if event == "error" {
-                assert_eq!(code(&line), "not_found", "an edit after the delete: {line}");
-            }
+    pipeline(&mut w, seqs.len(), |i| request("edit_message", i));
+    pipeline(&mut a, seqs.len(), |i| request("delete_message", i));
+    replies(&mut w, seqs.len(), |line| {
+        if line["event"] != "message_edited" {
+            assert_eq!(code(line), "not_found", "an edit after the delete: {line}");
         }
-    }
+    });
+    replies(&mut a, seqs.len(), |line| {
+        assert_eq!(line["event"], "message_deleted", "{line}");
+    });
     for message in history(&mut a, &group) {
         assert_eq!(message["deleted"], true, "{message}");
         assert!(message.get("text").is_none(), "text came back: {message}");
@@ -623,43 +636,19 @@ fn edit_racing_delete_never_brings_text_back(backend: Backend) {
 }
 
 fn a_ban_mid_send_is_a_clean_cut(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start(&storage);
+    let (_storage, server) = started(backend);
     let (owner, sender) = (unique("owner"), unique("spammer"));
     let mut o = server.login(&owner);
     let mut s = server.login(&sender);
     let group = group_with(&mut o, &owner, &mut [(&mut s, &sender)]);
-    let mut burst = Vec::new();
-    for i in 0..400 {
-        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("spam {i}")}, "id": i});
-        burst.extend(serde_json::to_vec(&line).expect("json"));
-        burst.push(b'\n');
-    }
-    s.send_raw(&burst);
+    send_burst(&mut s, &group, 400);
     let banned = ask(
         &mut o,
         "ban_member",
         json!({"group_name": group, "username": sender}),
     );
     assert_eq!(banned["event"], "member_banned", "{banned}");
-    let mut stored = 0;
-    let mut refused = false;
-    let mut answered = 0;
-    while answered < 400 {
-        let line = s.recv();
-        if line.get("id").is_none() {
-            continue;
-        }
-        answered += 1;
-        match line["event"].as_str() {
-            Some("message_sent") => {
-                assert!(!refused, "stored after the ban took effect: {line}");
-                stored += 1;
-            }
-            Some("not_a_member") => refused = true,
-            _ => panic!("unexpected reply {line}"),
-        }
-    }
+    let stored = stored_until_cut(&mut s, 400, &["not_a_member"]);
     let kept = common::fetch_all(&mut o, &owner, &group).len();
     assert_eq!(kept, stored, "every acked message, and only those");
 }

@@ -18,21 +18,61 @@ use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::session::Effect;
 use crate::store::manage;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreResult};
 
-/// One moderation action: its wire names and its rule.
-pub trait Action: Send + std::fmt::Debug + 'static {
-    const EVENT: &'static str;
-    const REPLY: &'static str;
+/// The three actions, with their wire names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Remove,
+    Ban,
+    Unban,
+}
+
+impl Kind {
+    const fn event(self) -> &'static str {
+        match self {
+            Kind::Remove => "remove_member",
+            Kind::Ban => "ban_member",
+            Kind::Unban => "unban_member",
+        }
+    }
+
+    const fn reply(self) -> &'static str {
+        match self {
+            Kind::Remove => "member_removed",
+            Kind::Ban => "member_banned",
+            Kind::Unban => "member_unbanned",
+        }
+    }
+
     /// What the removed user's `left_group` and the room's `member_removed` say; `None`: the
-    /// action takes nobody out (unban).
-    const REASON: Option<&'static str>;
+    /// action takes nobody out.
+    const fn reason(self) -> Option<&'static str> {
+        match self {
+            Kind::Remove => Some("removed"),
+            Kind::Ban => Some("banned"),
+            Kind::Unban => None,
+        }
+    }
+
     fn apply(
+        self,
         store: &mut dyn Store,
         actor: &str,
         group: &str,
         target: &str,
-    ) -> Result<(), StoreError>;
+    ) -> StoreResult<()> {
+        match self {
+            Kind::Remove => manage::remove(store, actor, group, target),
+            Kind::Ban => manage::ban(store, actor, group, target).map(drop),
+            Kind::Unban => manage::unban(store, actor, group, target),
+        }
+    }
+}
+
+/// A moderation event type: which action it is.
+pub trait Action: Send + std::fmt::Debug + 'static {
+    const KIND: Kind;
 }
 
 #[derive(Debug)]
@@ -43,45 +83,15 @@ pub struct Ban;
 pub struct Unban;
 
 impl Action for Remove {
-    const EVENT: &'static str = "remove_member";
-    const REPLY: &'static str = "member_removed";
-    const REASON: Option<&'static str> = Some("removed");
-    fn apply(
-        store: &mut dyn Store,
-        actor: &str,
-        group: &str,
-        target: &str,
-    ) -> Result<(), StoreError> {
-        manage::remove(store, actor, group, target)
-    }
+    const KIND: Kind = Kind::Remove;
 }
 
 impl Action for Ban {
-    const EVENT: &'static str = "ban_member";
-    const REPLY: &'static str = "member_banned";
-    const REASON: Option<&'static str> = Some("banned");
-    fn apply(
-        store: &mut dyn Store,
-        actor: &str,
-        group: &str,
-        target: &str,
-    ) -> Result<(), StoreError> {
-        manage::ban(store, actor, group, target).map(drop)
-    }
+    const KIND: Kind = Kind::Ban;
 }
 
 impl Action for Unban {
-    const EVENT: &'static str = "unban_member";
-    const REPLY: &'static str = "member_unbanned";
-    const REASON: Option<&'static str> = None;
-    fn apply(
-        store: &mut dyn Store,
-        actor: &str,
-        group: &str,
-        target: &str,
-    ) -> Result<(), StoreError> {
-        manage::unban(store, actor, group, target)
-    }
+    const KIND: Kind = Kind::Unban;
 }
 
 #[derive(Debug)]
@@ -92,7 +102,7 @@ pub struct Moderate<A: Action> {
 }
 
 impl<A: Action> Event for Moderate<A> {
-    const NAME: &'static str = A::EVENT;
+    const NAME: &'static str = A::KIND.event();
     const NAMES_USER: bool = false;
 
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
@@ -121,7 +131,7 @@ impl<A: Action> StoreCall for Moderate<A> {
             username,
             group_name,
         } = &self.target;
-        A::apply(store, &self.actor, group_name, username)
+        A::KIND.apply(store, &self.actor, group_name, username)
     }
 
     fn answer(self, (): (), id: Option<&RawValue>) -> Completed {
@@ -130,8 +140,8 @@ impl<A: Action> StoreCall for Moderate<A> {
             group_name,
         } = self.target;
         let data = json!({"group_name": group_name, "username": username});
-        let line = encode_line(A::REPLY, &data, id);
-        let effect = match A::REASON {
+        let line = encode_line(A::KIND.reply(), &data, id);
+        let effect = match A::KIND.reason() {
             Some(reason) => Effect::Removed {
                 line: encode_line(
                     "member_removed",
