@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod backup;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod fd_limit;

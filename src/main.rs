@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Some("token") => return print_token(std::env::args().skip(2).collect()),
         Some("backup") => return run_backup(std::env::args().skip(2).collect()),
         Some("admin") => return run_admin(std::env::args().skip(2).collect()),
+        Some("cli") => return noomnim::cli::run(std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!(
                 "noomnim: unknown argument {other:?}; configuration is by environment (see --help)"

@@ -225,13 +225,21 @@ fn activity_reaches_members_outside_the_room(a: &Server, b: &Server) {
         );
         burst.push(b'\n');
     }
+    let started = std::time::Instant::now();
     sender.send_raw(&burst);
     for _ in 0..20 {
         let ack = sender.recv();
         assert_eq!(ack["event"], "message_sent", "{ack}");
     }
     let (count, last) = activity_until(&mut watcher, &busy, 20);
-    assert!(count <= 3, "{count} notices for one burst");
+    // One at once, one per interval while the burst lasts, one at its end: a burst stored
+    // within a second gets at most 3; on a loaded machine it may take longer, and the bound
+    // grows with it (the rule is the rate, not the count).
+    let intervals = started.elapsed().as_secs() as usize;
+    assert!(
+        count <= 3 + intervals,
+        "{count} notices for one burst in {intervals} s"
+    );
     assert_eq!(last["data"]["unread_count"], 20, "{last}");
     ask(
         &mut sender,

@@ -7,9 +7,7 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
-
+use common::tmux::Tmux;
 use common::{unique, Backend, Server, Storage};
 use serde_json::{json, Value};
 
@@ -26,67 +24,6 @@ const TEXTS: [&str; 8] = [
     "© ® ± µ ¶ ✓",
     "emoji 🙂 ok 👍",
 ];
-
-struct Tmux {
-    session: String,
-}
-
-impl Tmux {
-    fn start(command: &str) -> Tmux {
-        let session = unique("telnet").replace('_', "-");
-        let status = Command::new("tmux")
-            .args(["new-session", "-d", "-s", &session, "-x", "250", "-y", "60"])
-            .arg(command)
-            .status()
-            .expect("tmux (apt-get install tmux)");
-        assert!(status.success(), "tmux new-session");
-        Tmux { session }
-    }
-
-    fn type_line(&self, text: &str) {
-        for keys in [vec!["-l", text], vec!["Enter"]] {
-            let status = Command::new("tmux")
-                .args(["send-keys", "-t", &self.session])
-                .args(keys)
-                .status()
-                .expect("tmux send-keys");
-            assert!(status.success());
-        }
-    }
-
-    fn screen(&self) -> String {
-        let output = Command::new("tmux")
-            .args(["capture-pane", "-p", "-J", "-t", &self.session])
-            .output()
-            .expect("tmux capture-pane");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    /// Waits (bounded) until the screen shows `needle` `times` times.
-    fn wait_for(&self, needle: &str, times: usize) -> String {
-        self.wait_until(|screen| screen.matches(needle).count() >= times)
-    }
-
-    /// Waits (bounded by the reply timeout) until `done` holds for the screen.
-    fn wait_until(&self, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + common::REPLY_TIMEOUT;
-        loop {
-            let screen = self.screen();
-            if done(&screen) || Instant::now() > deadline {
-                return screen;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.session])
-            .status();
-    }
-}
 
 fn request(event: &str, data: Value) -> String {
     json!({"event": event, "data": data}).to_string()

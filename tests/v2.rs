@@ -260,7 +260,7 @@ fn read_state_by_seq_with_mark_read_and_my_groups(backend: Backend) {
     let mine = bob.request("my_groups", json!({}));
     assert_eq!(
         mine["data"]["groups"],
-        json!([{"group_name": group, "group_id": joined["data"]["group_id"], "last_seq": 5, "last_read_seq": 0, "unread_count": 5}]),
+        json!([{"group_name": group, "group_id": joined["data"]["group_id"], "last_seq": 5, "last_read_seq": 0, "unread_count": 5, "role": "member"}]),
         "{mine}"
     );
     let marked = bob.request("mark_read", json!({"group_name": group, "seq": 3}));

@@ -5,6 +5,8 @@
 //! `tools/services.sh`). The `backend_tests!` macro runs one test body against both.
 #![allow(dead_code)]
 
+pub mod tmux;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;

@@ -1,0 +1,269 @@
+//! Issue 26 item 1: `noomnim cli` as people use it. Interactive under tmux (a message from
+//! someone else appears above a half-typed line, which stays intact; tab completion; history
+//! across runs), and the one-shot commands from a shell, in pipelines, with their exit codes;
+//! `tail` prints every message exactly once across a server restart.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::tmux::Tmux;
+use common::{ask, free_port, next_of, ug, unique, Backend, Server, Storage, BINARY};
+use serde_json::{json, Value};
+
+/// `noomnim cli` against `server` as `user`, with `args`.
+fn cli(server: &Server, user: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BINARY)
+        .arg("cli")
+        .args(["--port", &server.addr.port().to_string(), "--user", user])
+        .args(args)
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run noomnim cli")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn one_shot_commands_report_by_exit_code_and_work_in_pipelines() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (user, group) = (unique("scripted"), unique("ops"));
+    let refused = cli(&server, &user, &["send", &group, "hello"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        text(&refused.stderr).contains("group_not_found"),
+        "{refused:?}"
+    );
+    let mut owner = server.login(&user);
+    assert_eq!(
+        ask(&mut owner, "create_group", ug(&user, &group))["event"],
+        "group_created"
+    );
+    let stored = cli(&server, &user, &["send", &group, "hello"]);
+    assert!(stored.status.success(), "{stored:?}");
+    assert_eq!(
+        text(&stored.stdout).trim(),
+        format!("stored as #1 in {group}")
+    );
+    // Retrying with the same --client-msg-id stores nothing new and still says "stored".
+    for _ in 0..2 {
+        let keyed = cli(
+            &server,
+            &user,
+            &["send", &group, "once", "--client-msg-id", "k-1"],
+        );
+        assert!(keyed.status.success(), "{keyed:?}");
+    }
+    for i in 0..5 {
+        assert!(cli(&server, &user, &["send", &group, &format!("n{i}")])
+            .status
+            .success());
+    }
+    // history | a pipeline: one JSON object per line, oldest first.
+    let pipeline = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{BINARY} cli --port {} --user {user} history {group} --limit 4 --json | python3 -c 'import sys, json; print(\",\".join(str(json.loads(l)[\"seq\"]) for l in sys.stdin))'",
+            server.addr.port()
+        ))
+        .output()
+        .expect("sh");
+    assert!(pipeline.status.success(), "{pipeline:?}");
+    assert_eq!(text(&pipeline.stdout).trim(), "4,5,6,7");
+    let all = cli(&server, &user, &["history", &group, "--limit", "500"]);
+    let lines: Vec<String> = text(&all.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    assert!(
+        lines[0].contains("#1") && lines[0].ends_with("hello"),
+        "{lines:?}"
+    );
+    assert!(
+        !lines[0].contains('\x1b'),
+        "no colour when not on a terminal"
+    );
+    let ping = cli(&server, &user, &["ping", "--count", "3"]);
+    assert!(ping.status.success(), "{ping:?}");
+    assert!(text(&ping.stdout).contains("(3 samples)"), "{ping:?}");
+    let usage = cli(&server, &user, &["dance"]);
+    assert_eq!(usage.status.code(), Some(2));
+    let nowhere = Command::new(BINARY)
+        .args([
+            "cli",
+            "--port",
+            &free_port().to_string(),
+            "--user",
+            "x",
+            "send",
+            "g",
+            "t",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(
+        nowhere.status.code(),
+        Some(1),
+        "a failed connection is not stored"
+    );
+}
+
+#[test]
+fn tail_prints_every_message_once_across_a_server_restart() {
+    let storage = Storage::new(Backend::Embedded);
+    let port = free_port().to_string();
+    let mut env = storage.env();
+    env.push(("PORT".into(), port.clone()));
+    let mut server = Server::spawn(&env);
+    let (user, group) = (unique("tailer"), unique("tailed"));
+    let mut writer = server.login(&user);
+    assert_eq!(
+        ask(&mut writer, "create_group", ug(&user, &group))["event"],
+        "group_created"
+    );
+    let mut tail = Command::new(BINARY)
+        .args([
+            "cli", "--port", &port, "--user", &user, "tail", &group, "--since", "0", "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tail");
+    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    let mut seqs = Vec::new();
+    let mut read_until = |seqs: &mut Vec<u64>, last: u64| {
+        while seqs.last() != Some(&last) {
+            let line = lines.next().expect("tail ended").expect("read");
+            let message: Value = serde_json::from_str(&line).expect("json line");
+            seqs.push(message["seq"].as_u64().expect("seq"));
+        }
+    };
+    for i in 1..=5 {
+        let sent = ask(
+            &mut writer,
+            "send_message",
+            json!({"group_name": group, "text": format!("before {i}")}),
+        );
+        assert_eq!(sent["data"]["seq"], i);
+    }
+    read_until(&mut seqs, 5);
+    drop(writer);
+    assert!(server.terminate().success());
+    let server = Server::spawn(&env);
+    let mut writer = server.login(&user);
+    for i in 6..=10 {
+        let sent = ask(
+            &mut writer,
+            "send_message",
+            json!({"group_name": group, "text": format!("after {i}")}),
+        );
+        assert_eq!(sent["data"]["seq"], i);
+    }
+    read_until(&mut seqs, 10);
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<u64>>(),
+        "each message exactly once, in order"
+    );
+}
+
+#[test]
+fn interactive_cli_keeps_a_half_typed_line_while_messages_arrive() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (alice, bob, group) = (unique("alice"), unique("bob"), unique("room"));
+    let history = std::env::temp_dir().join(unique("cli-history"));
+    let start = || {
+        Tmux::start(&format!(
+            "{BINARY} cli --port {} --user {alice} --history {}",
+            server.addr.port(),
+            history.display()
+        ))
+    };
+    let tmux = start();
+    tmux.wait_for(&format!("logged in as {alice}"), 1);
+    tmux.type_line(&format!("/create {group}"));
+    tmux.wait_for(&format!("group created {group}"), 1);
+    // Tab completes commands and the groups seen.
+    tmux.keys(&["-l", "/ent"]);
+    tmux.keys(&["Tab"]);
+    tmux.keys(&["-l", &group[..group.len() - 2]]);
+    tmux.keys(&["Tab"]);
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for(&format!("entered {group}"), 1);
+    assert!(screen.contains(&format!("/enter {group}")), "{screen}");
+    // Bob speaks while Alice is half-way through a line (typed a key at a time, as a person
+    // types: rustyline draws a burst of keys arriving in one read only at the next key).
+    for key in "hello wor".chars() {
+        tmux.keys(&["-l", &key.to_string()]);
+    }
+    tmux.wait_for("hello wor", 1);
+    let mut b = server.login(&bob);
+    assert_eq!(
+        ask(&mut b, "join_group", ug(&bob, &group))["event"],
+        "join_success"
+    );
+    assert_eq!(
+        ask(&mut b, "enter_group", json!({"group_name": group}))["event"],
+        "enter_group"
+    );
+    ask(
+        &mut b,
+        "send_message",
+        json!({"group_name": group, "text": "from bob"}),
+    );
+    // (The screen is read until the redraw under the new line is complete.)
+    let half = format!("{alice}> hello wor");
+    let screen = tmux.wait_until(|screen| {
+        screen.contains(&format!("{bob}: from bob")) && screen.lines().any(|l| l.trim_end() == half)
+    });
+    let rows: Vec<&str> = screen.lines().filter(|l| !l.trim().is_empty()).collect();
+    let bob_row = rows
+        .iter()
+        .position(|l| l.contains("from bob"))
+        .expect("bob's line");
+    let prompt_row = rows
+        .iter()
+        .rposition(|l| l.starts_with(&format!("{alice}> ")))
+        .expect("prompt");
+    assert!(
+        bob_row < prompt_row,
+        "the message is above the prompt:\n{screen}"
+    );
+    assert_eq!(
+        rows[prompt_row].trim_end(),
+        format!("{alice}> hello wor"),
+        "{screen}"
+    );
+    // Finishing the line sends it as it was meant.
+    tmux.keys(&["-l", "l"]);
+    tmux.keys(&["-l", "d"]);
+    tmux.keys(&["Enter"]);
+    let said = next_of(&mut b, &["message_sent"]);
+    assert_eq!(said["data"]["text"], "hello world");
+    assert_eq!(said["data"]["username"], alice.as_str());
+    tmux.type_line("/history 5");
+    tmux.wait_for("hello world", 2);
+    tmux.type_line("/quit");
+    // Each line is written to the history file as it is entered.
+    let deadline = std::time::Instant::now() + common::REPLY_TIMEOUT;
+    while !std::fs::read_to_string(&history).is_ok_and(|h| h.contains("/quit")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history was not written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(tmux);
+    // History survives the run: Up recalls the last line typed.
+    let tmux = start();
+    tmux.wait_for(&format!("logged in as {alice}"), 1);
+    tmux.keys(&["Up"]);
+    let screen = tmux.wait_for(&format!("{alice}> /quit"), 1);
+    assert!(screen.contains(&format!("{alice}> /quit")), "{screen}");
+    let _ = std::fs::remove_file(history);
+}
