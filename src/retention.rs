@@ -15,7 +15,7 @@ use crate::store::manage::{prune_batch, Retention};
 use crate::store::{self, Store, StoreError};
 
 /// Most messages one batch removes.
-pub const PRUNE_BATCH: u32 = 500;
+pub const PRUNE_BATCH: u32 = 100;
 /// The pause after each batch: the writers' turn is free for at least this long.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(5);
 /// Groups read per page of the walk.
@@ -30,7 +30,12 @@ pub fn start(config: &Config) {
         return;
     }
     let (retention, every) = (config.retention, config.retention_interval);
-    let config = config.clone();
+    let mut config = config.clone();
+    // A prune needs no fsync of its own: one lost to a power cut is redone by the next pass.
+    // Without it a batch holds the writers' turn for a fraction of the time.
+    if let crate::config::StoreKind::Embedded { durable, .. } = &mut config.store {
+        *durable = false;
+    }
     let spawned = std::thread::Builder::new()
         .name("retention".into())
         .spawn(move || loop {
