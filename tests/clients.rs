@@ -1,4 +1,4 @@
-//! The reference clients in tools/clients/ (Python asyncio, Node), run against the real server
+//! The client packages in clients/ (Python asyncio, Node), run against the real server
 //! in their cut-off scenario: a sender loses its connection 12 times mid-stream (alternately a
 //! clean close and an abandoned socket), reconnects, resumes by seq and resends everything
 //! unacknowledged with the same `client_msg_id`s; a watcher must receive every message exactly
@@ -11,6 +11,9 @@ use std::process::Command;
 
 use common::{Backend, Server, Storage};
 
+/// The Python package's module, which also runs as a program (`scenario`).
+const PYTHON_CLIENT: &str = "python/src/noomnim_client/__init__.py";
+
 backend_tests!(
     python_client_survives_cut_offs,
     node_client_survives_cut_offs
@@ -19,7 +22,7 @@ backend_tests!(
 fn run_scenario(backend: Backend, program: &str, script: &str) {
     let storage = Storage::new(backend);
     let server = Server::start(&storage);
-    let script = format!("{}/tools/clients/{script}", env!("CARGO_MANIFEST_DIR"));
+    let script = format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR"));
     let port = server.addr.port().to_string();
     // The MongoDB test server is single-threaded and slow: fewer messages, as many cut-offs.
     let messages = match backend {
@@ -45,7 +48,7 @@ fn run_scenario(backend: Backend, program: &str, script: &str) {
 }
 
 fn python_client_survives_cut_offs(backend: Backend) {
-    run_scenario(backend, "python3", "python/noomnim_client.py");
+    run_scenario(backend, "python3", PYTHON_CLIENT);
 }
 
 /// Issue 23: the same naive printing loop across a peer hop. Two instances share one MongoDB
@@ -69,10 +72,7 @@ fn python_client_survives_cut_offs_and_a_peer_hop() {
     for server in [&a, &b] {
         assert!(server.logged("peer subscriber: connected"));
     }
-    let script = format!(
-        "{}/tools/clients/python/noomnim_client.py",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let script = format!("{}/clients/{PYTHON_CLIENT}", env!("CARGO_MANIFEST_DIR"));
     let (port, hop) = (a.addr.port().to_string(), b.addr.port().to_string());
     let output = Command::new("python3")
         .args([&script, "scenario", "--port", &port, "--hop-port", &hop])
@@ -94,5 +94,73 @@ fn python_client_survives_cut_offs_and_a_peer_hop() {
 }
 
 fn node_client_survives_cut_offs(backend: Backend) {
-    run_scenario(backend, "node", "node/noomnim_client.js");
+    run_scenario(backend, "node", "node/index.js");
+}
+
+/// Issue 26 item 2: each package installs into a fresh environment, as a user would install
+/// it (`pip install ./clients/python` into a new venv; `npm install` of the packed tarball into
+/// a new directory), and its own tests pass there against a real server.
+#[test]
+fn the_client_packages_install_fresh_and_pass_their_own_tests() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let port = server.addr.port().to_string();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let scratch = std::env::temp_dir().join(common::unique("packages"));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let run = |program: &str, args: &[&str], dir: &std::path::Path| {
+        let output = Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .env("NOOMNIM_PORT", &port)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let venv = scratch.join("venv");
+    let venv_text = venv.display().to_string();
+    run("python3", &["-m", "venv", &venv_text], &scratch);
+    let python = venv.join("bin/python").display().to_string();
+    let package = format!("{root}/clients/python");
+    run(&python, &["-m", "pip", "install", "-q", &package], &scratch);
+    // From the scratch directory: the tests import the installed package, not the source.
+    let tests = format!("{root}/clients/python/tests");
+    let report = run(
+        &python,
+        &["-m", "unittest", "discover", "-s", &tests],
+        &scratch,
+    );
+    assert!(report.contains("OK"), "{report}");
+    let node_dir = scratch.join("node");
+    std::fs::create_dir_all(&node_dir).expect("node dir");
+    let node_text = node_dir.display().to_string();
+    let node_package = format!("{root}/clients/node");
+    run(
+        "npm",
+        &["pack", &node_package, "--pack-destination", &node_text],
+        &node_dir,
+    );
+    run("npm", &["init", "-y"], &node_dir);
+    run(
+        "npm",
+        &[
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "./noomnim-client-0.3.0.tgz",
+        ],
+        &node_dir,
+    );
+    run(
+        "node",
+        &["--test", "node_modules/noomnim-client/test/"],
+        &node_dir,
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Noomnim Chat reference client: Node.js 16+, no dependencies (net, readline-free framing).
+// Noomnim Chat client: Node.js 16+, no dependencies (net, readline-free framing).
 //
 // A client that survives its connection: every message gets a `client_msg_id` and stays in an
 // outbox until its `message_sent` arrives; after a reconnect it logs in again, re-enters its
@@ -12,13 +12,15 @@
 // disconnect without loss or duplication", "Protocol 3").
 //
 // As a library:
-//   const { Client } = require('./noomnim_client.js');
+//   const { Client } = require('noomnim-client');
 //   const client = new Client('127.0.0.1', 7777, 'alice', (m) => console.log(m.text));
 //   await client.connect(); await client.joinAndEnter('lobby'); await client.send('lobby', 'hi');
+// Every other line the server sends on its own (presence, typing, edits, deletes, removals)
+// goes to `client.onEvent(line)` when set.
 //
 // As a program, `scenario` runs the cut-off test CI runs (exit status 0 when nothing was lost,
 // duplicated or reordered):
-//   node noomnim_client.js scenario --port 7777 --messages 300 --cutoffs 12
+//   node index.js scenario --port 7777 --messages 300 --cutoffs 12
 'use strict';
 
 const net = require('net');
@@ -41,8 +43,10 @@ function deferred() {
 }
 
 class Client {
-  constructor(host, port, username, onMessage) {
+  constructor(host, port, username, onMessage, options = {}) {
     Object.assign(this, { host, port, username, onMessage });
+    this.token = options.token || null; // a JWT for servers with AUTH_SECRET
+    this.onEvent = options.onEvent || null; // every other unsolicited line
     this.onBroadcast = null; // sees every broadcast as received, before de-duplication
     this.room = null; // the group whose room we are in (re-entered after a reconnect)
     this.lastSeq = new Map(); // group -> highest seq shown
@@ -87,7 +91,9 @@ class Client {
       this.hello = (await this.request('hello', { protocol: 3 })).data;
     }
     this.protocol = this.hello.protocol || 2;
-    await this.request('find_user', { username: this.username });
+    const login = { username: this.username };
+    if (this.token) login.token = this.token;
+    await this.request('find_user', login);
     if (this.room !== null) await this.enter(this.room);
     for (const [id, [group, text]] of this.outbox) this.writeSend(id, group, text);
   }
@@ -123,6 +129,9 @@ class Client {
       if (line.data.last_seq !== undefined) entry.last_seq = line.data.last_seq;
       entry.unread_count = line.data.unread_count;
       this.groups.set(line.data.group_name, entry);
+      if (this.onEvent) this.onEvent(line);
+    } else if (this.onEvent) {
+      this.onEvent(line);
     }
   }
 
@@ -263,6 +272,26 @@ class Client {
     }
   }
 
+  // Replaces the text of one of your messages; resolves with the message as now stored.
+  async edit(group, seq, text) {
+    return (await this.request('edit_message', { group_name: group, seq, text })).data;
+  }
+
+  // Deletes a message (yours, or any as an admin or owner); resolves with the tombstone.
+  async delete(group, seq) {
+    return (await this.request('delete_message', { group_name: group, seq })).data;
+  }
+
+  // Raises your read marker; resolves with { group_name, last_read_seq, unread_count }.
+  async markRead(group, seq) {
+    return (await this.request('mark_read', { group_name: group, seq })).data;
+  }
+
+  // Tells the room you are typing.
+  async typing(group) {
+    await this.request('typing', { group_name: group });
+  }
+
   close() {
     if (this.socket) this.socket.destroy();
     this.socket = null;
@@ -343,7 +372,7 @@ function parseArgs(argv) {
 if (require.main === module) {
   const argv = process.argv.slice(2);
   if (argv[0] !== 'scenario') {
-    console.error('usage: node noomnim_client.js scenario [--host H] [--port P] [--messages N] [--cutoffs K]');
+    console.error('usage: node index.js scenario [--host H] [--port P] [--messages N] [--cutoffs K]');
     process.exit(2);
   }
   scenario(parseArgs(argv)).then((ok) => process.exit(ok ? 0 : 1), (error) => {

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Noomnim Chat reference client: Python 3.8+, standard library only (asyncio).
+"""Noomnim Chat client: Python 3.8+, standard library only (asyncio).
 
 A client that survives its connection: every message gets a `client_msg_id` and stays in an
 outbox until its `message_sent` arrives; after a reconnect it logs in again, re-enters its room
@@ -17,9 +16,12 @@ As a library:
     await client.join_and_enter("lobby")
     await client.send("lobby", "hello")
 
+Every other line the server sends on its own (presence, typing, edits, deletes, removals) goes
+to `on_event` with the whole line.
+
 As a program, `scenario` runs the cut-off test CI runs (exit status 0 when nothing was lost,
 duplicated or reordered):
-    python3 noomnim_client.py scenario --port 7777 --messages 300 --cutoffs 12
+    python -m noomnim_client scenario --port 7777 --messages 300 --cutoffs 12
 """
 
 import argparse
@@ -27,6 +29,12 @@ import asyncio
 import json
 import sys
 import uuid
+from typing import Any, Callable, Dict, Optional
+
+Message = Dict[str, Any]
+Line = Dict[str, Any]
+
+__version__ = "0.3.0"
 
 RETRYABLE = {"unavailable", "rate_limited"}
 # Longest line accepted from the server: above its `max_reply_bytes` (1 MiB by default; a
@@ -37,15 +45,25 @@ MAX_LINE = 8 * 1024 * 1024
 class ChatError(Exception):
     """A request the server refused: `code` is the stable machine code."""
 
-    def __init__(self, code, text):
+    def __init__(self, code: str, text: str) -> None:
         super().__init__(f"{code}: {text}")
         self.code = code
 
 
 class Client:
-    def __init__(self, host, port, username, on_message=None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        on_message: Optional[Callable[[Message], None]] = None,
+        on_event: Optional[Callable[[Line], None]] = None,
+        token: Optional[str] = None,
+    ) -> None:
         self.host, self.port, self.username = host, port, username
+        self.token = token  # a JWT for servers with AUTH_SECRET
         self.on_message = on_message
+        self.on_event = on_event
         self.on_broadcast = None  # sees every broadcast as received, before de-duplication
         self.room = None  # the group whose room we are in (re-entered after a reconnect)
         self.last_seq = {}  # group -> highest seq shown
@@ -68,7 +86,7 @@ class Client:
         self._closed = True
 
     # -- connection -------------------------------------------------------------------------
-    async def connect(self):
+    async def connect(self) -> None:
         """(Re)connects: hello, log in, re-enter the room and catch up, resend the outbox."""
         reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE)
         self._closed = False
@@ -77,7 +95,10 @@ class Client:
         if 3 in self.hello.get("protocols", []):
             self.hello = (await self.request("hello", {"protocol": 3}))["data"]
         self.protocol = self.hello.get("protocol", 2)
-        await self.request("find_user", {"username": self.username})
+        login: Dict[str, Any] = {"username": self.username}
+        if self.token is not None:
+            login["token"] = self.token
+        await self.request("find_user", login)
         if self.room is not None:
             await self.enter(self.room)
         for client_msg_id, (group, text) in list(self.outbox.items()):
@@ -134,9 +155,13 @@ class Client:
             if "last_seq" in data:
                 entry["last_seq"] = data["last_seq"]
             entry["unread_count"] = data["unread_count"]
+            if self.on_event is not None:
+                self.on_event(line)
+        elif self.on_event is not None:
+            self.on_event(line)
 
     # -- requests ---------------------------------------------------------------------------
-    async def request(self, event, data=None):
+    async def request(self, event: str, data: Optional[Dict[str, Any]] = None) -> Line:
         """Sends one request and returns its reply line; raises ChatError on a failure."""
         if self._closed:
             raise ConnectionError("not connected")
@@ -153,7 +178,7 @@ class Client:
     def _write(self, request):
         self._writer.write(json.dumps(request).encode() + b"\n")
 
-    async def join_and_enter(self, group):
+    async def join_and_enter(self, group: str) -> None:
         try:
             await self.request("join_group", {"group_name": group})
         except ChatError as error:
@@ -162,7 +187,7 @@ class Client:
             await self.request("create_group", {"group_name": group})
         await self.enter(group)
 
-    async def enter(self, group):
+    async def enter(self, group: str) -> None:
         """Enters the room and catches up after the last seq shown; returns once the backlog
         has been shown."""
         if self.protocol >= 3:
@@ -212,7 +237,7 @@ class Client:
         for message in held:
             self._show(message)
 
-    def send_nowait(self, group, text):
+    def send_nowait(self, group: str, text: str) -> "asyncio.Future[Message]":
         """Queues a message; returns a future of its stored form (kept across reconnects)."""
         client_msg_id = str(uuid.uuid4())
         self.outbox[client_msg_id] = (group, text)
@@ -220,8 +245,35 @@ class Client:
         self._write_send(client_msg_id, group, text)
         return self.acks[client_msg_id]
 
-    async def send(self, group, text):
+    async def send(self, group: str, text: str) -> Message:
         return await self.send_nowait(group, text)
+
+    async def edit(self, group: str, seq: int, text: str) -> Message:
+        """Replaces the text of one of your messages (`message_edited`)."""
+        data = {"group_name": group, "seq": seq, "text": text}
+        return (await self.request("edit_message", data))["data"]
+
+    async def delete(self, group: str, seq: int) -> Message:
+        """Deletes a message (yours, or any as an admin or owner); returns the tombstone."""
+        return (await self.request("delete_message", {"group_name": group, "seq": seq}))["data"]
+
+    async def mark_read(self, group: str, seq: int) -> Dict[str, Any]:
+        """Raises your read marker; the reply has `last_read_seq` and `unread_count`."""
+        return (await self.request("mark_read", {"group_name": group, "seq": seq}))["data"]
+
+    async def typing(self, group: str) -> None:
+        """Tells the room you are typing (send it as often as keys are pressed)."""
+        await self.request("typing", {"group_name": group})
+
+    def close(self) -> None:
+        """Closes the connection (nothing is resent afterwards unless `connect` is called)."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        for writer in self._abandoned:
+            writer.close()
+        self._closed = True
 
     def _write_send(self, client_msg_id, group, text):
         data = {"group_name": group, "text": text, "client_msg_id": client_msg_id}
@@ -344,7 +396,7 @@ async def scenario(host, port, messages, cutoffs, prefix, hop_port=None):
     return ok and watcher.gaps == 0 and sender.gaps == 0
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["scenario"])
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,0 +1,72 @@
+// Tests of the installed package against a running server (NOOMNIM_PORT, NOOMNIM_HOST).
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert');
+const crypto = require('crypto');
+const { Client, ChatError } = require('noomnim-client');
+
+const HOST = process.env.NOOMNIM_HOST || '127.0.0.1';
+const PORT = Number(process.env.NOOMNIM_PORT || 7777);
+const name = (prefix) => `${prefix}_${crypto.randomBytes(5).toString('hex')}`;
+
+// Waits (bounded) until `condition()` holds.
+async function until(condition, seconds = 10) {
+  for (let i = 0; i < seconds * 50 && !condition(); i += 1) {
+    await new Promise((done) => setTimeout(done, 20));
+  }
+  return condition();
+}
+
+async function pair() {
+  const group = name('pkg');
+  const seen = [];
+  const events = [];
+  const alice = new Client(HOST, PORT, name('alice'));
+  const bob = new Client(HOST, PORT, name('bob'), (m) => seen.push(m), { onEvent: (l) => events.push(l) });
+  await alice.connect();
+  await bob.connect();
+  await alice.joinAndEnter(group);
+  await bob.joinAndEnter(group);
+  return { group, seen, events, alice, bob };
+}
+
+test('a sent message reaches the room once, on protocol 3', async () => {
+  const { group, seen, alice, bob } = await pair();
+  assert.strictEqual(bob.protocol, 3);
+  const stored = await alice.send(group, 'hello');
+  assert.ok(await until(() => seen.length === 1));
+  assert.strictEqual(seen[0].seq, stored.seq);
+  alice.close(); bob.close();
+});
+
+test('a reconnect resumes without loss or repeat', async () => {
+  const { group, seen, alice, bob } = await pair();
+  await alice.send(group, 'before');
+  assert.ok(await until(() => seen.length === 1));
+  bob.cutOff(true);
+  for (let i = 0; i < 5; i += 1) await alice.send(group, `while away ${i}`);
+  await bob.connect();
+  assert.ok(await until(() => seen.length === 6));
+  assert.deepStrictEqual(seen.map((m) => m.seq), [1, 2, 3, 4, 5, 6]);
+  alice.close(); bob.close();
+});
+
+test('refusals carry their code', async () => {
+  const { alice, bob } = await pair();
+  await assert.rejects(bob.request('send_message', { group_name: name('nowhere'), text: 'x' }),
+    (error) => error instanceof ChatError && error.code === 'group_not_found');
+  alice.close(); bob.close();
+});
+
+test('edits and deletes reach onEvent', async () => {
+  const { group, events, alice, bob } = await pair();
+  const stored = await alice.send(group, 'teh');
+  assert.strictEqual((await alice.edit(group, stored.seq, 'the')).text, 'the');
+  assert.ok(await until(() => events.some((e) => e.event === 'message_edited')));
+  const tombstone = await alice.delete(group, stored.seq);
+  assert.strictEqual(tombstone.deleted, true);
+  assert.strictEqual(tombstone.text, undefined);
+  assert.ok(await until(() => events.some((e) => e.event === 'message_deleted')));
+  alice.close(); bob.close();
+});

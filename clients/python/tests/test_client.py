@@ -1,0 +1,88 @@
+"""Tests of the installed package against a running server (`NOOMNIM_PORT`, `NOOMNIM_HOST`)."""
+
+import asyncio
+import os
+import unittest
+import uuid
+
+from noomnim_client import ChatError, Client, __version__
+
+HOST = os.environ.get("NOOMNIM_HOST", "127.0.0.1")
+PORT = int(os.environ.get("NOOMNIM_PORT", "7777"))
+
+
+def name(prefix):
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+async def until(condition, seconds=10):
+    """Waits (bounded) until `condition()` holds."""
+    for _ in range(int(seconds * 50)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+class ClientTest(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self):
+        self.group = name("pkg")
+        self.seen, self.events = [], []
+        self.alice = Client(HOST, PORT, name("alice"))
+        self.bob = Client(HOST, PORT, name("bob"), on_message=self.seen.append, on_event=self.events.append)
+        await self.alice.connect()
+        await self.bob.connect()
+        await self.alice.join_and_enter(self.group)
+        await self.bob.join_and_enter(self.group)
+
+    async def asyncTearDown(self):
+        self.alice.close()
+        self.bob.close()
+
+    def test_version_and_protocol(self):
+        self.assertRegex(__version__, r"^\d+\.\d+\.\d+$")
+        self.assertEqual(self.bob.protocol, 3)
+
+    async def test_a_sent_message_reaches_the_room_once(self):
+        stored = await self.alice.send(self.group, "hello")
+        self.assertEqual(stored["text"], "hello")
+        self.assertTrue(await until(lambda: len(self.seen) == 1))
+        self.assertEqual(self.seen[0]["seq"], stored["seq"])
+
+    async def test_a_reconnect_resumes_without_loss_or_repeat(self):
+        await self.alice.send(self.group, "before")
+        self.assertTrue(await until(lambda: len(self.seen) == 1))
+        self.bob.cut_off(clean=True)
+        for i in range(5):
+            await self.alice.send(self.group, f"while away {i}")
+        await self.bob.connect()
+        self.assertTrue(await until(lambda: len(self.seen) == 6))
+        self.assertEqual([m["seq"] for m in self.seen], list(range(1, 7)))
+
+    async def test_refusals_carry_their_code(self):
+        with self.assertRaises(ChatError) as caught:
+            await self.bob.request("send_message", {"group_name": name("nowhere"), "text": "x"})
+        self.assertEqual(caught.exception.code, "group_not_found")
+
+    async def test_edits_and_deletes_reach_on_event(self):
+        stored = await self.alice.send(self.group, "teh")
+        edited = await self.alice.edit(self.group, stored["seq"], "the")
+        self.assertEqual(edited["text"], "the")
+        self.assertTrue(await until(lambda: any(e["event"] == "message_edited" for e in self.events)))
+        tombstone = await self.alice.delete(self.group, stored["seq"])
+        self.assertTrue(tombstone["deleted"])
+        self.assertNotIn("text", tombstone)
+        self.assertTrue(await until(lambda: any(e["event"] == "message_deleted" for e in self.events)))
+
+    async def test_the_sidebar_counts_unread_in_other_groups(self):
+        other = name("side")
+        await self.alice.join_and_enter(other)
+        await self.bob.request("join_group", {"group_name": other})
+        await self.alice.send(other, "psst")
+        self.assertTrue(await until(lambda: self.bob.groups.get(other, {}).get("unread_count") == 1))
+        marked = await self.bob.mark_read(other, 1)
+        self.assertEqual(marked["unread_count"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
