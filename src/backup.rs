@@ -69,9 +69,15 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
     let target_text = target
         .to_str()
         .ok_or_else(|| BackupError("the target path is not valid UTF-8".into()))?;
-    connection
-        .execute("VACUUM INTO ?1", [target_text])
-        .map_err(|e| BackupError(format!("cannot write {}: {e}", target.display())))?;
+    let source_bytes = std::fs::metadata(&source).map(|m| m.len()).unwrap_or(0);
+    let copying = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let progress = loud.then(|| show_progress(target.to_path_buf(), source_bytes, copying.clone()));
+    let copied = connection.execute("VACUUM INTO ?1", [target_text]);
+    copying.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(progress) = progress {
+        let _ = progress.join();
+    }
+    copied.map_err(|e| BackupError(format!("cannot write {}: {e}", target.display())))?;
     let bytes = std::fs::metadata(target).map(|m| m.len()).unwrap_or(0);
     Ok(format!(
         "backup: {} ({bytes} bytes, about {messages} messages) written in {:.1} s; restore by \
@@ -79,4 +85,31 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
         target.display(),
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// Redraws "copied X of about Y MB" on stderr every 200 ms while the copy grows (the copy is
+/// compacted, so it ends below the source's size; the final summary says what it came to).
+fn show_progress(
+    target: std::path::PathBuf,
+    source_bytes: u64,
+    copying: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mb = |bytes: u64| bytes as f64 / 1_048_576.0;
+        while copying.load(std::sync::atomic::Ordering::Relaxed) {
+            let written = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+            let share = if source_bytes > 0 {
+                (written as f64 * 100.0 / source_bytes as f64).min(99.0)
+            } else {
+                0.0
+            };
+            eprint!(
+                "\r  copied {:.1} of about {:.1} MB ({share:.0}%) ",
+                mb(written),
+                mb(source_bytes)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        eprintln!("\r  copy complete{}", " ".repeat(40));
+    })
 }

@@ -66,6 +66,11 @@ fn a_backup_under_a_write_storm_holds_everything_acked_before_it() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("backup:"), "a summary: {stdout}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("copied"),
+        "no progress when not on a terminal: {stderr}"
+    );
     stop.store(true, Ordering::SeqCst);
     let sent: usize = storms
         .into_iter()
@@ -105,5 +110,35 @@ fn a_backup_under_a_write_storm_holds_everything_acked_before_it() {
         .output()
         .expect("run backup");
     assert_eq!(again.status.code(), Some(1));
+    let _ = std::fs::remove_file(target);
+}
+
+/// Issue 26 item 4: on a terminal the backup shows its progress and a final summary.
+#[test]
+fn a_backup_on_a_terminal_shows_progress_then_a_summary() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let group = unique("progress");
+    let mut owner = server.login("owner");
+    owner.request("create_group", ug("owner", &group));
+    for i in 0..20 {
+        owner.request(
+            "send_message",
+            json!({"group_name": group, "text": format!("m{i}")}),
+        );
+    }
+    let target = std::env::temp_dir().join(format!("{}.sqlite3", unique("backup-tty")));
+    let data_dir = storage.env()[0].1.clone();
+    let tmux = common::tmux::Tmux::start(&format!(
+        "env DATA_DIR={data_dir} {} backup {}; sleep 30",
+        common::BINARY,
+        target.display()
+    ));
+    let screen = tmux.wait_for("backup:", 1);
+    assert!(screen.contains("copy complete"), "{screen}");
+    assert!(
+        screen.contains("backup:") && screen.contains("messages"),
+        "{screen}"
+    );
     let _ = std::fs::remove_file(target);
 }

@@ -547,6 +547,11 @@ fn a_v1_database_is_migrated_and_its_names_keep_working() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.sqlite3");
     std::fs::copy(fixture, storage.data_dir.join("noomnim.sqlite3")).expect("copy fixture");
     let server = Server::start(&storage);
+    assert!(
+        server.logged("upgrading the embedded store from schema"),
+        "the upgrade is announced"
+    );
+    assert!(server.logged("schema upgrade done in"), "and its end");
     let mut bob = server.connect();
     let found = bob.request("find_user", json!({"username": "bob "}));
     assert_eq!(found["event"], "user_found", "{found}");

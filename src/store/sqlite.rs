@@ -158,6 +158,15 @@ impl SqliteStore {
                 "the database has schema version {version}, newer than this server's {SCHEMA_VERSION}"
             )));
         }
+        // Say so when an existing database is upgraded: on a large one it can take a while.
+        let existing: bool = tx
+            .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'")?
+            .exists([])?;
+        let upgrading = existing && version < SCHEMA_VERSION;
+        let started = std::time::Instant::now();
+        if upgrading {
+            log::info!("upgrading the embedded store from schema {version} to {SCHEMA_VERSION}");
+        }
         if version < 2 {
             tx.execute_batch(SCHEMA_V1)?;
             tx.execute_batch(MIGRATE_V1_TO_V2)?;
@@ -172,6 +181,12 @@ impl SqliteStore {
         tx.execute_batch(ADD_INDEXES)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
+        if upgrading {
+            log::info!(
+                "schema upgrade done in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         Ok(())
     }
 

@@ -649,10 +649,12 @@ impl Load {
         let cpu_before = total_cpu_seconds(&args.server_pids);
         let own_cpu_before = cpu_seconds(std::process::id());
         let tag = args.tag.clone();
+        let progress = Progress::new(args.seconds);
         self.pump(
             run_for,
             |load| {
                 let now = Instant::now();
+                progress.show(now.duration_since(start), load.tally.delivered);
                 for index in 0..args.senders {
                     match per_sender {
                         None => {
@@ -675,6 +677,7 @@ impl Load {
             },
             |_| false,
         )?;
+        progress.done();
         let elapsed = start.elapsed().as_secs_f64();
         let stored_in_window = self.tally.stored;
         self.measuring = false;
@@ -705,6 +708,49 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A progress line on stderr while a run lasts, redrawn once a second, only when stderr is a
+/// terminal (scripts and CI logs get just the report).
+struct Progress {
+    on: bool,
+    seconds: f64,
+    shown: std::cell::Cell<Option<Instant>>,
+}
+
+impl Progress {
+    fn new(seconds: f64) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            seconds,
+            shown: std::cell::Cell::new(None),
+        }
+    }
+
+    fn show(&self, elapsed: Duration, delivered: u64) {
+        let now = Instant::now();
+        if !self.on
+            || self
+                .shown
+                .get()
+                .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.shown.set(Some(now));
+        eprint!(
+            "\r  {:.0}/{:.0} s, {delivered} delivered so far ",
+            elapsed.as_secs_f64().min(self.seconds),
+            self.seconds
+        );
+    }
+
+    fn done(&self) {
+        if self.on {
+            eprint!("\r{}\r", " ".repeat(60));
+        }
+    }
 }
 
 /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
