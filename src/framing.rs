@@ -104,7 +104,7 @@ const MAX_SUBNEGOTIATION: usize = 64;
 /// replies): no limit, no telnet, no copy. `LineFramer` is the server's guarded version.
 pub fn split_lines(buffer: &[u8], mut each: impl FnMut(&[u8])) -> usize {
     let mut start = 0;
-    while let Some(end) = buffer[start..].iter().position(|&b| b == b'\n') {
+    while let Some(end) = memchr::memchr(b'\n', &buffer[start..]) {
         let line = &buffer[start..start + end];
         each(line.strip_suffix(b"\r").unwrap_or(line));
         start += end + 1;

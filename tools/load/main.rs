@@ -18,7 +18,6 @@
 //! Example: `cargo run --release --bin noomnim-load -- --addr 127.0.0.1:7777 --clients 1000
 //! --groups 10 --senders 50 --seconds 10 --server-pid $(pgrep -x noomnim)`
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -202,8 +201,8 @@ struct Client {
     group: usize,
     /// Replies (lines with an `id`) still expected.
     awaiting: usize,
-    /// Per sender: the last message number delivered here.
-    last_from: HashMap<usize, u64>,
+    /// Per sender (by index): the last message number delivered here.
+    last_from: Vec<u64>,
     sent: u64,
     next_send: Option<Instant>,
 }
@@ -236,24 +235,16 @@ impl Client {
         Ok(())
     }
 
-    /// Reads what is there into the inbox. A read shorter than the buffer emptied the socket,
-    /// so it needs no second, would-block read (the next arrival raises a new edge).
-    fn read_available(&mut self, buffer: &mut [u8]) -> io::Result<()> {
+    /// Reads once into `buffer`: `Ok(None)` when nothing is there, else how many bytes.
+    fn read_once(&mut self, buffer: &mut [u8]) -> io::Result<Option<usize>> {
         loop {
-            match self.stream.read(buffer) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    self.inbox.extend_from_slice(&buffer[..n]);
-                    // (Over TLS a short read only means the session's plaintext ran out, not
-                    // the socket: read on until it would block.)
-                    if n < buffer.len() && matches!(self.stream, Stream::Plain(_)) {
-                        return Ok(());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            return match self.stream.read(buffer) {
+                Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+                Err(e) => Err(e),
+            };
         }
     }
 }
@@ -359,10 +350,24 @@ struct Load {
     keyed: bool,
 }
 
-fn find(line: &[u8], key: &[u8]) -> Option<usize> {
-    line.windows(key.len())
-        .position(|w| w == key)
-        .map(|at| at + key.len())
+/// Where `key` ends in `line`. The keys are a few constants: each gets its searcher built
+/// once (building one costs more than searching a line).
+fn find(line: &[u8], key: &'static [u8]) -> Option<usize> {
+    thread_local! {
+        static FINDERS: std::cell::RefCell<Vec<memchr::memmem::Finder<'static>>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    FINDERS.with(|finders| {
+        let mut finders = finders.borrow_mut();
+        let at = match finders.iter().position(|f| f.needle() == key) {
+            Some(at) => at,
+            None => {
+                finders.push(memchr::memmem::Finder::new(key));
+                finders.len() - 1
+            }
+        };
+        finders[at].find(line).map(|at| at + key.len())
+    })
 }
 
 fn number_at(line: &[u8], at: usize) -> u64 {
@@ -403,7 +408,7 @@ impl Load {
                 written: 0,
                 group: i % args.groups,
                 awaiting: 0,
-                last_from: HashMap::new(),
+                last_from: Vec::new(),
                 sent: 0,
                 next_send: None,
             });
@@ -444,8 +449,7 @@ impl Load {
                 .collect();
             for (index, readable) in ready {
                 if readable {
-                    self.clients[index].read_available(&mut self.buffer)?;
-                    self.take_lines(index);
+                    self.read_lines(index)?;
                 }
                 self.clients[index].flush()?;
             }
@@ -453,16 +457,55 @@ impl Load {
         Ok(())
     }
 
-    /// Handles every complete line in a client's inbox, in place.
-    fn take_lines(&mut self, index: usize) {
-        let inbox = std::mem::take(&mut self.clients[index].inbox);
-        let start = noomnim::framing::split_lines(&inbox, |line| self.on_line(index, line));
-        let mut rest = inbox;
-        rest.drain(..start);
-        self.clients[index].inbox = rest;
+    /// Reads what is there and handles every complete line. Lines are handled where they were
+    /// read, in the read buffer: only a partial line at the end of a read is copied (to the
+    /// client's inbox, completed by the next read). A read shorter than the buffer emptied the
+    /// socket, so it needs no second, would-block read (the next arrival raises a new edge);
+    /// over TLS a short read only means the session's plaintext ran out, so read on.
+    fn read_lines(&mut self, index: usize) -> io::Result<()> {
+        let mut buffer = std::mem::take(&mut self.buffer);
+        let outcome = loop {
+            let read = match self.clients[index].read_once(&mut buffer) {
+                Ok(Some(read)) => read,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            };
+            // One clock reading per read: every line in it arrived at the same moment.
+            let now_us = self.started.elapsed().as_micros() as u64;
+            self.take_lines(index, &buffer[..read], now_us);
+            let plain = matches!(self.clients[index].stream, Stream::Plain(_));
+            if read < buffer.len() && plain {
+                break Ok(());
+            }
+        };
+        self.buffer = buffer;
+        outcome
     }
 
-    fn on_line(&mut self, index: usize, line: &[u8]) {
+    /// Handles the complete lines of a read, the first one completing the client's partial
+    /// line if it had one; keeps what is left as the new partial line.
+    fn take_lines(&mut self, index: usize, mut chunk: &[u8], now_us: u64) {
+        let mut inbox = std::mem::take(&mut self.clients[index].inbox);
+        if !inbox.is_empty() {
+            match memchr::memchr(b'\n', chunk) {
+                Some(end) => {
+                    inbox.extend_from_slice(&chunk[..=end]);
+                    noomnim::framing::split_lines(&inbox, |line| self.on_line(index, line, now_us));
+                    inbox.clear();
+                    chunk = &chunk[end + 1..];
+                }
+                None => {
+                    inbox.extend_from_slice(chunk);
+                    chunk = &[];
+                }
+            }
+        }
+        let used = noomnim::framing::split_lines(chunk, |line| self.on_line(index, line, now_us));
+        inbox.extend_from_slice(&chunk[used..]);
+        self.clients[index].inbox = inbox;
+    }
+
+    fn on_line(&mut self, index: usize, line: &[u8], now_us: u64) {
         let dialect = self.dialect;
         let is_reply = dialect.is_reply(line);
         if is_reply {
@@ -494,14 +537,16 @@ impl Load {
                 .unwrap_or(0)
             + 1;
         let n = number_at(line, n_at);
-        let last = self.clients[index].last_from.entry(sender).or_insert(0);
-        if n <= *last {
+        let last_from = &mut self.clients[index].last_from;
+        if last_from.len() <= sender {
+            last_from.resize(sender + 1, 0);
+        }
+        if n <= last_from[sender] {
             self.tally.duplicated += 1;
             return;
         }
-        *last = n;
+        last_from[sender] = n;
         self.tally.delivered += 1;
-        let now_us = self.started.elapsed().as_micros() as u64;
         if self.tally.latencies_us.len() < 20_000_000 {
             self.tally
                 .latencies_us
