@@ -4,17 +4,17 @@
 # by run. Server CPU is utime+stime from /proc/PID/stat over storm and drain.
 #
 # Usage: tools/compare.sh [RUNS]            (default 3 runs per system and scenario)
-# Environment: SECONDS_PER_RUN (default 8), SCENARIOS (default "a a1500 a3000 b"),
+# Environment: SECONDS_PER_RUN (default 8), SCENARIOS (default "a300 a a1500 a3000 b"),
 #              SYSTEMS (default "embedded noop inspircd").
-# Scenarios: a = 1000 clients, 10 groups, 50 senders at full speed; a1500 / a3000 = the same at
-# a steady 1,500 / 3,000 msg/s; b = one group of 1000, 10 senders, full speed; c = 10,000
+# Scenarios: a = 1000 clients, 10 groups, 50 senders at full speed; a300 / a1500 / a3000 = the
+# same at a steady 300 / 1,500 / 3,000 msg/s (a300: a quiet server, where latency is the figure); b = one group of 1000, 10 senders, full speed; c = 10,000
 # idle logged-in connections in 100 groups/channels: server memory per connection (RSS growth).
 # Needs: apt-get (InspIRCd is installed if missing), root or the `irc` user to run InspIRCd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-3}"
 seconds="${SECONDS_PER_RUN:-8}"
-scenarios="${SCENARIOS:-a a1500 a3000 b}"
+scenarios="${SCENARIOS:-a300 a a1500 a3000 b}"
 systems="${SYSTEMS:-embedded noop inspircd}"
 state="$(mktemp -d)"
 results="$state/results.tsv"
@@ -38,6 +38,7 @@ esac
 flags_for() {
     case "$1" in
         a) echo "--clients 1000 --groups 10 --senders 50" ;;
+        a300) echo "--clients 1000 --groups 10 --senders 50 --rate 300" ;;
         a1500) echo "--clients 1000 --groups 10 --senders 50 --rate 1500" ;;
         a3000) echo "--clients 1000 --groups 10 --senders 50 --rate 3000" ;;
         b) echo "--clients 1000 --groups 1 --senders 10" ;;
@@ -89,7 +90,7 @@ run_inspircd() {
 
 run_noomnim() {
     local system="$1" scenario="$2" rate="" base out
-    case "$scenario" in a1500) rate=1500 ;; a3000) rate=3000 ;; esac
+    case "$scenario" in a300) rate=300 ;; a1500) rate=1500 ;; a3000) rate=3000 ;; esac
     base="${scenario%%[0-9]*}"
     out="$(RATE="$rate" SECONDS_PER_RUN="$seconds" bash tools/bench.sh "$system" "$base" 2>&1)" || true
     record "$system" "$scenario" "$out"
