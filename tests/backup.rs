@@ -142,3 +142,72 @@ fn a_backup_on_a_terminal_shows_progress_then_a_summary() {
     );
     let _ = std::fs::remove_file(target);
 }
+
+/// Issue 24's race: the server is killed (SIGKILL) while a backup is being taken. The backup
+/// either completes (then it opens, passes `integrity_check` and holds every message acked
+/// before it began) or fails cleanly; the restarted server has every acked message.
+#[test]
+fn a_backup_taken_while_the_server_is_killed_is_whole_or_refused() {
+    let storage = Storage::new(Backend::Embedded);
+    let mut server = Server::start_with(&storage, &[("RATE_LIMIT", "0")]);
+    let group = unique("killed");
+    let mut owner = server.login("owner");
+    owner.request("create_group", ug("owner", &group));
+    // Enough messages that the copy takes a moment.
+    let mut acked = 0;
+    for chunk in 0..20 {
+        let mut burst = Vec::new();
+        for i in 0..250 {
+            let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("{chunk}-{i} {}", "x".repeat(200))}, "id": i});
+            burst.extend(serde_json::to_vec(&line).expect("json"));
+            burst.push(b'\n');
+        }
+        owner.send_raw(&burst);
+        for _ in 0..250 {
+            let reply = owner.recv();
+            assert_eq!(reply["event"], "message_sent", "{reply}");
+            acked = acked.max(reply["data"]["seq"].as_u64().expect("seq"));
+        }
+    }
+    let target = std::env::temp_dir().join(format!("{}.sqlite3", unique("backup-kill")));
+    let data_dir = storage.env()[0].1.clone();
+    let backup = Command::new(common::BINARY)
+        .env_clear()
+        .env("DATA_DIR", &data_dir)
+        .args(["backup", target.to_str().expect("path")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start backup");
+    server.kill();
+    let output = backup.wait_with_output().expect("backup ends");
+    if output.status.success() {
+        let copy = rusqlite::Connection::open(&target).expect("the copy opens");
+        let check: String = copy
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .expect("integrity_check");
+        assert_eq!(check, "ok");
+        let count: u64 = copy
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE group_name = ?1",
+                [&group],
+                |row| row.get(0),
+            )
+            .expect("count");
+        assert_eq!(count, acked, "every acked message is in the copy");
+    } else {
+        assert!(
+            !target.exists() || std::fs::metadata(&target).is_ok(),
+            "{output:?}"
+        );
+    }
+    let restarted = Server::start(&storage);
+    let mut owner = restarted.login("owner");
+    let stored = common::fetch_all(&mut owner, "owner", &group);
+    assert_eq!(
+        stored.len() as u64,
+        acked,
+        "the killed server lost nothing acked"
+    );
+    let _ = std::fs::remove_file(target);
+}
