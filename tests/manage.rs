@@ -787,3 +787,67 @@ fn a_deleted_text_is_gone_from_the_embedded_files() {
     }
     assert!(found.is_empty(), "the deleted text is still in {found:?}");
 }
+
+/// Across two peers: an erasure made through the store closes the user's connection on the
+/// other instance too (each polls the erasure log), and retention run by the instances
+/// shows the same `first_seq` on both.
+#[test]
+fn erasure_and_retention_reach_every_peer() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = LocalService::redis();
+    let url = redis.redis_url();
+    let start = |node: &str| {
+        Server::start_with(
+            &storage,
+            &[
+                ("PEER", "true"),
+                ("REDIS_URL", &url),
+                ("NODE_ID", node),
+                ("RETENTION_MAX_MESSAGES", "3"),
+                ("RETENTION_INTERVAL_MS", "200"),
+            ],
+        )
+    };
+    let (one, two) = (start("er_a"), start("er_b"));
+    let (owner, gone) = (unique("owner"), unique("gone"));
+    let mut o = one.login(&owner);
+    let mut g = two.login(&gone);
+    let group = group_with(&mut o, &owner, &mut [(&mut g, &gone)]);
+    for i in 0..10 {
+        send(&mut o, &group, &format!("m{i}"));
+    }
+    // Retention (either instance) leaves the newest 3; both instances' histories say so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let page = ask(
+            &mut g,
+            "fetch_messages",
+            json!({"group_name": group, "after_seq": 0}),
+        );
+        if page["data"]["first_seq"] == 8 || std::time::Instant::now() > deadline {
+            assert_eq!(page["data"]["first_seq"], 8, "{page}");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let page = ask(
+        &mut o,
+        "fetch_messages",
+        json!({"group_name": group, "after_seq": 0}),
+    );
+    assert_eq!(page["data"]["first_seq"], 8, "{page}");
+    let output = Command::new(BINARY)
+        .args(["admin", "erase-user", &gone])
+        .env_clear()
+        .envs(storage.env())
+        .output()
+        .expect("run noomnim admin");
+    assert!(output.status.success(), "{output:?}");
+    let closing = loop {
+        let line = g.recv();
+        if line["event"] == "closing" {
+            break line;
+        }
+    };
+    assert_eq!(closing["data"]["code"], "account_erased", "{closing}");
+}

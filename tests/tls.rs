@@ -463,3 +463,56 @@ fn peers_relay_between_tls_clients_with_tokens() {
     assert_eq!(bob.recv()["data"]["text"], "from a");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 26 item 1: `noomnim cli` over TLS (`--tls --ca`) with a token it mints itself from
+/// `--token-secret`; a wrong secret is refused at login.
+#[test]
+fn noomnim_cli_speaks_tls_with_a_minted_token() {
+    let dir = std::env::temp_dir().join(common::unique("cli-tls"));
+    let certs = make_certificates(&dir, "cli");
+    let storage = Storage::new(Backend::Embedded);
+    let secret = "a-test-secret-of-at-least-32-bytes-long";
+    let server = tls_server(&storage, &certs, &[("AUTH_SECRET", secret)]);
+    let port = server.tls_addr().expect("tls listener").port().to_string();
+    let ca = certs.ca.display().to_string();
+    let cli = |extra: &[&str]| {
+        Command::new(common::BINARY)
+            .args([
+                "cli", "--tls", "--ca", &ca, "--port", &port, "--user", "tls-user",
+            ])
+            .args(extra)
+            .output()
+            .expect("run noomnim cli")
+    };
+    let ping = cli(&["ping", "--count", "2"]);
+    assert!(ping.status.success(), "{ping:?}");
+    // Logged in (the token was accepted), then refused for the group: exit 1 with the code.
+    let logged_in = cli(&["--token-secret", secret, "send", "nowhere", "hi"]);
+    assert_eq!(logged_in.status.code(), Some(1), "{logged_in:?}");
+    assert!(
+        String::from_utf8_lossy(&logged_in.stderr).contains("group_not_found"),
+        "{logged_in:?}"
+    );
+    let wrong = cli(&[
+        "--token-secret",
+        "another-secret-that-is-also-32-bytes!",
+        "send",
+        "g",
+        "hi",
+    ]);
+    assert_eq!(wrong.status.code(), Some(1), "{wrong:?}");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("unauthorized"),
+        "{wrong:?}"
+    );
+    let untrusted = Command::new(common::BINARY)
+        .args(["cli", "--tls", "--port", &port, "--user", "u", "ping"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        untrusted.status.code(),
+        Some(1),
+        "--tls without --ca is refused: {untrusted:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
