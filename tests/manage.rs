@@ -653,28 +653,35 @@ fn a_ban_mid_send_is_a_clean_cut(backend: Backend) {
     assert_eq!(kept, stored, "every acked message, and only those");
 }
 
+/// Two instances sharing the storage's MongoDB and a Redis of their own, with `extra`
+/// settings; returned once both are linked (the Redis must outlive them).
+fn two_peers(storage: &Storage, extra: &[(&str, &str)]) -> (LocalService, Server, Server) {
+    let redis = LocalService::redis();
+    let url = redis.redis_url();
+    let start = |node: &str| {
+        let mut env = vec![
+            ("PEER", "true"),
+            ("PEER_RELAY", "shared"),
+            ("REDIS_URL", url.as_str()),
+            ("NODE_ID", node),
+        ];
+        env.extend_from_slice(extra);
+        Server::start_with(storage, &env)
+    };
+    let node = unique("node");
+    let (one, two) = (start(&format!("{node}_a")), start(&format!("{node}_b")));
+    for server in [&one, &two] {
+        assert!(server.logged("peer subscriber: connected"));
+    }
+    (redis, one, two)
+}
+
 /// Across two peers: edits, deletes and bans reach the room and the user on the other
 /// instance; deleting a group empties its room there too.
 #[test]
 fn management_reaches_every_peer() {
     let storage = Storage::new(Backend::Mongo);
-    let redis = LocalService::redis();
-    let url = redis.redis_url();
-    let start = |node: &str| {
-        Server::start_with(
-            &storage,
-            &[
-                ("PEER", "true"),
-                ("PEER_RELAY", "shared"),
-                ("REDIS_URL", &url),
-                ("NODE_ID", node),
-            ],
-        )
-    };
-    let (one, two) = (start("mg_a"), start("mg_b"));
-    for server in [&one, &two] {
-        assert!(server.logged("peer subscriber: connected"));
-    }
+    let (_redis, one, two) = two_peers(&storage, &[]);
     let (owner, member) = (unique("owner"), unique("member"));
     let mut o = one.login(&owner);
     let mut m = two.login(&member);
@@ -794,21 +801,11 @@ fn a_deleted_text_is_gone_from_the_embedded_files() {
 #[test]
 fn erasure_and_retention_reach_every_peer() {
     let storage = Storage::new(Backend::Mongo);
-    let redis = LocalService::redis();
-    let url = redis.redis_url();
-    let start = |node: &str| {
-        Server::start_with(
-            &storage,
-            &[
-                ("PEER", "true"),
-                ("REDIS_URL", &url),
-                ("NODE_ID", node),
-                ("RETENTION_MAX_MESSAGES", "3"),
-                ("RETENTION_INTERVAL_MS", "200"),
-            ],
-        )
-    };
-    let (one, two) = (start("er_a"), start("er_b"));
+    let retention = [
+        ("RETENTION_MAX_MESSAGES", "3"),
+        ("RETENTION_INTERVAL_MS", "200"),
+    ];
+    let (_redis, one, two) = two_peers(&storage, &retention);
     let (owner, gone) = (unique("owner"), unique("gone"));
     let mut o = one.login(&owner);
     let mut g = two.login(&gone);
