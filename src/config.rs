@@ -333,7 +333,9 @@ pub fn help_text() -> String {
         "noomnim - Noomnim Chat server: newline-delimited JSON chat over TCP\n\n\
          Usage: noomnim [--help | --version]\n\
          Or:    noomnim token USERNAME [--ttl SECONDS]   (a token signed with AUTH_SECRET)\n\
-         Or:    noomnim backup PATH   (a consistent copy of the embedded store in DATA_DIR)\n\n\
+         Or:    noomnim backup PATH   (a consistent copy of the embedded store in DATA_DIR)\n\
+         Or:    noomnim admin erase-user NAME   (erase a user through the configured store)\n\
+         Or:    noomnim cli [OPTIONS] [send|tail|history|ping ...]   (the terminal client; cli --help)\n\n\
          Configuration is read from environment variables:\n",
     );
     for (name, default, what) in VARIABLES {
