@@ -47,6 +47,8 @@ pub struct Config {
     pub max_groups_per_user: usize,
     pub max_connections: usize,
     pub workers: usize,
+    /// Event loops, each owning its connections (`IO_THREADS`).
+    pub io_threads: usize,
     pub log_level: log::LevelFilter,
     /// `LOG_FORMAT`: text lines (default) or one JSON object per line.
     pub log_format: crate::logging::LogFormat,
@@ -211,6 +213,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "simultaneous client connections",
     ),
     ("WORKERS", "4", "database worker threads"),
+    (
+        "IO_THREADS",
+        "1",
+        "event loops, each owning its own connections (accept spread by SO_REUSEPORT); 2 or more use that many cores",
+    ),
     (
         "STORE_TIMEOUT_MS",
         "5000",
@@ -426,6 +433,7 @@ impl Config {
             )?,
             max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
             workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
+            io_threads: parse_positive(get("IO_THREADS"), "IO_THREADS", 1)?,
             log_format: match get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
                 None | Some("text") => crate::logging::LogFormat::Text,
                 Some("json") => crate::logging::LogFormat::Json,

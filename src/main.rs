@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use noomnim::config::{self, Config};
 use noomnim::start::describe_store;
-use noomnim::{fd_limit, logging, notify, Server, StartError};
+use noomnim::start::Loops;
+use noomnim::{fd_limit, logging, notify, StartError};
 
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
@@ -42,8 +43,8 @@ fn main() -> ExitCode {
         );
     }
     fd_limit::fit_and_log(config.max_connections);
-    let server = match noomnim::start(config.clone()) {
-        Ok(server) => server,
+    let loops = match noomnim::start::start_loops(config.clone()) {
+        Ok(loops) => loops,
         Err(error) => {
             // A start-up failure is a configuration or environment problem: exit code 2,
             // like a bad variable, with the one line that says which setting to look at.
@@ -51,11 +52,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(error) = install_signal_handlers(&server) {
+    if let Err(error) = install_signal_handlers(&loops) {
         log::error!("{error}");
         return ExitCode::from(2);
     }
-    match run(&config, server) {
+    match run(&config, loops) {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             log::error!("{reason}");
@@ -64,34 +65,54 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: &Config, server: Server) -> Result<(), String> {
-    let addr = server.local_addr().map_err(|e| e.to_string())?;
+fn run(config: &Config, loops: Loops) -> Result<(), String> {
+    let Loops { first, others } = loops;
+    let addr = first.local_addr().map_err(|e| e.to_string())?;
     // One line carries every bound address, so whoever waits for readiness (tests, operators'
     // scripts) has all of them as soon as it sees "listening on".
-    let metrics = server
+    let metrics = first
         .metrics_addr()
         .map(|metrics| format!("; metrics on http://{metrics}/metrics"))
         .unwrap_or_default();
-    let tls = match (server.tls_addr(), config.plaintext) {
+    let tls = match (first.tls_addr(), config.plaintext) {
         (Some(tls), true) => format!("; TLS on {tls}"),
         (Some(tls), false) => format!(" (TLS only); TLS on {tls}"),
         (None, _) => String::new(),
     };
+    let count = match others.len() {
+        0 => String::new(),
+        more => format!(", {} event loops", more + 1),
+    };
     log::info!(
-        "listening on {addr} ({}){tls}{metrics}",
+        "listening on {addr} ({}{count}){tls}{metrics}",
         describe_store(config)
     );
     notify::notify("READY=1");
-    server.run().map_err(|e| format!("event loop failed: {e}"))
+    let mut outcome = first.run().map_err(|e| format!("event loop failed: {e}"));
+    for other in others {
+        match other.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => outcome = Err(format!("event loop failed: {e}")),
+            Err(_) => outcome = Err("an event loop panicked".into()),
+        }
+    }
+    outcome
 }
 
 /// SIGTERM/SIGINT: graceful shutdown. SIGHUP: reload the TLS certificate and key (on this
 /// thread, so the event loop never reads files); a pair that does not load is refused and the
 /// one in use kept.
-fn install_signal_handlers(server: &Server) -> Result<(), StartError> {
+fn install_signal_handlers(loops: &Loops) -> Result<(), StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let (stop, waker) = server.stop_handle();
-    let certificates = server.certificates();
+    let mut stops = vec![loops.first.stop_handle()];
+    stops.extend(loops.others.iter().map(|other| other.stop.clone()));
+    let mut certificates: Vec<_> = loops.first.certificates().into_iter().collect();
+    certificates.extend(
+        loops
+            .others
+            .iter()
+            .filter_map(|other| other.certificates.clone()),
+    );
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(StartError::Workers)?;
     std::thread::Builder::new()
@@ -99,18 +120,26 @@ fn install_signal_handlers(server: &Server) -> Result<(), StartError> {
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    match certificates.as_ref().map(|c| c.reload()) {
-                        Some(Ok(())) => log::info!("SIGHUP: TLS certificate reloaded"),
-                        Some(Err(reason)) => {
+                    if certificates.is_empty() {
+                        log::info!("SIGHUP: no TLS configured; nothing to reload");
+                    }
+                    // Every loop holds its own copy; the first refusal is reported once.
+                    let reloaded: Result<Vec<()>, String> =
+                        certificates.iter().map(|c| c.reload()).collect();
+                    match (reloaded, certificates.is_empty()) {
+                        (_, true) => {}
+                        (Ok(_), false) => log::info!("SIGHUP: TLS certificate reloaded"),
+                        (Err(reason), false) => {
                             log::error!("SIGHUP: new TLS certificate refused, keeping the old one: {reason}")
                         }
-                        None => log::info!("SIGHUP: no TLS configured; nothing to reload"),
                     }
                     continue;
                 }
                 log::info!("received signal {signal}");
-                stop.store(true, Ordering::SeqCst);
-                let _ = waker.wake();
+                for (stop, waker) in &stops {
+                    stop.store(true, Ordering::SeqCst);
+                    let _ = waker.wake();
+                }
                 break;
             }
         })

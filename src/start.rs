@@ -69,6 +69,105 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     Server::start(config, stores)
 }
 
+/// `IO_THREADS` event loops listening on one port: the first, to run on the calling thread,
+/// and the others, already running on threads of their own (a loop is not `Send`: each is
+/// built on the thread that runs it). Each has its share of the workers and of
+/// `MAX_CONNECTIONS`. Without `PEER` they are linked by the in-process bus; with it, each is a
+/// peer of its own (node id suffixed with the loop's number) on the Redis relay. The first
+/// serves `/metrics` (its own counters). One loop: exactly `start`.
+pub fn start_loops(config: Config) -> Result<Loops, StartError> {
+    let loops = config.io_threads.max(1);
+    if loops == 1 {
+        return Ok(Loops {
+            first: start(config)?,
+            others: Vec::new(),
+        });
+    }
+    let mut bus = crate::peer::local::LocalBus::new(loops);
+    let share = |index: usize, shared: &Config| {
+        let mut one = shared.clone();
+        one.node_id = format!("{}-{index}", config.node_id);
+        one.workers = (config.workers / loops).max(1);
+        one.max_connections = config.max_connections.div_ceil(loops);
+        if index > 0 {
+            one.metrics_port = None;
+        }
+        one
+    };
+    let open = |one: &Config| {
+        (0..one.workers)
+            .map(|_| store::open(one))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::Store)
+    };
+    let mut shared = config.clone();
+    let first_config = share(0, &shared);
+    let member = if config.peer { None } else { bus.member(0) };
+    let first = Server::start_loop(first_config.clone(), open(&first_config)?, member)?;
+    crate::retention::start(&first_config);
+    // Port 0 picked a port: the other loops listen on the same one.
+    if let (Ok(addr), true) = (first.local_addr(), config.plaintext) {
+        shared.port = addr.port();
+    }
+    if let Some(tls) = first.tls_addr() {
+        shared.tls_port = tls.port();
+    }
+    let mut wakers = vec![first.waker()];
+    let mut others = Vec::new();
+    for index in 1..loops {
+        let one = share(index, &shared);
+        let member = if config.peer { None } else { bus.member(index) };
+        let (ready, started) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("loop-{index}"))
+            .spawn(move || {
+                let server = open(&one).and_then(|stores| Server::start_loop(one, stores, member));
+                match server {
+                    Ok(server) => {
+                        let handle = (server.stop_handle(), server.certificates());
+                        let _ = ready.send(Ok(handle));
+                        server.run()
+                    }
+                    Err(error) => {
+                        let _ = ready.send(Err(error));
+                        Ok(())
+                    }
+                }
+            })
+            .map_err(StartError::Workers)?;
+        let (stop, certificates) = started
+            .recv()
+            .map_err(|_| StartError::Workers(io::Error::other("an event loop did not start")))??;
+        wakers.push(stop.1.clone());
+        others.push(LoopHandle {
+            stop,
+            certificates,
+            thread,
+        });
+    }
+    bus.connect(wakers);
+    Ok(Loops { first, others })
+}
+
+/// The event loops `start_loops` made.
+pub struct Loops {
+    /// To run on the calling thread.
+    pub first: Server,
+    /// Running already.
+    pub others: Vec<LoopHandle>,
+}
+
+/// A loop running on its own thread: how to stop it, its certificates (for SIGHUP), and the
+/// thread to join.
+pub struct LoopHandle {
+    pub stop: (
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::sync::Arc<mio::Waker>,
+    ),
+    pub certificates: Option<crate::tls::Certificates>,
+    pub thread: std::thread::JoinHandle<io::Result<()>>,
+}
+
 /// A one-line description of the configured store, for the readiness log line.
 pub fn describe_store(config: &Config) -> String {
     match &config.store {

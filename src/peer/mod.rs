@@ -44,6 +44,7 @@ use crate::model::Message;
 use redis_target::{RedisTarget, Topology};
 use subscriber::Subscriber;
 
+pub mod local;
 mod redis_target;
 mod subscriber;
 
@@ -126,7 +127,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the subscriber tells the event loop.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum PeerEvent {
     /// Another instance stored this message.
     Relayed(Message),
@@ -311,6 +312,45 @@ impl PeerLink {
             mode,
             stop,
             threads,
+        })
+    }
+
+    /// The link between this process's event loops (`IO_THREADS`): the same interface, over
+    /// in-process channels. One thread turns what this loop publishes into the events the other
+    /// loops' subscribers would have delivered.
+    pub fn local(member: local::BusMember) -> std::io::Result<PeerLink> {
+        let (outgoing, to_publish) = crossbeam_channel::bounded::<Relay>(PUBLISH_QUEUE);
+        let (commands, _unused) = crossbeam_channel::unbounded();
+        // The loop starts linked: nothing can have been missed before it existed.
+        if let Some(own) = member.senders.get(member.index) {
+            let _ = own.send(PeerEvent::LinkUp);
+        }
+        let events = member.events.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("loop-bus-{}", member.index))
+            .spawn(move || {
+                for relay in to_publish.iter() {
+                    let event = match relay {
+                        Relay::Message(message) => PeerEvent::Relayed(message),
+                        Relay::Left(departure) => PeerEvent::Left(departure),
+                        Relay::Typing(typing) => PeerEvent::Typing(typing),
+                        Relay::User(notice) => PeerEvent::User(notice),
+                        Relay::Activity(activity) => PeerEvent::Activity(activity),
+                        Relay::Presence(snapshot) => PeerEvent::Presence(snapshot),
+                        Relay::Room(room) => PeerEvent::Room(room),
+                        Relay::Heartbeat(_) => continue,
+                    };
+                    member.tell_others(event);
+                }
+            })?;
+        Ok(PeerLink {
+            outgoing,
+            commands,
+            events,
+            stats: Arc::new(RelayStats::default()),
+            mode: RelayMode::Shared,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: vec![thread],
         })
     }
 

@@ -103,6 +103,25 @@ const RESUME_PAGE_MARGIN: usize = 512;
 /// How long shutdown waits for in-flight work and unsent output.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// A listening socket; `shared`: with SO_REUSEPORT, so that every event loop listens on the
+/// same port and the kernel spreads connections over them.
+fn bind_listener(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
+    if !shared {
+        return TcpListener::bind(addr);
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// The event loop and everything it owns.
 pub struct Server {
     config: Config,
@@ -173,10 +192,22 @@ pub struct Server {
 impl Server {
     /// Binds the listener and starts the store workers.
     pub fn start(config: Config, stores: Vec<Box<dyn Store>>) -> Result<Server, StartError> {
+        Server::start_loop(config, stores, None)
+    }
+
+    /// One of several event loops (`IO_THREADS`): its listeners share the port with the other
+    /// loops' (SO_REUSEPORT: the kernel spreads new connections over them), and `bus` links it
+    /// to them as peers are linked (unless `PEER` links every loop through Redis anyway).
+    pub fn start_loop(
+        config: Config,
+        stores: Vec<Box<dyn Store>>,
+        bus: Option<crate::peer::local::BusMember>,
+    ) -> Result<Server, StartError> {
         let poll = Poll::new().map_err(StartError::Workers)?;
+        let shared_port = config.io_threads > 1;
         let listen = |addr: SocketAddr, token: Token| -> Result<TcpListener, StartError> {
-            let mut listener =
-                TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+            let mut listener = bind_listener(addr, shared_port)
+                .map_err(|source| StartError::Listen { addr, source })?;
             poll.registry()
                 .register(&mut listener, token, Interest::READABLE)
                 .map_err(StartError::Workers)?;
@@ -215,6 +246,10 @@ impl Server {
         let pool = WorkerPool::start(stores, done, waker.clone(), config.store_timeout, routing)
             .map_err(StartError::Workers)?;
         let peer = match (&config.store, config.peer) {
+            (_, false) if bus.is_some() => bus
+                .map(PeerLink::local)
+                .transpose()
+                .map_err(StartError::Workers)?,
             (StoreKind::Mongo { database, .. }, true) => Some(
                 PeerLink::start(
                     &config.redis_url,
@@ -227,7 +262,11 @@ impl Server {
             ),
             _ => None,
         };
-        let keep_recent = if config.peer { RECENT_IN_PEER_MODE } else { 0 };
+        let keep_recent = if peer.is_some() {
+            RECENT_IN_PEER_MODE
+        } else {
+            0
+        };
         let rules = rules_of(&config);
         let pipeline_depth = match config.store {
             StoreKind::Mongo { .. } => 1,
@@ -303,6 +342,11 @@ impl Server {
         self.metrics_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
+    }
+
+    /// This loop's waker (the other loops' bus threads wake it).
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
     }
 
     /// A flag and waker that make the loop shut down gracefully when set (from a signal thread).

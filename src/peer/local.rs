@@ -1,0 +1,75 @@
+//! The in-process bus between event loops (`IO_THREADS` > 1 without `PEER`): each loop is to
+//! the others what a peer instance is, minus Redis. What a loop would publish to peers (stored
+//! messages, leaves, typing, lines for a user's devices or a room, activity, presence) is
+//! handed to every other loop's event channel as the `PeerEvent` a subscriber would have
+//! delivered, so the same sequencer, gap filling and presence paths serve both.
+
+use std::sync::{Arc, OnceLock};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::Waker;
+
+use super::PeerEvent;
+
+/// Every loop's event channel, and (once all loops exist) their wakers.
+pub struct LocalBus {
+    senders: Vec<Sender<PeerEvent>>,
+    receivers: Vec<Option<Receiver<PeerEvent>>>,
+    wakers: Arc<OnceLock<Vec<Arc<Waker>>>>,
+}
+
+/// One loop's end of the bus.
+pub struct BusMember {
+    pub index: usize,
+    pub senders: Vec<Sender<PeerEvent>>,
+    pub events: Receiver<PeerEvent>,
+    pub wakers: Arc<OnceLock<Vec<Arc<Waker>>>>,
+}
+
+impl LocalBus {
+    pub fn new(loops: usize) -> LocalBus {
+        let (senders, receivers) = (0..loops)
+            .map(|_| {
+                let (sender, receiver) = crossbeam_channel::unbounded();
+                (sender, Some(receiver))
+            })
+            .unzip();
+        LocalBus {
+            senders,
+            receivers,
+            wakers: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Loop `index`'s end (each taken once).
+    pub fn member(&mut self, index: usize) -> Option<BusMember> {
+        Some(BusMember {
+            index,
+            senders: self.senders.clone(),
+            events: self.receivers.get_mut(index)?.take()?,
+            wakers: self.wakers.clone(),
+        })
+    }
+
+    /// All loops exist: their wakers, in loop order (the bus threads wait for these).
+    pub fn connect(&self, wakers: Vec<Arc<Waker>>) {
+        let _ = self.wakers.set(wakers);
+    }
+}
+
+impl BusMember {
+    /// Hands `event` to every other loop and wakes it.
+    pub fn tell_others(&self, event: PeerEvent) {
+        let wakers = self.wakers.wait();
+        for (index, sender) in self.senders.iter().enumerate() {
+            if index == self.index {
+                continue;
+            }
+            if sender.send(event.clone()).is_ok() {
+                if let Some(waker) = wakers.get(index) {
+                    let _ = waker.wake();
+                }
+            }
+        }
+    }
+}

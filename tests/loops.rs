@@ -1,0 +1,250 @@
+//! Issue 25 item 2: `IO_THREADS` event loops in one process, each owning the connections the
+//! kernel hands its listener (SO_REUSEPORT). A storm across 4 loops: every client receives
+//! every message of its group exactly once, in seq order, whichever loop stored it; a user's
+//! devices on different loops stay in sync; SIGTERM and kill -9 mid-storm lose nothing acked.
+
+mod common;
+
+use std::thread::JoinHandle;
+
+use common::{ask, next_of, ug, unique, Backend, Client, Server, Storage};
+use serde_json::{json, Value};
+
+backend_tests!(a_storm_across_four_loops_reaches_everyone_once_in_order);
+
+const LOOPS: &str = "4";
+
+/// A receiver in `group`'s room: returns the seqs it was sent, once `total` arrived.
+fn receiver(server: &Server, group: &str, total: usize) -> JoinHandle<Vec<u64>> {
+    let name = unique("rx");
+    let mut client = server.login(&name);
+    assert_eq!(
+        ask(&mut client, "join_group", ug(&name, group))["event"],
+        "join_success"
+    );
+    assert_eq!(
+        ask(&mut client, "enter_group", json!({"group_name": group}))["event"],
+        "enter_group"
+    );
+    std::thread::spawn(move || {
+        let mut seqs = Vec::with_capacity(total);
+        while seqs.len() < total {
+            let line = client.recv();
+            if line["event"] == "message_sent" {
+                seqs.push(line["data"]["seq"].as_u64().expect("seq"));
+            }
+        }
+        seqs
+    })
+}
+
+/// A sender that pipelines `count` messages to `group`; returns the seqs acknowledged.
+fn sender(server: &Server, group: &str, count: usize) -> JoinHandle<Vec<u64>> {
+    let name = unique("tx");
+    let mut client = server.login(&name);
+    assert_eq!(
+        ask(&mut client, "join_group", ug(&name, group))["event"],
+        "join_success"
+    );
+    let group = group.to_string();
+    std::thread::spawn(move || pipelined_sends(&mut client, &group, count))
+}
+
+fn pipelined_sends(client: &mut Client, group: &str, count: usize) -> Vec<u64> {
+    let mut burst = Vec::new();
+    for i in 0..count {
+        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("storm {i}")}, "id": i});
+        burst.extend(serde_json::to_vec(&line).expect("json"));
+        burst.push(b'\n');
+    }
+    client.send_raw(&burst);
+    let mut acked = Vec::new();
+    while acked.len() < count {
+        match client.recv_or_closed() {
+            Some(line) if line.get("id").is_some() => {
+                if line["event"] == "message_sent" {
+                    acked.push(line["data"]["seq"].as_u64().expect("seq"));
+                } else {
+                    break;
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    acked
+}
+
+fn a_storm_across_four_loops_reaches_everyone_once_in_order(backend: Backend) {
+    let storage = Storage::new(backend);
+    let server = Server::start_with(&storage, &[("IO_THREADS", LOOPS), ("RATE_LIMIT", "0")]);
+    assert!(
+        server.ready_line.contains("4 event loops"),
+        "{}",
+        server.ready_line
+    );
+    let per_sender = match backend {
+        Backend::Embedded => 200,
+        Backend::Mongo => 60,
+    };
+    let owner = unique("owner");
+    let mut o = server.login(&owner);
+    let groups: Vec<String> = (0..4).map(|_| unique("loops")).collect();
+    for group in &groups {
+        assert_eq!(
+            ask(&mut o, "create_group", ug(&owner, group))["event"],
+            "group_created"
+        );
+    }
+    // 10 receivers and 2 senders per group: 48 connections, spread over the 4 loops.
+    let total = 2 * per_sender;
+    let receivers: Vec<(String, JoinHandle<Vec<u64>>)> = groups
+        .iter()
+        .flat_map(|group| (0..10).map(move |_| group.clone()))
+        .map(|group| {
+            let handle = receiver(&server, &group, total);
+            (group, handle)
+        })
+        .collect();
+    let senders: Vec<JoinHandle<Vec<u64>>> = groups
+        .iter()
+        .flat_map(|group| {
+            [
+                sender(&server, group, per_sender),
+                sender(&server, group, per_sender),
+            ]
+        })
+        .collect();
+    for sent in senders {
+        assert_eq!(
+            sent.join().expect("sender").len(),
+            per_sender,
+            "every send acknowledged"
+        );
+    }
+    for (group, handle) in receivers {
+        let seqs = handle.join().expect("receiver");
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "{group}: every message exactly once, in seq order"
+        );
+    }
+}
+
+/// A user's protocol-3 devices on different loops hear each other's read marks, and typing
+/// crosses loops like messages do.
+#[test]
+fn devices_and_typing_cross_loops() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start_with(&storage, &[("IO_THREADS", LOOPS)]);
+    let (user, other) = (unique("multi"), unique("typist"));
+    let v3 = |name: &str| {
+        let mut client = server.connect();
+        assert_eq!(
+            ask(&mut client, "hello", json!({"protocol": 3}))["data"]["protocol"],
+            3
+        );
+        ask(&mut client, "find_user", json!({"username": name}));
+        client
+    };
+    // Eight devices: with four loops, some are on other loops than the first.
+    let mut devices: Vec<Client> = (0..8).map(|_| v3(&user)).collect();
+    let group = unique("sync");
+    let mut t = v3(&other);
+    assert_eq!(
+        ask(&mut t, "create_group", ug(&other, &group))["event"],
+        "group_created"
+    );
+    assert_eq!(
+        ask(&mut devices[0], "join_group", ug(&user, &group))["event"],
+        "join_success"
+    );
+    for device in devices.iter_mut().skip(1) {
+        assert_eq!(
+            next_of(device, &["joined_group"])["data"]["group_name"],
+            group
+        );
+    }
+    ask(
+        &mut t,
+        "send_message",
+        json!({"group_name": group, "text": "one"}),
+    );
+    let marked = ask(
+        &mut devices[0],
+        "mark_read",
+        json!({"group_name": group, "seq": 1}),
+    );
+    assert_eq!(marked["data"]["last_read_seq"], 1);
+    for device in devices.iter_mut().skip(1) {
+        let mark: Value = next_of(device, &["read_marker"]);
+        assert_eq!(mark["data"]["last_read_seq"], 1, "{mark}");
+    }
+    for device in devices.iter_mut() {
+        assert_eq!(
+            ask(device, "enter_group", json!({"group_name": group}))["event"],
+            "enter_group"
+        );
+    }
+    ask(&mut t, "enter_group", json!({"group_name": group}));
+    ask(&mut t, "typing", json!({"group_name": group}));
+    for device in devices.iter_mut() {
+        assert_eq!(
+            next_of(device, &["typing"])["data"]["username"],
+            other.as_str()
+        );
+    }
+}
+
+/// SIGTERM mid-storm: the loops drain and exit 0; kill -9 mid-storm: nothing acked is lost.
+#[test]
+fn stopping_four_loops_mid_storm_loses_nothing_acked() {
+    for graceful in [true, false] {
+        let storage = Storage::new(Backend::Embedded);
+        let port = common::free_port().to_string();
+        let mut env = storage.env();
+        env.push(("PORT".into(), port.clone()));
+        env.push(("IO_THREADS".into(), LOOPS.into()));
+        env.push(("RATE_LIMIT".into(), "0".into()));
+        let mut server = Server::spawn(&env);
+        let owner = unique("owner");
+        let mut o = server.login(&owner);
+        let group = unique("stop");
+        assert_eq!(
+            ask(&mut o, "create_group", ug(&owner, &group))["event"],
+            "group_created"
+        );
+        let senders: Vec<JoinHandle<Vec<u64>>> =
+            (0..4).map(|_| sender(&server, &group, 2000)).collect();
+        // Let the storm get going, then stop the server under it.
+        loop {
+            let page = ask(
+                &mut o,
+                "fetch_messages",
+                json!({"group_name": group, "limit": 1}),
+            );
+            if page["data"]["messages"][0]["seq"].as_u64().unwrap_or(0) >= 500 {
+                break;
+            }
+        }
+        if graceful {
+            assert!(server.terminate().success(), "SIGTERM: a clean exit");
+        } else {
+            server.kill();
+        }
+        let acked: usize = senders
+            .into_iter()
+            .map(|s| s.join().expect("sender").len())
+            .sum();
+        let server = Server::spawn(&env);
+        let mut o = server.login(&owner);
+        let stored = common::fetch_all(&mut o, &owner, &group);
+        assert!(
+            stored.len() >= acked,
+            "{} stored < {acked} acked (graceful: {graceful})",
+            stored.len()
+        );
+        common::assert_seqs_are_one_to_n(&stored, stored.len());
+    }
+}
