@@ -18,7 +18,7 @@ const LATENCY_BUCKETS: [f64; 12] = [
 const MAX_REQUEST_BYTES: usize = 8192;
 
 /// Everything the server counts. Gauges are read from the loop's state when rendering.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Metrics {
     pub connections_accepted: u64,
     pub connections_refused: u64,
@@ -67,7 +67,70 @@ pub struct RelayGauges {
     pub head_checks: u64,
 }
 
+/// What each event loop last reported (`IO_THREADS`): the first loop renders `/metrics` as
+/// the sum of its own counters and these, so the endpoint speaks for the whole process.
+#[derive(Debug, Default)]
+pub struct MetricsBoard {
+    loops: std::sync::Mutex<Vec<Option<LoopReport>>>,
+}
+
+/// One loop's counters and the gauges that add up across loops.
+#[derive(Debug, Clone, Default)]
+pub struct LoopReport {
+    pub metrics: Metrics,
+    pub connections: usize,
+    pub rooms_held_messages: usize,
+}
+
+impl MetricsBoard {
+    pub fn new(loops: usize) -> MetricsBoard {
+        MetricsBoard {
+            loops: std::sync::Mutex::new(vec![None; loops]),
+        }
+    }
+
+    /// Loop `index` reports (from its once-a-second sweep).
+    pub fn report(&self, index: usize, report: LoopReport) {
+        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = loops.get_mut(index) {
+            *slot = Some(report);
+        }
+    }
+
+    /// Every loop's last report but `except`'s (the caller's own, which it has fresh).
+    pub fn others(&self, except: usize) -> Vec<LoopReport> {
+        let loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        loops
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != except)
+            .filter_map(|(_, report)| report.clone())
+            .collect()
+    }
+}
+
 impl Metrics {
+    /// Adds another loop's counters to these.
+    pub fn add(&mut self, other: &Metrics) {
+        self.connections_accepted += other.connections_accepted;
+        self.connections_refused += other.connections_refused;
+        self.messages_stored += other.messages_stored;
+        self.messages_delivered += other.messages_delivered;
+        self.messages_relayed_in += other.messages_relayed_in;
+        self.catch_ups += other.catch_ups;
+        self.slow_consumer_cuts += other.slow_consumer_cuts;
+        self.presence_events += other.presence_events;
+        self.head_checks += other.head_checks;
+        for (code, count) in &other.errors {
+            *self.errors.entry(code).or_default() += count;
+        }
+        for (mine, theirs) in self.latency_counts.iter_mut().zip(other.latency_counts) {
+            *mine += theirs;
+        }
+        self.latency_sum += other.latency_sum;
+        self.latency_total += other.latency_total;
+    }
+
     pub fn error(&mut self, code: ErrorCode) {
         *self.errors.entry(code.as_str()).or_default() += 1;
     }

@@ -74,7 +74,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
 /// built on the thread that runs it). Each has its share of the workers and of
 /// `MAX_CONNECTIONS`. Without `PEER` they are linked by the in-process bus; with it, each is a
 /// peer of its own (node id suffixed with the loop's number) on the Redis relay. The first
-/// serves `/metrics` (its own counters). One loop: exactly `start`.
+/// serves `/metrics`: its counters plus the others' (each reports once a second). One loop:
+/// exactly `start`.
 pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     let loops = config.io_threads.max(1);
     if loops == 1 {
@@ -84,6 +85,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         });
     }
     let mut bus = crate::peer::local::LocalBus::new(loops);
+    let board = std::sync::Arc::new(crate::metrics::MetricsBoard::new(loops));
     let share = |index: usize, shared: &Config| {
         let mut one = shared.clone();
         one.node_id = format!("{}-{index}", config.node_id);
@@ -103,7 +105,12 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     let mut shared = config.clone();
     let first_config = share(0, &shared);
     let member = if config.peer { None } else { bus.member(0) };
-    let first = Server::start_loop(first_config.clone(), open(&first_config)?, member)?;
+    let first = Server::start_loop(
+        first_config.clone(),
+        open(&first_config)?,
+        member,
+        Some((board.clone(), 0)),
+    )?;
     crate::retention::start(&first_config);
     // Port 0 picked a port: the other loops listen on the same one.
     if let (Ok(addr), true) = (first.local_addr(), config.plaintext) {
@@ -117,11 +124,13 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     for index in 1..loops {
         let one = share(index, &shared);
         let member = if config.peer { None } else { bus.member(index) };
+        let report_to = Some((board.clone(), index));
         let (ready, started) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name(format!("loop-{index}"))
             .spawn(move || {
-                let server = open(&one).and_then(|stores| Server::start_loop(one, stores, member));
+                let server = open(&one)
+                    .and_then(|stores| Server::start_loop(one, stores, member, report_to));
                 match server {
                     Ok(server) => {
                         let handle = (server.stop_handle(), server.certificates());

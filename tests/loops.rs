@@ -77,7 +77,14 @@ fn pipelined_sends(client: &mut Client, group: &str, count: usize) -> Vec<u64> {
 
 fn a_storm_across_four_loops_reaches_everyone_once_in_order(backend: Backend) {
     let storage = Storage::new(backend);
-    let server = Server::start_with(&storage, &[("IO_THREADS", LOOPS), ("RATE_LIMIT", "0")]);
+    let server = Server::start_with(
+        &storage,
+        &[
+            ("IO_THREADS", LOOPS),
+            ("RATE_LIMIT", "0"),
+            ("METRICS_PORT", "0"),
+        ],
+    );
     assert!(
         server.ready_line.contains("4 event loops"),
         "{}",
@@ -130,6 +137,20 @@ fn a_storm_across_four_loops_reaches_everyone_once_in_order(backend: Backend) {
             "{group}: every message exactly once, in seq order"
         );
     }
+    // /metrics speaks for every loop: the messages stored by all of them (each loop reports
+    // its counters once a second, so this is waited for), and all 49 connections accepted.
+    let stored = (groups.len() * total) as f64;
+    let deadline = std::time::Instant::now() + common::REPLY_TIMEOUT;
+    while common::metric(&server, "noomnim_messages_stored_total") != Some(stored) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "noomnim_messages_stored_total is {:?}, not {stored}",
+            common::metric(&server, "noomnim_messages_stored_total")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let accepted = common::metric(&server, "noomnim_connections_accepted_total");
+    assert!(accepted.is_some_and(|n| n >= 49.0), "{accepted:?}");
 }
 
 /// A user's protocol-3 devices on different loops hear each other's read marks, and typing

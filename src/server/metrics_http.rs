@@ -42,14 +42,39 @@ impl Server {
         }
     }
 
+    /// Reports this loop's counters to the board the first loop renders from (`IO_THREADS`).
+    pub(super) fn report_metrics(&self) {
+        if let Some((board, index)) = &self.metrics_board {
+            board.report(
+                *index,
+                crate::metrics::LoopReport {
+                    metrics: self.metrics.clone(),
+                    connections: self.connections.len(),
+                    rooms_held_messages: self.sequencer.held(),
+                },
+            );
+        }
+    }
+
     pub(super) fn serve_metrics(&mut self, token: Token) {
         let (open_fds, fd_limit) = crate::fd_limit::usage();
+        // With several loops: this loop's counters plus the others' last reports.
+        let others = match &self.metrics_board {
+            Some((board, index)) => board.others(*index),
+            None => Vec::new(),
+        };
+        let mut metrics = self.metrics.clone();
+        for other in &others {
+            metrics.add(&other.metrics);
+        }
         let gauges = Gauges {
-            connections: self.connections.len(),
+            connections: self.connections.len()
+                + others.iter().map(|o| o.connections).sum::<usize>(),
             presence_online: self.presence.online_count(),
             open_fds,
             fd_limit,
-            rooms_held_messages: self.sequencer.held(),
+            rooms_held_messages: self.sequencer.held()
+                + others.iter().map(|o| o.rooms_held_messages).sum::<usize>(),
             peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
             relay: self.peer.as_ref().map(|peer| {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -69,7 +94,7 @@ impl Server {
         };
         let mut progress = client.read();
         if let HttpProgress::Requested { path_ok } = progress {
-            client.respond(path_ok.then(|| self.metrics.render(gauges)));
+            client.respond(path_ok.then(|| metrics.render(gauges)));
             progress = client.write();
         } else if progress == HttpProgress::Reading {
             progress = client.write();

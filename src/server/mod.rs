@@ -154,6 +154,8 @@ pub struct Server {
     load: load::LoopLoad,
     read_buffer: Vec<u8>,
     metrics: Metrics,
+    /// With several loops: where this loop reports its counters, and its number.
+    metrics_board: Option<(Arc<crate::metrics::MetricsBoard>, usize)>,
     metrics_listener: Option<TcpListener>,
     metrics_clients: HashMap<Token, MetricsClient>,
     next_metrics_token: usize,
@@ -192,7 +194,7 @@ pub struct Server {
 impl Server {
     /// Binds the listener and starts the store workers.
     pub fn start(config: Config, stores: Vec<Box<dyn Store>>) -> Result<Server, StartError> {
-        Server::start_loop(config, stores, None)
+        Server::start_loop(config, stores, None, None)
     }
 
     /// One of several event loops (`IO_THREADS`): its listeners share the port with the other
@@ -202,6 +204,7 @@ impl Server {
         config: Config,
         stores: Vec<Box<dyn Store>>,
         bus: Option<crate::peer::local::BusMember>,
+        metrics_board: Option<(Arc<crate::metrics::MetricsBoard>, usize)>,
     ) -> Result<Server, StartError> {
         let poll = Poll::new().map_err(StartError::Workers)?;
         let shared_port = config.io_threads > 1;
@@ -296,6 +299,7 @@ impl Server {
             load: load::LoopLoad::new(Instant::now()),
             read_buffer: vec![0; READ_BUFFER_BYTES],
             metrics: Metrics::default(),
+            metrics_board,
             metrics_listener,
             metrics_clients: HashMap::new(),
             next_metrics_token: FIRST_METRICS_CLIENT,

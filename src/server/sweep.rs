@@ -30,6 +30,7 @@ impl Server {
         self.forget_quiet_activity();
         self.presence_sweep(now);
         self.poll_erasures(now);
+        self.report_metrics();
         self.expire_metrics_clients(now);
         let login_timeout = self.config.login_timeout;
         let idle_timeout = self.config.idle_timeout;
