@@ -106,13 +106,8 @@ fn install_signal_handlers(loops: &Loops) -> Result<(), StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut stops = vec![loops.first.stop_handle()];
     stops.extend(loops.others.iter().map(|other| other.stop.clone()));
-    let mut certificates: Vec<_> = loops.first.certificates().into_iter().collect();
-    certificates.extend(
-        loops
-            .others
-            .iter()
-            .filter_map(|other| other.certificates.clone()),
-    );
+    // Shared by every loop: one reload serves them all.
+    let certificates = loops.first.certificates();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(StartError::Workers)?;
     std::thread::Builder::new()
@@ -120,18 +115,12 @@ fn install_signal_handlers(loops: &Loops) -> Result<(), StartError> {
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    if certificates.is_empty() {
-                        log::info!("SIGHUP: no TLS configured; nothing to reload");
-                    }
-                    // Every loop holds its own copy; the first refusal is reported once.
-                    let reloaded: Result<Vec<()>, String> =
-                        certificates.iter().map(|c| c.reload()).collect();
-                    match (reloaded, certificates.is_empty()) {
-                        (_, true) => {}
-                        (Ok(_), false) => log::info!("SIGHUP: TLS certificate reloaded"),
-                        (Err(reason), false) => {
+                    match certificates.as_ref().map(|c| c.reload()) {
+                        Some(Ok(())) => log::info!("SIGHUP: TLS certificate reloaded"),
+                        Some(Err(reason)) => {
                             log::error!("SIGHUP: new TLS certificate refused, keeping the old one: {reason}")
                         }
+                        None => log::info!("SIGHUP: no TLS configured; nothing to reload"),
                     }
                     continue;
                 }

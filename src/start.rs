@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use crate::config::{Config, StoreKind};
-use crate::server::Server;
+use crate::server::{Server, Siblings};
 use crate::store::{self, StoreError};
 
 /// Why the server could not start. Every variant names the setting to look at.
@@ -104,12 +104,16 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     };
     let mut shared = config.clone();
     let first_config = share(0, &shared);
-    let member = if config.peer { None } else { bus.member(0) };
+    let mut siblings = |index: usize, certificates| Siblings {
+        bus: if config.peer { None } else { bus.member(index) },
+        board: board.clone(),
+        index,
+        certificates,
+    };
     let first = Server::start_loop(
         first_config.clone(),
         open(&first_config)?,
-        member,
-        Some((board.clone(), 0)),
+        Some(siblings(0, None)),
     )?;
     crate::retention::start(&first_config);
     // Port 0 picked a port: the other loops listen on the same one.
@@ -123,18 +127,15 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     let mut others = Vec::new();
     for index in 1..loops {
         let one = share(index, &shared);
-        let member = if config.peer { None } else { bus.member(index) };
-        let report_to = Some((board.clone(), index));
+        let these = Some(siblings(index, first.certificates()));
         let (ready, started) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name(format!("loop-{index}"))
             .spawn(move || {
-                let server = open(&one)
-                    .and_then(|stores| Server::start_loop(one, stores, member, report_to));
+                let server = open(&one).and_then(|stores| Server::start_loop(one, stores, these));
                 match server {
                     Ok(server) => {
-                        let handle = (server.stop_handle(), server.certificates());
-                        let _ = ready.send(Ok(handle));
+                        let _ = ready.send(Ok(server.stop_handle()));
                         server.run()
                     }
                     Err(error) => {
@@ -144,15 +145,11 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
                 }
             })
             .map_err(StartError::Workers)?;
-        let (stop, certificates) = started
+        let stop = started
             .recv()
             .map_err(|_| StartError::Workers(io::Error::other("an event loop did not start")))??;
         wakers.push(stop.1.clone());
-        others.push(LoopHandle {
-            stop,
-            certificates,
-            thread,
-        });
+        others.push(LoopHandle { stop, thread });
     }
     bus.connect(wakers);
     Ok(Loops { first, others })
@@ -166,14 +163,13 @@ pub struct Loops {
     pub others: Vec<LoopHandle>,
 }
 
-/// A loop running on its own thread: how to stop it, its certificates (for SIGHUP), and the
-/// thread to join.
+/// A loop running on its own thread: how to stop it, and the thread to join. (Its
+/// certificates are the first loop's: a SIGHUP reload of those serves every loop.)
 pub struct LoopHandle {
     pub stop: (
         std::sync::Arc<std::sync::atomic::AtomicBool>,
         std::sync::Arc<mio::Waker>,
     ),
-    pub certificates: Option<crate::tls::Certificates>,
     pub thread: std::thread::JoinHandle<io::Result<()>>,
 }
 

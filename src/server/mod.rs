@@ -103,6 +103,17 @@ const RESUME_PAGE_MARGIN: usize = 512;
 /// How long shutdown waits for in-flight work and unsent output.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// What one event loop shares with the other loops of its process (`IO_THREADS` > 1).
+pub struct Siblings {
+    /// The in-process link to the other loops (`None` with `PEER`: Redis links them).
+    pub bus: Option<crate::peer::local::BusMember>,
+    /// Where this loop reports its counters for `/metrics`, and its number.
+    pub board: Arc<crate::metrics::MetricsBoard>,
+    pub index: usize,
+    /// The first loop's certificate store (the first loop loads it).
+    pub certificates: Option<Certificates>,
+}
+
 /// A listening socket; `shared`: with SO_REUSEPORT, so that every event loop listens on the
 /// same port and the kernel spreads connections over them.
 fn bind_listener(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
@@ -194,18 +205,26 @@ pub struct Server {
 impl Server {
     /// Binds the listener and starts the store workers.
     pub fn start(config: Config, stores: Vec<Box<dyn Store>>) -> Result<Server, StartError> {
-        Server::start_loop(config, stores, None, None)
+        Server::start_loop(config, stores, None)
     }
 
     /// One of several event loops (`IO_THREADS`): its listeners share the port with the other
-    /// loops' (SO_REUSEPORT: the kernel spreads new connections over them), and `bus` links it
-    /// to them as peers are linked (unless `PEER` links every loop through Redis anyway).
+    /// loops' (SO_REUSEPORT: the kernel spreads new connections over them), and `siblings`
+    /// says what it shares with them.
     pub fn start_loop(
         config: Config,
         stores: Vec<Box<dyn Store>>,
-        bus: Option<crate::peer::local::BusMember>,
-        metrics_board: Option<(Arc<crate::metrics::MetricsBoard>, usize)>,
+        siblings: Option<Siblings>,
     ) -> Result<Server, StartError> {
+        let (bus, metrics_board, shared_certificates) = match siblings {
+            Some(Siblings {
+                bus,
+                board,
+                index,
+                certificates,
+            }) => (bus, Some((board, index)), certificates),
+            None => (None, None, None),
+        };
         let poll = Poll::new().map_err(StartError::Workers)?;
         let shared_port = config.io_threads > 1;
         let listen = |addr: SocketAddr, token: Token| -> Result<TcpListener, StartError> {
@@ -222,7 +241,11 @@ impl Server {
         };
         let (tls_listener, certificates) = match &config.tls {
             Some(files) => {
-                let certificates = Certificates::load(files).map_err(StartError::Tls)?;
+                // One certificate store for all loops: one SIGHUP reload serves every loop.
+                let certificates = match shared_certificates {
+                    Some(certificates) => certificates,
+                    None => Certificates::load(files).map_err(StartError::Tls)?,
+                };
                 let addr = SocketAddr::new(config.bind, config.tls_port);
                 (Some(listen(addr, TLS_LISTENER)?), Some(certificates))
             }
