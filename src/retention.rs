@@ -38,12 +38,25 @@ pub fn start(config: &Config) {
     }
     let spawned = std::thread::Builder::new()
         .name("retention".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            match store::open(&config).and_then(|mut store| prune_all(store.as_mut(), &retention)) {
-                Ok(0) => {}
-                Ok(removed) => log::info!("retention removed {removed} message(s)"),
-                Err(error) => log::warn!("retention pass failed (retried next time): {error}"),
+        .spawn(move || {
+            // Opened at the first pass and kept; after a failure, opened again at the next.
+            let mut kept: Option<Box<dyn Store>> = None;
+            loop {
+                std::thread::sleep(every);
+                let pass = match kept.take() {
+                    Some(store) => Ok(store),
+                    None => store::open(&config),
+                }
+                .and_then(|mut store| {
+                    let removed = prune_all(store.as_mut(), &retention)?;
+                    kept = Some(store);
+                    Ok(removed)
+                });
+                match pass {
+                    Ok(0) => {}
+                    Ok(removed) => log::info!("retention removed {removed} message(s)"),
+                    Err(error) => log::warn!("retention pass failed (retried next time): {error}"),
+                }
             }
         });
     if let Err(error) = spawned {
