@@ -357,11 +357,7 @@ fn keep_link(
 }
 
 fn show_problem(text: &str, on: bool) -> String {
-    if on {
-        format!("\x1b[31m{text}\x1b[0m")
-    } else {
-        text.to_string()
-    }
+    show::paint("31", text, on)
 }
 
 /// Serves one connection; `None` when the editor is gone, else why the connection ended.

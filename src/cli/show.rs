@@ -10,7 +10,8 @@ pub fn colour() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-fn paint(code: &str, text: &str, on: bool) -> String {
+/// `text` in the ANSI colour `code` when `on`.
+pub fn paint(code: &str, text: &str, on: bool) -> String {
     if on {
         format!("\x1b[{code}m{text}\x1b[0m")
     } else {
