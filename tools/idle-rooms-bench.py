@@ -10,26 +10,11 @@ Start the server first (PEER=true, MONGODB_URI, REDIS_URL, METRICS_PORT), e.g. w
 tools/idle-rooms-bench.sh, which runs N=0 and N=500 against a binary.
 """
 
-import json
-import socket
 import sys
 import time
 import urllib.request
 
-
-def connect(addr):
-    host, port = addr.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
-    return sock, sock.makefile("rb")
-
-
-def request(conn, event, data, rid=1):
-    sock, reader = conn
-    sock.sendall((json.dumps({"event": event, "data": data, "id": rid}) + "\n").encode())
-    while True:
-        line = json.loads(reader.readline())
-        if line.get("id") == rid:
-            return line
+from wire import connect, request
 
 
 def metric(addr, name):

@@ -8,22 +8,10 @@ Usage: resume-bench.py HOST:PORT SERVER_PID [N]   (start the server with RATE_LI
 """
 
 import json
-import socket
 import sys
 import time
 
-
-def connect(addr):
-    host, port = addr.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
-    return sock, sock.makefile("rb")
-
-
-def send(conn, event, data, rid=None):
-    line = {"event": event, "data": data}
-    if rid is not None:
-        line["id"] = rid
-    conn[0].sendall((json.dumps(line) + "\n").encode())
+from wire import connect, send
 
 
 def memory(pid):

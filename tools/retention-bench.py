@@ -11,15 +11,15 @@ p50/p99/max of the ack latency and how many messages of `big` are left.
 Usage: retention-bench.py BINARY N RATE SECONDS "RETENTION settings"
 """
 
-import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+
+from wire import connect, request
 
 
 def start(binary, data_dir, extra):
@@ -53,15 +53,6 @@ def fill(data_dir, count):
     db.close()
 
 
-def request(conn, event, data, rid):
-    sock, reader = conn
-    sock.sendall((json.dumps({"event": event, "data": data, "id": rid}) + "\n").encode())
-    while True:
-        line = json.loads(reader.readline())
-        if line.get("id") == rid:
-            return line
-
-
 def main():
     binary, count, rate, seconds, retention = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
     data_dir = tempfile.mkdtemp(prefix="retention-bench-")
@@ -69,8 +60,7 @@ def main():
     stop(server)
     fill(data_dir, count)
     server, port = start(binary, data_dir, retention)
-    sock = socket.create_connection(("127.0.0.1", port))
-    conn = (sock, sock.makefile("rb"))
+    conn = connect(f"127.0.0.1:{port}")
     request(conn, "find_user", {"username": "sender"}, "login")
     request(conn, "create_group", {"group_name": "live"}, "create")
     latencies = []

@@ -1,0 +1,28 @@
+"""The few lines of the wire protocol the benchmark scripts in tools/ share: connect, send a
+request, and wait for its reply (lines without that id are passed over)."""
+
+import json
+import socket
+
+
+def connect(addr):
+    """A connection to HOST:PORT: (socket, a binary reader of its lines)."""
+    host, port = addr.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    return sock, sock.makefile("rb")
+
+
+def send(conn, event, data, rid=None):
+    line = {"event": event, "data": data}
+    if rid is not None:
+        line["id"] = rid
+    conn[0].sendall((json.dumps(line) + "\n").encode())
+
+
+def request(conn, event, data, rid=1):
+    """Sends a request and returns its reply."""
+    send(conn, event, data, rid)
+    while True:
+        line = json.loads(conn[1].readline())
+        if line.get("id") == rid:
+            return line
