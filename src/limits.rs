@@ -1,8 +1,9 @@
-//! Abuse limits: a token bucket per connection for store-bound requests, and a count of open
-//! connections per IP address.
+//! Abuse limits: a token bucket per connection for store-bound requests, and counts of open
+//! connections in all and per IP address, shared by every event loop.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Allows `rate` requests per second on average and `burst` at once; rate 0 allows everything.
@@ -37,29 +38,66 @@ impl TokenBucket {
     }
 }
 
-/// Open connections per IP address, against a cap (0: unlimited).
-#[derive(Debug, Default)]
-pub struct PerIp {
-    open: HashMap<IpAddr, usize>,
+/// Why a connection was refused at the door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `MAX_CONNECTIONS` are open.
+    Full,
+    /// `MAX_CONNECTIONS_PER_IP` are open from this address.
+    PerIp,
 }
 
-impl PerIp {
-    /// Counts a new connection from `ip` unless that would pass `cap`.
-    pub fn admit(&mut self, ip: IpAddr, cap: usize) -> bool {
-        let open = self.open.entry(ip).or_default();
-        if cap > 0 && *open >= cap {
-            return false;
-        }
-        *open += 1;
-        true
+/// Open connections, in all and per IP address, against their caps (per-IP cap 0: unlimited).
+///
+/// One `Admission` is shared by every event loop of the process (`IO_THREADS`): the kernel
+/// spreads connections over the loops, and the limits are what one server allows, not what
+/// each loop allows (a count per loop let one address open `IO_THREADS` times its cap, and
+/// refused a client on a full loop while another had room). A mutex is enough: it is taken
+/// once per accept and once per close.
+#[derive(Debug, Default)]
+pub struct Admission {
+    open: Mutex<OpenCounts>,
+}
+
+#[derive(Debug, Default)]
+struct OpenCounts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Admission {
+    fn counts(&self) -> MutexGuard<'_, OpenCounts> {
+        // The counts stay consistent under every step below, so a panicked holder left them
+        // usable.
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn release(&mut self, ip: IpAddr) {
-        if let Some(open) = self.open.get_mut(&ip) {
+    /// Counts a new connection from `ip` unless that would pass `max_total` or `cap_per_ip`.
+    pub fn admit(&self, ip: IpAddr, max_total: usize, cap_per_ip: usize) -> Result<(), Refusal> {
+        let mut counts = self.counts();
+        if counts.total >= max_total {
+            return Err(Refusal::Full);
+        }
+        let from_ip = counts.per_ip.entry(ip).or_default();
+        if cap_per_ip > 0 && *from_ip >= cap_per_ip {
+            return Err(Refusal::PerIp);
+        }
+        *from_ip += 1;
+        counts.total += 1;
+        Ok(())
+    }
+
+    /// A connection admitted from `ip` is gone.
+    pub fn release(&self, ip: IpAddr) {
+        let mut counts = self.counts();
+        if let Some(open) = counts.per_ip.get_mut(&ip) {
             *open -= 1;
             if *open == 0 {
-                self.open.remove(&ip);
+                counts.per_ip.remove(&ip);
             }
+            counts.total = counts.total.saturating_sub(1);
         }
     }
 }
@@ -87,12 +125,18 @@ mod tests {
     }
 
     #[test]
-    fn per_ip_cap_counts_open_connections() {
+    fn caps_count_open_connections_in_all_and_per_address() {
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-        let mut per_ip = PerIp::default();
-        assert!(per_ip.admit(ip, 2) && per_ip.admit(ip, 2));
-        assert!(!per_ip.admit(ip, 2));
-        per_ip.release(ip);
-        assert!(per_ip.admit(ip, 2));
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        let admission = Admission::default();
+        assert!(admission.admit(ip, 3, 2).is_ok() && admission.admit(ip, 3, 2).is_ok());
+        assert_eq!(admission.admit(ip, 3, 2), Err(Refusal::PerIp));
+        assert!(admission.admit(other, 3, 2).is_ok());
+        assert_eq!(admission.admit(other, 3, 2), Err(Refusal::Full));
+        admission.release(ip);
+        assert!(admission.admit(other, 3, 2).is_ok());
+        // Releasing an address never admitted changes nothing.
+        admission.release("10.0.0.9".parse().expect("ip"));
+        assert_eq!(admission.admit(ip, 3, 0), Err(Refusal::Full));
     }
 }

@@ -71,8 +71,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
 
 /// `IO_THREADS` event loops listening on one port: the first, to run on the calling thread,
 /// and the others, already running on threads of their own (a loop is not `Send`: each is
-/// built on the thread that runs it). Each has its share of the workers and of
-/// `MAX_CONNECTIONS`. Without `PEER` they are linked by the in-process bus; with it, each is a
+/// built on the thread that runs it). Each has its share of the workers; the connection limits
+/// are counted for the process, across the loops. Without `PEER` they are linked by the in-process bus; with it, each is a
 /// peer of its own (node id suffixed with the loop's number) on the Redis relay. The first
 /// serves `/metrics`: its counters plus the others' (each reports once a second). One loop:
 /// exactly `start`.
@@ -86,11 +86,11 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     }
     let mut bus = crate::peer::local::LocalBus::new(loops);
     let board = std::sync::Arc::new(crate::metrics::MetricsBoard::new(loops));
+    let admission = std::sync::Arc::new(crate::limits::Admission::default());
     let share = |index: usize, shared: &Config| {
         let mut one = shared.clone();
         one.node_id = format!("{}-{index}", config.node_id);
         one.workers = (config.workers / loops).max(1);
-        one.max_connections = config.max_connections.div_ceil(loops);
         if index > 0 {
             one.metrics_port = None;
         }
@@ -109,6 +109,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         board: board.clone(),
         index,
         certificates,
+        admission: admission.clone(),
     };
     let first = Server::start_loop(
         first_config.clone(),

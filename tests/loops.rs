@@ -269,3 +269,43 @@ fn stopping_four_loops_mid_storm_loses_nothing_acked() {
         common::assert_seqs_are_one_to_n(&stored, stored.len());
     }
 }
+
+/// `MAX_CONNECTIONS` and `MAX_CONNECTIONS_PER_IP` are the server's limits, not each loop's:
+/// with four loops one address still gets only its cap, and every one of `MAX_CONNECTIONS`
+/// is usable wherever the kernel puts it.
+#[test]
+fn connection_limits_hold_across_loops() {
+    let storage = Storage::new(Backend::Embedded);
+    for (total, per_ip) in [("100", "3"), ("5", "0")] {
+        let server = Server::start_with(
+            &storage,
+            &[
+                ("IO_THREADS", LOOPS),
+                ("MAX_CONNECTIONS", total),
+                ("MAX_CONNECTIONS_PER_IP", per_ip),
+            ],
+        );
+        let allowed = if per_ip == "0" { total } else { per_ip };
+        let allowed: usize = allowed.parse().expect("number");
+        let mut open: Vec<Client> = (0..allowed).map(|_| server.connect()).collect();
+        for client in open.iter_mut() {
+            assert_eq!(ask(client, "ping", json!({}))["event"], "pong");
+        }
+        // Over the cap: refused whichever loop the kernel picks.
+        for _ in 0..8 {
+            let mut extra = server.connect();
+            let refusal = extra.recv();
+            assert_eq!(refusal["data"]["code"], "unavailable", "{refusal}");
+        }
+        // A freed place is usable again (the close is counted once the loop saw it).
+        drop(open.pop());
+        let usable = (0..100).any(|_| {
+            if server.connect().try_request_ping() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            false
+        });
+        assert!(usable, "a freed place is usable again");
+    }
+}

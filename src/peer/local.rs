@@ -58,14 +58,22 @@ impl LocalBus {
 }
 
 impl BusMember {
-    /// Hands `event` to every other loop and wakes it.
-    pub fn tell_others(&self, event: PeerEvent) {
+    /// Hands every event of `batch` to every other loop, then wakes each loop once.
+    ///
+    /// Why batches: a wake is an `eventfd` write and, for a sleeping loop, a `poll` return;
+    /// waking per event cost two loops in scenario (a) ~28,000 extra syscalls a second (one per
+    /// stored message), where a batch of what arrived meanwhile costs one.
+    pub fn tell_others(&self, batch: &[PeerEvent]) {
+        if batch.is_empty() {
+            return;
+        }
         let wakers = self.wakers.wait();
         for (index, sender) in self.senders.iter().enumerate() {
             if index == self.index {
                 continue;
             }
-            if sender.send(event.clone()).is_ok() {
+            let delivered = batch.iter().all(|event| sender.send(event.clone()).is_ok());
+            if delivered {
                 if let Some(waker) = wakers.get(index) {
                     let _ = waker.wake();
                 }

@@ -329,18 +329,22 @@ impl PeerLink {
         let thread = std::thread::Builder::new()
             .name(format!("loop-bus-{}", member.index))
             .spawn(move || {
-                for relay in to_publish.iter() {
-                    let event = match relay {
-                        Relay::Message(message) => PeerEvent::Relayed(message),
-                        Relay::Left(departure) => PeerEvent::Left(departure),
-                        Relay::Typing(typing) => PeerEvent::Typing(typing),
-                        Relay::User(notice) => PeerEvent::User(notice),
-                        Relay::Activity(activity) => PeerEvent::Activity(activity),
-                        Relay::Presence(snapshot) => PeerEvent::Presence(snapshot),
-                        Relay::Room(room) => PeerEvent::Room(room),
-                        Relay::Heartbeat(_) => continue,
-                    };
-                    member.tell_others(event);
+                let mut batch = Vec::new();
+                while let Ok(first) = to_publish.recv() {
+                    // What queued up while the last batch went out goes out together.
+                    let relays = std::iter::once(first).chain(to_publish.try_iter().take(255));
+                    batch.extend(relays.filter_map(|relay| match relay {
+                        Relay::Message(message) => Some(PeerEvent::Relayed(message)),
+                        Relay::Left(departure) => Some(PeerEvent::Left(departure)),
+                        Relay::Typing(typing) => Some(PeerEvent::Typing(typing)),
+                        Relay::User(notice) => Some(PeerEvent::User(notice)),
+                        Relay::Activity(activity) => Some(PeerEvent::Activity(activity)),
+                        Relay::Presence(snapshot) => Some(PeerEvent::Presence(snapshot)),
+                        Relay::Room(room) => Some(PeerEvent::Room(room)),
+                        Relay::Heartbeat(_) => None,
+                    }));
+                    member.tell_others(&batch);
+                    batch.clear();
                 }
             })?;
         Ok(PeerLink {

@@ -46,18 +46,18 @@ impl Server {
     }
 
     pub(super) fn admit(&mut self, mut socket: TcpStream, peer: SocketAddr, tls: bool) {
-        let refusal = if self.connections.len() >= self.config.max_connections {
-            Some(("MAX_CONNECTIONS", "Server is at its connection limit."))
-        } else if !self
-            .per_ip
-            .admit(peer.ip(), self.config.max_connections_per_ip)
-        {
-            Some((
+        let admitted = self.admission.admit(
+            peer.ip(),
+            self.config.max_connections,
+            self.config.max_connections_per_ip,
+        );
+        let refusal = match admitted {
+            Ok(()) => None,
+            Err(Refusal::Full) => Some(("MAX_CONNECTIONS", "Server is at its connection limit.")),
+            Err(Refusal::PerIp) => Some((
                 "MAX_CONNECTIONS_PER_IP",
                 "Too many connections from your address.",
-            ))
-        } else {
-            None
+            )),
         };
         if let Some((limit, text)) = refusal {
             log::warn!("refusing {peer}: {limit} reached");
@@ -78,7 +78,7 @@ impl Server {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("cannot register {peer}: {e}");
-            self.per_ip.release(peer.ip());
+            self.admission.release(peer.ip());
             return;
         }
         let _ = socket.set_nodelay(true);
@@ -97,7 +97,7 @@ impl Server {
                 Ok(transport) => Box::new(transport),
                 Err(e) => {
                     log::warn!("cannot start TLS for {peer}: {e}");
-                    self.per_ip.release(peer.ip());
+                    self.admission.release(peer.ip());
                     return;
                 }
             },

@@ -23,7 +23,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, StoreKind};
 use crate::connection::{Bounds, Chunk, Closing, Connection, ReadState};
 use crate::in_flight::EMBEDDED_PIPELINE_DEPTH;
-use crate::limits::PerIp;
+use crate::limits::{Admission, Refusal};
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient, RelayGauges};
 use crate::model::ReadMark;
 use crate::model::{Appended, Message};
@@ -112,6 +112,9 @@ pub struct Siblings {
     pub index: usize,
     /// The first loop's certificate store (the first loop loads it).
     pub certificates: Option<Certificates>,
+    /// The process's connection counts (`MAX_CONNECTIONS`, `MAX_CONNECTIONS_PER_IP` hold for
+    /// the process, not per loop).
+    pub admission: Arc<Admission>,
 }
 
 /// A listening socket; `shared`: with SO_REUSEPORT, so that every event loop listens on the
@@ -170,7 +173,8 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     metrics_clients: HashMap<Token, MetricsClient>,
     next_metrics_token: usize,
-    per_ip: PerIp,
+    /// Open connections in all and per address, shared with the other loops.
+    admission: Arc<Admission>,
     last_sweep: Instant,
     /// Erasures already acted on (and when they were seen), and the erasure log's read point.
     erasures: manage::Erasures,
@@ -216,14 +220,15 @@ impl Server {
         stores: Vec<Box<dyn Store>>,
         siblings: Option<Siblings>,
     ) -> Result<Server, StartError> {
-        let (bus, metrics_board, shared_certificates) = match siblings {
+        let (bus, metrics_board, shared_certificates, admission) = match siblings {
             Some(Siblings {
                 bus,
                 board,
                 index,
                 certificates,
-            }) => (bus, Some((board, index)), certificates),
-            None => (None, None, None),
+                admission,
+            }) => (bus, Some((board, index)), certificates, admission),
+            None => (None, None, None, Arc::default()),
         };
         let poll = Poll::new().map_err(StartError::Workers)?;
         let shared_port = config.io_threads > 1;
@@ -326,7 +331,7 @@ impl Server {
             metrics_listener,
             metrics_clients: HashMap::new(),
             next_metrics_token: FIRST_METRICS_CLIENT,
-            per_ip: PerIp::default(),
+            admission,
             last_sweep: Instant::now(),
             erasures: manage::Erasures::new(),
             accept_blocked: false,
@@ -819,7 +824,7 @@ impl Server {
             self.unindex_user(token, &username);
         }
         let _ = self.poll.registry().deregister(connection.tcp());
-        self.per_ip.release(connection.peer().ip());
+        self.admission.release(connection.peer().ip());
         log::debug!("connection {} from {} closed", token.0, connection.peer());
         // A descriptor was freed: clients waiting in the accept queue can come in now.
         if self.accept_blocked {
