@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use mio::net::TcpStream;
@@ -69,9 +70,18 @@ pub struct RelayGauges {
 
 /// What each event loop last reported (`IO_THREADS`): the first loop renders `/metrics` as
 /// the sum of its own counters and these, so the endpoint speaks for the whole process.
+///
+/// Loops report once a second on their own, and at once when asked: a scrape asks (`ask`),
+/// every other loop reports at the end of its next turn and wakes the first, which answers
+/// when all have (`answered`). So a scrape counts everything the loops did before it came
+/// (a test that logs in and then scrapes sees its connection), not a second-old picture.
 #[derive(Debug, Default)]
 pub struct MetricsBoard {
     loops: std::sync::Mutex<Vec<Option<LoopReport>>>,
+    /// The latest scrape's number: a loop whose report is older reports again.
+    wanted: AtomicU64,
+    /// Every loop's waker, in loop order (set once all loops exist).
+    wakers: std::sync::OnceLock<Vec<std::sync::Arc<mio::Waker>>>,
 }
 
 /// One loop's counters and the gauges that add up across loops.
@@ -80,32 +90,77 @@ pub struct LoopReport {
     pub metrics: Metrics,
     pub connections: usize,
     pub rooms_held_messages: usize,
+    /// The scrape this report answers (0: none yet).
+    pub answers: u64,
 }
 
 impl MetricsBoard {
     pub fn new(loops: usize) -> MetricsBoard {
         MetricsBoard {
             loops: std::sync::Mutex::new(vec![None; loops]),
+            ..MetricsBoard::default()
         }
     }
 
-    /// Loop `index` reports (from its once-a-second sweep).
+    /// All loops exist: their wakers, in loop order.
+    pub fn connect(&self, wakers: Vec<std::sync::Arc<mio::Waker>>) {
+        let _ = self.wakers.set(wakers);
+    }
+
+    fn reports(&self) -> std::sync::MutexGuard<'_, Vec<Option<LoopReport>>> {
+        // A report is replaced whole, so a panicked holder left the list usable.
+        self.loops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loop `index` reports (once a second, and when a scrape asked).
     pub fn report(&self, index: usize, report: LoopReport) {
-        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = loops.get_mut(index) {
+        let asked = report.answers;
+        if let Some(slot) = self.reports().get_mut(index) {
             *slot = Some(report);
+        }
+        if asked > 0 {
+            self.wake(0);
         }
     }
 
     /// Every loop's last report but `except`'s (the caller's own, which it has fresh).
     pub fn others(&self, except: usize) -> Vec<LoopReport> {
-        let loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
-        loops
+        self.reports()
             .iter()
             .enumerate()
             .filter(|(index, _)| *index != except)
             .filter_map(|(_, report)| report.clone())
             .collect()
+    }
+
+    /// A scrape arrived at loop `asker`: the others are woken to report; returns its number.
+    pub fn ask(&self, asker: usize) -> u64 {
+        let scrape = self.wanted.fetch_add(1, Ordering::AcqRel) + 1;
+        let loops = self.wakers.get().map_or(0, Vec::len);
+        for index in (0..loops).filter(|index| *index != asker) {
+            self.wake(index);
+        }
+        scrape
+    }
+
+    /// The latest scrape's number (checked by each loop at the end of its turn).
+    pub fn wanted(&self) -> u64 {
+        self.wanted.load(Ordering::Acquire)
+    }
+
+    /// Whether every loop but `asker` has reported for `scrape` (or a later one).
+    pub fn answered(&self, scrape: u64, asker: usize) -> bool {
+        self.reports()
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != asker)
+            .all(|(_, report)| report.as_ref().is_some_and(|r| r.answers >= scrape))
+    }
+
+    fn wake(&self, index: usize) {
+        if let Some(waker) = self.wakers.get().and_then(|wakers| wakers.get(index)) {
+            let _ = waker.wake();
+        }
     }
 }
 

@@ -87,6 +87,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     let mut bus = crate::peer::local::LocalBus::new(loops);
     let board = std::sync::Arc::new(crate::metrics::MetricsBoard::new(loops));
     let admission = std::sync::Arc::new(crate::limits::Admission::default());
+    let presence = std::sync::Arc::new(crate::server::LoopsPresence::default());
     let share = |index: usize, shared: &Config| {
         let mut one = shared.clone();
         one.node_id = format!("{}-{index}", config.node_id);
@@ -110,6 +111,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         index,
         certificates,
         admission: admission.clone(),
+        presence: presence.clone(),
     };
     let first = Server::start_loop(
         first_config.clone(),
@@ -152,6 +154,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         wakers.push(stop.1.clone());
         others.push(LoopHandle { stop, thread });
     }
+    board.connect(wakers.clone());
     bus.connect(wakers);
     Ok(Loops { first, others })
 }

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// How long a scrape waits for the other loops' fresh reports before it is answered with
+/// their last ones.
+const SCRAPE_WAIT: Duration = Duration::from_millis(250);
+
 impl Server {
     /// Closes metrics clients that have not been answered within the timeout.
     pub(super) fn expire_metrics_clients(&mut self, now: Instant) {
@@ -42,23 +46,60 @@ impl Server {
         }
     }
 
-    /// Reports this loop's counters to the board the first loop renders from (`IO_THREADS`).
-    pub(super) fn report_metrics(&self) {
+    /// Reports this loop's counters to the board the first loop renders from (`IO_THREADS`),
+    /// answering the scrapes asked so far.
+    pub(super) fn report_metrics(&mut self) {
         if let Some((board, index)) = &self.metrics_board {
+            self.metrics_answered = self.metrics_answered.max(board.wanted());
             board.report(
                 *index,
                 crate::metrics::LoopReport {
                     metrics: self.metrics.clone(),
                     connections: self.connections.len(),
                     rooms_held_messages: self.sequencer.held(),
+                    answers: self.metrics_answered,
                 },
             );
         }
     }
 
-    pub(super) fn serve_metrics(&mut self, token: Token) {
+    /// End of a turn: a scrape on the first loop asked for fresh counters (one atomic load
+    /// per turn when nobody asked).
+    pub(super) fn answer_scrapes(&mut self) {
+        let asked = match &self.metrics_board {
+            Some((board, index)) if *index > 0 => board.wanted() > self.metrics_answered,
+            _ => false,
+        };
+        if asked {
+            self.report_metrics();
+        }
+        if self.metrics_scrapes.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.metrics_scrapes)
+            .into_iter()
+            .partition(|(_, scrape, asked_at)| {
+                // A loop that cannot answer (stopping) does not hold the scrape for long.
+                now.duration_since(*asked_at) >= SCRAPE_WAIT
+                    || self
+                        .metrics_board
+                        .as_ref()
+                        .is_none_or(|(board, index)| board.answered(*scrape, *index))
+            });
+        self.metrics_scrapes = waiting;
+        for (token, _, _) in ready {
+            let body = self.render_metrics();
+            if let Some(client) = self.metrics_clients.get_mut(&token) {
+                client.respond(Some(body));
+            }
+            self.serve_metrics(token);
+        }
+    }
+
+    /// This loop's counters plus the other loops' last reports, as Prometheus text.
+    fn render_metrics(&self) -> String {
         let (open_fds, fd_limit) = crate::fd_limit::usage();
-        // With several loops: this loop's counters plus the others' last reports.
         let others = match &self.metrics_board {
             Some((board, index)) => board.others(*index),
             None => Vec::new(),
@@ -89,15 +130,39 @@ impl Server {
                 }
             }),
         };
-        let Some(client) = self.metrics_clients.get_mut(&token) else {
+        metrics.render(gauges)
+    }
+
+    pub(super) fn serve_metrics(&mut self, token: Token) {
+        if self
+            .metrics_scrapes
+            .iter()
+            .any(|(waiting, _, _)| *waiting == token)
+        {
+            // Its answer waits for the other loops' reports (`answer_scrapes`).
             return;
+        }
+        let mut progress = match self.metrics_clients.get_mut(&token) {
+            Some(client) => client.read(),
+            None => return,
         };
-        let mut progress = client.read();
         if let HttpProgress::Requested { path_ok } = progress {
-            client.respond(path_ok.then(|| metrics.render(gauges)));
+            // A board exists only with several loops: ask them for fresh counters.
+            if let (true, Some((board, index))) = (path_ok, &self.metrics_board) {
+                let scrape = board.ask(*index);
+                self.metrics_scrapes.push((token, scrape, Instant::now()));
+                return;
+            }
+            let body = path_ok.then(|| self.render_metrics());
+            let Some(client) = self.metrics_clients.get_mut(&token) else {
+                return;
+            };
+            client.respond(body);
             progress = client.write();
         } else if progress == HttpProgress::Reading {
-            progress = client.write();
+            if let Some(client) = self.metrics_clients.get_mut(&token) {
+                progress = client.write();
+            }
         }
         if progress == HttpProgress::Done {
             if let Some(mut client) = self.metrics_clients.remove(&token) {

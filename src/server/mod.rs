@@ -48,6 +48,7 @@ mod load;
 mod manage;
 mod metrics_http;
 mod presence;
+pub use presence::LoopsPresence;
 mod slab;
 mod sweep;
 
@@ -115,6 +116,8 @@ pub struct Siblings {
     /// The process's connection counts (`MAX_CONNECTIONS`, `MAX_CONNECTIONS_PER_IP` hold for
     /// the process, not per loop).
     pub admission: Arc<Admission>,
+    /// Who is present on which loop (for `enter_group`'s `online`).
+    pub presence: Arc<LoopsPresence>,
 }
 
 /// A listening socket; `shared`: with SO_REUSEPORT, so that every event loop listens on the
@@ -173,6 +176,10 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     metrics_clients: HashMap<Token, MetricsClient>,
     next_metrics_token: usize,
+    /// Scrapes waiting for the other loops' fresh reports: client, scrape number, asked at.
+    metrics_scrapes: Vec<(Token, u64, Instant)>,
+    /// The latest scrape this loop's report answered.
+    metrics_answered: u64,
     /// Open connections in all and per address, shared with the other loops.
     admission: Arc<Admission>,
     last_sweep: Instant,
@@ -220,15 +227,16 @@ impl Server {
         stores: Vec<Box<dyn Store>>,
         siblings: Option<Siblings>,
     ) -> Result<Server, StartError> {
-        let (bus, metrics_board, shared_certificates, admission) = match siblings {
+        let (bus, metrics_board, shared_certificates, admission, loops_presence) = match siblings {
             Some(Siblings {
                 bus,
                 board,
                 index,
                 certificates,
                 admission,
-            }) => (bus, Some((board, index)), certificates, admission),
-            None => (None, None, None, Arc::default()),
+                presence,
+            }) => (bus, Some((board, index)), certificates, admission, presence),
+            None => (None, None, None, Arc::default(), Arc::default()),
         };
         let poll = Poll::new().map_err(StartError::Workers)?;
         let shared_port = config.io_threads > 1;
@@ -328,6 +336,8 @@ impl Server {
             read_buffer: vec![0; READ_BUFFER_BYTES],
             metrics: Metrics::default(),
             metrics_board,
+            metrics_scrapes: Vec::new(),
+            metrics_answered: 0,
             metrics_listener,
             metrics_clients: HashMap::new(),
             next_metrics_token: FIRST_METRICS_CLIENT,
@@ -343,7 +353,7 @@ impl Server {
             marks: HashMap::new(),
             activity: HashMap::new(),
             activity_wake: None,
-            presence: presence::Presence::default(),
+            presence: presence::Presence::shared(loops_presence),
             leave_clock: 0,
             last_tail_check: Instant::now(),
             heads_in_flight: 0,
@@ -425,6 +435,7 @@ impl Server {
             self.release_deferred();
             self.release_activity();
             self.service_touched();
+            self.answer_scrapes();
             self.load.turn(woke, Instant::now());
             if self.shutdown_step() {
                 break;

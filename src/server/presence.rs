@@ -6,8 +6,13 @@
 //! When a user's state changes, the rooms here of the user's groups get `presence
 //! {group_name, username, online}` (protocol-3 connections, not the user's own), and
 //! `enter_group` on protocol 3 answers `online`: the group's members online now.
+//!
+//! The event loops of one process (`IO_THREADS`) also exchange snapshots, for the events; for
+//! `online` they share one table of who is present on which loop, so a user who logged in on
+//! one loop is in the next `enter_group`'s `online` on any other at once, not after a snapshot.
 
 use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
 
 use super::*;
 use crate::peer::PresenceSnapshot;
@@ -32,17 +37,68 @@ pub(super) struct Presence {
     /// Users logged in here changed since the last snapshot (sent at the next sweep, so a
     /// burst of logins costs one snapshot, not one per login).
     changed: bool,
+    /// Who is present (logged in or in their grace) on the process's loops.
+    loops: Arc<LoopsPresence>,
+}
+
+/// Users present on this process's event loops: for each, on how many loops. Shared by the
+/// loops; each changes only its own users' counts (a user's first connection on the loop, and
+/// the end of their grace there).
+#[derive(Debug, Default)]
+pub struct LoopsPresence {
+    present: Mutex<HashMap<String, usize>>,
+}
+
+impl LoopsPresence {
+    fn present(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        // Every step below leaves the counts whole, so a panicked holder left them usable.
+        self.present
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn arrived(&self, username: &str) {
+        *self.present().entry(username.to_string()).or_default() += 1;
+    }
+
+    fn departed(&self, username: &str) {
+        let mut present = self.present();
+        if let Some(loops) = present.get_mut(username) {
+            *loops -= 1;
+            if *loops == 0 {
+                present.remove(username);
+            }
+        }
+    }
+
+    fn contains(&self, username: &str) -> bool {
+        self.present().contains_key(username)
+    }
 }
 
 impl Presence {
+    /// Presence of a loop sharing `loops` with its process's other loops.
+    pub(super) fn shared(loops: Arc<LoopsPresence>) -> Presence {
+        Presence {
+            loops,
+            ..Presence::default()
+        }
+    }
+
     pub(super) fn online_count(&self) -> usize {
         self.online.len()
     }
 }
 
 impl Server {
-    /// Online anywhere: a connection here (or in its grace), or in a fresh peer snapshot.
+    /// Online anywhere: a connection here (or in its grace), on another loop, or in a fresh
+    /// peer snapshot.
     fn is_online(&self, username: &str) -> bool {
+        self.presence.loops.contains(username) || self.online_here_or_on_peers(username)
+    }
+
+    /// Online here (or in the grace), or in a fresh peer snapshot; not the loops' table.
+    fn online_here_or_on_peers(&self, username: &str) -> bool {
         self.users.contains_key(username)
             || self.presence.leaving.contains_key(username)
             || self
@@ -54,15 +110,19 @@ impl Server {
 
     /// Members of a group online now (for `enter_group`'s `online`).
     pub(super) fn online_members(&self, members: Vec<String>) -> Vec<String> {
+        // One lock on the loops' table for the whole list.
+        let on_loops = self.presence.loops.present();
         members
             .into_iter()
-            .filter(|member| self.is_online(member))
+            .filter(|member| on_loops.contains_key(member) || self.online_here_or_on_peers(member))
             .collect()
     }
 
     /// A user's first connection here logged in.
     pub(super) fn user_came(&mut self, username: &str) {
-        self.presence.leaving.remove(username);
+        if self.presence.leaving.remove(username).is_none() {
+            self.presence.loops.arrived(username);
+        }
         self.presence_check(username);
         self.presence.changed = true;
     }
@@ -101,6 +161,7 @@ impl Server {
             .collect();
         for username in &ended {
             self.presence.leaving.remove(username);
+            self.presence.loops.departed(username);
             self.presence_check(username);
         }
         let gone: Vec<String> = self
