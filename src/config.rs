@@ -215,8 +215,8 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("WORKERS", "4", "database worker threads"),
     (
         "IO_THREADS",
-        "1",
-        "event loops, each owning its own connections (accept spread by SO_REUSEPORT); 2 or more use that many cores",
+        "(CPUs)",
+        "event loops, each owning its own connections (accept spread by SO_REUSEPORT); default: the CPUs this process may use (affinity and cgroup quota), at most 64",
     ),
     (
         "STORE_TIMEOUT_MS",
@@ -433,7 +433,7 @@ impl Config {
             )?,
             max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
             workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
-            io_threads: parse_positive(get("IO_THREADS"), "IO_THREADS", 1)?,
+            io_threads: parse_positive(get("IO_THREADS"), "IO_THREADS", default_io_threads())?,
             log_format: match get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
                 None | Some("text") => crate::logging::LogFormat::Text,
                 Some("json") => crate::logging::LogFormat::Json,
@@ -694,6 +694,16 @@ fn parse_age(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
             .ok_or_else(|| invalid(NAME, text, EXPECTED)),
         _ => Err(invalid(NAME, text, EXPECTED)),
     }
+}
+
+/// One event loop per CPU the process may use (`available_parallelism` reads the affinity mask
+/// and the cgroup CPU quota), at most 64: past that the loops' shared parts (the bus, the
+/// store's writer) bound the gain.
+fn default_io_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(std::num::NonZeroUsize::get)
+        .unwrap_or(1)
+        .clamp(1, 64)
 }
 
 fn parse_positive(

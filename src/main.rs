@@ -96,6 +96,7 @@ fn run(config: &Config, loops: Loops) -> Result<(), String> {
             Err(_) => outcome = Err("an event loop panicked".into()),
         }
     }
+    noomnim::store::close_cleanly(config);
     outcome
 }
 

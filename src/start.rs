@@ -87,7 +87,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     let mut bus = crate::peer::local::LocalBus::new(loops);
     let board = std::sync::Arc::new(crate::metrics::MetricsBoard::new(loops));
     let admission = std::sync::Arc::new(crate::limits::Admission::default());
-    let presence = std::sync::Arc::new(crate::server::LoopsPresence::default());
+    let presence = std::sync::Arc::new(crate::server::LoopsPresence::new(loops));
     let share = |index: usize, shared: &Config| {
         let mut one = shared.clone();
         one.node_id = format!("{}-{index}", config.node_id);
@@ -155,6 +155,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         others.push(LoopHandle { stop, thread });
     }
     board.connect(wakers.clone());
+    presence.connect(wakers.clone());
     bus.connect(wakers);
     Ok(Loops { first, others })
 }

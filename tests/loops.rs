@@ -1,7 +1,9 @@
 //! Issue 25 item 2: `IO_THREADS` event loops in one process, each owning the connections the
 //! kernel hands its listener (SO_REUSEPORT). A storm across 4 loops: every client receives
 //! every message of its group exactly once, in seq order, whichever loop stored it; a user's
-//! devices on different loops stay in sync; SIGTERM and kill -9 mid-storm lose nothing acked.
+//! devices on different loops stay in sync; the same across two peer instances of four loops;
+//! SIGTERM and kill -9 mid-storm lose nothing acked; connection limits, presence and
+//! `/metrics` speak for the process, not one loop.
 
 mod common;
 
@@ -146,6 +148,71 @@ fn a_storm_across_four_loops_reaches_everyone_once_in_order(backend: Backend) {
     );
     let accepted = common::metric(&server, "noomnim_connections_accepted_total");
     assert!(accepted.is_some_and(|n| n >= 49.0), "{accepted:?}");
+}
+
+/// The same storm over two peer instances of four loops each (MongoDB, Redis): a message
+/// stored by any loop of either instance reaches every receiver on every loop of both,
+/// exactly once and in seq order.
+#[test]
+fn a_storm_across_two_peers_of_four_loops_reaches_everyone_once_in_order() {
+    let storage = Storage::new(Backend::Mongo);
+    let redis = common::LocalService::redis();
+    let redis_url = redis.redis_url();
+    let start = |node: &str| {
+        Server::start_with(
+            &storage,
+            &[
+                ("IO_THREADS", LOOPS),
+                ("RATE_LIMIT", "0"),
+                ("PEER", "true"),
+                ("REDIS_URL", redis_url.as_str()),
+                ("NODE_ID", node),
+            ],
+        )
+    };
+    let peers = [start("storm_a"), start("storm_b")];
+    for peer in &peers {
+        assert!(peer.logged("peer subscriber: connected"));
+    }
+    let owner = unique("owner");
+    let mut o = peers[0].login(&owner);
+    let groups: Vec<String> = (0..2).map(|_| unique("peerloops")).collect();
+    for group in &groups {
+        assert_eq!(
+            ask(&mut o, "create_group", ug(&owner, group))["event"],
+            "group_created"
+        );
+    }
+    let per_sender = 60;
+    // Per group: 8 receivers and 2 senders, half on each instance.
+    let total = 2 * per_sender;
+    let receivers: Vec<(String, JoinHandle<Vec<u64>>)> = groups
+        .iter()
+        .flat_map(|group| (0..8).map(move |i| (group.clone(), i % 2)))
+        .map(|(group, at)| {
+            let handle = receiver(&peers[at], &group, total);
+            (group, handle)
+        })
+        .collect();
+    let senders: Vec<JoinHandle<Vec<u64>>> = groups
+        .iter()
+        .flat_map(|group| {
+            [
+                sender(&peers[0], group, per_sender),
+                sender(&peers[1], group, per_sender),
+            ]
+        })
+        .collect();
+    for sent in senders {
+        assert_eq!(sent.join().expect("sender").len(), per_sender);
+    }
+    for (group, handle) in receivers {
+        assert_eq!(
+            handle.join().expect("receiver"),
+            (1..=total as u64).collect::<Vec<_>>(),
+            "{group}: every message exactly once, in seq order, on both instances"
+        );
+    }
 }
 
 /// A user's protocol-3 devices on different loops hear each other's read marks, and typing

@@ -1,8 +1,9 @@
 //! The in-process bus between event loops (`IO_THREADS` > 1 without `PEER`): each loop is to
 //! the others what a peer instance is, minus Redis. What a loop would publish to peers (stored
 //! messages, leaves, typing, lines for a user's devices or a room, activity, presence) is
-//! handed to every other loop's event channel as the `PeerEvent` a subscriber would have
-//! delivered, so the same sequencer, gap filling and presence paths serve both.
+//! put on every other loop's event channel, as it is published, as the `PeerEvent` a
+//! subscriber would have delivered, so the same sequencer, gap filling and presence paths
+//! serve both; the other loops are woken once at the end of the publishing loop's turn.
 
 use std::sync::{Arc, OnceLock};
 
@@ -58,25 +59,27 @@ impl LocalBus {
 }
 
 impl BusMember {
-    /// Hands every event of `batch` to every other loop, then wakes each loop once.
-    ///
-    /// Why batches: a wake is an `eventfd` write and, for a sleeping loop, a `poll` return;
-    /// waking per event cost two loops in scenario (a) ~28,000 extra syscalls a second (one per
-    /// stored message), where a batch of what arrived meanwhile costs one.
-    pub fn tell_others(&self, batch: &[PeerEvent]) {
-        if batch.is_empty() {
-            return;
-        }
-        let wakers = self.wakers.wait();
+    /// Puts `event` on every other loop's channel (they are woken by `wake_others`).
+    pub fn send_to_others(&self, event: PeerEvent) {
         for (index, sender) in self.senders.iter().enumerate() {
-            if index == self.index {
-                continue;
+            if index != self.index {
+                let _ = sender.send(event.clone());
             }
-            let delivered = batch.iter().all(|event| sender.send(event.clone()).is_ok());
-            if delivered {
-                if let Some(waker) = wakers.get(index) {
-                    let _ = waker.wake();
-                }
+        }
+    }
+
+    /// Wakes every other loop, once for whatever was sent since the last wake.
+    ///
+    /// Why not per event: a wake is an `eventfd` write and, for a sleeping loop, a `poll`
+    /// return; waking per event cost two loops in scenario (a) ~28,000 extra syscalls a second
+    /// (one per stored message), where one per turn costs what the turn's batch needs.
+    pub fn wake_others(&self) {
+        let Some(wakers) = self.wakers.get() else {
+            return;
+        };
+        for (index, waker) in wakers.iter().enumerate() {
+            if index != self.index {
+                let _ = waker.wake();
             }
         }
     }

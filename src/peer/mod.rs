@@ -240,9 +240,24 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Where what a loop publishes goes.
+enum Outbound {
+    /// To the publisher thread, which sends it to Redis.
+    Redis(Sender<Relay>),
+    /// Straight onto the other loops' event channels (`IO_THREADS` without `PEER`); they are
+    /// woken once at the end of the turn (`end_turn`). Sent at once, so anything a loop does
+    /// after publishing (a reply written to a client) comes after the event is on every other
+    /// loop's channel: a loop reading its channel before its completions never acts on what
+    /// such a reply caused before the event that preceded it (a leave, then a message).
+    Loops {
+        member: local::BusMember,
+        unwoken: std::cell::Cell<bool>,
+    },
+}
+
 /// The loop's handle on the relay threads.
 pub struct PeerLink {
-    outgoing: Sender<Relay>,
+    outgoing: Outbound,
     commands: Sender<Command>,
     pub events: Receiver<PeerEvent>,
     pub stats: Arc<RelayStats>,
@@ -305,7 +320,7 @@ impl PeerLink {
                 .spawn(move || subscriber.run())?,
         ];
         Ok(PeerLink {
-            outgoing,
+            outgoing: Outbound::Redis(outgoing),
             commands,
             events,
             stats,
@@ -316,59 +331,70 @@ impl PeerLink {
     }
 
     /// The link between this process's event loops (`IO_THREADS`): the same interface, over
-    /// in-process channels. One thread turns what this loop publishes into the events the other
-    /// loops' subscribers would have delivered.
+    /// in-process channels: what this loop publishes goes onto the other loops' channels as
+    /// the events their subscribers would have delivered.
     pub fn local(member: local::BusMember) -> std::io::Result<PeerLink> {
-        let (outgoing, to_publish) = crossbeam_channel::bounded::<Relay>(PUBLISH_QUEUE);
         let (commands, _unused) = crossbeam_channel::unbounded();
         // The loop starts linked: nothing can have been missed before it existed.
         if let Some(own) = member.senders.get(member.index) {
             let _ = own.send(PeerEvent::LinkUp);
         }
         let events = member.events.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("loop-bus-{}", member.index))
-            .spawn(move || {
-                let mut batch = Vec::new();
-                while let Ok(first) = to_publish.recv() {
-                    // What queued up while the last batch went out goes out together.
-                    let relays = std::iter::once(first).chain(to_publish.try_iter().take(255));
-                    batch.extend(relays.filter_map(|relay| match relay {
-                        Relay::Message(message) => Some(PeerEvent::Relayed(message)),
-                        Relay::Left(departure) => Some(PeerEvent::Left(departure)),
-                        Relay::Typing(typing) => Some(PeerEvent::Typing(typing)),
-                        Relay::User(notice) => Some(PeerEvent::User(notice)),
-                        Relay::Activity(activity) => Some(PeerEvent::Activity(activity)),
-                        Relay::Presence(snapshot) => Some(PeerEvent::Presence(snapshot)),
-                        Relay::Room(room) => Some(PeerEvent::Room(room)),
-                        Relay::Heartbeat(_) => None,
-                    }));
-                    member.tell_others(&batch);
-                    batch.clear();
-                }
-            })?;
         Ok(PeerLink {
-            outgoing,
+            outgoing: Outbound::Loops {
+                member,
+                unwoken: std::cell::Cell::new(false),
+            },
             commands,
             events,
             stats: Arc::new(RelayStats::default()),
             mode: RelayMode::Shared,
             stop: Arc::new(AtomicBool::new(false)),
-            threads: vec![thread],
+            threads: Vec::new(),
         })
+    }
+
+    /// Hands `relay` on; false when the publish queue was full.
+    fn relay(&self, relay: Relay) -> bool {
+        match &self.outgoing {
+            Outbound::Redis(queue) => !matches!(queue.try_send(relay), Err(TrySendError::Full(_))),
+            Outbound::Loops { member, unwoken } => {
+                let event = match relay {
+                    Relay::Message(message) => PeerEvent::Relayed(message),
+                    Relay::Left(departure) => PeerEvent::Left(departure),
+                    Relay::Typing(typing) => PeerEvent::Typing(typing),
+                    Relay::User(notice) => PeerEvent::User(notice),
+                    Relay::Activity(activity) => PeerEvent::Activity(activity),
+                    Relay::Presence(snapshot) => PeerEvent::Presence(snapshot),
+                    Relay::Room(room) => PeerEvent::Room(room),
+                    Relay::Heartbeat(_) => return true,
+                };
+                member.send_to_others(event);
+                unwoken.set(true);
+                true
+            }
+        }
+    }
+
+    /// End of the loop's turn: the other loops are woken once for what it published.
+    pub fn end_turn(&self) {
+        if let Outbound::Loops { member, unwoken } = &self.outgoing {
+            if unwoken.replace(false) {
+                member.wake_others();
+            }
+        }
     }
 
     /// Queues a message this node stored for the other instances (never blocks).
     pub fn publish(&self, message: &Message) {
-        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::Message(message.clone()))
-        {
+        if !self.relay(Relay::Message(message.clone())) {
             log::warn!("peer publish queue full; peers will read the message from the store");
         }
     }
 
     /// Tells the other instances that a user left a group (never blocks).
     pub fn publish_leave(&self, departure: Departure) {
-        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::Left(departure)) {
+        if !self.relay(Relay::Left(departure)) {
             log::warn!("peer publish queue full; a leave was not relayed");
         }
     }
@@ -376,31 +402,31 @@ impl PeerLink {
     /// Tells the instances hosting the group's room that someone is typing (never blocks;
     /// dropped when the queue is full: it is only a hint).
     pub fn publish_typing(&self, typing: Departure) {
-        let _ = self.outgoing.try_send(Relay::Typing(typing));
+        self.relay(Relay::Typing(typing));
     }
 
     /// Tells the instances whose users are members of the group what its newest seq is
     /// (coalesced by the caller; never blocks, dropped when the queue is full).
     pub fn publish_activity(&self, activity: GroupActivity) {
-        let _ = self.outgoing.try_send(Relay::Activity(activity));
+        self.relay(Relay::Activity(activity));
     }
 
     /// Tells the other instances who is logged in here (never blocks; the next snapshot
     /// repeats it if the queue was full).
     pub fn publish_presence(&self, snapshot: PresenceSnapshot) {
-        let _ = self.outgoing.try_send(Relay::Presence(snapshot));
+        self.relay(Relay::Presence(snapshot));
     }
 
     /// Sends a line to a group's room on every other instance (never blocks).
     pub fn publish_room(&self, room: RoomLine) {
-        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::Room(room)) {
+        if !self.relay(Relay::Room(room)) {
             log::warn!("peer publish queue full; a room notice was not relayed");
         }
     }
 
     /// Sends a line to one user's connections on every other instance (never blocks).
     pub fn publish_user(&self, notice: UserNotice) {
-        if let Err(TrySendError::Full(_)) = self.outgoing.try_send(Relay::User(notice)) {
+        if !self.relay(Relay::User(notice)) {
             log::warn!("peer publish queue full; a notice to a user's devices was not relayed");
         }
     }
@@ -421,6 +447,7 @@ impl PeerLink {
 
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.end_turn();
         drop(self.outgoing);
         for thread in self.threads {
             let _ = thread.join();

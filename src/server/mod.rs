@@ -235,8 +235,14 @@ impl Server {
                 certificates,
                 admission,
                 presence,
-            }) => (bus, Some((board, index)), certificates, admission, presence),
-            None => (None, None, None, Arc::default(), Arc::default()),
+            }) => (
+                bus,
+                Some((board, index)),
+                certificates,
+                admission,
+                (presence, index),
+            ),
+            None => (None, None, None, Arc::default(), Default::default()),
         };
         let poll = Poll::new().map_err(StartError::Workers)?;
         let shared_port = config.io_threads > 1;
@@ -353,7 +359,7 @@ impl Server {
             marks: HashMap::new(),
             activity: HashMap::new(),
             activity_wake: None,
-            presence: presence::Presence::shared(loops_presence),
+            presence: presence::Presence::shared(loops_presence.0, loops_presence.1),
             leave_clock: 0,
             last_tail_check: Instant::now(),
             heads_in_flight: 0,
@@ -426,8 +432,10 @@ impl Server {
             if self.accept_blocked {
                 self.accept_all();
             }
-            self.take_completions();
+            // Peer events first: what another loop published before it answered a client is
+            // on this channel before anything that answer caused can complete here.
             self.take_peer_events();
+            self.take_completions();
             self.check_tails();
             self.unwatch_idle_groups();
             self.start_catch_ups();
@@ -435,7 +443,11 @@ impl Server {
             self.release_deferred();
             self.release_activity();
             self.service_touched();
+            self.presence_from_loops();
             self.answer_scrapes();
+            if let Some(peer) = &self.peer {
+                peer.end_turn();
+            }
             self.load.turn(woke, Instant::now());
             if self.shutdown_step() {
                 break;

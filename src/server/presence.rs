@@ -12,6 +12,7 @@
 //! one loop is in the next `enter_group`'s `online` on any other at once, not after a snapshot.
 
 use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard};
 
 use super::*;
@@ -37,50 +38,123 @@ pub(super) struct Presence {
     /// Users logged in here changed since the last snapshot (sent at the next sweep, so a
     /// burst of logins costs one snapshot, not one per login).
     changed: bool,
-    /// Who is present (logged in or in their grace) on the process's loops.
+    /// Who is present (logged in or in their grace) on the process's loops, and this loop's
+    /// number among them.
     loops: Arc<LoopsPresence>,
+    loop_index: usize,
 }
 
-/// Users present on this process's event loops: for each, on how many loops. Shared by the
-/// loops; each changes only its own users' counts (a user's first connection on the loop, and
-/// the end of their grace there).
+/// Users present on this process's event loops, shared by the loops: for each user, on how
+/// many loops; each loop changes only its own users' counts (a user's first connection on the
+/// loop, and the end of their grace there). When a user comes to the process or leaves it,
+/// every other loop gets the name in its inbox and is woken, and checks the user at the end of
+/// its turn: the rooms on all loops hear `presence` as promptly as on one loop, and
+/// `enter_group`'s `online` reads the table, so it is current on every loop at once.
+/// (Snapshots still cross the loops for what they carry between instances.)
 #[derive(Debug, Default)]
 pub struct LoopsPresence {
-    present: Mutex<HashMap<String, usize>>,
+    shared: Mutex<SharedPresence>,
+    /// Per loop: whether its inbox has names (read every turn without taking the lock).
+    mail: Vec<AtomicBool>,
+    /// Every loop's waker, in loop order (set once all loops exist).
+    wakers: std::sync::OnceLock<Vec<Arc<Waker>>>,
 }
 
+#[derive(Debug, Default)]
+struct SharedPresence {
+    present: HashMap<String, usize>,
+    /// Per loop: users whose presence in the process changed since the loop last looked.
+    inboxes: Vec<Vec<String>>,
+}
+
+/// Names an inbox holds at most (a loop that stopped reading must not grow it forever; the
+/// snapshots cover what is dropped).
+const INBOX_CAP: usize = 100_000;
+
 impl LoopsPresence {
-    fn present(&self) -> MutexGuard<'_, HashMap<String, usize>> {
-        // Every step below leaves the counts whole, so a panicked holder left them usable.
-        self.present
+    pub fn new(loops: usize) -> LoopsPresence {
+        LoopsPresence {
+            shared: Mutex::new(SharedPresence {
+                present: HashMap::new(),
+                inboxes: vec![Vec::new(); loops],
+            }),
+            mail: (0..loops).map(|_| AtomicBool::new(false)).collect(),
+            wakers: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// All loops exist: their wakers, in loop order.
+    pub fn connect(&self, wakers: Vec<Arc<Waker>>) {
+        let _ = self.wakers.set(wakers);
+    }
+
+    fn shared(&self) -> MutexGuard<'_, SharedPresence> {
+        // Every step below leaves the state whole, so a panicked holder left it usable.
+        self.shared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn arrived(&self, username: &str) {
-        *self.present().entry(username.to_string()).or_default() += 1;
+    fn arrived(&self, username: &str, from: usize) {
+        let mut shared = self.shared();
+        let loops = shared.present.entry(username.to_string()).or_default();
+        *loops += 1;
+        if *loops == 1 {
+            self.tell_others(&mut shared, username, from);
+        }
     }
 
-    fn departed(&self, username: &str) {
-        let mut present = self.present();
-        if let Some(loops) = present.get_mut(username) {
-            *loops -= 1;
-            if *loops == 0 {
-                present.remove(username);
+    fn departed(&self, username: &str, from: usize) {
+        let mut shared = self.shared();
+        let Some(loops) = shared.present.get_mut(username) else {
+            return;
+        };
+        *loops -= 1;
+        if *loops == 0 {
+            shared.present.remove(username);
+            self.tell_others(&mut shared, username, from);
+        }
+    }
+
+    fn tell_others(&self, shared: &mut SharedPresence, username: &str, from: usize) {
+        for (index, inbox) in shared.inboxes.iter_mut().enumerate() {
+            if index == from || inbox.len() >= INBOX_CAP {
+                continue;
+            }
+            inbox.push(username.to_string());
+            if let Some(mail) = self.mail.get(index) {
+                mail.store(true, Ordering::Release);
+            }
+            if let Some(waker) = self.wakers.get().and_then(|wakers| wakers.get(index)) {
+                let _ = waker.wake();
             }
         }
     }
 
+    /// Loop `index`'s inbox, emptied (nothing, without the lock, when it is empty).
+    fn take_inbox(&self, index: usize) -> Vec<String> {
+        match self.mail.get(index) {
+            Some(mail) if mail.swap(false, Ordering::AcqRel) => self
+                .shared()
+                .inboxes
+                .get_mut(index)
+                .map(std::mem::take)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
     fn contains(&self, username: &str) -> bool {
-        self.present().contains_key(username)
+        self.shared().present.contains_key(username)
     }
 }
 
 impl Presence {
     /// Presence of a loop sharing `loops` with its process's other loops.
-    pub(super) fn shared(loops: Arc<LoopsPresence>) -> Presence {
+    pub(super) fn shared(loops: Arc<LoopsPresence>, loop_index: usize) -> Presence {
         Presence {
             loops,
+            loop_index,
             ..Presence::default()
         }
     }
@@ -111,17 +185,29 @@ impl Server {
     /// Members of a group online now (for `enter_group`'s `online`).
     pub(super) fn online_members(&self, members: Vec<String>) -> Vec<String> {
         // One lock on the loops' table for the whole list.
-        let on_loops = self.presence.loops.present();
+        let shared = self.presence.loops.shared();
         members
             .into_iter()
-            .filter(|member| on_loops.contains_key(member) || self.online_here_or_on_peers(member))
+            .filter(|member| {
+                shared.present.contains_key(member) || self.online_here_or_on_peers(member)
+            })
             .collect()
+    }
+
+    /// End of a turn: users who came to or left the process on another loop are checked here
+    /// (their rooms on this loop hear `presence`).
+    pub(super) fn presence_from_loops(&mut self) {
+        for username in self.presence.loops.take_inbox(self.presence.loop_index) {
+            self.presence_check(&username);
+        }
     }
 
     /// A user's first connection here logged in.
     pub(super) fn user_came(&mut self, username: &str) {
         if self.presence.leaving.remove(username).is_none() {
-            self.presence.loops.arrived(username);
+            self.presence
+                .loops
+                .arrived(username, self.presence.loop_index);
         }
         self.presence_check(username);
         self.presence.changed = true;
@@ -161,7 +247,9 @@ impl Server {
             .collect();
         for username in &ended {
             self.presence.leaving.remove(username);
-            self.presence.loops.departed(username);
+            self.presence
+                .loops
+                .departed(username, self.presence.loop_index);
             self.presence_check(username);
         }
         let gone: Vec<String> = self

@@ -171,6 +171,17 @@ pub fn open(config: &Config) -> StoreResult<Box<dyn Store>> {
     }
 }
 
+/// After a clean shutdown, once every worker has closed its store: the embedded store's WAL is
+/// checkpointed and cut to zero bytes, so no old page image (the text of a deleted message
+/// among them) stays on disk beside the database. Nothing to do for MongoDB.
+pub fn close_cleanly(config: &Config) {
+    if let StoreKind::Embedded { data_dir, .. } = &config.store {
+        if let Err(error) = sqlite::truncate_wal(data_dir) {
+            log::warn!("the WAL was not truncated at shutdown: {error}");
+        }
+    }
+}
+
 /// Bytes one item adds to a JSON reply (its encoding and a separating comma), counted
 /// without building the encoding.
 pub(crate) fn encoded_len<T: serde::Serialize>(item: &T) -> usize {

@@ -494,6 +494,7 @@ impl MongoStore {
         let mut results = self.retries_of_strangers(strangers, StoreError::NotAMember);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
         let (settled, error) = self.insert_with_seq(group_name, members_items);
+        let (settled, error) = self.unless_group_went(&group, group_name, settled, error);
         let mut settled: HashMap<usize, Appended> = settled.into_iter().collect();
         for i in indexes {
             let outcome = settled.remove(&i).ok_or_else(|| {
@@ -504,6 +505,51 @@ impl MongoStore {
             results.push((i, outcome));
         }
         results
+    }
+
+    /// A `delete_group` running beside this append (on another worker: another event loop's
+    /// or another instance's) may have removed the group between the read that found it and
+    /// the insert, leaving messages behind that a group later made under the name would show
+    /// (and number after). So the group is read again after the insert: if it is gone, or is
+    /// another group of the name (another id), what this append inserted is removed again and
+    /// refused `group_not_found`. A delete that comes after this second read removes the
+    /// messages itself (they were inserted before it).
+    fn unless_group_went(
+        &self,
+        group: &Document,
+        group_name: &str,
+        settled: Vec<(usize, Appended)>,
+        error: Option<StoreError>,
+    ) -> (Vec<(usize, Appended)>, Option<StoreError>) {
+        let inserted: Vec<Bson> = settled
+            .iter()
+            .filter(|(_, appended)| !appended.duplicate)
+            .filter_map(|(_, appended)| ObjectId::parse_str(&appended.message.id).ok())
+            .map(Bson::ObjectId)
+            .collect();
+        if inserted.is_empty() {
+            return (settled, error);
+        }
+        let same_group = match self.group(group_name) {
+            Ok(now) => {
+                group_ref(&now, group_name).group_id == group_ref(group, group_name).group_id
+            }
+            Err(StoreError::GroupNotFound) => false,
+            // Cannot tell: the insert stands (a delete still running removes it).
+            Err(_) => true,
+        };
+        if same_group {
+            return (settled, error);
+        }
+        if let Err(error) = self
+            .messages
+            .delete_many(doc! {"_id": {"$in": inserted}})
+            .run()
+        {
+            return (Vec::new(), Some(error.into()));
+        }
+        let kept = settled.into_iter().filter(|(_, a)| a.duplicate).collect();
+        (kept, Some(StoreError::GroupNotFound))
     }
 
     /// Messages from non-members are refused (`refusal`), except a retry of one stored before

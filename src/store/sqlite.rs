@@ -229,6 +229,15 @@ impl WriteTx<'_> {
     }
 }
 
+/// Checkpoints the whole WAL into the database file and truncates it to zero bytes (during
+/// the writers' turn; at shutdown nobody waits for it).
+pub fn truncate_wal(data_dir: &Path) -> rusqlite::Result<()> {
+    let connection = Connection::open(data_dir.join("noomnim.sqlite3"))?;
+    connection.busy_timeout(Duration::from_secs(5))?;
+    let _turn = writer_turn();
+    connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+}
+
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
