@@ -216,7 +216,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "IO_THREADS",
         "(CPUs)",
-        "event loops, each owning its own connections (accept spread by SO_REUSEPORT); default: the CPUs this process may use (affinity and cgroup quota), at most 64",
+        "event loops, each owning its own connections (accept spread by SO_REUSEPORT); default: the CPUs this process may use (affinity and cgroup quota), at most 64; with PEER, 1 (each loop would be a Redis peer of its own)",
     ),
     (
         "STORE_TIMEOUT_MS",
@@ -433,7 +433,7 @@ impl Config {
             )?,
             max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
             workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
-            io_threads: parse_positive(get("IO_THREADS"), "IO_THREADS", default_io_threads())?,
+            io_threads: parse_positive(get("IO_THREADS"), "IO_THREADS", default_io_threads(peer))?,
             log_format: match get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
                 None | Some("text") => crate::logging::LogFormat::Text,
                 Some("json") => crate::logging::LogFormat::Json,
@@ -698,8 +698,13 @@ fn parse_age(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
 
 /// One event loop per CPU the process may use (`available_parallelism` reads the affinity mask
 /// and the cgroup CPU quota), at most 64: past that the loops' shared parts (the bus, the
-/// store's writer) bound the gain.
-fn default_io_threads() -> usize {
+/// store's writer) bound the gain. In peer mode one: there each loop is a Redis peer of its
+/// own (its connections, subscriptions and heartbeats), so an instance stays one peer unless
+/// `IO_THREADS` asks for more.
+fn default_io_threads(peer: bool) -> usize {
+    if peer {
+        return 1;
+    }
     std::thread::available_parallelism()
         .map(std::num::NonZeroUsize::get)
         .unwrap_or(1)

@@ -90,6 +90,9 @@ pub struct LoopReport {
     pub metrics: Metrics,
     pub connections: usize,
     pub rooms_held_messages: usize,
+    /// In peer mode: the loop's own link (each loop is a peer of its own).
+    pub relay: Option<RelayGauges>,
+    pub peer_link_up: Option<bool>,
     /// The scrape this report answers (0: none yet).
     pub answers: u64,
 }
@@ -161,6 +164,19 @@ impl MetricsBoard {
         if let Some(waker) = self.wakers.get().and_then(|wakers| wakers.get(index)) {
             let _ = waker.wake();
         }
+    }
+}
+
+impl RelayGauges {
+    /// Adds another loop's link to this one's: counts add up, the lag is the worst.
+    pub fn add(&mut self, other: &RelayGauges) {
+        self.subscribed_channels += other.subscribed_channels;
+        self.messages_in += other.messages_in;
+        self.bytes_in += other.bytes_in;
+        self.heartbeat_lag_ms = self.heartbeat_lag_ms.max(other.heartbeat_lag_ms);
+        self.heartbeat_resets += other.heartbeat_resets;
+        self.catch_ups += other.catch_ups;
+        self.head_checks += other.head_checks;
     }
 }
 

@@ -376,6 +376,11 @@ impl PeerLink {
         }
     }
 
+    /// The link between this process's loops, not to Redis (it has no relay gauges).
+    pub fn is_local(&self) -> bool {
+        matches!(self.outgoing, Outbound::Loops { .. })
+    }
+
     /// End of the loop's turn: the other loops are woken once for what it published.
     pub fn end_turn(&self) {
         if let Outbound::Loops { member, unwoken } = &self.outgoing {

@@ -57,6 +57,8 @@ impl Server {
                     metrics: self.metrics.clone(),
                     connections: self.connections.len(),
                     rooms_held_messages: self.sequencer.held(),
+                    relay: self.relay_gauges(),
+                    peer_link_up: self.redis_link().map(|_| self.peer_link_up),
                     answers: self.metrics_answered,
                 },
             );
@@ -97,6 +99,24 @@ impl Server {
         }
     }
 
+    fn redis_link(&self) -> Option<&PeerLink> {
+        self.peer.as_ref().filter(|peer| !peer.is_local())
+    }
+
+    /// This loop's own link to Redis (peer mode).
+    fn relay_gauges(&self) -> Option<RelayGauges> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.redis_link().map(|peer| RelayGauges {
+            subscribed_channels: peer.stats.subscribed.load(Relaxed),
+            messages_in: peer.stats.messages_in.load(Relaxed),
+            bytes_in: peer.stats.bytes_in.load(Relaxed),
+            heartbeat_lag_ms: peer.stats.heartbeat_lag_ms.load(Relaxed),
+            heartbeat_resets: peer.stats.heartbeat_resets.load(Relaxed),
+            catch_ups: self.metrics.catch_ups,
+            head_checks: self.metrics.head_checks,
+        })
+    }
+
     /// This loop's counters plus the other loops' last reports, as Prometheus text.
     fn render_metrics(&self) -> String {
         let (open_fds, fd_limit) = crate::fd_limit::usage();
@@ -108,6 +128,17 @@ impl Server {
         for other in &others {
             metrics.add(&other.metrics);
         }
+        let mut relay = self.relay_gauges();
+        let mut peer_link_up = self.redis_link().map(|_| self.peer_link_up);
+        for other in &others {
+            if let (Some(mine), Some(theirs)) = (relay.as_mut(), other.relay.as_ref()) {
+                mine.add(theirs);
+            }
+            if let (Some(mine), Some(theirs)) = (peer_link_up.as_mut(), other.peer_link_up) {
+                // Up only while every loop's link is.
+                *mine &= theirs;
+            }
+        }
         let gauges = Gauges {
             connections: self.connections.len()
                 + others.iter().map(|o| o.connections).sum::<usize>(),
@@ -116,19 +147,8 @@ impl Server {
             fd_limit,
             rooms_held_messages: self.sequencer.held()
                 + others.iter().map(|o| o.rooms_held_messages).sum::<usize>(),
-            peer_link_up: self.peer.as_ref().map(|_| self.peer_link_up),
-            relay: self.peer.as_ref().map(|peer| {
-                use std::sync::atomic::Ordering::Relaxed;
-                RelayGauges {
-                    subscribed_channels: peer.stats.subscribed.load(Relaxed),
-                    messages_in: peer.stats.messages_in.load(Relaxed),
-                    bytes_in: peer.stats.bytes_in.load(Relaxed),
-                    heartbeat_lag_ms: peer.stats.heartbeat_lag_ms.load(Relaxed),
-                    heartbeat_resets: peer.stats.heartbeat_resets.load(Relaxed),
-                    catch_ups: self.metrics.catch_ups,
-                    head_checks: self.metrics.head_checks,
-                }
-            }),
+            peer_link_up,
+            relay,
         };
         metrics.render(gauges)
     }
