@@ -444,3 +444,25 @@ fn online_is_current_across_loops() {
         clients.push(client);
     }
 }
+
+/// Without `IO_THREADS` the server runs one loop per CPU it may use (this process's affinity
+/// and quota, which the server inherits).
+#[test]
+fn the_default_is_one_loop_per_cpu() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+    if cpus > 1 {
+        assert!(
+            server.ready_line.contains(&format!("{cpus} event loops")),
+            "{}",
+            server.ready_line
+        );
+    } else {
+        assert!(
+            !server.ready_line.contains("event loops"),
+            "{}",
+            server.ready_line
+        );
+    }
+}
