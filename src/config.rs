@@ -53,7 +53,11 @@ pub struct Config {
     /// `LOG_FORMAT`: text lines (default) or one JSON object per line.
     pub log_format: crate::logging::LogFormat,
     pub store_timeout: Duration,
+    /// This event loop's id among peers: `NODE_ID`, suffixed with the loop's number when the
+    /// process runs several loops (each is a peer of the others).
     pub node_id: String,
+    /// `NODE_ID` as configured: what `hello` reports for the whole process.
+    pub instance_id: String,
     /// Port of the Prometheus `/metrics` endpoint (on `bind`); `None`: off.
     pub metrics_port: Option<u16>,
     /// Store-bound requests per second a connection may make on average; 0: unlimited.
@@ -406,6 +410,9 @@ impl Config {
                 "a redis:// URL, or redis+cluster://host:port,host:port for a Redis Cluster",
             ));
         }
+        let node_id = get("NODE_ID")
+            .map(str::to_string)
+            .unwrap_or_else(random_node_id);
         Config {
             bind: parse_value(
                 get("BIND"),
@@ -450,9 +457,8 @@ impl Config {
                 "STORE_TIMEOUT_MS",
                 5000,
             )? as u64),
-            node_id: get("NODE_ID")
-                .map(str::to_string)
-                .unwrap_or_else(random_node_id),
+            node_id: node_id.clone(),
+            instance_id: node_id,
             metrics_port: match get("METRICS_PORT") {
                 Some(text) => Some(parse_value(
                     Some(text),

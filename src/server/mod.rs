@@ -906,7 +906,7 @@ fn rules_of(config: &Config) -> Rules {
         idle => idle / 2,
     };
     let info = HelloInfo {
-        node_id: config.node_id.clone(),
+        node_id: config.instance_id.clone(),
         max_line_bytes: config.max_line_bytes,
         max_output_bytes: config.max_output_bytes,
         max_reply_bytes: config.max_reply_bytes,
