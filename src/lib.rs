@@ -12,6 +12,7 @@ pub mod framing;
 pub mod in_flight;
 pub mod limits;
 pub mod logging;
+pub mod loop_wakers;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -80,8 +80,7 @@ pub struct MetricsBoard {
     loops: std::sync::Mutex<Vec<Option<LoopReport>>>,
     /// The latest scrape's number: a loop whose report is older reports again.
     wanted: AtomicU64,
-    /// Every loop's waker, in loop order (set once all loops exist).
-    wakers: std::sync::OnceLock<Vec<std::sync::Arc<mio::Waker>>>,
+    wakers: std::sync::Arc<crate::loop_wakers::LoopWakers>,
 }
 
 /// One loop's counters and the gauges that add up across loops.
@@ -98,16 +97,15 @@ pub struct LoopReport {
 }
 
 impl MetricsBoard {
-    pub fn new(loops: usize) -> MetricsBoard {
+    pub fn new(
+        loops: usize,
+        wakers: std::sync::Arc<crate::loop_wakers::LoopWakers>,
+    ) -> MetricsBoard {
         MetricsBoard {
             loops: std::sync::Mutex::new(vec![None; loops]),
-            ..MetricsBoard::default()
+            wanted: AtomicU64::new(0),
+            wakers,
         }
-    }
-
-    /// All loops exist: their wakers, in loop order.
-    pub fn connect(&self, wakers: Vec<std::sync::Arc<mio::Waker>>) {
-        let _ = self.wakers.set(wakers);
     }
 
     fn reports(&self) -> std::sync::MutexGuard<'_, Vec<Option<LoopReport>>> {
@@ -122,7 +120,7 @@ impl MetricsBoard {
             *slot = Some(report);
         }
         if asked > 0 {
-            self.wake(0);
+            self.wakers.wake(0);
         }
     }
 
@@ -139,10 +137,7 @@ impl MetricsBoard {
     /// A scrape arrived at loop `asker`: the others are woken to report; returns its number.
     pub fn ask(&self, asker: usize) -> u64 {
         let scrape = self.wanted.fetch_add(1, Ordering::AcqRel) + 1;
-        let loops = self.wakers.get().map_or(0, Vec::len);
-        for index in (0..loops).filter(|index| *index != asker) {
-            self.wake(index);
-        }
+        self.wakers.wake_others(asker);
         scrape
     }
 
@@ -158,12 +153,6 @@ impl MetricsBoard {
             .enumerate()
             .filter(|(index, _)| *index != asker)
             .all(|(_, report)| report.as_ref().is_some_and(|r| r.answers >= scrape))
-    }
-
-    fn wake(&self, index: usize) {
-        if let Some(waker) = self.wakers.get().and_then(|wakers| wakers.get(index)) {
-            let _ = waker.wake();
-        }
     }
 }
 

@@ -84,10 +84,18 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
             others: Vec::new(),
         });
     }
-    let mut bus = crate::peer::local::LocalBus::new(loops);
-    let board = std::sync::Arc::new(crate::metrics::MetricsBoard::new(loops));
+    // Set once every loop exists; the bus, the board and the presence table wake through it.
+    let loop_wakers = std::sync::Arc::new(crate::loop_wakers::LoopWakers::default());
+    let mut bus = crate::peer::local::LocalBus::new(loops, loop_wakers.clone());
+    let board = std::sync::Arc::new(crate::metrics::MetricsBoard::new(
+        loops,
+        loop_wakers.clone(),
+    ));
     let admission = std::sync::Arc::new(crate::limits::Admission::default());
-    let presence = std::sync::Arc::new(crate::server::LoopsPresence::new(loops));
+    let presence = std::sync::Arc::new(crate::server::LoopsPresence::new(
+        loops,
+        loop_wakers.clone(),
+    ));
     let share = |index: usize, shared: &Config| {
         let mut one = shared.clone();
         one.node_id = format!("{}-{index}", config.node_id);
@@ -154,9 +162,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         wakers.push(stop.1.clone());
         others.push(LoopHandle { stop, thread });
     }
-    board.connect(wakers.clone());
-    presence.connect(wakers.clone());
-    bus.connect(wakers);
+    loop_wakers.connect(wakers);
     Ok(Loops { first, others })
 }
 

@@ -27,14 +27,20 @@ fn mongo_storm_turn(backend: Backend) -> Option<std::sync::MutexGuard<'static, (
     }
 }
 
-/// A receiver in `group`'s room: returns the seqs it was sent, once `total` arrived.
-fn receiver(server: &Server, group: &str, total: usize) -> JoinHandle<Vec<u64>> {
-    let name = unique("rx");
+/// A new user `prefix_...`, logged in and joined to `group`.
+fn member_of(server: &Server, group: &str, prefix: &str) -> Client {
+    let name = unique(prefix);
     let mut client = server.login(&name);
     assert_eq!(
         ask(&mut client, "join_group", ug(&name, group))["event"],
         "join_success"
     );
+    client
+}
+
+/// A receiver in `group`'s room: returns the seqs it was sent, once `total` arrived.
+fn receiver(server: &Server, group: &str, total: usize) -> JoinHandle<Vec<u64>> {
+    let mut client = member_of(server, group, "rx");
     assert_eq!(
         ask(&mut client, "enter_group", json!({"group_name": group}))["event"],
         "enter_group"
@@ -53,12 +59,7 @@ fn receiver(server: &Server, group: &str, total: usize) -> JoinHandle<Vec<u64>> 
 
 /// A sender that pipelines `count` messages to `group`; returns the seqs acknowledged.
 fn sender(server: &Server, group: &str, count: usize) -> JoinHandle<Vec<u64>> {
-    let name = unique("tx");
-    let mut client = server.login(&name);
-    assert_eq!(
-        ask(&mut client, "join_group", ug(&name, group))["event"],
-        "join_success"
-    );
+    let mut client = member_of(server, group, "tx");
     let group = group.to_string();
     std::thread::spawn(move || pipelined_sends(&mut client, &group, count))
 }

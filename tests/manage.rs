@@ -27,6 +27,16 @@ backend_tests!(
 );
 
 /// A server on fresh storage of `backend` (the storage outlives the server).
+/// `noomnim admin erase-user NAME` against `storage`, as an operator runs it.
+fn erase_user(storage: &Storage, name: &str) -> std::process::Output {
+    Command::new(BINARY)
+        .args(["admin", "erase-user", name])
+        .env_clear()
+        .envs(storage.env())
+        .output()
+        .expect("run noomnim admin")
+}
+
 fn started(backend: Backend) -> (Storage, Server) {
     let storage = Storage::new(backend);
     let server = Server::start(&storage);
@@ -491,12 +501,7 @@ fn an_erased_user_is_cut_off_and_the_name_is_free(backend: Backend) {
     let group = group_with(&mut s, &stays, &mut [(&mut g, &gone)]);
     send(&mut g, &group, "please forget me");
     send(&mut s, &group, "hello");
-    let output = Command::new(BINARY)
-        .args(["admin", "erase-user", &gone])
-        .env_clear()
-        .envs(storage.env())
-        .output()
-        .expect("run noomnim admin");
+    let output = erase_user(&storage, &gone);
     assert!(output.status.success(), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("erased user"));
     // The running server closes the erased user's connection with a reason.
@@ -520,12 +525,7 @@ fn an_erased_user_is_cut_off_and_the_name_is_free(backend: Backend) {
     let login = ask(&mut again, "find_user", json!({"username": gone}));
     assert_eq!(login["event"], "user_created", "{login}");
     assert_eq!(login["data"]["group_list"], json!([]));
-    let missing = Command::new(BINARY)
-        .args(["admin", "erase-user", &unique("nobody")])
-        .env_clear()
-        .envs(storage.env())
-        .output()
-        .expect("run noomnim admin");
+    let missing = erase_user(&storage, &unique("nobody"));
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     let usage = Command::new(BINARY)
         .args(["admin", "erase"])
@@ -833,12 +833,7 @@ fn erasure_and_retention_reach_every_peer() {
         json!({"group_name": group, "after_seq": 0}),
     );
     assert_eq!(page["data"]["first_seq"], 8, "{page}");
-    let output = Command::new(BINARY)
-        .args(["admin", "erase-user", &gone])
-        .env_clear()
-        .envs(storage.env())
-        .output()
-        .expect("run noomnim admin");
+    let output = erase_user(&storage, &gone);
     assert!(output.status.success(), "{output:?}");
     let closing = loop {
         let line = g.recv();

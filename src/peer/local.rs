@@ -5,18 +5,18 @@
 //! subscriber would have delivered, so the same sequencer, gap filling and presence paths
 //! serve both; the other loops are woken once at the end of the publishing loop's turn.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use mio::Waker;
 
 use super::PeerEvent;
+use crate::loop_wakers::LoopWakers;
 
-/// Every loop's event channel, and (once all loops exist) their wakers.
+/// Every loop's event channel, and their wakers.
 pub struct LocalBus {
     senders: Vec<Sender<PeerEvent>>,
     receivers: Vec<Option<Receiver<PeerEvent>>>,
-    wakers: Arc<OnceLock<Vec<Arc<Waker>>>>,
+    wakers: Arc<LoopWakers>,
 }
 
 /// One loop's end of the bus.
@@ -24,11 +24,11 @@ pub struct BusMember {
     pub index: usize,
     pub senders: Vec<Sender<PeerEvent>>,
     pub events: Receiver<PeerEvent>,
-    pub wakers: Arc<OnceLock<Vec<Arc<Waker>>>>,
+    pub wakers: Arc<LoopWakers>,
 }
 
 impl LocalBus {
-    pub fn new(loops: usize) -> LocalBus {
+    pub fn new(loops: usize, wakers: Arc<LoopWakers>) -> LocalBus {
         let (senders, receivers) = (0..loops)
             .map(|_| {
                 let (sender, receiver) = crossbeam_channel::unbounded();
@@ -38,7 +38,7 @@ impl LocalBus {
         LocalBus {
             senders,
             receivers,
-            wakers: Arc::new(OnceLock::new()),
+            wakers,
         }
     }
 
@@ -50,11 +50,6 @@ impl LocalBus {
             events: self.receivers.get_mut(index)?.take()?,
             wakers: self.wakers.clone(),
         })
-    }
-
-    /// All loops exist: their wakers, in loop order (the bus threads wait for these).
-    pub fn connect(&self, wakers: Vec<Arc<Waker>>) {
-        let _ = self.wakers.set(wakers);
     }
 }
 
@@ -74,13 +69,6 @@ impl BusMember {
     /// return; waking per event cost two loops in scenario (a) ~28,000 extra syscalls a second
     /// (one per stored message), where one per turn costs what the turn's batch needs.
     pub fn wake_others(&self) {
-        let Some(wakers) = self.wakers.get() else {
-            return;
-        };
-        for (index, waker) in wakers.iter().enumerate() {
-            if index != self.index {
-                let _ = waker.wake();
-            }
-        }
+        self.wakers.wake_others(self.index);
     }
 }

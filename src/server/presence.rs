@@ -56,8 +56,7 @@ pub struct LoopsPresence {
     shared: Mutex<SharedPresence>,
     /// Per loop: whether its inbox has names (read every turn without taking the lock).
     mail: Vec<AtomicBool>,
-    /// Every loop's waker, in loop order (set once all loops exist).
-    wakers: std::sync::OnceLock<Vec<Arc<Waker>>>,
+    wakers: Arc<crate::loop_wakers::LoopWakers>,
 }
 
 #[derive(Debug, Default)]
@@ -72,20 +71,15 @@ struct SharedPresence {
 const INBOX_CAP: usize = 100_000;
 
 impl LoopsPresence {
-    pub fn new(loops: usize) -> LoopsPresence {
+    pub fn new(loops: usize, wakers: Arc<crate::loop_wakers::LoopWakers>) -> LoopsPresence {
         LoopsPresence {
             shared: Mutex::new(SharedPresence {
                 present: HashMap::new(),
                 inboxes: vec![Vec::new(); loops],
             }),
             mail: (0..loops).map(|_| AtomicBool::new(false)).collect(),
-            wakers: std::sync::OnceLock::new(),
+            wakers,
         }
-    }
-
-    /// All loops exist: their wakers, in loop order.
-    pub fn connect(&self, wakers: Vec<Arc<Waker>>) {
-        let _ = self.wakers.set(wakers);
     }
 
     fn shared(&self) -> MutexGuard<'_, SharedPresence> {
@@ -125,21 +119,21 @@ impl LoopsPresence {
             if let Some(mail) = self.mail.get(index) {
                 mail.store(true, Ordering::Release);
             }
-            if let Some(waker) = self.wakers.get().and_then(|wakers| wakers.get(index)) {
-                let _ = waker.wake();
-            }
+            self.wakers.wake(index);
         }
     }
 
     /// Loop `index`'s inbox, emptied (nothing, without the lock, when it is empty).
     fn take_inbox(&self, index: usize) -> Vec<String> {
         match self.mail.get(index) {
-            Some(mail) if mail.swap(false, Ordering::AcqRel) => self
-                .shared()
-                .inboxes
-                .get_mut(index)
-                .map(std::mem::take)
-                .unwrap_or_default(),
+            // Load first: a swap would write the shared flag every turn of every loop.
+            Some(mail) if mail.load(Ordering::Acquire) && mail.swap(false, Ordering::AcqRel) => {
+                self.shared()
+                    .inboxes
+                    .get_mut(index)
+                    .map(std::mem::take)
+                    .unwrap_or_default()
+            }
             _ => Vec::new(),
         }
     }

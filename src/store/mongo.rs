@@ -446,11 +446,7 @@ impl MongoStore {
 
     /// Which of these messages are in the database (after a partly failed insert).
     fn landed_ids(&self, pending: &[(usize, Message)]) -> StoreResult<HashMap<String, ()>> {
-        let ids: Vec<Bson> = pending
-            .iter()
-            .filter_map(|(_, m)| ObjectId::parse_str(&m.id).ok())
-            .map(Bson::ObjectId)
-            .collect();
+        let ids = object_ids(pending.iter().map(|(_, m)| m.id.as_str()));
         let cursor = self
             .messages
             .find(doc! {"_id": {"$in": ids}})
@@ -521,12 +517,12 @@ impl MongoStore {
         settled: Vec<(usize, Appended)>,
         error: Option<StoreError>,
     ) -> (Vec<(usize, Appended)>, Option<StoreError>) {
-        let inserted: Vec<Bson> = settled
-            .iter()
-            .filter(|(_, appended)| !appended.duplicate)
-            .filter_map(|(_, appended)| ObjectId::parse_str(&appended.message.id).ok())
-            .map(Bson::ObjectId)
-            .collect();
+        let inserted = object_ids(
+            settled
+                .iter()
+                .filter(|(_, appended)| !appended.duplicate)
+                .map(|(_, appended)| appended.message.id.as_str()),
+        );
         if inserted.is_empty() {
             return (settled, error);
         }
@@ -627,6 +623,13 @@ fn is_duplicate_key(error: &MongoError) -> bool {
         ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
         _ => false,
     }
+}
+
+/// Message ids (hex) as the `_id` values to match; an id that is not one matches nothing.
+fn object_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<Bson> {
+    ids.filter_map(|id| ObjectId::parse_str(id).ok())
+        .map(Bson::ObjectId)
+        .collect()
 }
 
 fn seq_of(document: &Document) -> Option<u64> {
