@@ -12,13 +12,13 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::framing::{Frame, LineFramer};
 use crate::in_flight::{Answered, InFlight};
 use crate::limits::TokenBucket;
 use crate::ops::Completed;
+use crate::pages::Run;
 use crate::protocol::RequestId;
 use crate::session::{ResumeCursor, Room, Session, MAX_AUTH_FAILURES};
 use crate::transport::Transport;
@@ -35,22 +35,28 @@ pub const MAX_INBOX_FRAMES: usize = 256;
 /// client that sends 64 KB lines and never reads its replies cannot make the server buffer
 /// 256 of them (16 MiB).
 pub const MAX_INBOX_BYTES: usize = 64 * 1024;
+/// Runs of a room's shared pages one connection may have queued; past this, a line that starts
+/// a new run is queued as a copy of its own. A run keeps its whole page (`pages::PAGE_BYTES`)
+/// alive, so this bounds the pages a client that does not read can pin to about
+/// `MAX_OUTPUT_BYTES` (1 MiB by default) however its lines fall on them.
+const MAX_SHARED_RUNS: usize = 32;
 /// Room lines written but not yet known to be acknowledged by the client's kernel, kept before
 /// the connection asks the kernel (one `ioctl`) how far the client got.
 const SETTLE_AFTER: usize = 512;
 
-/// Bytes waiting to be written: a reply of its own, or a broadcast shared with other connections.
+/// Bytes waiting to be written: a reply of its own, or a run of room lines on a page shared with
+/// the room's other connections (`pages`).
 #[derive(Debug, Clone)]
-pub enum Chunk {
+enum Chunk {
     Owned(Vec<u8>),
-    Shared(Rc<Vec<u8>>),
+    Shared(Run),
 }
 
 impl Chunk {
     fn bytes(&self) -> &[u8] {
         match self {
             Chunk::Owned(bytes) => bytes,
-            Chunk::Shared(bytes) => bytes,
+            Chunk::Shared(run) => run.bytes(),
         }
     }
 }
@@ -121,6 +127,41 @@ struct Outgoing {
     shows: Option<Shows>,
 }
 
+impl Outgoing {
+    /// Takes in room line `next` (message `seq`, queued in room visit `visit`) when it follows
+    /// this run on its page and in seq order; true when it did.
+    fn continued_by(&mut self, next: &Run, seq: u64, visit: u64) -> bool {
+        let (Chunk::Shared(run), Some(shows)) = (&mut self.chunk, self.shows.as_mut()) else {
+            return false;
+        };
+        if !self.broadcast || shows.visit != visit || shows.last + 1 != seq || !run.extend(next) {
+            return false;
+        }
+        shows.last = seq;
+        true
+    }
+
+    /// Lines of a run written whole by the `written` bytes from `offset` (where an earlier
+    /// partial write stopped): the seqs they carry are taken off the front of `shows`, and the
+    /// bytes from `offset` to the end of the last whole line returned.
+    fn lines_done(&mut self, offset: usize, written: usize) -> Option<(usize, Shows)> {
+        let shows = self.shows.as_mut()?;
+        if shows.first >= shows.last || !matches!(self.chunk, Chunk::Shared(_)) {
+            return None;
+        }
+        let part = &self.chunk.bytes()[offset..offset + written];
+        let whole = part.iter().filter(|&&b| b == b'\n').count() as u64;
+        let last_end = part.iter().rposition(|&b| b == b'\n')? + 1;
+        let done = Shows {
+            first: shows.first,
+            last: shows.first + whole - 1,
+            visit: shows.visit,
+        };
+        shows.first += whole;
+        Some((last_end, done))
+    }
+}
+
 /// The bounds one connection keeps by itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -166,6 +207,8 @@ pub struct Connection {
     inbox: VecDeque<Frame>,
     inbox_bytes: usize,
     outbox: VecDeque<Outgoing>,
+    /// Entries of the outbox that are runs of shared pages (at most `MAX_SHARED_RUNS`).
+    shared_runs: usize,
     written_of_front: usize,
     pending_bytes: usize,
     pending_broadcast_bytes: usize,
@@ -212,6 +255,7 @@ impl Connection {
             inbox: VecDeque::new(),
             inbox_bytes: 0,
             outbox: VecDeque::new(),
+            shared_runs: 0,
             written_of_front: 0,
             pending_bytes: 0,
             pending_broadcast_bytes: 0,
@@ -426,6 +470,12 @@ impl Connection {
         self.in_flight.answer(ticket, finish)
     }
 
+    /// Store job `ticket`'s answer waits (or no longer waits) for its message to be released
+    /// to the room: answers behind it wait with it.
+    pub fn wait_for_release(&mut self, ticket: u64, waits: bool) {
+        self.in_flight.wait_for_release(ticket, waits);
+    }
+
     /// The next answer whose turn has come.
     pub fn next_answer(&mut self) -> Option<Answered> {
         self.in_flight.next_ready()
@@ -508,12 +558,38 @@ impl Connection {
         self.push(Chunk::Owned(line), false, shows);
     }
 
-    /// Queues one message of the room, shared with the room's other connections (or owned,
-    /// for a catch-up line). A client with more than `max_output_bytes` of broadcasts unread is
-    /// cut off as a slow consumer: true when that happened now (or a write failed), so the loop
-    /// closes it this turn.
-    pub fn queue_broadcast(&mut self, chunk: Chunk, seq: u64) -> bool {
-        self.push(chunk, true, Some((seq, seq)));
+    /// Queues one message of the room on its own (a catch-up line). A client with more than
+    /// `max_output_bytes` of broadcasts unread is cut off as a slow consumer: true when that
+    /// happened now (or a write failed), so the loop closes it this turn.
+    pub fn queue_broadcast(&mut self, line: Vec<u8>, seq: u64) -> bool {
+        self.push(Chunk::Owned(line), true, Some((seq, seq)));
+        self.bound_output()
+    }
+
+    /// Queues one message of the room from the room's shared page: when it follows the last
+    /// line queued (same page, next seq, same visit) that entry only grows. Cut off as
+    /// `queue_broadcast`.
+    pub fn queue_shared(&mut self, line: &Run, seq: u64) -> bool {
+        let visit = self.visit;
+        let continued = self
+            .outbox
+            .back_mut()
+            .is_some_and(|back| back.continued_by(line, seq, visit));
+        if continued {
+            self.pending_bytes += line.len();
+            self.pending_broadcast_bytes += line.len();
+        } else if self.shared_runs < MAX_SHARED_RUNS {
+            self.shared_runs += 1;
+            self.push(Chunk::Shared(line.clone()), true, Some((seq, seq)));
+        } else {
+            self.push(Chunk::Owned(line.bytes().to_vec()), true, Some((seq, seq)));
+        }
+        self.bound_output()
+    }
+
+    /// Writes what is held once it is a full write's worth or over the bound, and cuts the
+    /// client off if what the kernel refused is still over it.
+    fn bound_output(&mut self) -> bool {
         // Lines held for a shared write (`WRITE_DELAY_MS`) are not unread: past a full write's
         // worth, or past the bound, they go to the kernel now and only what it refuses counts.
         if self.pending_bytes >= WRITE_NOW_BYTES
@@ -600,12 +676,26 @@ impl Connection {
             let len = front.chunk.bytes().len();
             let left = len - self.written_of_front;
             if written < left {
+                // A run written in part: its whole lines count as written now.
+                let offset = self.written_of_front;
                 self.written_of_front += written;
-                return;
+                let stream_offset = self.written_total - written as u64;
+                let visit = self.visit;
+                if let Some((end, shows)) = self
+                    .outbox
+                    .front_mut()
+                    .and_then(|front| front.lines_done(offset, written))
+                    .filter(|(_, shows)| shows.visit == visit)
+                {
+                    self.unsettled
+                        .push_back((stream_offset + end as u64, shows));
+                }
+                break;
             }
             written -= left;
             self.written_of_front = 0;
             if let Some(out) = self.outbox.pop_front() {
+                self.forget(&out);
                 if out.broadcast {
                     self.pending_broadcast_bytes -= len;
                 }
@@ -669,14 +759,49 @@ impl Connection {
             let Some(out) = self.outbox.pop_back() else {
                 break;
             };
+            self.forget(&out);
             let len = out.chunk.bytes().len();
             self.pending_bytes -= len;
             if out.broadcast {
                 self.pending_broadcast_bytes -= len;
             }
         }
+        if keep == 1 {
+            self.finish_line_only();
+        }
         self.queue_reply(line, None);
         let _ = self.flush();
+    }
+
+    /// An entry left the outbox.
+    fn forget(&mut self, out: &Outgoing) {
+        if matches!(out.chunk, Chunk::Shared(_)) {
+            self.shared_runs -= 1;
+        }
+    }
+
+    /// Cuts a partly written run at the end of the line being written.
+    fn finish_line_only(&mut self) {
+        let offset = self.written_of_front;
+        let Some(front) = self.outbox.front_mut() else {
+            return;
+        };
+        let Chunk::Shared(run) = &mut front.chunk else {
+            return;
+        };
+        let Some(line_end) = run.bytes()[offset..].iter().position(|&b| b == b'\n') else {
+            return;
+        };
+        let before = run.len();
+        run.truncate(offset + line_end + 1);
+        let dropped = before - run.len();
+        self.pending_bytes -= dropped;
+        if front.broadcast {
+            self.pending_broadcast_bytes -= dropped;
+        }
+        if let Some(shows) = front.shows.as_mut() {
+            shows.last = shows.first;
+        }
     }
 
     /// True once the peer has closed and every request it sent is answered and written.
@@ -687,5 +812,147 @@ impl Connection {
             && self.held.is_none()
             && self.outbox.is_empty()
             && !self.socket.holds_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pages::RoomPage;
+    use std::io::Read;
+
+    /// A connection over a real loopback socket, and the client's end of it.
+    fn connected() -> (Connection, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, peer) = listener.accept().expect("accept");
+        server.set_nonblocking(true).expect("nonblocking");
+        let bounds = Bounds {
+            max_line_bytes: 1 << 20,
+            max_output_bytes: 64 << 20,
+            rate_burst: 10.0,
+            pipeline_depth: 4,
+        };
+        let socket = Box::new(mio::net::TcpStream::from_std(server));
+        (Connection::new(socket, peer, bounds, false), client)
+    }
+
+    /// Line `seq` of `len` bytes, newline included.
+    fn line(seq: u64, len: usize) -> Vec<u8> {
+        let mut line = format!("{seq:08}").into_bytes();
+        line.resize(len - 1, b'.');
+        line.push(b'\n');
+        line
+    }
+
+    /// Flushes and reads on the client until `expected` bytes arrived.
+    fn drain(
+        connection: &mut Connection,
+        client: &mut std::net::TcpStream,
+        expected: usize,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buffer = vec![0; 1 << 16];
+        while got.len() < expected {
+            connection.flush().expect("flush");
+            let n = client.read(&mut buffer).expect("read");
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&buffer[..n]);
+        }
+        got
+    }
+
+    #[test]
+    fn consecutive_room_lines_are_one_entry_and_arrive_in_order() {
+        let (mut connection, mut client) = connected();
+        let mut page = RoomPage::default();
+        let mut expected = Vec::new();
+        for seq in 1..=100 {
+            let bytes = line(seq, 50);
+            expected.extend_from_slice(&bytes);
+            assert!(!connection.queue_shared(&page.share(&bytes), seq));
+        }
+        assert_eq!(connection.outbox.len(), 1);
+        // A seq that does not follow (a line this client skipped) starts a new entry.
+        let bytes = line(102, 50);
+        expected.extend_from_slice(&bytes);
+        connection.queue_shared(&page.share(&bytes), 102);
+        assert_eq!(connection.outbox.len(), 2);
+        assert_eq!(
+            drain(&mut connection, &mut client, expected.len()),
+            expected
+        );
+        assert_eq!(connection.shared_runs, 0);
+    }
+
+    #[test]
+    fn a_run_written_in_part_counts_its_whole_lines() {
+        let (mut connection, _client) = connected();
+        connection.enter_room(Room::new("g".into(), 0, 0));
+        let mut page = RoomPage::default();
+        let len = 1000;
+        // Far more than the socket buffers take while the client reads nothing.
+        for seq in 1..=20_000 {
+            connection.queue_shared(&page.share(&line(seq, len)), seq);
+        }
+        connection.flush().expect("flush");
+        let written = connection.written_total;
+        assert!(
+            written > 0 && written < 20_000 * len as u64,
+            "a partial write"
+        );
+        let whole = written / len as u64;
+        let (end, shows) = *connection.unsettled.back().expect("lines counted");
+        assert_eq!(shows.last, whole, "every whole line written, no more");
+        assert_eq!(end, whole * len as u64);
+    }
+
+    #[test]
+    fn runs_a_client_keeps_are_bounded_and_lines_past_them_are_copied() {
+        let (mut connection, mut client) = connected();
+        // Lines alternate between two rooms' pages, so none continues the entry before it.
+        let (mut even, mut odd) = (RoomPage::default(), RoomPage::default());
+        let mut expected = Vec::new();
+        for seq in 1..=100 {
+            let bytes = line(seq, 40);
+            expected.extend_from_slice(&bytes);
+            let page = if seq % 2 == 0 { &mut even } else { &mut odd };
+            connection.queue_shared(&page.share(&bytes), seq);
+        }
+        assert_eq!(connection.outbox.len(), 100);
+        assert_eq!(connection.shared_runs, MAX_SHARED_RUNS);
+        assert_eq!(
+            drain(&mut connection, &mut client, expected.len()),
+            expected
+        );
+        assert_eq!(connection.shared_runs, 0);
+    }
+
+    #[test]
+    fn closing_cuts_a_partly_written_run_at_a_line_end() {
+        let (mut connection, mut client) = connected();
+        let mut page = RoomPage::default();
+        let len = 1000;
+        for seq in 1..=20_000 {
+            connection.queue_shared(&page.share(&line(seq, len)), seq);
+        }
+        connection.flush().expect("flush");
+        assert!(connection.written_of_front > 0, "a partial write");
+        connection.say_closing(b"{\"event\":\"closing\"}\n".to_vec());
+        let expected = connection.written_total as usize + connection.pending_output();
+        let got = drain(&mut connection, &mut client, expected);
+        let text = String::from_utf8(got).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        let (closing, room_lines) = lines.split_last().expect("lines");
+        assert_eq!(*closing, "{\"event\":\"closing\"}");
+        for (index, room_line) in room_lines.iter().enumerate() {
+            assert_eq!(
+                format!("{room_line}\n").into_bytes(),
+                line(index as u64 + 1, len)
+            );
+        }
+        assert_eq!(connection.pending_output(), 0);
+        assert_eq!(connection.shared_runs, 0);
     }
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod ops;
+pub mod pages;
 pub mod peer;
 pub mod protocol;
 pub mod read_marker;

@@ -1,31 +1,40 @@
-//! Room membership on this node: which connections are in which group's room right now.
+//! Room membership on this node: which connections are in which group's room right now, and
+//! the page the room's next broadcast line is written on (`pages`).
 
 use std::collections::{HashMap, HashSet};
 
 use mio::Token;
 
+use crate::pages::{RoomPage, Run};
+
 #[derive(Debug, Default)]
 pub struct Rooms {
-    by_group: HashMap<String, HashSet<Token>>,
+    by_group: HashMap<String, Room>,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    tokens: HashSet<Token>,
+    page: RoomPage,
 }
 
 impl Rooms {
     /// Puts a connection in a room; true when it is the room's first (it was empty).
     pub fn enter(&mut self, group_name: &str, token: Token) -> bool {
-        let tokens = self.by_group.entry(group_name.to_string()).or_default();
-        tokens.insert(token);
-        tokens.len() == 1
+        let room = self.by_group.entry(group_name.to_string()).or_default();
+        room.tokens.insert(token);
+        room.tokens.len() == 1
     }
 
     /// Takes a connection out of a room; true when the room is now empty.
     pub fn leave(&mut self, group_name: &str, token: Token) -> bool {
-        let Some(tokens) = self.by_group.get_mut(group_name) else {
+        let Some(room) = self.by_group.get_mut(group_name) else {
             return false;
         };
-        if !tokens.remove(&token) {
+        if !room.tokens.remove(&token) {
             return false;
         }
-        if tokens.is_empty() {
+        if room.tokens.is_empty() {
             self.by_group.remove(group_name);
             return true;
         }
@@ -36,8 +45,15 @@ impl Rooms {
     pub fn members(&self, group_name: &str) -> Vec<Token> {
         self.by_group
             .get(group_name)
-            .map(|tokens| tokens.iter().copied().collect())
+            .map(|room| room.tokens.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// Writes a broadcast line on the room's page, for its members to queue as one run; `None`
+    /// when nobody is in the room.
+    pub fn share(&mut self, group_name: &str, line: &[u8]) -> Option<Run> {
+        let room = self.by_group.get_mut(group_name)?;
+        Some(room.page.share(line))
     }
 }
 

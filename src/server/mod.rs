@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, StoreKind};
-use crate::connection::{Bounds, Chunk, Closing, Connection, ReadState};
+use crate::connection::{Bounds, Closing, Connection, ReadState};
 use crate::in_flight::EMBEDDED_PIPELINE_DEPTH;
 use crate::limits::{Admission, Refusal};
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient, RelayGauges};
