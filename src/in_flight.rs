@@ -42,6 +42,9 @@ struct Slot {
     leave_clock: u64,
     pipelined: bool,
     answer: Option<Completed>,
+    /// A sent message's reply waiting for the message itself to go to the room (the
+    /// sequencer holds it for an earlier seq): it does not go out before then.
+    waits_for_release: bool,
 }
 
 /// An answer whose turn has come.
@@ -110,6 +113,7 @@ impl InFlight {
             leave_clock,
             pipelined,
             answer: None,
+            waits_for_release: false,
         });
         self.last_ticket
     }
@@ -127,6 +131,7 @@ impl InFlight {
             leave_clock: 0,
             pipelined: true,
             answer: Some(Completed::reply(line)),
+            waits_for_release: false,
         });
         None
     }
@@ -151,12 +156,26 @@ impl InFlight {
 
     /// The oldest answer, once everything before it has gone.
     pub fn next_ready(&mut self) -> Option<Answered> {
+        if self.slots.front()?.waits_for_release {
+            return None;
+        }
         let answer = self.slots.front_mut()?.answer.take()?;
         let slot = self.slots.pop_front()?;
         Some(Answered {
             completed: answer,
             leave_clock: slot.leave_clock,
         })
+    }
+
+    /// Job `ticket`'s answer waits (`waits` true) or no longer waits for its message's release.
+    pub fn wait_for_release(&mut self, ticket: u64, waits: bool) {
+        if let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|slot| slot.ticket == Some(ticket))
+        {
+            slot.waits_for_release = waits;
+        }
     }
 
     /// Whether the oldest job has been out longer than `limit`.

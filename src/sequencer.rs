@@ -134,8 +134,19 @@ impl Sequencer {
     }
 
     /// The room of this group emptied on this node.
-    pub fn forget(&mut self, group_name: &str) {
-        self.groups.remove(group_name);
+    /// Returns the origins of the messages it still held (their senders' replies wait for them).
+    pub fn forget(&mut self, group_name: &str) -> Vec<Requester> {
+        self.groups
+            .remove(group_name)
+            .map(|order| order.held.into_values().map(|(_, origin)| origin).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether message `seq` of the group is held back (waiting for an earlier seq).
+    pub fn holds(&self, group_name: &str, seq: u64) -> bool {
+        self.groups
+            .get(group_name)
+            .is_some_and(|order| order.held.contains_key(&seq))
     }
 
     /// A stored message arrived; returns what can now go to the room, in order.
@@ -297,6 +308,31 @@ mod tests {
 
     fn seqs(released: &[Release]) -> Vec<u64> {
         released.iter().map(|(m, _)| m.seq).collect()
+    }
+
+    #[test]
+    fn says_what_it_holds_and_hands_back_the_senders_of_it_when_the_room_empties() {
+        let mut sequencer = Sequencer::new(RECENT_IN_PEER_MODE);
+        sequencer.enter("g", 0);
+        let sender = Requester::Connection(mio::Token(3), 9);
+        assert!(sequencer.offer(message(2), sender).is_empty());
+        assert!(sequencer.holds("g", 2), "2 waits for 1");
+        assert!(!sequencer.holds("g", 1));
+        assert!(!sequencer.holds("other", 2));
+        let released = sequencer.offer(message(1), Requester::Server);
+        assert_eq!(seqs(&released), vec![1, 2]);
+        assert!(matches!(
+            released[1].1,
+            Requester::Connection(mio::Token(3), 9)
+        ));
+        assert!(!sequencer.holds("g", 2), "released");
+        assert!(sequencer.offer(message(4), sender).is_empty());
+        let origins = sequencer.forget("g");
+        assert!(matches!(
+            origins[..],
+            [Requester::Connection(mio::Token(3), 9)]
+        ));
+        assert!(!sequencer.holds("g", 4));
     }
 
     #[test]

@@ -12,7 +12,10 @@ use std::thread::JoinHandle;
 use common::{ask, next_of, ug, unique, Backend, Client, Server, Storage};
 use serde_json::{json, Value};
 
-backend_tests!(a_storm_across_four_loops_reaches_everyone_once_in_order);
+backend_tests!(
+    a_storm_across_four_loops_reaches_everyone_once_in_order,
+    senders_in_the_room_see_their_own_messages_in_seq_order
+);
 
 const LOOPS: &str = "4";
 
@@ -161,6 +164,71 @@ fn a_storm_across_four_loops_reaches_everyone_once_in_order(backend: Backend) {
     );
     let accepted = common::metric(&server, "noomnim_connections_accepted_total");
     assert!(accepted.is_some_and(|n| n >= 49.0), "{accepted:?}");
+}
+
+/// Senders that are in the room, on four loops: a sender's copy of its own message is its reply,
+/// and it comes in seq order among the others' messages (a message stored on one loop can be
+/// held there for an earlier seq stored on another; its reply waits with it).
+fn senders_in_the_room_see_their_own_messages_in_seq_order(backend: Backend) {
+    let _turn = mongo_storm_turn(backend);
+    let storage = Storage::new(backend);
+    let server = Server::start_with(&storage, &[("IO_THREADS", LOOPS), ("RATE_LIMIT", "0")]);
+    let per_sender = match backend {
+        Backend::Embedded => 150,
+        Backend::Mongo => 40,
+    };
+    let owner = unique("owner");
+    let mut o = server.login(&owner);
+    let group = unique("own");
+    assert_eq!(
+        ask(&mut o, "create_group", ug(&owner, &group))["event"],
+        "group_created"
+    );
+    let senders = 6;
+    let total = senders * per_sender;
+    let mut clients: Vec<Client> = (0..senders)
+        .map(|_| {
+            let mut client = member_of(&server, &group, "own");
+            assert_eq!(
+                ask(&mut client, "enter_group", json!({"group_name": group}))["event"],
+                "enter_group"
+            );
+            client
+        })
+        .collect();
+    let mut burst = Vec::new();
+    for i in 0..per_sender {
+        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("own {i}")}, "id": i});
+        burst.extend(serde_json::to_vec(&line).expect("json"));
+        burst.push(b'\n');
+    }
+    for client in &mut clients {
+        client.send_raw(&burst);
+    }
+    let handles: Vec<JoinHandle<(Vec<u64>, usize)>> = clients
+        .into_iter()
+        .map(|mut client| {
+            std::thread::spawn(move || {
+                let (mut seqs, mut own) = (Vec::with_capacity(total), 0);
+                while seqs.len() < total {
+                    let line = client.recv();
+                    assert_eq!(line["event"], "message_sent", "{line}");
+                    own += usize::from(line.get("id").is_some());
+                    seqs.push(line["data"]["seq"].as_u64().expect("seq"));
+                }
+                (seqs, own)
+            })
+        })
+        .collect();
+    for handle in handles {
+        let (seqs, own) = handle.join().expect("sender");
+        assert_eq!(own, per_sender, "every send answered once");
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "own replies and others' messages, each once, in seq order"
+        );
+    }
 }
 
 /// The same storm over two peer instances of four loops each (MongoDB, Redis): a message

@@ -36,8 +36,19 @@ impl Server {
                         peer.publish(message);
                     }
                     self.activity_seen(&message.group_name, message.seq, true);
+                    let (group_name, seq) = (message.group_name.clone(), message.seq);
                     let released = self.sequencer.offer(message.clone(), requester);
+                    // The sender's copy is its reply: filed now, it goes out when the
+                    // sequencer releases the message (`broadcast_all`), so it neither overtakes
+                    // earlier messages held for a gap nor trails later ones released with it.
+                    let filed = self.file_answer(requester, Answer::Sent(result));
+                    let held = self.sequencer.holds(&group_name, seq);
+                    self.answer_waits(requester, held);
                     self.broadcast_all(released);
+                    if let Some(token) = filed {
+                        self.deliver_answers(token);
+                    }
+                    return;
                 }
                 Answer::Sent(result)
             }
@@ -69,17 +80,33 @@ impl Server {
                 return;
             }
         };
+        if let Some(token) = self.file_answer(requester, answer) {
+            self.deliver_answers(token);
+        }
+    }
+
+    /// A sent message's reply waits for the message to be released to its room (`waits`), or
+    /// no longer does.
+    fn answer_waits(&mut self, origin: Requester, waits: bool) {
+        if let Requester::Connection(token, ticket) = origin {
+            if let Some(connection) = self.connections.get_mut(&token) {
+                connection.wait_for_release(ticket, waits);
+            }
+        }
+    }
+
+    /// Files a finished job's answer with its connection (to go out in request order); the
+    /// connection's token when it was filed.
+    fn file_answer(&mut self, requester: Requester, answer: Answer) -> Option<Token> {
         let Requester::Connection(token, ticket) = requester else {
             // The server's own reads (presence): their effect, no reply.
             if let Answer::Call(call) = answer {
                 let completed = call.finish(None, self.config.max_reply_bytes);
                 self.apply(Token(usize::MAX), completed.effect);
             }
-            return;
+            return None;
         };
-        let Some(connection) = self.connections.get_mut(&token) else {
-            return;
-        };
+        let connection = self.connections.get_mut(&token)?;
         let max_reply_bytes = self.config.max_reply_bytes;
         let filed = connection.answer(ticket, |id| match answer {
             Answer::Sent(result) => send_message::answer(result, id),
@@ -88,9 +115,9 @@ impl Server {
         if !filed {
             // Already answered `unavailable` when it outlived STORE_TIMEOUT_MS.
             log::debug!("late store result for {} dropped", connection.peer());
-            return;
+            return None;
         }
-        self.deliver_answers(token);
+        Some(token)
     }
 
     /// Sends a connection the answers whose turn has come (in request order) and applies their
@@ -221,6 +248,11 @@ impl Server {
     pub(super) fn broadcast_all(&mut self, released: Vec<Release>) {
         for (message, origin) in released {
             self.broadcast(&message, origin);
+            // Right after the others' copies: the sender's reply, if its turn has come.
+            self.answer_waits(origin, false);
+            if let Requester::Connection(token, _) = origin {
+                self.deliver_answers(token);
+            }
         }
     }
 
@@ -230,7 +262,12 @@ impl Server {
         if members.is_empty() {
             return;
         }
-        let line = Rc::new(encode_broadcast(message));
+        let Some(line) = self
+            .rooms
+            .share(&message.group_name, &encode_broadcast(message))
+        else {
+            return;
+        };
         // Held only while the loop is short of time: a quiet server writes at once.
         let write_delay = self.config.write_delay.filter(|_| self.load.holding());
         let deferring = write_delay.is_some();
@@ -250,7 +287,7 @@ impl Server {
             self.metrics.messages_delivered += 1;
             // A client cut off as a slow consumer is closed this turn; other broadcasts may
             // wait for the deferred flush, to leave with the ones after them.
-            let cut_off = connection.queue_broadcast(Chunk::Shared(line.clone()), message.seq);
+            let cut_off = connection.queue_shared(&line, message.seq);
             if cut_off {
                 self.metrics.slow_consumer_cuts += 1;
             }
@@ -306,7 +343,7 @@ impl Server {
         };
         connection.enter_room(room);
         for message in missed {
-            if connection.queue_broadcast(Chunk::Owned(encode_broadcast(&message)), message.seq) {
+            if connection.queue_broadcast(encode_broadcast(&message), message.seq) {
                 break;
             }
         }
@@ -314,7 +351,13 @@ impl Server {
 
     pub(super) fn leave_room(&mut self, group_name: &str, token: Token) {
         if self.rooms.leave(group_name, token) {
-            self.sequencer.forget(group_name);
+            // Replies held with their messages go out now: the room they waited for is gone.
+            for origin in self.sequencer.forget(group_name) {
+                self.answer_waits(origin, false);
+                if let Requester::Connection(sender, _) = origin {
+                    self.deliver_answers(sender);
+                }
+            }
             // Unsubscribed only after a linger, so enter/leave churn does not thrash Redis.
             if self.peer.is_some() {
                 self.unwatch_due
