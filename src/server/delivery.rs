@@ -41,8 +41,12 @@ impl Server {
                     // The sender's copy is its reply: filed now, it goes out when the
                     // sequencer releases the message (`broadcast_all`), so it neither overtakes
                     // earlier messages held for a gap nor trails later ones released with it.
+                    // Only a sender in that room waits: for others there is no order to keep.
                     let filed = self.file_answer(requester, Answer::Sent(result));
-                    let held = self.sequencer.holds(&group_name, seq);
+                    let in_room = filed
+                        .and_then(|token| self.connections.get(&token))
+                        .is_some_and(|c| c.session().room_name() == Some(group_name.as_str()));
+                    let held = in_room && self.sequencer.holds(&group_name, seq);
                     self.answer_waits(requester, held);
                     self.broadcast_all(released);
                     if let Some(token) = filed {
