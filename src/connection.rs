@@ -846,6 +846,16 @@ mod tests {
         line
     }
 
+    /// Queues lines 1..=20,000 of `len` bytes as one run and flushes: far more than the socket
+    /// buffers take while the client reads nothing, so the write is partial.
+    fn queue_past_the_socket(connection: &mut Connection, len: usize) {
+        let mut page = RoomPage::default();
+        for seq in 1..=20_000 {
+            connection.queue_shared(&page.share(&line(seq, len)), seq);
+        }
+        connection.flush().expect("flush");
+    }
+
     /// Flushes and reads on the client until `expected` bytes arrived.
     fn drain(
         connection: &mut Connection,
@@ -890,13 +900,8 @@ mod tests {
     fn a_run_written_in_part_counts_its_whole_lines() {
         let (mut connection, _client) = connected();
         connection.enter_room(Room::new("g".into(), 0, 0));
-        let mut page = RoomPage::default();
         let len = 1000;
-        // Far more than the socket buffers take while the client reads nothing.
-        for seq in 1..=20_000 {
-            connection.queue_shared(&page.share(&line(seq, len)), seq);
-        }
-        connection.flush().expect("flush");
+        queue_past_the_socket(&mut connection, len);
         let written = connection.written_total;
         assert!(
             written > 0 && written < 20_000 * len as u64,
@@ -932,12 +937,8 @@ mod tests {
     #[test]
     fn closing_cuts_a_partly_written_run_at_a_line_end() {
         let (mut connection, mut client) = connected();
-        let mut page = RoomPage::default();
         let len = 1000;
-        for seq in 1..=20_000 {
-            connection.queue_shared(&page.share(&line(seq, len)), seq);
-        }
-        connection.flush().expect("flush");
+        queue_past_the_socket(&mut connection, len);
         assert!(connection.written_of_front > 0, "a partial write");
         connection.say_closing(b"{\"event\":\"closing\"}\n".to_vec());
         let expected = connection.written_total as usize + connection.pending_output();

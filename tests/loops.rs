@@ -41,13 +41,33 @@ fn member_of(server: &Server, group: &str, prefix: &str) -> Client {
     client
 }
 
-/// A receiver in `group`'s room: returns the seqs it was sent, once `total` arrived.
-fn receiver(server: &Server, group: &str, total: usize) -> JoinHandle<Vec<u64>> {
-    let mut client = member_of(server, group, "rx");
+/// A new member of `group` (as `member_of`) that entered the group's room.
+fn in_room(server: &Server, group: &str, prefix: &str) -> Client {
+    let mut client = member_of(server, group, prefix);
     assert_eq!(
         ask(&mut client, "enter_group", json!({"group_name": group}))["event"],
         "enter_group"
     );
+    client
+}
+
+/// A new owner, logged in, and `count` groups `prefix_...` it created.
+fn new_groups(server: &Server, prefix: &str, count: usize) -> (String, Client, Vec<String>) {
+    let owner = unique("owner");
+    let mut client = server.login(&owner);
+    let groups: Vec<String> = (0..count).map(|_| unique(prefix)).collect();
+    for group in &groups {
+        assert_eq!(
+            ask(&mut client, "create_group", ug(&owner, group))["event"],
+            "group_created"
+        );
+    }
+    (owner, client, groups)
+}
+
+/// A receiver in `group`'s room: returns the seqs it was sent, once `total` arrived.
+fn receiver(server: &Server, group: &str, total: usize) -> JoinHandle<Vec<u64>> {
+    let mut client = in_room(server, group, "rx");
     std::thread::spawn(move || {
         let mut seqs = Vec::with_capacity(total);
         while seqs.len() < total {
@@ -67,7 +87,8 @@ fn sender(server: &Server, group: &str, count: usize) -> JoinHandle<Vec<u64>> {
     std::thread::spawn(move || pipelined_sends(&mut client, &group, count))
 }
 
-fn pipelined_sends(client: &mut Client, group: &str, count: usize) -> Vec<u64> {
+/// Writes `count` `send_message` requests (ids 0..count) to `group` at once.
+fn send_burst(client: &mut Client, group: &str, count: usize) {
     let mut burst = Vec::new();
     for i in 0..count {
         let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("storm {i}")}, "id": i});
@@ -75,6 +96,10 @@ fn pipelined_sends(client: &mut Client, group: &str, count: usize) -> Vec<u64> {
         burst.push(b'\n');
     }
     client.send_raw(&burst);
+}
+
+fn pipelined_sends(client: &mut Client, group: &str, count: usize) -> Vec<u64> {
+    send_burst(client, group, count);
     let mut acked = Vec::new();
     while acked.len() < count {
         match client.recv_or_closed() {
@@ -112,15 +137,7 @@ fn a_storm_across_four_loops_reaches_everyone_once_in_order(backend: Backend) {
         Backend::Embedded => 200,
         Backend::Mongo => 60,
     };
-    let owner = unique("owner");
-    let mut o = server.login(&owner);
-    let groups: Vec<String> = (0..4).map(|_| unique("loops")).collect();
-    for group in &groups {
-        assert_eq!(
-            ask(&mut o, "create_group", ug(&owner, group))["event"],
-            "group_created"
-        );
-    }
+    let (_, _owner, groups) = new_groups(&server, "loops", 4);
     // 10 receivers and 2 senders per group: 48 connections, spread over the 4 loops.
     let total = 2 * per_sender;
     let receivers: Vec<(String, JoinHandle<Vec<u64>>)> = groups
@@ -177,33 +194,15 @@ fn senders_in_the_room_see_their_own_messages_in_seq_order(backend: Backend) {
         Backend::Embedded => 150,
         Backend::Mongo => 40,
     };
-    let owner = unique("owner");
-    let mut o = server.login(&owner);
-    let group = unique("own");
-    assert_eq!(
-        ask(&mut o, "create_group", ug(&owner, &group))["event"],
-        "group_created"
-    );
+    let (_, _owner, groups) = new_groups(&server, "own", 1);
+    let group = &groups[0];
     let senders = 6;
     let total = senders * per_sender;
     let mut clients: Vec<Client> = (0..senders)
-        .map(|_| {
-            let mut client = member_of(&server, &group, "own");
-            assert_eq!(
-                ask(&mut client, "enter_group", json!({"group_name": group}))["event"],
-                "enter_group"
-            );
-            client
-        })
+        .map(|_| in_room(&server, group, "own"))
         .collect();
-    let mut burst = Vec::new();
-    for i in 0..per_sender {
-        let line = json!({"event": "send_message", "data": {"group_name": group, "text": format!("own {i}")}, "id": i});
-        burst.extend(serde_json::to_vec(&line).expect("json"));
-        burst.push(b'\n');
-    }
     for client in &mut clients {
-        client.send_raw(&burst);
+        send_burst(client, group, per_sender);
     }
     let handles: Vec<JoinHandle<(Vec<u64>, usize)>> = clients
         .into_iter()
@@ -256,15 +255,7 @@ fn a_storm_across_two_peers_of_four_loops_reaches_everyone_once_in_order() {
     for peer in &peers {
         assert!(peer.logged("peer subscriber: connected"));
     }
-    let owner = unique("owner");
-    let mut o = peers[0].login(&owner);
-    let groups: Vec<String> = (0..2).map(|_| unique("peerloops")).collect();
-    for group in &groups {
-        assert_eq!(
-            ask(&mut o, "create_group", ug(&owner, group))["event"],
-            "group_created"
-        );
-    }
+    let (_, _owner, groups) = new_groups(&peers[0], "peerloops", 2);
     let per_sender = 60;
     // Per group: 8 receivers and 2 senders, half on each instance.
     let total = 2 * per_sender;
@@ -373,13 +364,8 @@ fn stopping_four_loops_mid_storm_loses_nothing_acked() {
         env.push(("IO_THREADS".into(), LOOPS.into()));
         env.push(("RATE_LIMIT".into(), "0".into()));
         let mut server = Server::spawn(&env);
-        let owner = unique("owner");
-        let mut o = server.login(&owner);
-        let group = unique("stop");
-        assert_eq!(
-            ask(&mut o, "create_group", ug(&owner, &group))["event"],
-            "group_created"
-        );
+        let (owner, mut o, groups) = new_groups(&server, "stop", 1);
+        let group = groups[0].clone();
         let senders: Vec<JoinHandle<Vec<u64>>> =
             (0..4).map(|_| sender(&server, &group, 2000)).collect();
         // Let the storm get going, then stop the server under it.

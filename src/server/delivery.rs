@@ -36,18 +36,19 @@ impl Server {
                         peer.publish(message);
                     }
                     self.activity_seen(&message.group_name, message.seq, true);
-                    let (group_name, seq) = (message.group_name.clone(), message.seq);
                     let released = self.sequencer.offer(message.clone(), requester);
                     // The sender's copy is its reply: filed now, it goes out when the
                     // sequencer releases the message (`broadcast_all`), so it neither overtakes
                     // earlier messages held for a gap nor trails later ones released with it.
                     // Only a sender in that room waits: for others there is no order to keep.
+                    let held = self.sequencer.holds(&message.group_name, message.seq)
+                        && self.in_room(requester, &message.group_name);
                     let filed = self.file_answer(requester, Answer::Sent(result));
-                    let in_room = filed
-                        .and_then(|token| self.connections.get(&token))
-                        .is_some_and(|c| c.session().room_name() == Some(group_name.as_str()));
-                    let held = in_room && self.sequencer.holds(&group_name, seq);
-                    self.answer_waits(requester, held);
+                    // Marked before the release below, which may deliver this connection's
+                    // earlier replies (and would take this one with them).
+                    if held {
+                        self.hold_reply(requester);
+                    }
                     self.broadcast_all(released);
                     if let Some(token) = filed {
                         self.deliver_answers(token);
@@ -89,9 +90,31 @@ impl Server {
         }
     }
 
-    /// A sent message's reply waits for the message to be released to its room (`waits`), or
-    /// no longer does.
-    fn answer_waits(&mut self, origin: Requester, waits: bool) {
+    /// Whether the requesting connection is in `group_name`'s room.
+    fn in_room(&self, requester: Requester, group_name: &str) -> bool {
+        let Requester::Connection(token, _) = requester else {
+            return false;
+        };
+        self.connections
+            .get(&token)
+            .is_some_and(|c| c.session().room_name() == Some(group_name))
+    }
+
+    /// A sent message's reply waits for the message to be released to its room.
+    fn hold_reply(&mut self, origin: Requester) {
+        self.reply_waits(origin, true);
+    }
+
+    /// The message of `origin`'s reply went to the room (or the room is gone): the reply, and
+    /// any behind it, go out now if their turn has come.
+    fn release_reply(&mut self, origin: Requester) {
+        self.reply_waits(origin, false);
+        if let Requester::Connection(token, _) = origin {
+            self.deliver_answers(token);
+        }
+    }
+
+    fn reply_waits(&mut self, origin: Requester, waits: bool) {
         if let Requester::Connection(token, ticket) = origin {
             if let Some(connection) = self.connections.get_mut(&token) {
                 connection.wait_for_release(ticket, waits);
@@ -253,10 +276,7 @@ impl Server {
         for (message, origin) in released {
             self.broadcast(&message, origin);
             // Right after the others' copies: the sender's reply, if its turn has come.
-            self.answer_waits(origin, false);
-            if let Requester::Connection(token, _) = origin {
-                self.deliver_answers(token);
-            }
+            self.release_reply(origin);
         }
     }
 
@@ -357,10 +377,7 @@ impl Server {
         if self.rooms.leave(group_name, token) {
             // Replies held with their messages go out now: the room they waited for is gone.
             for origin in self.sequencer.forget(group_name) {
-                self.answer_waits(origin, false);
-                if let Requester::Connection(sender, _) = origin {
-                    self.deliver_answers(sender);
-                }
+                self.release_reply(origin);
             }
             // Unsubscribed only after a linger, so enter/leave churn does not thrash Redis.
             if self.peer.is_some() {

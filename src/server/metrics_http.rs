@@ -58,7 +58,7 @@ impl Server {
                     connections: self.connections.len(),
                     rooms_held_messages: self.sequencer.held(),
                     relay: self.relay_gauges(),
-                    peer_link_up: self.redis_link().map(|_| self.peer_link_up),
+                    peer_link_up: self.redis_link_up(),
                     answers: self.metrics_answered,
                 },
             );
@@ -103,6 +103,11 @@ impl Server {
         self.peer.as_ref().filter(|peer| !peer.is_local())
     }
 
+    /// Whether this loop's Redis link is up (`None` without one).
+    fn redis_link_up(&self) -> Option<bool> {
+        self.redis_link().map(|_| self.peer_link_up)
+    }
+
     /// This loop's own link to Redis (peer mode).
     fn relay_gauges(&self) -> Option<RelayGauges> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -129,7 +134,7 @@ impl Server {
             metrics.add(&other.metrics);
         }
         let mut relay = self.relay_gauges();
-        let mut peer_link_up = self.redis_link().map(|_| self.peer_link_up);
+        let mut peer_link_up = self.redis_link_up();
         for other in &others {
             if let (Some(mine), Some(theirs)) = (relay.as_mut(), other.relay.as_ref()) {
                 mine.add(theirs);
