@@ -35,6 +35,8 @@ pub const MAX_INBOX_FRAMES: usize = 256;
 /// client that sends 64 KB lines and never reads its replies cannot make the server buffer
 /// 256 of them (16 MiB).
 pub const MAX_INBOX_BYTES: usize = 64 * 1024;
+/// Unwritten replies past which telnet negotiation answers are dropped (see `framing`).
+const TELNET_ANSWER_BACKLOG: usize = 64 * 1024;
 /// Runs of a room's shared pages one connection may have queued; past this, a line that starts
 /// a new run is queued as a copy of its own. A run keeps its whole page (`pages::PAGE_BYTES`)
 /// alive, so this bounds the pages a client that does not read can pin to about
@@ -280,9 +282,14 @@ impl Connection {
         self.auth_failures = 0;
     }
 
-    /// Switches the connection's protocol version (`hello {protocol}`).
-    pub fn set_protocol(&mut self, version: u8) {
-        self.session.protocol = version;
+    /// Applies what a `hello` asked for: the protocol version, implicit read marks.
+    pub fn apply_settings(&mut self, settings: crate::session::Settings) {
+        if let Some(version) = settings.protocol {
+            self.session.protocol = version;
+        }
+        if let Some(implicit_read) = settings.implicit_read {
+            self.session.implicit_read = implicit_read;
+        }
     }
 
     /// A resume goes on after `cursor` once the output drains (see `take_due_resume`).
@@ -389,8 +396,11 @@ impl Connection {
     }
 
     /// Announces a `closing` reason; the connection is closed after it (see `take_closing`).
+    /// A connection already cut off keeps its first reason.
     pub fn announce(&mut self, reason: Closing) {
-        self.closing = Some(reason);
+        if self.lingering_since.is_none() {
+            self.closing.get_or_insert(reason);
+        }
     }
 
     /// Cuts the connection off for `reason`: no more requests are handled, and the `closing`
@@ -518,8 +528,12 @@ impl Connection {
                     self.last_heard = Instant::now();
                     let before = self.inbox.len();
                     self.framer.feed(&buffer[..n], &mut self.inbox);
+                    // Telnet answers to a client that does not read its replies are dropped:
+                    // a client asking for TIMING-MARK in a loop must not grow the outbox.
                     if let Some(answers) = self.framer.take_telnet_answers() {
-                        self.queue_reply(answers, None);
+                        if self.pending_reply_bytes() < TELNET_ANSWER_BACKLOG {
+                            self.queue_reply(answers, None);
+                        }
                     }
                     self.inbox_bytes += self
                         .inbox
@@ -547,6 +561,11 @@ impl Connection {
         self.inbox.len() < MAX_INBOX_FRAMES / 2 && self.inbox_bytes < MAX_INBOX_BYTES / 2
     }
 
+    /// Whether framed requests wait in the inbox.
+    pub fn has_requests(&self) -> bool {
+        !self.inbox.is_empty()
+    }
+
     pub fn next_frame(&mut self) -> Option<Frame> {
         let frame = self.inbox.pop_front()?;
         self.inbox_bytes -= frame.bytes_held();
@@ -556,6 +575,15 @@ impl Connection {
     /// Queues a reply line; `shows` names the room messages it carries, if any.
     pub fn queue_reply(&mut self, line: Vec<u8>, shows: Option<(u64, u64)>) {
         self.push(Chunk::Owned(line), false, shows);
+    }
+
+    /// Queues a line the client did not ask for (a room's edit, delete, typing, presence,
+    /// activity notice, a line to the user's devices): it counts toward `MAX_OUTPUT_BYTES`
+    /// like a message, so a client that does not read is cut off as a slow consumer whatever
+    /// it is sent. True when it was cut off now (or a write failed).
+    pub fn queue_notice(&mut self, line: Vec<u8>) -> bool {
+        self.push(Chunk::Owned(line), true, None);
+        self.bound_output()
     }
 
     /// Queues one message of the room on its own (a catch-up line). A client with more than

@@ -21,6 +21,17 @@
 //! toggle) and 0x9D (its escape character) never leave a client before that; the line then
 //! fails UTF-8 validation with an error that says how to start telnet (`-8 -E`). Clients that
 //! never send IAC (`nc`, programs) are never sent one, and their bytes are never changed.
+//!
+//! Who speaks telnet: a connection does once it sent a real telnet command (IAC and a command
+//! byte, 236-254) where a telnet client sends one: at the start of a line (negotiation,
+//! Ctrl-C), or inside a UTF-8 sequence (the substitution above). Until then a 0xFF elsewhere
+//! (a program's stray byte in a JSON string, or IAC followed by a byte that is no command) is
+//! kept as data: the line is then invalid UTF-8 and refused (`bad_json`), never silently
+//! changed, and the client is never sent telnet bytes.
+//!
+//! Answers are bounded: a refusal is sent once per option (a client that asks again was
+//! already told; RFC 1143 loops are avoided the same way), so only TIMING-MARK confirmations
+//! repeat, and the connection drops answers while it holds a reply backlog (`connection.rs`).
 
 /// One framed unit of input.
 #[derive(Debug, PartialEq, Eq)]
@@ -79,12 +90,34 @@ fn utf8_due_after(bytes: &[u8], before: u8) -> u8 {
     due
 }
 
+/// Whether `byte` after IAC is a telnet command (RFC 854: EOF 236 to DONT 254).
+fn is_command(byte: u8) -> bool {
+    (236..=254).contains(&byte)
+}
+
+/// A set of telnet options (one bit each).
+#[derive(Debug, Default, Clone, Copy)]
+struct OptionSet([u64; 4]);
+
+impl OptionSet {
+    /// Adds `option`; true when it was not in the set yet.
+    fn insert(&mut self, option: u8) -> bool {
+        let (word, bit) = (usize::from(option / 64), 1u64 << (option % 64));
+        let new = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        new
+    }
+}
+
 /// Where the framer is inside a telnet command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Telnet {
     Data,
     /// After IAC.
     Command,
+    /// After an IAC from a connection not known to speak telnet yet: a command byte next
+    /// makes it one; anything else makes the 0xFF data.
+    Tentative,
     /// After IAC and WILL/WONT/DO/DONT: the option byte comes next.
     Option(u8),
     /// Inside a subnegotiation (IAC SB ... IAC SE), with the bytes seen so far.
@@ -125,6 +158,11 @@ pub struct LineFramer {
     /// UTF-8 continuation bytes the data so far still owes (a command arriving while some
     /// are due stands for one of them, see the module doc).
     utf8_due: u8,
+    /// The line being read has data already (an IAC there is data until telnet is proven).
+    line_started: bool,
+    /// Options already refused (`DO x` answered `WONT x`, `WILL x` answered `DONT x`).
+    refused_do: OptionSet,
+    refused_will: OptionSet,
 }
 
 impl LineFramer {
@@ -137,7 +175,15 @@ impl LineFramer {
             answers: Vec::new(),
             speaks_telnet: false,
             utf8_due: 0,
+            line_started: false,
+            refused_do: OptionSet::default(),
+            refused_will: OptionSet::default(),
         }
+    }
+
+    /// Whether the client has proven to speak telnet (see the module doc).
+    pub fn speaks_telnet(&self) -> bool {
+        self.speaks_telnet
     }
 
     /// Bytes to send back for the telnet negotiation seen so far (refusals), if any.
@@ -149,41 +195,42 @@ impl LineFramer {
     pub fn feed(&mut self, bytes: &[u8], out: &mut impl Extend<Frame>) {
         if self.telnet == Telnet::Data && !bytes.contains(&IAC) {
             self.utf8_due = utf8_due_after(bytes, self.utf8_due);
+            self.line_started = match memchr::memrchr(b'\n', bytes) {
+                Some(end) => end + 1 < bytes.len(),
+                None => self.line_started || !bytes.is_empty(),
+            };
             return self.feed_data(bytes, out);
         }
         let mut data = Vec::with_capacity(bytes.len());
         for &byte in bytes {
             self.telnet = match (self.telnet, byte) {
+                // Not a telnet command after all: the 0xFF is data (and so is this byte).
+                (Telnet::Tentative, _) if !is_command(byte) => {
+                    data.push(IAC);
+                    self.take_data(byte, &mut data);
+                    Telnet::Data
+                }
                 // A newline always ends a line: no telnet command spans one.
                 (_, b'\n') => {
                     data.push(byte);
                     self.utf8_due = 0;
+                    self.line_started = false;
                     Telnet::Data
                 }
-                (Telnet::Data, IAC) => {
-                    if !std::mem::replace(&mut self.speaks_telnet, true) {
-                        // Ask for 8-bit input: from now on nothing typed is mangled.
-                        self.answers.extend_from_slice(&[IAC, DO, TELOPT_BINARY]);
-                    }
-                    Telnet::Command
-                }
+                (Telnet::Data, IAC) if self.speaks_telnet => Telnet::Command,
+                // Where a telnet client sends a command, it may be one: wait for the next byte.
+                (Telnet::Data, IAC) if !self.line_started || self.utf8_due > 0 => Telnet::Tentative,
                 (Telnet::Data, _) => {
-                    data.push(byte);
-                    self.utf8_due = utf8_due_after(&[byte], self.utf8_due);
+                    self.take_data(byte, &mut data);
                     Telnet::Data
                 }
-                (Telnet::Command, WILL | WONT | DO | DONT) => Telnet::Option(byte),
-                (Telnet::Command, SB) => Telnet::Sub(0),
-                // Inside a UTF-8 sequence a special-character command is the byte it replaced.
-                (Telnet::Command, command) if self.utf8_due > 0 => {
-                    if let Some(replaced) = replaced_byte(command) {
-                        data.push(replaced);
-                        self.utf8_due -= 1;
-                    }
-                    Telnet::Data
+                (Telnet::Tentative, _) => {
+                    self.speaks_telnet = true;
+                    // Ask for 8-bit input: from now on nothing typed is mangled.
+                    self.answers.extend_from_slice(&[IAC, DO, TELOPT_BINARY]);
+                    self.command(byte, &mut data)
                 }
-                // IAC IAC is a literal 0xFF: not valid in a JSON line, so it stays out too.
-                (Telnet::Command, _) => Telnet::Data,
+                (Telnet::Command, _) => self.command(byte, &mut data),
                 (Telnet::Option(command), option) => {
                     self.answer_option(command, option);
                     Telnet::Data
@@ -200,6 +247,31 @@ impl LineFramer {
         self.feed_data(&data, out);
     }
 
+    /// A data byte of the line being read.
+    fn take_data(&mut self, byte: u8, data: &mut Vec<u8>) {
+        data.push(byte);
+        self.utf8_due = utf8_due_after(&[byte], self.utf8_due);
+        self.line_started = byte != b'\n';
+    }
+
+    /// The byte after IAC from a client that speaks telnet; returns the state after it.
+    fn command(&mut self, byte: u8, data: &mut Vec<u8>) -> Telnet {
+        match byte {
+            WILL | WONT | DO | DONT => Telnet::Option(byte),
+            SB => Telnet::Sub(0),
+            // Inside a UTF-8 sequence a special-character command is the byte it replaced.
+            command if self.utf8_due > 0 => {
+                if let Some(replaced) = replaced_byte(command) {
+                    data.push(replaced);
+                    self.utf8_due -= 1;
+                }
+                Telnet::Data
+            }
+            // IAC IAC is a literal 0xFF: not valid in a JSON line, so it stays out too.
+            _ => Telnet::Data,
+        }
+    }
+
     /// Answers one option request: the client's 8-bit input is wanted (`WILL BINARY`, asked
     /// for by the server), TIMING-MARK is confirmed (RFC 860: the client waits for it before
     /// showing output again), everything else is refused, our own BINARY output too (a
@@ -210,8 +282,8 @@ impl LineFramer {
             // Our own `DO BINARY` is being agreed to: no answer (RFC 854 option rules).
             (WILL, TELOPT_BINARY) => None,
             (DO, TELOPT_TIMING_MARK) => Some(WILL),
-            (DO, _) => Some(WONT),
-            (WILL, _) => Some(DONT),
+            (DO, _) if self.refused_do.insert(option) => Some(WONT),
+            (WILL, _) if self.refused_will.insert(option) => Some(DONT),
             _ => None,
         };
         if let Some(answer) = answer {
@@ -381,6 +453,8 @@ mod tests {
     fn garbage_telnet_commands_never_swallow_the_next_line() {
         let mut framer = LineFramer::new(100);
         let mut out = Vec::new();
+        // A telnet client (it negotiated first), then garbage commands.
+        framer.feed(&[IAC, WILL, TELOPT_BINARY], &mut out);
         framer.feed(&[b'x', IAC, SB, b'y', b'\n'], &mut out);
         framer.feed(b"ping\n", &mut out);
         framer.feed(&[IAC, DO, b'\n', b'a', b'\n'], &mut out);
@@ -393,6 +467,46 @@ mod tests {
             out,
             vec![line("x"), line("ping"), line("a"), line(&rest), line("ok")]
         );
+    }
+
+    #[test]
+    fn a_stray_0xff_from_a_program_is_kept_and_nothing_is_answered() {
+        let mut framer = LineFramer::new(100);
+        let mut out = Vec::new();
+        // IAC then a byte that is no command, mid-line and at a line start; IAC IP mid-line
+        // outside UTF-8 (no telnet client sends that before negotiating).
+        framer.feed(b"{\"text\":\"pay 1\xff000 now\"}\n", &mut out);
+        framer.feed(b"\xff{\"event\":\"ping\"}\n", &mut out);
+        framer.feed(&[b'a', IAC], &mut out);
+        framer.feed(&[244, b'1', b'\n'], &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Frame::Line(b"{\"text\":\"pay 1\xff000 now\"}".to_vec()),
+                Frame::Line(b"\xff{\"event\":\"ping\"}".to_vec()),
+                Frame::Line(vec![b'a', IAC, 244, b'1']),
+            ]
+        );
+        assert_eq!(framer.take_telnet_answers(), None);
+        assert!(!framer.speaks_telnet());
+    }
+
+    #[test]
+    fn refusals_are_sent_once_per_option() {
+        let mut framer = LineFramer::new(100);
+        let mut out = Vec::new();
+        let mut storm = Vec::new();
+        for _ in 0..1000 {
+            storm.extend_from_slice(&[IAC, DO, 1, IAC, WILL, 3]);
+        }
+        framer.feed(&storm, &mut out);
+        assert_eq!(
+            framer.take_telnet_answers(),
+            Some(vec![IAC, DO, 0, IAC, WONT, 1, IAC, DONT, 3])
+        );
+        framer.feed(&storm, &mut out);
+        assert_eq!(framer.take_telnet_answers(), None);
+        assert!(out.is_empty());
     }
 
     #[test]

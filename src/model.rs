@@ -198,6 +198,8 @@ pub struct GroupHistory {
     /// The member's `last_read_seq` after entering: everything up to it was in this reply or
     /// read before. Below `head_seq` when the unread list was cut short (`unread_has_more`).
     pub read_seq: u64,
+    /// The member's `last_read_seq` before entering (below `read_seq` when entering marked).
+    pub marker_before: u64,
     /// The group's seq numbering identity (see `MessagePage::epoch`).
     pub epoch: String,
     /// The oldest seq still stored (retention may have removed older ones; 1 if none did).
@@ -275,6 +277,9 @@ pub struct MemberOf<'a> {
 pub struct Entry<'a> {
     pub member: MemberOf<'a>,
     pub leaving: Option<&'a ReadMark>,
+    /// `enter_group` marks read what its reply holds (off for a connection that turned
+    /// implicit read marks off: `hello {implicit_read: false}`).
+    pub marks_entry: bool,
 }
 
 /// Raise `username`'s read marker in `group_name` to `seq` (never lowers it).

@@ -29,6 +29,11 @@ impl ReadFrontier {
         }
     }
 
+    /// The marker the store held when the visit started (or after its last mark).
+    pub fn stored(&self) -> u64 {
+        self.stored
+    }
+
     /// Messages `first..=last` (contiguous seqs) were written to the socket.
     pub fn written(&mut self, first: u64, last: u64) {
         if first <= self.shown.saturating_add(1) {

@@ -22,6 +22,8 @@ pub struct Room {
     pub floor_seq: u64,
     /// What of this room the client has really been sent (for the implicit read mark).
     pub frontier: ReadFrontier,
+    /// Entering raised the user's read marker (the user's other devices hear of it).
+    pub marker_rose: bool,
 }
 
 impl Room {
@@ -30,6 +32,7 @@ impl Room {
             group_name,
             floor_seq,
             frontier: ReadFrontier::new(read_seq),
+            marker_rose: false,
         }
     }
 }
@@ -74,6 +77,9 @@ pub struct Session {
     pub protocol: u8,
     /// A `since_seq` resume still streaming its backlog (see `ops/resume.rs`).
     pub resume: Option<ResumeCursor>,
+    /// What reached the client marks read by itself (leaving a room, closing, entering);
+    /// off after `hello {implicit_read: false}`: only `mark_read` moves the marker.
+    pub implicit_read: bool,
 }
 
 impl Default for Session {
@@ -84,8 +90,16 @@ impl Default for Session {
             tls: false,
             protocol: 2,
             resume: None,
+            implicit_read: true,
         }
     }
+}
+
+/// What a `hello` asked to change on its connection (`None`: left as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settings {
+    pub protocol: Option<u8>,
+    pub implicit_read: Option<bool>,
 }
 
 /// Where a gapless resume stands: the backlog of `group_name` has been sent up to
@@ -94,6 +108,9 @@ impl Default for Session {
 pub struct ResumeCursor {
     pub group_name: String,
     pub after_seq: u64,
+    /// The backlog is read up to the head: the next page is the hand-over, ordered with the
+    /// group's messages (see `ops/resume.rs`).
+    pub handover: bool,
 }
 
 impl Session {
@@ -104,6 +121,9 @@ impl Session {
     /// The read mark leaving the current room implies: up to what the client was really sent,
     /// and only when that is beyond what the store already has.
     pub fn leaving_mark(&self) -> Option<ReadMark> {
+        if !self.implicit_read {
+            return None;
+        }
         let (username, room) = (self.username.as_ref()?, self.room.as_ref()?);
         room.frontier.mark_due().map(|seq| ReadMark {
             username: username.clone(),
@@ -141,8 +161,8 @@ pub enum Effect {
         username: String,
         group_name: String,
     },
-    /// The connection now speaks this protocol version (`hello {protocol}`).
-    Protocol(u8),
+    /// `hello` changed the connection's settings (protocol version, implicit read marks).
+    Settings(Settings),
     /// A resume streams its backlog: out of the current room, the next page after this.
     Resume(ResumeCursor),
     /// The user is typing in the group's room (relayed to the others, rate-limited).

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use crate::config::{Config, StoreKind};
 use crate::server::{Server, Siblings};
@@ -24,6 +25,8 @@ pub enum StartError {
     Peer(io::Error),
     /// The TLS certificate or key could not be loaded (`TLS_CERT`, `TLS_KEY`).
     Tls(String),
+    /// Another server holds the embedded store in this directory (`DATA_DIR`).
+    StoreInUse(PathBuf),
 }
 
 impl fmt::Display for StartError {
@@ -44,6 +47,11 @@ impl fmt::Display for StartError {
             }
             StartError::Peer(error) => write!(f, "cannot start the peer relay: {error}"),
             StartError::Tls(reason) => write!(f, "cannot start TLS: {reason}"),
+            StartError::StoreInUse(dir) => write!(
+                f,
+                "another server is using the store in {} (DATA_DIR): stop it, or give this one a DATA_DIR of its own",
+                dir.display()
+            ),
         }
     }
 }
@@ -54,20 +62,70 @@ impl std::error::Error for StartError {
             StartError::Listen { source, .. } | StartError::Metrics { source, .. } => Some(source),
             StartError::Store(error) => Some(error),
             StartError::Workers(error) | StartError::Peer(error) => Some(error),
-            StartError::Tls(_) => None,
+            StartError::Tls(_) | StartError::StoreInUse(_) => None,
         }
     }
 }
 
 /// Opens one store per worker and binds the server; nothing is served until `Server::run`.
 pub fn start(config: Config) -> Result<Server, StartError> {
+    let lock = claim(&config)?;
     let stores = (0..config.workers)
         .map(|_| store::open(&config))
         .collect::<Result<Vec<_>, _>>()
         .map_err(StartError::Store)?;
     crate::retention::start(&config);
-    Server::start(config, stores)
+    let mut server = Server::start(config, stores)?;
+    server.hold_store_lock(lock);
+    Ok(server)
 }
+
+/// Refuses to start beside another server. The port: with several loops the listeners use
+/// SO_REUSEPORT, which would let a second server of the same user bind the same port and the
+/// kernel split the clients between the two; a plain bind first fails if anything listens
+/// there (the loops of this process then share the port). The embedded store: its directory's
+/// `server.lock` is locked (flock) for as long as the server runs, so a second server on the
+/// same `DATA_DIR` is refused; `backup` and `admin` do not take it and keep working beside it.
+fn claim(config: &Config) -> Result<Option<std::fs::File>, StartError> {
+    if config.io_threads > 1 {
+        let mut addrs = Vec::new();
+        if config.plaintext && config.port != 0 {
+            addrs.push(config.listen_addr());
+        }
+        if config.tls.is_some() && config.tls_port != 0 {
+            addrs.push(SocketAddr::new(config.bind, config.tls_port));
+        }
+        for addr in addrs {
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| StartError::Listen { addr, source })?;
+        }
+    }
+    let StoreKind::Embedded { data_dir, .. } = &config.store else {
+        return Ok(None);
+    };
+    let path = data_dir.join(STORE_LOCK_FILE);
+    let failed = |error: io::Error| {
+        StartError::Store(StoreError::Unavailable(format!(
+            "cannot lock {}: {error}",
+            path.display()
+        )))
+    };
+    std::fs::create_dir_all(data_dir).map_err(failed)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::StoreInUse(data_dir.clone())),
+        Err(std::fs::TryLockError::Error(error)) => Err(failed(error)),
+    }
+}
+
+/// The file in `DATA_DIR` a running server keeps locked (see `claim`).
+pub const STORE_LOCK_FILE: &str = "server.lock";
 
 /// `IO_THREADS` event loops listening on one port: the first, to run on the calling thread,
 /// and the others, already running on threads of their own (a loop is not `Send`: each is
@@ -84,6 +142,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
             others: Vec::new(),
         });
     }
+    let lock = claim(&config)?;
     // Set once every loop exists; the bus, the board and the presence table wake through it.
     let loop_wakers = std::sync::Arc::new(crate::loop_wakers::LoopWakers::default());
     let mut bus = crate::peer::local::LocalBus::new(loops, loop_wakers.clone());
@@ -134,6 +193,8 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
     if let Some(tls) = first.tls_addr() {
         shared.tls_port = tls.port();
     }
+    let mut first = first;
+    first.hold_store_lock(lock);
     let mut wakers = vec![first.waker()];
     let mut others = Vec::new();
     for index in 1..loops {

@@ -172,22 +172,28 @@ impl WorkerPool {
         }
     }
 
-    /// Which worker runs a job: the one writer, the group's (or user's) worker, or the next in turn.
+    /// Which worker runs a job: the one writer, the group's (or user's) worker, or the next in
+    /// turn. With one writer, the other jobs go to the other workers (when there are any): a
+    /// read must not wait in the writer's queue behind a burst of messages, nor hold them up.
     fn worker_for(&mut self, route: Route<'_>) -> usize {
-        if self.routing == WriteRouting::OneWriter && route.orders_with_messages {
+        let one_writer = self.routing == WriteRouting::OneWriter;
+        if one_writer && route.orders_with_messages {
             return 0;
         }
-        match route.key {
-            Some(key) => {
-                let mut hasher = DefaultHasher::new();
-                key.hash(&mut hasher);
-                (hasher.finish() % self.queues.len() as u64) as usize
+        let first = usize::from(one_writer && self.queues.len() > 1);
+        let readers = self.queues.len() - first;
+        first
+            + match route.key {
+                Some(key) => {
+                    let mut hasher = DefaultHasher::new();
+                    key.hash(&mut hasher);
+                    (hasher.finish() % readers as u64) as usize
+                }
+                None => {
+                    self.next = (self.next + 1) % readers;
+                    self.next
+                }
             }
-            None => {
-                self.next = (self.next + 1) % self.queues.len();
-                self.next
-            }
-        }
     }
 
     /// Closes the queues and waits for the workers to finish what they hold.

@@ -28,6 +28,8 @@ pub struct EnterGroup {
     since: Option<(u64, Option<String>)>,
     /// Protocol 3: the reply also names the members online (`online`).
     with_members: bool,
+    /// Entering marks read what the reply holds (the connection's implicit read marks).
+    marks_entry: bool,
 }
 
 impl Event for EnterGroup {
@@ -52,6 +54,7 @@ impl Event for EnterGroup {
             reply_budget: 0,
             since,
             with_members: false,
+            marks_entry: true,
         })
     }
 
@@ -82,6 +85,7 @@ impl Event for EnterGroup {
             leaving,
             reply_budget: context.reply_budget,
             with_members: context.session.protocol >= 3,
+            marks_entry: context.session.implicit_read,
             ..self
         }))
     }
@@ -103,6 +107,7 @@ impl StoreCall for EnterGroup {
                 group_name: &self.group_name,
             },
             leaving: self.leaving.as_ref(),
+            marks_entry: self.marks_entry,
         };
         let history = store.enter_group(&entry, self.reply_budget)?;
         let members = if self.with_members {
@@ -122,7 +127,8 @@ impl StoreCall for EnterGroup {
             "epoch": history.epoch,
         });
         super::mark_history_start(&mut data, history.first_seq);
-        let room = Room::new(self.group_name, history.head_seq, history.read_seq);
+        let mut room = Room::new(self.group_name, history.head_seq, history.read_seq);
+        room.marker_rose = history.read_seq > history.marker_before;
         Completed {
             line: encode_line("enter_group", &data, id),
             effect: match members {

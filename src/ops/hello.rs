@@ -10,7 +10,7 @@ use super::fields::bad_request;
 use super::{Context, Data, Event, Planned};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
-use crate::session::Effect;
+use crate::session::{Effect, Settings};
 
 /// The protocols this server speaks, oldest first; the last is the newest.
 pub const PROTOCOLS: [u8; 2] = [2, 3];
@@ -18,6 +18,9 @@ pub const PROTOCOLS: [u8; 2] = [2, 3];
 pub struct Hello {
     /// The protocol asked for (`None`: not asked, the connection's stays as it is).
     protocol: Option<u8>,
+    /// `implicit_read: false` turns implicit read marks off for the connection (see
+    /// `Session::implicit_read`); `None`: left as it is.
+    implicit_read: Option<bool>,
 }
 
 impl Event for Hello {
@@ -38,7 +41,19 @@ impl Event for Hello {
                     })?,
             ),
         };
-        Ok(Hello { protocol })
+        let implicit_read = match data.get("implicit_read") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(on)) => Some(*on),
+            Some(_) => {
+                return Err(bad_request(
+                    "Field 'implicit_read' must be a boolean.".into(),
+                ))
+            }
+        };
+        Ok(Hello {
+            protocol,
+            implicit_read,
+        })
     }
 
     fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
@@ -48,16 +63,27 @@ impl Event for Hello {
             &context.rules.hello
         };
         let protocol = self.protocol.unwrap_or(context.session.protocol);
-        let line = if protocol == 2 {
+        let line = if protocol == 2 && self.implicit_read.is_none() {
             encode_line("hello", data.as_ref(), context.id)
         } else {
             let mut data = data.as_ref().clone();
-            data["protocol"] = protocol.into();
+            if protocol != 2 {
+                data["protocol"] = protocol.into();
+            }
+            // Said back only to a client that asked (protocol-2 replies stay as they were).
+            if let Some(implicit_read) = self.implicit_read {
+                data["implicit_read"] = implicit_read.into();
+            }
             encode_line("hello", &data, context.id)
         };
-        Ok(match self.protocol {
-            Some(protocol) => Planned::NowAnd(line, Effect::Protocol(protocol)),
-            None => Planned::Now(line),
+        let settings = Settings {
+            protocol: self.protocol,
+            implicit_read: self.implicit_read,
+        };
+        Ok(if settings == Settings::default() {
+            Planned::Now(line)
+        } else {
+            Planned::NowAnd(line, Effect::Settings(settings))
         })
     }
 }

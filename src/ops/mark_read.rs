@@ -38,39 +38,51 @@ impl Event for MarkRead {
 }
 
 impl StoreCall for MarkRead {
-    type Output = GroupReadState;
+    /// The marker before, and the read state after.
+    type Output = (u64, GroupReadState);
 
     /// With the writer: read marks are batched into its commits.
     fn route(&self) -> Route<'_> {
         Route::with_messages(&self.0.group_name)
     }
 
-    fn run(&self, store: &mut dyn Store) -> Result<GroupReadState, StoreError> {
+    fn run(&self, store: &mut dyn Store) -> Result<Self::Output, StoreError> {
         let mark = &self.0;
         let before = store.read_state(&mark.username, &mark.group_name)?;
+        if mark.seq <= before.last_read_seq {
+            // Nothing rises: no write.
+            return Ok((before.last_read_seq, before));
+        }
         let clamped = ReadMark {
             seq: mark.seq.min(before.last_seq),
             ..mark.clone()
         };
         store.mark_read(std::slice::from_ref(&clamped))?;
-        store.read_state(&mark.username, &mark.group_name)
+        let after = store.read_state(&mark.username, &mark.group_name)?;
+        Ok((before.last_read_seq, after))
     }
 
-    fn answer(self, state: GroupReadState, id: Option<&RawValue>) -> Completed {
+    fn answer(self, (before, state): Self::Output, id: Option<&RawValue>) -> Completed {
         let data = json!({
             "group_name": state.group_name,
             "last_read_seq": state.last_read_seq,
             "unread_count": state.unread_count,
         });
-        // The user's other protocol-3 connections hear of it (devices in sync).
-        Completed {
-            line: encode_line("marked_read", &data, id),
-            effect: Effect::ReadMarker(ReadState {
+        // The user's other protocol-3 connections hear of it (devices in sync), only when
+        // the marker rose: a mark at or below it changes nothing they show.
+        let effect = if state.last_read_seq > before {
+            Effect::ReadMarker(ReadState {
                 username: self.0.username,
                 group_name: state.group_name,
                 last_read_seq: state.last_read_seq,
                 unread_count: state.unread_count,
-            }),
+            })
+        } else {
+            Effect::None
+        };
+        Completed {
+            line: encode_line("marked_read", &data, id),
+            effect,
             shows: None,
         }
     }

@@ -3,14 +3,20 @@
 //! `message_sent` lines: first the stored backlog, page by page, then live. No client-side
 //! paging, holding or de-duplication.
 //!
-//! How: each page is one store call, ordered with the group's messages (`Route::with_messages`),
-//! that reads the group's head and up to `PAGE_MESSAGES` messages after the cursor. While a page
-//! ends below the head it read, the connection is outside the room and the next page is asked
-//! for only once its output has drained below `RESUME_LOW_WATER` (server side): memory per
-//! connection stays at about a page, and backlog lines are replies, so a slow reader is slowed
-//! down, never cut off as a slow consumer for its own backlog. The page that reaches the head
-//! enters the room with that head as its floor, so live broadcasts continue exactly after it
-//! (the same hand-over `enter_group` has always used).
+//! How: each page is one store call that reads the group's head and up to `PAGE_MESSAGES`
+//! messages after the cursor. While a page ends below the head it read, the connection is
+//! outside the room and the next page is asked for only once its output has drained below
+//! `RESUME_LOW_WATER` (server side): memory per connection stays at about a page, and backlog
+//! lines are replies, so a slow reader is slowed down, never cut off as a slow consumer for its
+//! own backlog.
+//!
+//! Backlog pages are reads: they run beside the writes (on SQLite, on a reader worker, not in
+//! the single writer's queue), so a resume storm does not hold up other users' sends. Once a
+//! page reaches the head it read, one more page, the hand-over, is ordered with the group's
+//! messages (`Route::with_messages`): usually empty or a few messages, it enters the room with
+//! its head as the floor, so live broadcasts continue exactly after it (the same hand-over
+//! `enter_group` has always used). A message stored between a read page and the hand-over is
+//! in the hand-over's page.
 //!
 //! Beyond `RESUME_MAX_MESSAGES` the stream starts that many messages before the head and the
 //! reply says `truncated: true` and `first_seq` (as Centrifugo's `recovered: false`). A
@@ -49,6 +55,8 @@ pub struct ResumePage {
     start: Option<ResumeStart>,
     /// Bytes the page's lines may take together.
     budget: usize,
+    /// The hand-over page: ordered with the group's messages, it may enter the room.
+    handover: bool,
 }
 
 /// What a page read.
@@ -76,6 +84,7 @@ pub fn first_page(
         after_seq: since_seq,
         start: Some(start),
         budget,
+        handover: false,
     })
 }
 
@@ -87,6 +96,7 @@ pub fn next_page(username: String, cursor: ResumeCursor, budget: usize) -> Work 
         after_seq: cursor.after_seq,
         start: None,
         budget,
+        handover: cursor.handover,
     })
 }
 
@@ -94,7 +104,10 @@ impl StoreCall for ResumePage {
     type Output = PageRead;
 
     fn route(&self) -> Route<'_> {
-        Route::with_messages(&self.group_name)
+        match self.handover {
+            true => Route::with_messages(&self.group_name),
+            false => Route::by(&self.group_name),
+        }
     }
 
     fn run(&self, store: &mut dyn Store) -> Result<PageRead, StoreError> {
@@ -164,14 +177,23 @@ impl StoreCall for ResumePage {
         for message in &messages {
             line.extend(encode_broadcast(message));
         }
-        // Caught up with the head this page read (or nothing more to read): enter the room,
-        // live broadcasts follow from the head on.
+        // Caught up with the head this page read (or nothing more to read): the hand-over
+        // page enters the room, live broadcasts follow from its head on; a read page asks for
+        // the hand-over.
         let effect = match messages.last() {
             Some(last) if last.seq < head => Effect::Resume(ResumeCursor {
                 group_name: self.group_name,
                 after_seq: last.seq,
+                handover: false,
             }),
-            _ => Effect::EnterRoom(Room::new(self.group_name, head, read.state.last_read_seq)),
+            _ if self.handover => {
+                Effect::EnterRoom(Room::new(self.group_name, head, read.state.last_read_seq))
+            }
+            last => Effect::Resume(ResumeCursor {
+                group_name: self.group_name,
+                after_seq: last.map_or(read.after_seq, |m| m.seq),
+                handover: true,
+            }),
         };
         Completed {
             line,

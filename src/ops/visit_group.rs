@@ -63,6 +63,7 @@ impl StoreCall for VisitGroup {
                 group_name: &self.group_name,
             },
             leaving: self.leaving.as_ref(),
+            marks_entry: false,
         })
     }
 

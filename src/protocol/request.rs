@@ -49,8 +49,17 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
         id,
         error: ProtocolError::new(code, text),
     };
-    let value: Value = match serde_json::from_slice(line) {
-        Ok(value) => value,
+    let value: Value = match serde_json::from_slice::<Strict>(line) {
+        Ok(Strict(value)) => value,
+        Err(error) if error.to_string().starts_with(DUPLICATE_KEY) => {
+            return Err(reject(
+                None,
+                ErrorCode::BadJson,
+                // serde_json would keep the last of them: the request would do something
+                // other than what a reader of the line sees first.
+                "Request has a key twice in one object; send each key once.",
+            ));
+        }
         Err(_) if std::str::from_utf8(line).is_err() => {
             return Err(reject(
                 None,
@@ -110,6 +119,86 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
     }
 }
 
+/// The start of the error a duplicate key raises while decoding (`Strict`).
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// A JSON value decoded like `serde_json::Value`, except that an object with the same key twice
+/// is an error (serde_json keeps the last silently). Every level is checked: keys are compared
+/// as decoded, so `"a"` and `"\u0061"` are the same key.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("{DUPLICATE_KEY} '{key}'")));
+            }
+            let Strict(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 /// A string id, re-encoded (its value is exact; only escapes may be written differently).
 fn string_id(text: &str) -> Option<RequestId> {
     serde_json::to_string(text)
@@ -138,8 +227,8 @@ fn decode_data(data: Option<Value>) -> Result<Map<String, Value>, ProtocolError>
     match data {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(map)) => Ok(map),
-        Some(Value::String(text)) => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(map)) => Ok(map),
+        Some(Value::String(text)) => match serde_json::from_str::<Strict>(&text) {
+            Ok(Strict(Value::Object(map))) => Ok(map),
             Ok(_) => Err(ProtocolError::new(
                 ErrorCode::BadRequest,
                 "Field 'data' must hold a JSON object.",
@@ -193,6 +282,28 @@ mod tests {
             Some(ErrorCode::BadRequest)
         );
         assert_eq!(code_of(br#"{"event":"ping","id":-0}"#), None);
+    }
+
+    #[test]
+    fn a_key_twice_is_refused_at_any_level() {
+        for line in [
+            br#"{"event":"ping","event":"delete_group","data":{}}"#.as_slice(),
+            br#"{"event":"send_message","data":{"text":"a","text":"b"}}"#,
+            br#"{"event":"ping","id":1,"id":2}"#,
+            br#"{"event":"ping","data":"{\"x\":1,\"x\":2}"}"#,
+            br#"{"event":"ping","\u0065vent":"ping"}"#,
+        ] {
+            assert_eq!(
+                code_of(line),
+                Some(ErrorCode::BadJson),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(
+            code_of(br#"{"event":"ping","data":{"a":{"b":1},"c":{"b":2}}}"#),
+            None
+        );
     }
 
     #[test]

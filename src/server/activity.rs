@@ -307,8 +307,7 @@ impl Server {
                 }),
                 None,
             );
-            connection.queue_reply(line, None);
-            self.touch(token);
+            self.notify(token, line);
         }
     }
 

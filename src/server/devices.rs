@@ -36,12 +36,12 @@ impl Server {
     pub(super) fn tell_user_here(&mut self, username: &str, line: &[u8], except: Option<Token>) {
         let tokens = self.users.get(username).cloned().unwrap_or_default();
         for token in tokens.into_iter().filter(|t| Some(*t) != except) {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            if connection.session().protocol >= 3 && !connection.is_doomed() {
-                connection.queue_reply(line.to_vec(), None);
-                self.touch(token);
+            let on_protocol_3 = self
+                .connections
+                .get(&token)
+                .is_some_and(|c| c.session().protocol >= 3);
+            if on_protocol_3 {
+                self.notify(token, line.to_vec());
             }
         }
     }
@@ -77,6 +77,28 @@ impl Server {
         );
     }
 
+    /// Entering `room` raised the user's read marker to what the reply held: this instance's
+    /// activity notices count from it, and the user's other devices hear `read_marker`.
+    pub(super) fn entered_mark(&mut self, origin: Token, room: &crate::session::Room) {
+        let Some(username) = self
+            .connections
+            .get(&origin)
+            .and_then(|c| c.session().username.clone())
+        else {
+            return;
+        };
+        let last_read_seq = room.frontier.stored();
+        self.read_marker_rose(
+            origin,
+            ReadState {
+                username,
+                group_name: room.group_name.clone(),
+                last_read_seq,
+                unread_count: room.floor_seq.saturating_sub(last_read_seq),
+            },
+        );
+    }
+
     /// A user's read marker rose (explicitly or implicitly): this instance's activity notices
     /// count from it, and the user's other devices hear `read_marker`.
     pub(super) fn read_marker_rose(&mut self, origin: Token, state: ReadState) {
@@ -108,16 +130,12 @@ impl Server {
             return;
         }
         for token in self.rooms.members(&departure.group_name) {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            let session = connection.session();
-            if session.protocol < 3
-                && session.username.as_deref() == Some(departure.username.as_str())
-                && !connection.is_doomed()
-            {
-                connection.queue_reply(line.clone(), None);
-                self.touch(token);
+            let older_device_of_user = self.connections.get(&token).is_some_and(|c| {
+                c.session().protocol < 3
+                    && c.session().username.as_deref() == Some(departure.username.as_str())
+            });
+            if older_device_of_user {
+                self.notify(token, line.clone());
             }
         }
     }
@@ -152,16 +170,11 @@ impl Server {
     /// (a line about that user: typing, presence).
     pub(super) fn tell_room(&mut self, group_name: &str, line: &[u8], about: &str) {
         for token in self.rooms.members(group_name) {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            let session = connection.session();
-            if session.protocol >= 3
-                && session.username.as_deref() != Some(about)
-                && !connection.is_doomed()
-            {
-                connection.queue_reply(line.to_vec(), None);
-                self.touch(token);
+            let hears = self.connections.get(&token).is_some_and(|c| {
+                c.session().protocol >= 3 && c.session().username.as_deref() != Some(about)
+            });
+            if hears {
+                self.notify(token, line.to_vec());
             }
         }
     }

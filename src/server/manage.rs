@@ -98,14 +98,13 @@ impl Server {
         closes: bool,
     ) {
         for token in self.rooms.members(group_name) {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            if Some(token) != origin && !connection.is_doomed() {
-                connection.queue_reply(line.to_vec(), None);
+            if Some(token) != origin {
+                self.notify(token, line.to_vec());
             }
             if closes {
-                connection.leave_room();
+                if let Some(connection) = self.connections.get_mut(&token) {
+                    connection.leave_room();
+                }
                 self.leave_room(group_name, token);
             }
             self.touch(token);
@@ -121,12 +120,12 @@ impl Server {
         let watchers = self.watchers.get(group_name).cloned().unwrap_or_default();
         for token in watchers {
             self.unwatch_group(token, group_name);
-            let Some(connection) = self.connections.get_mut(&token) else {
-                continue;
-            };
-            if connection.session().room_name() != Some(group_name) && !connection.is_doomed() {
-                connection.queue_reply(line.to_vec(), None);
-                self.touch(token);
+            let elsewhere = self
+                .connections
+                .get(&token)
+                .is_some_and(|c| c.session().room_name() != Some(group_name));
+            if elsewhere {
+                self.notify(token, line.to_vec());
             }
         }
     }

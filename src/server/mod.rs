@@ -211,6 +211,8 @@ pub struct Server {
     rules: Rules,
     /// Messages one connection may have with the store at once (`in_flight.rs`).
     pipeline_depth: usize,
+    /// The embedded store's lock, held while the server runs (`start::claim`).
+    store_lock: Option<std::fs::File>,
 }
 
 impl Server {
@@ -319,6 +321,7 @@ impl Server {
         };
         Ok(Server {
             pipeline_depth,
+            store_lock: None,
             config,
             poll,
             listener,
@@ -395,6 +398,11 @@ impl Server {
     /// This loop's waker (the other loops' bus threads wake it).
     pub fn waker(&self) -> Arc<Waker> {
         self.waker.clone()
+    }
+
+    /// Keeps the embedded store's lock for as long as this loop lives (`start::claim`).
+    pub fn hold_store_lock(&mut self, lock: Option<std::fs::File>) {
+        self.store_lock = lock;
     }
 
     /// A flag and waker that make the loop shut down gracefully when set (from a signal thread).
@@ -596,11 +604,14 @@ impl Server {
             Effect::ReadMarker(state) => self.read_marker_rose(token, state),
             Effect::EnterRoom(room) => {
                 self.leave_for(token, &room.group_name);
+                if room.marker_rose {
+                    self.entered_mark(token, &room);
+                }
                 self.enter_room(token, room);
             }
-            Effect::Protocol(version) => {
+            Effect::Settings(settings) => {
                 if let Some(connection) = self.connections.get_mut(&token) {
-                    connection.set_protocol(version);
+                    connection.apply_settings(settings);
                 }
                 self.start_activity(token);
             }
@@ -643,6 +654,22 @@ impl Server {
         if let Some(mark) = mark.filter(|mark| mark.group_name != next) {
             self.announce_mark(token, &mark);
         }
+    }
+
+    /// Queues a line a connection did not ask for (a notice: it counts toward the client's
+    /// `MAX_OUTPUT_BYTES` like a message, see `Connection::queue_notice`) and services it this
+    /// turn. Nothing is queued for a connection already on its way out.
+    pub(super) fn notify(&mut self, token: Token, line: Vec<u8>) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        if connection.is_doomed() {
+            return;
+        }
+        if connection.queue_notice(line) {
+            self.metrics.slow_consumer_cuts += 1;
+        }
+        self.touch(token);
     }
 
     /// Puts a connection on this turn's list to service, once.
@@ -731,10 +758,10 @@ impl Server {
                     }
                     Plan::ReplyAnd(line, effect) => {
                         connection.reply_in_order(line);
-                        // The version applies at once (to what is planned next); the rest of
+                        // The settings apply at once (to what is planned next); the rest of
                         // the effect (activity notices) once this connection is serviced.
-                        if let Effect::Protocol(version) = effect {
-                            connection.set_protocol(version);
+                        if let Effect::Settings(settings) = effect {
+                            connection.apply_settings(settings);
                         }
                         effects.push(effect);
                     }
@@ -771,13 +798,26 @@ impl Server {
                     }
                 }
             }
-            if connection.read_state() != ReadState::Paused || !connection.inbox_has_room() {
-                break;
+            if connection.read_state() == ReadState::Paused && connection.inbox_has_room() {
+                if let Err(e) = connection.read_available(&mut self.read_buffer) {
+                    log::debug!("read from {} failed: {e}", connection.peer());
+                    connection.doom();
+                }
+                continue;
             }
-            if let Err(e) = connection.read_available(&mut self.read_buffer) {
-                log::debug!("read from {} failed: {e}", connection.peer());
-                connection.doom();
+            // Stopped by its own unwritten replies: write them now. When the socket takes
+            // them all, no writable event will come to resume this client (edge-triggered),
+            // so go on at once while there is room again.
+            if connection.has_requests() && connection.pending_reply_bytes() > REPLY_BACKLOG_BYTES {
+                if let Err(e) = connection.flush() {
+                    log::debug!("write to {} failed: {e}", connection.peer());
+                    connection.doom();
+                }
+                if connection.pending_reply_bytes() <= REPLY_BACKLOG_BYTES {
+                    continue;
+                }
             }
+            break;
         }
         if let Err(e) = connection.flush() {
             log::debug!("write to {} failed: {e}", connection.peer());

@@ -48,6 +48,10 @@ impl Server {
                     // Its `closing` line is written; it waits only for the client's kernel to
                     // acknowledge the room lines before it (see `close`), checked here.
                     Overdue::Acknowledged
+                } else if c.lingering_since().is_some() || c.is_doomed() {
+                    // Already being closed for a reason of its own (a slow consumer, say):
+                    // that reason stands, no timeout is announced after it.
+                    return None;
                 } else if c.session().username.is_none()
                     && now.duration_since(c.opened_at()) > login_timeout
                 {

@@ -63,6 +63,7 @@ fn entry<'a>(username: &'a str, group_name: &'a str) -> Entry<'a> {
             group_name,
         },
         leaving: None,
+        marks_entry: true,
     }
 }
 

@@ -285,15 +285,19 @@ pub(crate) struct EnterRows {
 }
 
 /// The `enter_group` history of what was read, fitted to `budget` bytes; its `read_seq` is
-/// the mark the backend then stores (see `read_seq_after_enter`).
-pub(crate) fn history(rows: EnterRows, budget: usize) -> GroupHistory {
+/// the mark the backend then stores (see `read_seq_after_enter`), or the marker as it was
+/// when the entry does not mark (`Entry::marks_entry`).
+pub(crate) fn history(rows: EnterRows, budget: usize, marks_entry: bool) -> GroupHistory {
     let (unread, unread_has_more) = split_page(rows.unread, MAX_UNREAD_ON_ENTER);
     let mut read = rows.read_newest_first;
     read.reverse();
     let (unread, unread_has_more, read) = fit_history(unread, unread_has_more, read, budget);
-    let read_seq =
-        read_seq_after_enter(rows.last_read_seq, rows.head_seq, &unread, unread_has_more);
+    let read_seq = match marks_entry {
+        true => read_seq_after_enter(rows.last_read_seq, rows.head_seq, &unread, unread_has_more),
+        false => rows.last_read_seq,
+    };
     GroupHistory {
+        marker_before: rows.last_read_seq,
         unread,
         unread_has_more,
         read,
@@ -304,13 +308,17 @@ pub(crate) fn history(rows: EnterRows, budget: usize) -> GroupHistory {
     }
 }
 
-/// The read mark of entering a group (the `read_seq` of its history).
-pub(crate) fn entered_mark(username: &str, group_name: &str, history: &GroupHistory) -> ReadMark {
-    ReadMark {
+/// The read mark of entering a group (the `read_seq` of its history), when it rises.
+pub(crate) fn entered_mark(
+    username: &str,
+    group_name: &str,
+    history: &GroupHistory,
+) -> Option<ReadMark> {
+    (history.read_seq > history.marker_before).then(|| ReadMark {
         username: username.to_string(),
         group_name: group_name.to_string(),
         seq: history.read_seq,
-    }
+    })
 }
 
 /// Fits an `enter_group` history into `budget` bytes: unread first (oldest kept, the rest is

@@ -952,11 +952,13 @@ impl Store for MongoStore {
             epoch: group_ref(&group, group_name).group_id,
             first_seq: first_seq_of(&group),
         };
-        let history = history(rows, reply_budget);
+        let history = history(rows, reply_budget, entry.marks_entry);
         if let Some(mark) = leaving {
             self.mark_read(std::slice::from_ref(mark))?;
         }
-        self.set_read(&entered_mark(username, group_name, &history), head_seq)?;
+        if let Some(entered) = entered_mark(username, group_name, &history) {
+            self.set_read(&entered, head_seq)?;
+        }
         Ok(history)
     }
 

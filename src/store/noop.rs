@@ -175,6 +175,7 @@ impl Store for NoopStore {
                 read: Vec::new(),
                 head_seq,
                 read_seq: head_seq,
+                marker_before: head_seq,
                 epoch: NOOP_EPOCH.to_string(),
                 first_seq: 1,
             })

@@ -697,9 +697,9 @@ impl Store for SqliteStore {
             epoch: member.group_id,
             first_seq: member.first_seq,
         };
-        let history = history(rows, reply_budget);
+        let history = history(rows, reply_budget, entry.marks_entry);
         let entered = entered_mark(username, group_name, &history);
-        for mark in leaving.into_iter().chain(Some(&entered)) {
+        for mark in leaving.into_iter().chain(entered.as_ref()) {
             set_read(&tx, mark)?;
         }
         tx.commit()?;
