@@ -4,6 +4,12 @@
 //! before the backup began is in it, nothing half-written is. Restoring is copying the file
 //! back as `DATA_DIR/noomnim.sqlite3` while the server is stopped (README, "Backup").
 //!
+//! The copy is written to a hidden temporary file beside PATH and linked to PATH only once it is
+//! complete and on disk: a backup that fails or is killed leaves nothing at PATH (a killed one
+//! may leave its `.NAME.partial-PID` file, which the next backup to that PATH removes). PATH
+//! must be a new plain file path: not an existing file, not a link (dangling ones included),
+//! not a SQLite URI, not one of the store's own files.
+//!
 //! On a terminal it says what it is doing and prints a summary; elsewhere only the summary.
 
 use std::io::IsTerminal;
@@ -42,12 +48,9 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
             source.display()
         )));
     }
-    if target.exists() {
-        return Err(BackupError(format!(
-            "{} exists already; name a new file",
-            target.display()
-        )));
-    }
+    check_target(target, &data_dir)?;
+    let partial = partial_path(target)?;
+    remove_partial(&partial);
     let loud = std::io::stderr().is_terminal();
     if loud {
         eprintln!(
@@ -66,18 +69,26 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
     let messages: i64 = connection
         .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
         .unwrap_or(0);
-    let target_text = target
+    let partial_text = partial
         .to_str()
         .ok_or_else(|| BackupError("the target path is not valid UTF-8".into()))?;
     let source_bytes = std::fs::metadata(&source).map(|m| m.len()).unwrap_or(0);
     let copying = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let progress = loud.then(|| show_progress(target.to_path_buf(), source_bytes, copying.clone()));
-    let copied = connection.execute("VACUUM INTO ?1", [target_text]);
+    let progress = loud.then(|| show_progress(partial.clone(), source_bytes, copying.clone()));
+    let copied = connection.execute("VACUUM INTO ?1", [partial_text]);
     copying.store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(progress) = progress {
         let _ = progress.join();
     }
-    copied.map_err(|e| BackupError(format!("cannot write {}: {e}", target.display())))?;
+    let finished = copied.map_err(|e| e.to_string()).and_then(|_| {
+        // On disk before it gets its name; the link fails if PATH appeared meanwhile.
+        std::fs::File::open(&partial)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| std::fs::hard_link(&partial, target))
+            .map_err(|e| e.to_string())
+    });
+    remove_partial(&partial);
+    finished.map_err(|e| BackupError(format!("cannot write {}: {e}", target.display())))?;
     let bytes = std::fs::metadata(target).map(|m| m.len()).unwrap_or(0);
     Ok(format!(
         "backup: {} ({bytes} bytes, about {messages} messages) written in {:.1} s; restore by \
@@ -85,6 +96,54 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
         target.display(),
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// Refuses a target that is not a new plain file path outside the store's own files.
+fn check_target(target: &Path, data_dir: &Path) -> Result<(), BackupError> {
+    let refuse = |why: &str| Err(BackupError(format!("{}: {why}", target.display())));
+    let Some(text) = target.to_str() else {
+        return refuse("the path is not valid UTF-8");
+    };
+    if text.starts_with("file:") || text.contains('?') {
+        return refuse("name a plain file path, not a SQLite URI");
+    }
+    if std::fs::symlink_metadata(target).is_ok() {
+        return refuse("exists already (a file, directory or link); name a new file");
+    }
+    let Some(name) = target.file_name().and_then(|name| name.to_str()) else {
+        return refuse("name a file");
+    };
+    let parent = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Ok(parent) = parent.canonicalize() else {
+        return refuse("its directory does not exist");
+    };
+    let in_store = data_dir.canonicalize().is_ok_and(|store| {
+        store == parent && (name.starts_with("noomnim.sqlite3") || name == "server.lock")
+    });
+    if in_store {
+        return refuse("that is one of the store's own files");
+    }
+    Ok(())
+}
+
+/// The temporary name the copy is written under, beside the target.
+fn partial_path(target: &Path) -> Result<std::path::PathBuf, BackupError> {
+    let name = target
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| BackupError(format!("{}: name a file", target.display())))?;
+    Ok(target.with_file_name(format!(".{name}.partial-{}", std::process::id())))
+}
+
+/// Removes a temporary copy and the journal SQLite may have left beside it.
+fn remove_partial(partial: &Path) {
+    let _ = std::fs::remove_file(partial);
+    let mut journal = partial.as_os_str().to_owned();
+    journal.push("-journal");
+    let _ = std::fs::remove_file(journal);
 }
 
 /// Redraws "copied X of about Y MB" on stderr every 200 ms while the copy grows (the copy is

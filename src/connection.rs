@@ -127,6 +127,8 @@ struct Outgoing {
     chunk: Chunk,
     broadcast: bool,
     shows: Option<Shows>,
+    /// A page of a resume's backlog: dropped, unwritten, when access to the group ends.
+    backlog: bool,
 }
 
 impl Outgoing {
@@ -216,6 +218,8 @@ pub struct Connection {
     pending_broadcast_bytes: usize,
     /// Counts room entries, so lines queued for an earlier visit are told apart.
     visit: u64,
+    /// The group whose resume backlog is being streamed (see `end_resume`).
+    streaming: Option<String>,
     /// Bytes written to the socket since it opened.
     written_total: u64,
     /// Room lines written to the kernel, with the `written_total` at their end, not yet known
@@ -262,6 +266,7 @@ impl Connection {
             pending_bytes: 0,
             pending_broadcast_bytes: 0,
             visit: 0,
+            streaming: None,
             written_total: 0,
             unsettled: VecDeque::new(),
         }
@@ -294,6 +299,9 @@ impl Connection {
 
     /// A resume goes on after `cursor` once the output drains (see `take_due_resume`).
     pub fn resume_from(&mut self, cursor: ResumeCursor) {
+        if self.streaming.as_deref() != Some(cursor.group_name.as_str()) {
+            self.streaming = Some(cursor.group_name.clone());
+        }
         self.session.resume = Some(cursor);
     }
 
@@ -649,7 +657,67 @@ impl Connection {
             chunk,
             broadcast,
             shows,
+            backlog: false,
         });
+    }
+
+    /// Queues a page of a resume's backlog of `group_name` (see `end_resume`).
+    pub fn queue_backlog(&mut self, line: Vec<u8>, group_name: &str) {
+        self.push(Chunk::Owned(line), false, None);
+        if let Some(out) = self.outbox.back_mut() {
+            out.backlog = true;
+        }
+        if self.streaming.as_deref() != Some(group_name) {
+            self.streaming = Some(group_name.to_string());
+        }
+    }
+
+    /// Access to `group_name` ended (a leave, removal, ban or deletion): a resume streaming it
+    /// stops now. Its cursor is dropped and what of its backlog is still unwritten too (a line
+    /// being written is finished, so the stream stays line-aligned). True when a stream of that
+    /// group was in progress.
+    pub fn end_resume(&mut self, group_name: &str) -> bool {
+        if self.streaming.as_deref() != Some(group_name) {
+            return false;
+        }
+        self.streaming = None;
+        if self
+            .session
+            .resume
+            .as_ref()
+            .is_some_and(|cursor| cursor.group_name == group_name)
+        {
+            self.session.resume = None;
+        }
+        let partly_written = self.written_of_front > 0;
+        let mut kept = VecDeque::with_capacity(self.outbox.len());
+        for (index, out) in std::mem::take(&mut self.outbox).into_iter().enumerate() {
+            if !out.backlog || (index == 0 && partly_written) {
+                kept.push_back(out);
+                continue;
+            }
+            let len = out.chunk.bytes().len();
+            self.pending_bytes -= len;
+            if out.broadcast {
+                self.pending_broadcast_bytes -= len;
+            }
+            self.forget(&out);
+        }
+        self.outbox = kept;
+        if partly_written && self.outbox.front().is_some_and(|out| out.backlog) {
+            self.finish_line_only();
+        }
+        true
+    }
+
+    /// The group a resume is streaming, if one is (set by its pages, cleared when it ends).
+    pub fn streaming(&self) -> Option<&str> {
+        self.streaming.as_deref()
+    }
+
+    /// The resume reached the head and entered the room.
+    pub fn stream_done(&mut self) {
+        self.streaming = None;
     }
 
     /// The connection entered a room (or left one): lines queued before count for nothing.
@@ -808,21 +876,25 @@ impl Connection {
         }
     }
 
-    /// Cuts a partly written run at the end of the line being written.
+    /// Cuts a partly written entry at the end of the line being written.
     fn finish_line_only(&mut self) {
         let offset = self.written_of_front;
         let Some(front) = self.outbox.front_mut() else {
             return;
         };
-        let Chunk::Shared(run) = &mut front.chunk else {
+        let Some(line_end) = front.chunk.bytes()[offset..]
+            .iter()
+            .position(|&b| b == b'\n')
+        else {
             return;
         };
-        let Some(line_end) = run.bytes()[offset..].iter().position(|&b| b == b'\n') else {
-            return;
-        };
-        let before = run.len();
-        run.truncate(offset + line_end + 1);
-        let dropped = before - run.len();
+        let keep = offset + line_end + 1;
+        let before = front.chunk.bytes().len();
+        match &mut front.chunk {
+            Chunk::Shared(run) => run.truncate(keep),
+            Chunk::Owned(bytes) => bytes.truncate(keep),
+        }
+        let dropped = before - keep;
         self.pending_bytes -= dropped;
         if front.broadcast {
             self.pending_broadcast_bytes -= dropped;

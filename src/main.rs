@@ -10,6 +10,12 @@ use noomnim::start::Loops;
 use noomnim::{fd_limit, logging, notify, StartError};
 
 fn main() -> ExitCode {
+    // Everything this process creates (the store, its WAL, backups, the cli's history) is
+    // readable by its owner only: files 0600, directories 0700, whoever starts it.
+    // SAFETY: umask only sets the process's file-creation mask; no memory is involved.
+    unsafe {
+        libc::umask(0o077);
+    }
     match std::env::args().nth(1).as_deref() {
         None => {}
         Some("--help" | "-h") => {
@@ -142,6 +148,10 @@ fn install_signal_handlers(loops: &Loops) -> Result<(), StartError> {
 fn print_token(args: Vec<String>) -> ExitCode {
     const USAGE: &str =
         "usage: noomnim token USERNAME [--ttl SECONDS] (with AUTH_SECRET or AUTH_SECRET_FILE set)";
+    if asks_for_help(&args) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let (username, ttl) = match args.as_slice() {
         [username] => (username, Some(noomnim::auth::DEFAULT_TTL_SECONDS)),
         [username, flag, ttl] if flag == "--ttl" => (username, ttl.parse().ok()),
@@ -175,8 +185,14 @@ fn print_token(args: Vec<String>) -> ExitCode {
 /// server runs. Exit 0 with a summary line; 2 for a usage or configuration error; 1 when the
 /// copy failed.
 fn run_backup(args: Vec<String>) -> ExitCode {
+    const USAGE: &str =
+        "usage: noomnim backup PATH (with the server's DATA_DIR set; PATH: a new file)";
+    if asks_for_help(&args) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let [target] = args.as_slice() else {
-        eprintln!("noomnim: usage: noomnim backup PATH (with the server's DATA_DIR set)");
+        eprintln!("noomnim: {USAGE}");
         return ExitCode::from(2);
     };
     let config = match configuration() {
@@ -199,10 +215,14 @@ fn run_backup(args: Vec<String>) -> ExitCode {
 /// (works while servers run: each closes the user's connections within seconds). Exit 0 with
 /// a summary; 1 when the user does not exist or the store failed; 2 for usage.
 fn run_admin(args: Vec<String>) -> ExitCode {
+    const USAGE: &str =
+        "usage: noomnim admin erase-user NAME (with the server's store settings: DATA_DIR or MONGODB_URI)";
+    if asks_for_help(&args) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let [command, username] = args.as_slice() else {
-        eprintln!(
-            "noomnim: usage: noomnim admin erase-user NAME (with the server's store settings)"
-        );
+        eprintln!("noomnim: {USAGE}");
         return ExitCode::from(2);
     };
     if command != "erase-user" {
@@ -213,6 +233,17 @@ fn run_admin(args: Vec<String>) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // An admin command works on a store that exists: a wrong DATA_DIR must not create one.
+    if let noomnim::config::StoreKind::Embedded { data_dir, .. } = &config.store {
+        let database = data_dir.join("noomnim.sqlite3");
+        if !database.is_file() {
+            eprintln!(
+                "noomnim: no embedded store at {} (DATA_DIR)",
+                database.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
     // Names are compared in NFC, as the server stores them.
     let username: String =
         unicode_normalization::UnicodeNormalization::nfc(username.as_str()).collect();
@@ -234,6 +265,12 @@ fn run_admin(args: Vec<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether a subcommand's arguments ask for its usage (`--help`, `-h`): it is printed on stdout
+/// with exit 0, never taken as an argument (a backup file or a user named `--help`).
+fn asks_for_help(args: &[String]) -> bool {
+    args.iter().any(|arg| arg == "--help" || arg == "-h")
 }
 
 /// The configuration from the environment; a bad value is one line on stderr and exit 2 (for

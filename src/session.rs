@@ -111,6 +111,8 @@ pub struct ResumeCursor {
     /// The backlog is read up to the head: the next page is the hand-over, ordered with the
     /// group's messages (see `ops/resume.rs`).
     pub handover: bool,
+    /// The group's epoch when the stream started: a page of another epoch ends it.
+    pub epoch: String,
 }
 
 impl Session {
@@ -165,6 +167,8 @@ pub enum Effect {
     Settings(Settings),
     /// A resume streams its backlog: out of the current room, the next page after this.
     Resume(ResumeCursor),
+    /// A resume reached the head: the connection enters the room (as `EnterRoom`).
+    Resumed(Room),
     /// The user is typing in the group's room (relayed to the others, rate-limited).
     Typing {
         username: String,

@@ -36,7 +36,12 @@ fn closing_codes(client: &mut Client) -> Vec<String> {
     let mut codes = Vec::new();
     while let Some(line) = client.recv_or_closed() {
         if line["event"] == "closing" {
-            codes.push(line["data"]["code"].as_str().unwrap_or_default().to_string());
+            codes.push(
+                line["data"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
         }
     }
     codes
@@ -87,7 +92,10 @@ fn every_unasked_line_counts_toward_the_output_bound(backend: Backend) {
     // Each is closed; its `closing` line arrives if the client reads within the linger.
     for device in &mut stalled {
         let codes = closing_codes(device);
-        assert!(codes.iter().all(|code| code == "slow_consumer"), "{codes:?}");
+        assert!(
+            codes.iter().all(|code| code == "slow_consumer"),
+            "{codes:?}"
+        );
     }
     assert!(editor.try_request_ping(), "the editor is served on");
 }
@@ -181,7 +189,11 @@ fn a_stray_0xff_is_refused_and_nothing_telnet_is_sent() {
         "fetch_messages",
         json!({"group_name": group, "after_seq": 0}),
     );
-    assert_eq!(page["data"]["messages"], json!([]), "nothing stored: {page}");
+    assert_eq!(
+        page["data"]["messages"],
+        json!([]),
+        "nothing stored: {page}"
+    );
 }
 
 /// Item 6: with SO_REUSEPORT a second server on the same port started and the kernel split
@@ -355,5 +367,8 @@ fn a_key_twice_is_refused() {
         "fetch_messages",
         json!({"group_name": group, "after_seq": 0}),
     );
-    assert_eq!(page["event"], "messages", "the group is still there: {page}");
+    assert_eq!(
+        page["event"], "messages",
+        "the group is still there: {page}"
+    );
 }

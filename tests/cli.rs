@@ -267,3 +267,80 @@ fn interactive_cli_keeps_a_half_typed_line_while_messages_arrive() {
     assert!(screen.contains(&format!("{alice}> /quit")), "{screen}");
     let _ = std::fs::remove_file(history);
 }
+
+/// Issue 35 item 2: `noomnim cli history … | head` printed `panicked … Broken pipe` and exited
+/// 101. A reader that goes away ends the cli quietly, with exit 0.
+#[test]
+fn the_cli_ends_quietly_when_its_reader_goes_away() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (user, group) = (unique("piped"), unique("long"));
+    let mut owner = server.login(&user);
+    ask(&mut owner, "create_group", ug(&user, &group));
+    // Far more than a pipe holds, so the cli writes into a closed pipe.
+    for i in 0..100 {
+        let text = format!("{i:03} {}", "p".repeat(2000));
+        ask(
+            &mut owner,
+            "send_message",
+            json!({"group_name": group, "text": text}),
+        );
+    }
+    let port = server.addr.port().to_string();
+    let pipeline = format!(
+        "{BINARY} cli --port {port} --user {user} history {group} --limit 100 | head -n 1 >/dev/null; echo \"status=${{PIPESTATUS[0]}}\""
+    );
+    let output = Command::new("bash")
+        .args(["-c", &pipeline])
+        .output()
+        .expect("run the pipeline");
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stdout.trim(), "status=0", "{stderr}");
+}
+
+/// Issue 35 item 3: `--help` was taken as an argument (a backup file named `--help`, a token
+/// for the user `--help`, an erase of a user of that name creating an empty store in ./data).
+/// Every subcommand answers `--help` with its usage on stdout and exit 0; an admin command
+/// never creates a store that is not there.
+#[test]
+fn every_subcommand_answers_help_and_admin_never_creates_a_store() {
+    let dir = std::env::temp_dir().join(unique("help"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for args in [
+        vec!["--help"],
+        vec!["cli", "--help"],
+        vec!["backup", "--help"],
+        vec!["token", "--help"],
+        vec!["admin", "--help"],
+        vec!["admin", "erase-user", "--help"],
+    ] {
+        let output = Command::new(BINARY)
+            .current_dir(&dir)
+            .env_clear()
+            .env("AUTH_SECRET", "a-test-secret-of-at-least-32-bytes-long")
+            .args(&args)
+            .output()
+            .expect("run noomnim");
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+        assert!(
+            text(&output.stdout).to_lowercase().contains("usage")
+                || text(&output.stdout).contains("PORT"),
+            "{args:?} prints its usage on stdout: {output:?}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).expect("list").collect();
+    assert!(left.is_empty(), "nothing created: {left:?}");
+    let missing = dir.join("no-such-store");
+    let erase = Command::new(BINARY)
+        .current_dir(&dir)
+        .env_clear()
+        .env("DATA_DIR", &missing)
+        .args(["admin", "erase-user", "bob"])
+        .output()
+        .expect("run admin");
+    assert_eq!(erase.status.code(), Some(2), "{erase:?}");
+    assert!(text(&erase.stderr).contains("no-such-store"), "{erase:?}");
+    assert!(!missing.exists(), "no store created for a wrong DATA_DIR");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -386,7 +386,9 @@ fn plaintext_false_serves_tls_only_and_bad_pairs_stop_start_up() {
     let mut client = TlsClient::connect(addr, &certs.ca).expect("handshake");
     assert_eq!(client.request("ping", json!({}))["event"], "pong");
 
-    let mut env = storage.env();
+    // A store of its own: the running server holds `storage`'s.
+    let elsewhere = Storage::new(Backend::Embedded);
+    let mut env = elsewhere.env();
     env.push(("TLS_CERT".into(), certs.cert.display().to_string()));
     env.push(("TLS_KEY".into(), certs.ca.display().to_string()));
     let output = Command::new(common::BINARY)
@@ -514,5 +516,84 @@ fn noomnim_cli_speaks_tls_with_a_minted_token() {
         Some(1),
         "--tls without --ca is refused: {untrusted:?}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue 35 item 4: the README's self-signed recipe made a CA certificate, which `noomnim cli
+/// --tls --ca cert.pem` refused (`CaUsedAsEndEntity`). Runs the README's own line, then the cli,
+/// Python's `ssl` and `openssl s_client` against a server using the pair.
+#[test]
+fn the_readmes_self_signed_recipe_works_with_every_client() {
+    let readme = include_str!("../README.md");
+    let recipe = readme
+        .lines()
+        .find(|line| line.starts_with("`openssl req -x509"))
+        .expect("the README's recipe line")
+        .trim_matches('`');
+    let dir = std::env::temp_dir().join(common::unique("readme-tls"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let made = Command::new("sh")
+        .current_dir(&dir)
+        .args(["-c", recipe])
+        .output()
+        .expect("run the recipe");
+    assert!(made.status.success(), "{made:?}");
+    let certs = Certificates {
+        ca: dir.join("cert.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    let storage = Storage::new(Backend::Embedded);
+    let server = tls_server(&storage, &certs, &[]);
+    let port = server.tls_addr().expect("tls listener").port().to_string();
+    let ca = certs.ca.display().to_string();
+    let cli = Command::new(common::BINARY)
+        .args([
+            "cli", "--tls", "--ca", &ca, "--port", &port, "--user", "readme",
+        ])
+        .args(["ping", "--count", "1"])
+        .output()
+        .expect("run noomnim cli");
+    assert!(cli.status.success(), "the cli trusts the pair: {cli:?}");
+    let python = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, ssl, sys\n\
+             context = ssl.create_default_context(cafile=sys.argv[2])\n\
+             with socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10) as raw:\n\
+             \x20   with context.wrap_socket(raw, server_hostname='localhost') as tls:\n\
+             \x20       tls.sendall(b'{\"event\":\"ping\"}\\n')\n\
+             \x20       print(tls.recv(4096).decode())",
+            &port,
+            &ca,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        String::from_utf8_lossy(&python.stdout).contains("pong"),
+        "python ssl trusts the pair: {python:?}"
+    );
+    let mut s_client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-CAfile", &ca, "-servername", "localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let mut stdin = s_client.stdin.take().expect("stdin");
+    stdin.write_all(b"{\"event\":\"ping\"}\n").expect("write");
+    let mut line = String::new();
+    BufReader::new(s_client.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("s_client line");
+    assert!(
+        line.contains("pong"),
+        "openssl s_client verifies the pair: {line}"
+    );
+    drop(stdin);
+    let _ = s_client.kill();
+    let _ = s_client.wait();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use show::say;
+
 pub use link::{describe_error, Incoming, Link};
 
 pub const USAGE: &str = "usage: noomnim cli [OPTIONS] [COMMAND]
@@ -133,11 +135,14 @@ pub fn run(args: Vec<String>) -> ExitCode {
     let options = match Options::parse(&args) {
         Ok(options) => options,
         Err(problem) => {
-            if !problem.is_empty() {
-                eprintln!("noomnim cli: {problem}");
+            // Asked for (`--help`): the usage on stdout, exit 0, as `noomnim --help`.
+            if problem.is_empty() {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
             }
+            eprintln!("noomnim cli: {problem}");
             eprintln!("{USAGE}");
-            return ExitCode::from(if problem.is_empty() { 0 } else { 2 });
+            return ExitCode::from(2);
         }
     };
     let words: Vec<&str> = options.words.iter().map(String::as_str).collect();
@@ -173,14 +178,17 @@ fn send(options: &Options, group: &str, text: &str) -> Result<(), String> {
         return Err(format!("not stored: {}", describe_error(&reply)));
     }
     if options.json {
-        println!("{}", reply["data"]);
+        say(&reply["data"]);
     } else {
         let repeat = if reply["data"]["duplicate"] == true {
             " (already stored before)"
         } else {
             ""
         };
-        println!("stored as #{} in {group}{repeat}", reply["data"]["seq"]);
+        say(format!(
+            "stored as #{} in {group}{repeat}",
+            reply["data"]["seq"]
+        ));
     }
     Ok(())
 }
@@ -344,7 +352,7 @@ fn ping(options: &Options) -> Result<(), String> {
         }
         samples.push(ms);
         if options.json {
-            println!("{}", json!({"seq": i + 1, "ms": ms}));
+            say(json!({"seq": i + 1, "ms": ms}));
         }
         if i + 1 < count {
             std::thread::sleep(Duration::from_millis(100));
@@ -355,15 +363,11 @@ fn ping(options: &Options) -> Result<(), String> {
     let p99 = samples[((samples.len() as f64 * 0.99) as usize).min(samples.len() - 1)];
     let (min, max) = (samples[0], samples[samples.len() - 1]);
     if options.json {
-        println!(
-            "{}",
-            json!({"samples": samples.len(), "min_ms": min, "avg_ms": average, "max_ms": max, "p99_ms": p99})
+        say(
+            json!({"samples": samples.len(), "min_ms": min, "avg_ms": average, "max_ms": max, "p99_ms": p99}),
         );
     } else {
-        println!(
-            "min: {min:.3} ms, avg: {average:.3} ms, max: {max:.3} ms, p99: {p99:.3} ms ({} samples)",
-            samples.len()
-        );
+        say(format!("min: {min:.3} ms, avg: {average:.3} ms, max: {max:.3} ms, p99: {p99:.3} ms ({} samples)", samples.len()));
     }
     Ok(())
 }

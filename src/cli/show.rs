@@ -52,12 +52,22 @@ pub fn message(data: &Value, with_group: bool, on: bool) -> String {
     )
 }
 
+/// Prints a line on stdout. A reader that went away (`noomnim cli tail G | head -n 1`) ends the
+/// program quietly with exit 0, as `cat` does, instead of a panic on the broken pipe.
+pub fn say(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
 /// Prints a message: its JSON with `json`, else the readable line.
 pub fn print_message(data: &Value, json: bool, with_group: bool) {
     if json {
-        println!("{data}");
+        say(data);
     } else {
-        println!("{}", message(data, with_group, colour()));
+        say(message(data, with_group, colour()));
     }
 }
 
@@ -68,9 +78,9 @@ pub fn is_change(line: &Value) -> bool {
 
 pub fn print_change(line: &Value, json: bool) {
     if json {
-        println!("{line}");
+        say(line);
     } else {
-        println!("{}", message(&line["data"], false, colour()));
+        say(message(&line["data"], false, colour()));
     }
 }
 

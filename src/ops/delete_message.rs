@@ -6,7 +6,7 @@
 
 use serde_json::value::RawValue;
 
-use super::fields::MessageRef;
+use super::fields::{optional_name, MessageRef};
 use super::{acting, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::protocol::{Failure, ProtocolError};
 use crate::store::manage::{self, Rewritten};
@@ -25,8 +25,13 @@ impl Event for DeleteMessage {
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         Ok(DeleteMessage {
             message: MessageRef::parse(data)?,
-            username: String::new(),
+            // A `username` that is given must be the logged-in user (`forbidden` otherwise).
+            username: optional_name(data, "username")?.unwrap_or_default(),
         })
+    }
+
+    fn acting_user(&self) -> Option<&str> {
+        Some(self.username.as_str()).filter(|name| !name.is_empty())
     }
 
     fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {

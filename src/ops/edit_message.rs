@@ -5,7 +5,7 @@
 
 use serde_json::value::RawValue;
 
-use super::fields::{text_field, MessageRef};
+use super::fields::{optional_name, text_field, MessageRef};
 use super::{acting, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
 use crate::protocol::{Failure, ProtocolError};
 use crate::store::manage::{self, Rewritten};
@@ -26,8 +26,13 @@ impl Event for EditMessage {
         Ok(EditMessage {
             message: MessageRef::parse(data)?,
             text: text_field(data)?,
-            username: String::new(),
+            // A `username` that is given must be the logged-in user (`forbidden` otherwise).
+            username: optional_name(data, "username")?.unwrap_or_default(),
         })
+    }
+
+    fn acting_user(&self) -> Option<&str> {
+        Some(self.username.as_str()).filter(|name| !name.is_empty())
     }
 
     fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {

@@ -143,6 +143,17 @@ pub fn client_msg_id_field(data: &Map<String, Value>) -> Result<Option<String>, 
 }
 
 /// A string field that may be left out (`None`).
+/// A name field that may be left out (checked and normalised as `name_field` when given).
+pub fn optional_name(
+    data: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, ProtocolError> {
+    match data.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => name_field(data, name).map(Some),
+    }
+}
+
 pub fn optional_string(
     data: &Map<String, Value>,
     name: &str,

@@ -18,6 +18,13 @@
 //! `enter_group` has always used). A message stored between a read page and the hand-over is
 //! in the hand-over's page.
 //!
+//! Access ends the stream: every page after the first reads the group by the epoch the first
+//! one found, so a group deleted (and maybe re-created under its name) mid-stream ends it with
+//! `group_deleted` instead of continuing into the new group; a leave, removal, ban or deletion
+//! drops what of the backlog is still unwritten and the page in flight (`server/delivery.rs`).
+//! Retention removing messages the stream has not reached yet is said with `resume_truncated
+//! {group_name, first_seq}` (id-less) before the first message after the gap.
+//!
 //! Beyond `RESUME_MAX_MESSAGES` the stream starts that many messages before the head and the
 //! reply says `truncated: true` and `first_seq` (as Centrifugo's `recovered: false`). A
 //! `since_epoch` other than the group's (the group was re-created) is reported
@@ -57,6 +64,8 @@ pub struct ResumePage {
     budget: usize,
     /// The hand-over page: ordered with the group's messages, it may enter the room.
     handover: bool,
+    /// The group's epoch the stream started in (none on the first page, which finds it).
+    epoch: Option<String>,
 }
 
 /// What a page read.
@@ -68,6 +77,10 @@ pub struct PageRead {
     messages: Vec<Message>,
     truncated: bool,
     epoch_changed: bool,
+    /// The group the stream started in is gone (deleted, maybe re-created under its name).
+    gone: bool,
+    /// Retention removed messages after the cursor that the stream had not sent yet.
+    gap: bool,
 }
 
 /// The first page, from `enter_group {since_seq}`.
@@ -85,6 +98,7 @@ pub fn first_page(
         start: Some(start),
         budget,
         handover: false,
+        epoch: None,
     })
 }
 
@@ -97,6 +111,7 @@ pub fn next_page(username: String, cursor: ResumeCursor, budget: usize) -> Work 
         start: None,
         budget,
         handover: cursor.handover,
+        epoch: Some(cursor.epoch),
     })
 }
 
@@ -112,6 +127,21 @@ impl StoreCall for ResumePage {
 
     fn run(&self, store: &mut dyn Store) -> Result<PageRead, StoreError> {
         let state = store.read_state(&self.username, &self.group_name)?;
+        if self
+            .epoch
+            .as_ref()
+            .is_some_and(|epoch| *epoch != state.group_id)
+        {
+            return Ok(PageRead {
+                state,
+                after_seq: self.after_seq,
+                messages: Vec::new(),
+                truncated: false,
+                epoch_changed: false,
+                gone: true,
+                gap: false,
+            });
+        }
         let head = state.last_seq;
         let mut after = self.after_seq;
         let (mut truncated, mut epoch_changed) = (false, false);
@@ -140,11 +170,14 @@ impl StoreCall for ResumePage {
             store.messages_after(&self.group_name, after, wanted)?
         };
         messages.retain(|m| m.seq <= head);
-        // Retention removed the start of what was asked for: say so, like a cut backlog.
-        if let (Some(_), Some(first)) = (&self.start, messages.first()) {
+        // Retention removed the start of what was asked for: say so, like a cut backlog (on
+        // the first page in its header, later with `resume_truncated`).
+        let mut gap = false;
+        if let Some(first) = messages.first() {
             if first.seq > after + 1 {
                 after = first.seq - 1;
-                truncated = true;
+                truncated = self.start.is_some();
+                gap = self.start.is_none();
             }
         }
         Ok(PageRead {
@@ -153,10 +186,21 @@ impl StoreCall for ResumePage {
             messages,
             truncated,
             epoch_changed,
+            gone: false,
+            gap,
         })
     }
 
     fn answer(self, read: PageRead, id: Option<&RawValue>) -> Completed {
+        if read.gone {
+            // The group ended under the stream: say so, as its room heard it.
+            let data = json!({"group_name": self.group_name});
+            return Completed {
+                line: encode_line("group_deleted", &data, None),
+                effect: Effect::None,
+                shows: None,
+            };
+        }
         let (messages, _) = fit_messages(read.messages, true, self.budget);
         let head = read.state.last_seq;
         let mut line = Vec::new();
@@ -174,6 +218,11 @@ impl StoreCall for ResumePage {
             }
             line = encode_line("enter_group", &data, id);
         }
+        if read.gap {
+            let data = json!({"group_name": self.group_name, "first_seq": read.after_seq + 1});
+            line.extend(encode_line("resume_truncated", &data, None));
+        }
+        let epoch = read.state.group_id;
         for message in &messages {
             line.extend(encode_broadcast(message));
         }
@@ -185,14 +234,16 @@ impl StoreCall for ResumePage {
                 group_name: self.group_name,
                 after_seq: last.seq,
                 handover: false,
+                epoch,
             }),
             _ if self.handover => {
-                Effect::EnterRoom(Room::new(self.group_name, head, read.state.last_read_seq))
+                Effect::Resumed(Room::new(self.group_name, head, read.state.last_read_seq))
             }
             last => Effect::Resume(ResumeCursor {
                 group_name: self.group_name,
                 after_seq: last.map_or(read.after_seq, |m| m.seq),
                 handover: true,
+                epoch,
             }),
         };
         Completed {

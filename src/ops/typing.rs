@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::fields::name_field;
+use super::fields::{name_field, optional_name};
 use super::{Context, Data, Event, Planned};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{ErrorCode, Failure, ProtocolError};
@@ -20,6 +20,8 @@ pub const TYPING_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Typing {
     group_name: String,
+    /// A `username` that is given must be the logged-in user (`forbidden` otherwise).
+    named: Option<String>,
 }
 
 impl Event for Typing {
@@ -29,7 +31,12 @@ impl Event for Typing {
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         Ok(Typing {
             group_name: name_field(data, "group_name")?,
+            named: optional_name(data, "username")?,
         })
+    }
+
+    fn acting_user(&self) -> Option<&str> {
+        self.named.as_deref()
     }
 
     fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {

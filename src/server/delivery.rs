@@ -172,6 +172,30 @@ impl Server {
                 .shows
                 .filter(|(group, _, _)| connection.session().room_name() == Some(group.as_str()))
                 .map(|(_, first, last)| (first, last));
+            let backlog_of = match &completed.effect {
+                Effect::Resume(cursor) => Some(cursor.group_name.clone()),
+                Effect::Resumed(room) => Some(room.group_name.clone()),
+                _ => None,
+            };
+            if let Some(group_name) = backlog_of {
+                // A resume page: its backlog is dropped, unwritten, if access to the group ends
+                // (and not sent at all if it ended while the page was read).
+                let ended = self.access_ended(token, &group_name, answered.leave_clock);
+                let Some(connection) = self.connections.get_mut(&token) else {
+                    return;
+                };
+                let backlog = split_reply_header(&mut completed.line, connection);
+                if ended {
+                    log::debug!("resume of {group_name} ended: access ended meanwhile");
+                    connection.end_resume(&group_name);
+                    continue;
+                }
+                if !backlog.is_empty() {
+                    connection.queue_backlog(backlog, &group_name);
+                }
+                self.apply(token, completed.effect);
+                continue;
+            }
             // A server-side read (activity memberships) has no line of its own.
             if !completed.line.is_empty() {
                 connection.queue_reply(completed.line, shows);
@@ -191,6 +215,47 @@ impl Server {
             self.apply(token, effect);
         }
         self.touch(token);
+    }
+
+    /// Whether the connection's user lost access to `group_name` (a leave, removal, ban, or the
+    /// group's deletion) after the leave clock read `since`.
+    pub(super) fn access_ended(&self, token: Token, group_name: &str, since: u64) -> bool {
+        self.left_since(token, group_name, since)
+            || self
+                .recent_deletes
+                .get(group_name)
+                .is_some_and(|(clock, _)| *clock > since)
+    }
+
+    /// A group was deleted (here or on a peer): resume pages of it read before are not sent,
+    /// and streams of it in progress end; a protocol-2 resumer (no sidebar to hear it in) is
+    /// sent `line`, the room's `group_deleted`.
+    pub(super) fn group_deleted_for_resumes(&mut self, group_name: &str, line: &[u8]) {
+        self.leave_clock += 1;
+        self.recent_deletes
+            .insert(group_name.to_string(), (self.leave_clock, Instant::now()));
+        self.end_streams(group_name, None, line);
+    }
+
+    /// Ends the resume streams of `group_name` (of `username`'s connections, or of every
+    /// connection); the protocol-2 ones among them are sent `line`.
+    pub(super) fn end_streams(&mut self, group_name: &str, username: Option<&str>, line: &[u8]) {
+        let tokens = match username {
+            Some(username) => self.users.get(username).cloned().unwrap_or_default(),
+            None => self.connections.tokens(),
+        };
+        for token in tokens {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            if connection.streaming() != Some(group_name) || !connection.end_resume(group_name) {
+                continue;
+            }
+            if connection.session().protocol < 3 && !line.is_empty() {
+                self.notify(token, line.to_vec());
+            }
+            self.touch(token);
+        }
     }
 
     /// Whether the connection's user left `group_name` after the leave clock read `since`.
@@ -336,6 +401,17 @@ impl Server {
     /// the leave is remembered so that an enter already in flight does not undo it.
     pub(super) fn user_left(&mut self, departure: Departure) {
         self.leave_clock += 1;
+        // A removal or ban ends the user's resume streams of the group at once; the
+        // protocol-2 ones are told why (protocol 3 heard `left_group` already).
+        let told = match &departure.reason {
+            Some(reason) => crate::protocol::reply::encode_line(
+                "left_group",
+                &serde_json::json!({"group_name": departure.group_name, "reason": reason}),
+                None,
+            ),
+            None => Vec::new(),
+        };
+        self.end_streams(&departure.group_name, Some(&departure.username), &told);
         self.left_activity(&departure.username, &departure.group_name);
         for member in self.rooms.members(&departure.group_name) {
             let Some(connection) = self.connections.get_mut(&member) else {
@@ -440,4 +516,16 @@ fn with_online(line: Vec<u8>, online: &[String]) -> Vec<u8> {
     out.push(b',');
     out.extend_from_slice(&line[PREFIX.len()..]);
     out
+}
+
+/// Splits a resume page's reply: the first page's `enter_group` header (the request's reply)
+/// stays in `line` and is queued as a reply now; the backlog lines after it are returned.
+fn split_reply_header(line: &mut Vec<u8>, connection: &mut Connection) -> Vec<u8> {
+    if !line.starts_with(b"{\"event\":\"enter_group\"") {
+        return std::mem::take(line);
+    }
+    let header_end = memchr::memchr(b'\n', line).map_or(line.len(), |end| end + 1);
+    let backlog = line.split_off(header_end);
+    connection.queue_reply(std::mem::take(line), None);
+    backlog
 }

@@ -68,6 +68,11 @@ impl StoreCall for ErasurePoll {
     }
 }
 
+/// Deletes remembered per group, and groups with remembered deletes, for dropping an edit
+/// relayed after its message's delete (`edit_after_delete`).
+const MAX_DELETES_PER_GROUP: usize = 4096;
+const MAX_GROUPS_WITH_DELETES: usize = 10_000;
+
 impl Server {
     /// A line for the group's room here and on every other instance, but `origin` (which got
     /// the reply). `closes`: the group is gone, and every connection leaves the room after it.
@@ -97,6 +102,10 @@ impl Server {
         origin: Option<Token>,
         closes: bool,
     ) {
+        if self.edit_after_delete(group_name, line) {
+            log::debug!("{group_name}: an edit relayed after the message's delete dropped");
+            return;
+        }
         for token in self.rooms.members(group_name) {
             if Some(token) != origin {
                 self.notify(token, line.to_vec());
@@ -111,7 +120,44 @@ impl Server {
         }
         if closes {
             self.group_gone(group_name, line);
+            self.group_deleted_for_resumes(group_name, line);
         }
+    }
+
+    /// Whether `line` is a `message_edited` of a message whose `message_deleted` this instance
+    /// already passed on. Stored, an edit never follows a delete (the store refuses to edit a
+    /// tombstone), but relayed from two instances the two lines may arrive the other way
+    /// round; the late edit would leave clients showing deleted text, so it is dropped. The
+    /// deletes remembered are bounded (per group and in all).
+    fn edit_after_delete(&mut self, group_name: &str, line: &[u8]) -> bool {
+        let deleted = line.starts_with(br#"{"event":"message_deleted""#);
+        if !deleted && !line.starts_with(br#"{"event":"message_edited""#) {
+            return false;
+        }
+        let Some(seq) = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|value| value["data"]["seq"].as_u64())
+        else {
+            return false;
+        };
+        if !deleted {
+            return self
+                .recently_deleted
+                .get(group_name)
+                .is_some_and(|seqs| seqs.contains(&seq));
+        }
+        if self.recently_deleted.len() >= MAX_GROUPS_WITH_DELETES {
+            self.recently_deleted.clear();
+        }
+        let seqs = self
+            .recently_deleted
+            .entry(group_name.to_string())
+            .or_default();
+        if seqs.len() >= MAX_DELETES_PER_GROUP {
+            seqs.clear();
+        }
+        seqs.insert(seq);
+        false
     }
 
     /// A deleted group's protocol-3 watchers outside its room (their sidebars list it) hear

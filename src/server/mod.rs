@@ -190,6 +190,11 @@ pub struct Server {
     accept_blocked: bool,
     /// Leaves seen (here or from peers) by (username, group): the leave clock when seen.
     recent_leaves: HashMap<(String, String), (u64, Instant)>,
+    /// Groups deleted (here or on a peer) recently: the leave clock when seen (a resume page
+    /// read before the deletion is not sent after it).
+    recent_deletes: HashMap<String, (u64, Instant)>,
+    /// Seqs of messages deleted recently, per group (`manage.rs`, `edit_after_delete`).
+    recently_deleted: HashMap<String, std::collections::HashSet<u64>>,
     /// The connections each logged-in user has here (lines to all of a user's devices).
     users: HashMap<String, Vec<Token>>,
     /// When each (user, group) last had a `typing` relayed (at most one per 2 s).
@@ -355,6 +360,8 @@ impl Server {
             erasures: manage::Erasures::new(),
             accept_blocked: false,
             recent_leaves: HashMap::new(),
+            recent_deletes: HashMap::new(),
+            recently_deleted: HashMap::new(),
             users: HashMap::new(),
             typing_seen: HashMap::new(),
             watchers: HashMap::new(),
@@ -620,6 +627,13 @@ impl Server {
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.resume_from(cursor);
                 }
+            }
+            Effect::Resumed(room) => {
+                if let Some(connection) = self.connections.get_mut(&token) {
+                    connection.stream_done();
+                }
+                self.leave_for(token, &room.group_name);
+                self.enter_room(token, room);
             }
             Effect::LeftGroup {
                 username,

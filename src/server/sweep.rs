@@ -26,6 +26,8 @@ impl Server {
         self.last_sweep = now;
         self.recent_leaves
             .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
+        self.recent_deletes
+            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
         self.forget_old_typing(now);
         self.forget_quiet_activity();
         self.presence_sweep(now);

@@ -6,8 +6,25 @@
 //! the primitive itself (an edit never touches a tombstone; a join never passes a ban); what
 //! is checked here first can only change to something the primitive still refuses.
 
+use std::sync::{Mutex, MutexGuard};
+
 use super::{PruneCut, Rewrite, Store, StoreError, StoreResult};
 use crate::model::{Message, Role};
+
+/// Membership changes of this process take turns: a leave that hands ownership over, a role
+/// change, a removal or ban read a member's role and then write, in several store calls, and
+/// two of them at once on different workers (an owner and its heir leaving together, with
+/// several event loops) could otherwise both read the state before either wrote it (groups
+/// left without an owner, leaves answered `not_a_member` that took effect). They are rare;
+/// holding a turn across the few calls costs nothing measurable. Taken before any store call,
+/// so it is always taken before SQLite's writer turn.
+static MEMBERSHIP_TURN: Mutex<()> = Mutex::new(());
+
+fn membership_turn() -> MutexGuard<'static, ()> {
+    MEMBERSHIP_TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A message change that was carried out (`changed`), or found already done (a repeated
 /// delete: nothing to broadcast).
@@ -103,6 +120,7 @@ pub fn set_role(
     target: &str,
     role: Role,
 ) -> StoreResult<RoleChange> {
+    let _turn = membership_turn();
     if store.role(group_name, actor)? != Role::Owner {
         return Err(StoreError::Forbidden(
             "Only the group's owner may change roles.",
@@ -172,6 +190,7 @@ pub fn remove(
     group_name: &str,
     target: &str,
 ) -> StoreResult<()> {
+    let _turn = membership_turn();
     may_moderate(store, actor, group_name, target)?;
     store.leave_group(target, group_name).map(|_| ())
 }
@@ -184,6 +203,7 @@ pub fn ban(
     group_name: &str,
     target: &str,
 ) -> StoreResult<bool> {
+    let _turn = membership_turn();
     may_moderate(store, actor, group_name, target)?;
     store.set_banned(group_name, target, true)?;
     match store.leave_group(target, group_name) {
@@ -200,6 +220,7 @@ pub fn unban(
     group_name: &str,
     target: &str,
 ) -> StoreResult<()> {
+    let _turn = membership_turn();
     if !store.role(group_name, actor)?.moderates() {
         return Err(StoreError::Forbidden(
             "Only the group's owner or an admin may lift a ban.",
@@ -210,6 +231,7 @@ pub fn unban(
 
 /// `delete_group`: only the owner.
 pub fn delete_group(store: &mut dyn Store, actor: &str, group_name: &str) -> StoreResult<()> {
+    let _turn = membership_turn();
     if store.role(group_name, actor)? != Role::Owner {
         return Err(StoreError::Forbidden(
             "Only the group's owner may delete it.",
@@ -226,6 +248,7 @@ pub fn leave(
     username: &str,
     group_name: &str,
 ) -> StoreResult<(crate::model::GroupRef, Option<String>)> {
+    let _turn = membership_turn();
     let was_owner = matches!(store.role(group_name, username), Ok(Role::Owner));
     let group = store.leave_group(username, group_name)?;
     if !was_owner {
