@@ -50,6 +50,18 @@ fn start_resume(server: &Server, reader: &str, group: &str) -> Client {
     client
 }
 
+/// A server, the owner of a group with a backlog, and "reader" resuming it (header read).
+fn resuming(backend: Backend) -> (Storage, Server, Client, String, Client) {
+    let storage = Storage::new(backend);
+    let server = Server::start_with(
+        &storage,
+        &[("RATE_LIMIT", "0"), ("STORE_TIMEOUT_MS", "60000")],
+    );
+    let (owner, group) = backlog(&server, "owner", "reader");
+    let reader = start_resume(&server, "reader", &group);
+    (storage, server, owner, group, reader)
+}
+
 /// Reads until `end` arrives; returns the backlog messages received before it.
 fn messages_until(client: &mut Client, end: &str) -> Vec<Value> {
     let mut messages = Vec::new();
@@ -66,13 +78,7 @@ fn messages_until(client: &mut Client, end: &str) -> Vec<Value> {
 /// Item 1: a banned user resuming 2,000 messages on a slow link still received ~390 of them
 /// written after `member_banned` was answered.
 fn a_ban_ends_a_resume_stream_at_once(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start_with(
-        &storage,
-        &[("RATE_LIMIT", "0"), ("STORE_TIMEOUT_MS", "60000")],
-    );
-    let (mut owner, group) = backlog(&server, "owner", "reader");
-    let mut reader = start_resume(&server, "reader", &group);
+    let (_storage, _server, mut owner, group, mut reader) = resuming(backend);
     let banned = owner.request(
         "ban_member",
         json!({"group_name": group, "username": "reader"}),
@@ -100,13 +106,12 @@ fn a_ban_ends_a_resume_stream_at_once(backend: Backend) {
 /// Item 2: after `group_deleted`, a slow resumer whose user re-created the group was put in the
 /// new group's room and received its live messages as if they continued the old one.
 fn a_deleted_group_ends_a_resume_stream_and_its_successor_is_not_entered(backend: Backend) {
-    let storage = Storage::new(backend);
-    let server = Server::start_with(
-        &storage,
-        &[("RATE_LIMIT", "0"), ("STORE_TIMEOUT_MS", "60000")],
-    );
-    let (mut owner, group) = backlog(&server, "owner", "reader");
-    let mut reader = start_resume(&server, "reader", &group);
+    let (_storage, server, mut owner, group, mut reader) = resuming(backend);
+    // Deleting 300 messages takes the MongoDB test server many seconds (O(stored) writes).
+    owner
+        .stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .expect("timeout");
     let deleted = owner.request("delete_group", json!({ "group_name": group }));
     assert_eq!(deleted["event"], "group_deleted", "{deleted}");
     // The reader re-creates the name at once (from another connection) and it gets a message.

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    free_port, msg, next_of, rss_bytes, ug, unique, Backend, Client, Server, Storage, BINARY,
+    ask, free_port, msg, next_of, rss_bytes, ug, unique, Backend, Client, Server, Storage, BINARY,
 };
 use serde_json::{json, Value};
 
@@ -24,9 +24,9 @@ backend_tests!(
 
 /// A client of `username` that speaks protocol 3 (its other devices' lines reach it).
 fn protocol_3(mut client: Client, username: &str) -> Client {
-    let hello = client.request("hello", json!({"protocol": 3}));
+    let hello = ask(&mut client, "hello", json!({"protocol": 3}));
     assert_eq!(hello["data"]["protocol"], 3, "{hello}");
-    let login = client.request("find_user", json!({ "username": username }));
+    let login = ask(&mut client, "find_user", json!({ "username": username }));
     assert!(login["event"] == "user_created" || login["event"] == "user_found");
     client
 }
@@ -64,7 +64,7 @@ fn every_unasked_line_counts_toward_the_output_bound(backend: Backend) {
     let mut stalled: Vec<Client> = (0..3)
         .map(|_| {
             let mut device = protocol_3(server.connect_small_window(), "alice");
-            let entered = device.request("enter_group", ug("alice", &group));
+            let entered = ask(&mut device, "enter_group", ug("alice", &group));
             assert_eq!(entered["event"], "enter_group", "{entered}");
             device
         })
@@ -276,7 +276,7 @@ fn read_marker_goes_out_only_when_it_rises_and_entering_raises_it(backend: Backe
         bob.request("send_message", msg("bob", &group, &format!("m{i}")));
     }
     let mut device_b = protocol_3(server.connect(), "alice");
-    let entered = device_b.request("enter_group", ug("alice", &group));
+    let entered = ask(&mut device_b, "enter_group", ug("alice", &group));
     assert_eq!(entered["data"]["unread"].as_array().map(Vec::len), Some(11));
     let marker = next_of(&mut device_a, &["read_marker"]);
     assert_eq!(marker["data"]["last_read_seq"], 11, "{marker}");
@@ -291,9 +291,16 @@ fn read_marker_goes_out_only_when_it_rises_and_entering_raises_it(backend: Backe
     // Marks at or below the marker change nothing: no read_marker; the next one is a rise.
     for _ in 0..3 {
         let same = json!({"group_name": group, "seq": 5});
-        assert_eq!(device_b.request("mark_read", same)["event"], "marked_read");
+        assert_eq!(
+            ask(&mut device_b, "mark_read", same)["event"],
+            "marked_read"
+        );
     }
-    device_b.request("mark_read", json!({"group_name": group, "seq": 12}));
+    ask(
+        &mut device_b,
+        "mark_read",
+        json!({"group_name": group, "seq": 12}),
+    );
     let marker = next_of(&mut device_a, &["read_marker"]);
     assert_eq!(marker["data"]["last_read_seq"], 12, "{marker}");
 }
@@ -320,9 +327,9 @@ fn implicit_read_marks_can_be_turned_off(backend: Backend) {
     }
     let enter_first = |user: &str, hello: Value| {
         let mut client = server.connect();
-        let said = client.request("hello", hello);
-        client.request("find_user", json!({ "username": user }));
-        let entered = client.request("enter_group", ug(user, &first));
+        let said = ask(&mut client, "hello", hello);
+        ask(&mut client, "find_user", json!({ "username": user }));
+        let entered = ask(&mut client, "enter_group", ug(user, &first));
         assert_eq!(entered["data"]["unread"].as_array().map(Vec::len), Some(5));
         (client, said)
     };
@@ -333,10 +340,10 @@ fn implicit_read_marks_can_be_turned_off(backend: Backend) {
     for client in [&mut on, &mut off] {
         assert_eq!(next_of(client, &["message_sent"])["data"]["seq"], 6);
     }
-    on.request("enter_group", ug("implicit", &second));
-    off.request("enter_group", ug("explicit", &second));
+    ask(&mut on, "enter_group", ug("implicit", &second));
+    ask(&mut off, "enter_group", ug("explicit", &second));
     let marker_of = |client: &mut Client| {
-        let groups = client.request("my_groups", json!({}));
+        let groups = ask(client, "my_groups", json!({}));
         groups["data"]["groups"]
             .as_array()
             .and_then(|all| all.iter().find(|g| g["group_name"] == first.as_str()))
@@ -345,7 +352,11 @@ fn implicit_read_marks_can_be_turned_off(backend: Backend) {
     };
     assert_eq!(marker_of(&mut on), 6);
     assert_eq!(marker_of(&mut off), 0);
-    off.request("mark_read", json!({"group_name": first, "seq": 4}));
+    ask(
+        &mut off,
+        "mark_read",
+        json!({"group_name": first, "seq": 4}),
+    );
     assert_eq!(marker_of(&mut off), 4);
 }
 

@@ -32,6 +32,37 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(output.status.success(), "openssl {args:?}: {output:?}");
 }
 
+/// Sends `request` through `openssl s_client -quiet` (verifying the server against `ca`, as
+/// localhost) and returns the first line it prints.
+fn s_client_line(addr: &str, ca: &Path, request: &[u8]) -> String {
+    let mut s_client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-verify_return_error",
+            "-connect",
+            addr,
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .args(["-servername", "localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let mut stdin = s_client.stdin.take().expect("stdin");
+    stdin.write_all(request).expect("write");
+    let mut line = String::new();
+    BufReader::new(s_client.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("s_client line");
+    drop(stdin);
+    let _ = s_client.kill();
+    let _ = s_client.wait();
+    line
+}
+
 fn make_certificates(dir: &Path, name: &str) -> Certificates {
     std::fs::create_dir_all(dir).expect("dir");
     let ec = [
@@ -246,33 +277,15 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as ra
     );
 
     // openssl s_client -quiet, as the README shows for people at a terminal.
-    let mut s_client = Command::new("openssl")
-        .args(["s_client", "-quiet", "-connect", &tls_addr.to_string()])
-        .args([
-            "-CAfile",
-            &certs.ca.display().to_string(),
-            "-servername",
-            "localhost",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_client");
-    let mut stdin = s_client.stdin.take().expect("stdin");
-    stdin
-        .write_all(b"{\"event\":\"ping\",\"id\":\"tty\"}\n")
-        .expect("write");
-    let mut stdout = BufReader::new(s_client.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("s_client line");
+    let line = s_client_line(
+        &tls_addr.to_string(),
+        &certs.ca,
+        b"{\"event\":\"ping\",\"id\":\"tty\"}\n",
+    );
     assert!(
         line.contains("\"pong\"") && line.contains("\"tty\""),
         "{line}"
     );
-    drop(stdin);
-    let _ = s_client.kill();
-    let _ = s_client.wait();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -573,27 +586,14 @@ fn the_readmes_self_signed_recipe_works_with_every_client() {
         String::from_utf8_lossy(&python.stdout).contains("pong"),
         "python ssl trusts the pair: {python:?}"
     );
-    let mut s_client = Command::new("openssl")
-        .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["-CAfile", &ca, "-servername", "localhost"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_client");
-    let mut stdin = s_client.stdin.take().expect("stdin");
-    stdin.write_all(b"{\"event\":\"ping\"}\n").expect("write");
-    let mut line = String::new();
-    BufReader::new(s_client.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("s_client line");
+    let line = s_client_line(
+        &format!("127.0.0.1:{port}"),
+        &certs.ca,
+        b"{\"event\":\"ping\"}\n",
+    );
     assert!(
         line.contains("pong"),
         "openssl s_client verifies the pair: {line}"
     );
-    drop(stdin);
-    let _ = s_client.kill();
-    let _ = s_client.wait();
     let _ = std::fs::remove_dir_all(dir);
 }

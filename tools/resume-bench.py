@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from wire import connect, send
+from wire import connect, fill, send
 
 
 def memory(pid):
@@ -32,13 +32,7 @@ def main():
     writer[1].readline()
     send(writer, "create_group", {"group_name": group}, 2)
     writer[1].readline()
-    batch = b"".join(
-        (json.dumps({"event": "send_message", "data": {"group_name": group, "text": f"message {i} " + "x" * 100}}) + "\n").encode()
-        for i in range(count)
-    )
-    writer[0].sendall(batch)
-    for _ in range(count):
-        writer[1].readline()
+    fill(writer, group, count)
     before = memory(pid)
     reader = connect(addr)
     send(reader, "find_user", {"username": "reader"}, 1)

@@ -10,13 +10,12 @@ Usage: resume-storm-bench.py HOST:PORT [READERS] [BACKLOG] [SENDS]
   BACKLOG 10000, SENDS per phase and sender 200; ulimit -n must allow READERS + 20)
 """
 
-import json
 import selectors
 import sys
 import threading
 import time
 
-from wire import connect, request, send
+from wire import connect, fill, request, send
 
 SENDERS = 5
 
@@ -70,13 +69,7 @@ def main():
     writer = connect(addr)
     request(writer, "find_user", {"username": "writer"})
     request(writer, "create_group", {"group_name": group})
-    batch = b"".join(
-        (json.dumps({"event": "send_message", "data": {"group_name": group, "text": f"message {i} " + "x" * 100}}) + "\n").encode()
-        for i in range(backlog)
-    )
-    writer[0].sendall(batch)
-    for _ in range(backlog):
-        writer[1].readline()
+    fill(writer, group, backlog)
     conns = []
     for i in range(readers):
         conn = connect(addr)

@@ -26,3 +26,15 @@ def request(conn, event, data, rid=1):
         line = json.loads(conn[1].readline())
         if line.get("id") == rid:
             return line
+
+
+def fill(conn, group, count, size=100):
+    """Stores `count` messages of about `size` bytes in `group`, pipelined, and waits for every
+    reply (the connection must be logged in and a member)."""
+    batch = b"".join(
+        (json.dumps({"event": "send_message", "data": {"group_name": group, "text": f"message {i} " + "x" * size}}) + "\n").encode()
+        for i in range(count)
+    )
+    conn[0].sendall(batch)
+    for _ in range(count):
+        conn[1].readline()

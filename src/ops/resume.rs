@@ -38,7 +38,7 @@ use crate::model::{GroupReadState, Message, ReadMark};
 use crate::protocol::encode_broadcast;
 use crate::protocol::reply::encode_line;
 use crate::session::{Effect, ResumeCursor, Room};
-use crate::store::{fit_messages, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::workers::Work;
 
 /// Most messages one page reads (fewer when they would not fit the reply budget).
@@ -201,7 +201,6 @@ impl StoreCall for ResumePage {
                 shows: None,
             };
         }
-        let (messages, _) = fit_messages(read.messages, true, self.budget);
         let head = read.state.last_seq;
         let mut line = Vec::new();
         if self.start.is_some() {
@@ -223,16 +222,26 @@ impl StoreCall for ResumePage {
             line.extend(encode_line("resume_truncated", &data, None));
         }
         let epoch = read.state.group_id;
-        for message in &messages {
-            line.extend(encode_broadcast(message));
+        // As many whole lines as the page's budget takes (at least one), counted as written:
+        // each message's line wrapper counts too, so a page of long messages stays within
+        // MAX_REPLY_BYTES.
+        let mut last_sent: Option<u64> = None;
+        let start = line.len();
+        for message in &read.messages {
+            let encoded = encode_broadcast(message);
+            if last_sent.is_some() && line.len() - start + encoded.len() > self.budget {
+                break;
+            }
+            line.extend(encoded);
+            last_sent = Some(message.seq);
         }
         // Caught up with the head this page read (or nothing more to read): the hand-over
         // page enters the room, live broadcasts follow from its head on; a read page asks for
         // the hand-over.
-        let effect = match messages.last() {
-            Some(last) if last.seq < head => Effect::Resume(ResumeCursor {
+        let effect = match last_sent {
+            Some(last) if last < head => Effect::Resume(ResumeCursor {
                 group_name: self.group_name,
-                after_seq: last.seq,
+                after_seq: last,
                 handover: false,
                 epoch,
             }),
@@ -241,7 +250,7 @@ impl StoreCall for ResumePage {
             }
             last => Effect::Resume(ResumeCursor {
                 group_name: self.group_name,
-                after_seq: last.map_or(read.after_seq, |m| m.seq),
+                after_seq: last.unwrap_or(read.after_seq),
                 handover: true,
                 epoch,
             }),
