@@ -383,3 +383,28 @@ fn a_key_twice_is_refused() {
         "the group is still there: {page}"
     );
 }
+
+/// Issue 35 item 5: switching back with a second `hello {protocol: 2}` was undocumented, and
+/// activity notices went on. Back on protocol 2, protocol 3's notices stop.
+#[test]
+fn a_second_hello_switches_back_to_protocol_2() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let group = unique("switch");
+    let mut bob = server.login("bob");
+    bob.request("create_group", ug("bob", &group));
+    let mut alice = protocol_3(server.connect(), "alice");
+    ask(&mut alice, "join_group", ug("alice", &group));
+    bob.request("send_message", msg("bob", &group, "heard"));
+    assert_eq!(
+        next_of(&mut alice, &["group_activity"])["data"]["last_seq"],
+        1
+    );
+    let back = ask(&mut alice, "hello", json!({"protocol": 2}));
+    assert_eq!(back["data"]["protocol"], 2, "{back}");
+    // Past the activity interval, so a notice would not be held back by it.
+    std::thread::sleep(Duration::from_millis(1200));
+    bob.request("send_message", msg("bob", &group, "not heard"));
+    bob.request("send_message", msg("bob", &group, "nor this"));
+    assert_eq!(common::nothing_pending(&mut alice), Vec::<Value>::new());
+}

@@ -262,3 +262,64 @@ impl StoreCall for ResumePage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MemberOf, NewMessage};
+    use crate::store::manage::{prune_batch, Retention};
+    use crate::store::sqlite::SqliteStore;
+
+    /// Issue 34 item 3: retention removing what a stream had not reached yet left a silent gap
+    /// (1000 -> 1501). The next page says where the stream goes on.
+    #[test]
+    fn retention_during_a_resume_is_said() {
+        let dir = std::env::temp_dir().join(format!("noomnim-resume-gap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = SqliteStore::open(&dir, false, 64 << 20).expect("store");
+        store.find_user("reader", true).expect("user");
+        let member = MemberOf {
+            username: "reader",
+            group_name: "g",
+        };
+        store.create_group(member, 0).expect("group");
+        let batch: Vec<NewMessage> = (0..30)
+            .map(|i| NewMessage {
+                group_name: "g".into(),
+                username: "reader".into(),
+                text: format!("m{i}"),
+                client_msg_id: None,
+            })
+            .collect();
+        assert!(store.append_messages(&batch).iter().all(Result::is_ok));
+        let epoch = store.read_state("reader", "g").expect("state").group_id;
+        // The stream had sent up to 5 when retention kept only the newest 10.
+        let keep_ten = Retention {
+            max_age: None,
+            max_messages: 10,
+        };
+        prune_batch(&mut store, &keep_ten, "g", 30, 100).expect("prune");
+        let page = ResumePage {
+            username: "reader".into(),
+            group_name: "g".into(),
+            after_seq: 5,
+            start: None,
+            budget: 1 << 20,
+            handover: false,
+            epoch: Some(epoch),
+        };
+        let read = page.run(&mut store).expect("page");
+        assert!(read.gap);
+        let completed = page.answer(read, None);
+        let text = String::from_utf8(completed.line).expect("utf-8");
+        let first: serde_json::Value =
+            serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+        assert_eq!(first["event"], "resume_truncated", "{first}");
+        assert_eq!(first["data"]["first_seq"], 21, "{first}");
+        assert!(text
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains(r#""seq":21"#)));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -617,10 +617,16 @@ impl Server {
                 self.enter_room(token, room);
             }
             Effect::Settings(settings) => {
-                if let Some(connection) = self.connections.get_mut(&token) {
-                    connection.apply_settings(settings);
+                let Some(connection) = self.connections.get_mut(&token) else {
+                    return;
+                };
+                connection.apply_settings(settings);
+                // Back on protocol 2: no more activity notices (protocol 3's alone).
+                let back_to_2 = connection.session().protocol < 3;
+                match connection.session().username.clone() {
+                    Some(username) if back_to_2 => self.stop_activity(token, &username),
+                    _ => self.start_activity(token),
                 }
-                self.start_activity(token);
             }
             Effect::Resume(cursor) => {
                 self.leave_for(token, &cursor.group_name);
