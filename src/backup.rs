@@ -41,7 +41,7 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
         #[cfg(feature = "bench-noop")]
         StoreKind::Noop => return Err(BackupError("the no-op store keeps nothing".into())),
     };
-    let source = data_dir.join("noomnim.sqlite3");
+    let source = crate::store::sqlite::database_path(&data_dir);
     if !source.exists() {
         return Err(BackupError(format!(
             "no embedded store at {} (DATA_DIR)",
@@ -121,7 +121,9 @@ fn check_target(target: &Path, data_dir: &Path) -> Result<(), BackupError> {
         return refuse("its directory does not exist");
     };
     let in_store = data_dir.canonicalize().is_ok_and(|store| {
-        store == parent && (name.starts_with("noomnim.sqlite3") || name == "server.lock")
+        store == parent
+            && (name.starts_with(crate::store::sqlite::DATABASE_FILE)
+                || name == crate::start::STORE_LOCK_FILE)
     });
     if in_store {
         return refuse("that is one of the store's own files");

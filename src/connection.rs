@@ -661,14 +661,12 @@ impl Connection {
         });
     }
 
-    /// Queues a page of a resume's backlog of `group_name` (see `end_resume`).
-    pub fn queue_backlog(&mut self, line: Vec<u8>, group_name: &str) {
+    /// Queues a page of a resume's backlog (dropped by `end_resume`; the stream itself is
+    /// named by the cursor its page sets, `resume_from`).
+    pub fn queue_backlog(&mut self, line: Vec<u8>) {
         self.push(Chunk::Owned(line), false, None);
         if let Some(out) = self.outbox.back_mut() {
             out.backlog = true;
-        }
-        if self.streaming.as_deref() != Some(group_name) {
-            self.streaming = Some(group_name.to_string());
         }
     }
 
@@ -708,11 +706,6 @@ impl Connection {
             self.finish_line_only();
         }
         true
-    }
-
-    /// The group a resume is streaming, if one is (set by its pages, cleared when it ends).
-    pub fn streaming(&self) -> Option<&str> {
-        self.streaming.as_deref()
     }
 
     /// The resume reached the head and entered the room.

@@ -148,9 +148,8 @@ fn install_signal_handlers(loops: &Loops) -> Result<(), StartError> {
 fn print_token(args: Vec<String>) -> ExitCode {
     const USAGE: &str =
         "usage: noomnim token USERNAME [--ttl SECONDS] (with AUTH_SECRET or AUTH_SECRET_FILE set)";
-    if asks_for_help(&args) {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    if let Some(done) = usage_if_asked(&args, USAGE) {
+        return done;
     }
     let (username, ttl) = match args.as_slice() {
         [username] => (username, Some(noomnim::auth::DEFAULT_TTL_SECONDS)),
@@ -187,9 +186,8 @@ fn print_token(args: Vec<String>) -> ExitCode {
 fn run_backup(args: Vec<String>) -> ExitCode {
     const USAGE: &str =
         "usage: noomnim backup PATH (with the server's DATA_DIR set; PATH: a new file)";
-    if asks_for_help(&args) {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    if let Some(done) = usage_if_asked(&args, USAGE) {
+        return done;
     }
     let [target] = args.as_slice() else {
         eprintln!("noomnim: {USAGE}");
@@ -217,9 +215,8 @@ fn run_backup(args: Vec<String>) -> ExitCode {
 fn run_admin(args: Vec<String>) -> ExitCode {
     const USAGE: &str =
         "usage: noomnim admin erase-user NAME (with the server's store settings: DATA_DIR or MONGODB_URI)";
-    if asks_for_help(&args) {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    if let Some(done) = usage_if_asked(&args, USAGE) {
+        return done;
     }
     let [command, username] = args.as_slice() else {
         eprintln!("noomnim: {USAGE}");
@@ -235,7 +232,7 @@ fn run_admin(args: Vec<String>) -> ExitCode {
     };
     // An admin command works on a store that exists: a wrong DATA_DIR must not create one.
     if let noomnim::config::StoreKind::Embedded { data_dir, .. } = &config.store {
-        let database = data_dir.join("noomnim.sqlite3");
+        let database = noomnim::store::sqlite::database_path(data_dir);
         if !database.is_file() {
             eprintln!(
                 "noomnim: no embedded store at {} (DATA_DIR)",
@@ -267,10 +264,15 @@ fn run_admin(args: Vec<String>) -> ExitCode {
     }
 }
 
-/// Whether a subcommand's arguments ask for its usage (`--help`, `-h`): it is printed on stdout
-/// with exit 0, never taken as an argument (a backup file or a user named `--help`).
-fn asks_for_help(args: &[String]) -> bool {
-    args.iter().any(|arg| arg == "--help" || arg == "-h")
+/// When a subcommand's arguments ask for its usage (`--help`, `-h`), prints `usage` on stdout
+/// and returns exit 0: it is never taken as an argument (a backup file or a user named
+/// `--help`).
+fn usage_if_asked(args: &[String], usage: &str) -> Option<ExitCode> {
+    let asked = args.iter().any(|arg| arg == "--help" || arg == "-h");
+    asked.then(|| {
+        println!("{usage}");
+        ExitCode::SUCCESS
+    })
 }
 
 /// The configuration from the environment; a bad value is one line on stderr and exit 2 (for

@@ -191,7 +191,7 @@ impl Server {
                     continue;
                 }
                 if !backlog.is_empty() {
-                    connection.queue_backlog(backlog, &group_name);
+                    connection.queue_backlog(backlog);
                 }
                 self.apply(token, completed.effect);
                 continue;
@@ -248,7 +248,7 @@ impl Server {
             let Some(connection) = self.connections.get_mut(&token) else {
                 continue;
             };
-            if connection.streaming() != Some(group_name) || !connection.end_resume(group_name) {
+            if !connection.end_resume(group_name) {
                 continue;
             }
             if connection.session().protocol < 3 && !line.is_empty() {

@@ -634,12 +634,13 @@ impl Server {
                     connection.resume_from(cursor);
                 }
             }
+            // The stream is over; entering is the same as `enter_group`'s (a resume never
+            // raises the marker).
             Effect::Resumed(room) => {
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.stream_done();
                 }
-                self.leave_for(token, &room.group_name);
-                self.enter_room(token, room);
+                self.apply(token, Effect::EnterRoom(room));
             }
             Effect::LeftGroup {
                 username,

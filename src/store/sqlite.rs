@@ -122,6 +122,14 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// The embedded store's database file in `DATA_DIR` (its `-wal` and `-shm` beside it).
+pub const DATABASE_FILE: &str = "noomnim.sqlite3";
+
+/// Where the embedded store of `data_dir` keeps its database.
+pub fn database_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join(DATABASE_FILE)
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database under `data_dir`. `durable`: every commit is
     /// fsynced before it is acknowledged (`synchronous=FULL`); otherwise commits survive a
@@ -130,7 +138,7 @@ impl SqliteStore {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
         })?;
-        let path = data_dir.join("noomnim.sqlite3");
+        let path = database_path(data_dir);
         let connection = Connection::open(&path)?;
         connection.busy_timeout(Duration::from_secs(10))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
@@ -232,7 +240,7 @@ impl WriteTx<'_> {
 /// Checkpoints the whole WAL into the database file and truncates it to zero bytes (during
 /// the writers' turn; at shutdown nobody waits for it).
 pub fn truncate_wal(data_dir: &Path) -> rusqlite::Result<()> {
-    let connection = Connection::open(data_dir.join("noomnim.sqlite3"))?;
+    let connection = Connection::open(database_path(data_dir))?;
     connection.busy_timeout(Duration::from_secs(5))?;
     let _turn = writer_turn();
     connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
