@@ -244,13 +244,20 @@ fn run_admin(args: Vec<String>) -> ExitCode {
     // Names are compared in NFC, as the server stores them.
     let username: String =
         unicode_normalization::UnicodeNormalization::nfc(username.as_str()).collect();
-    let erased = noomnim::store::open(&config).and_then(|mut store| store.erase_user(&username));
+    let erased = noomnim::store::open(&config)
+        .and_then(|mut store| noomnim::store::manage::erase(store.as_mut(), &username));
     match erased {
-        Ok(groups) => {
+        Ok(erasure) => {
             println!(
                 "erased user {username:?}: messages deleted, memberships of {} group(s) removed; connected clients are closed within seconds",
-                groups.len()
+                erasure.groups.len()
             );
+            for (group, heir) in &erasure.handed_over {
+                println!("  {group}: ownership passed to {heir:?}");
+            }
+            for group in &erasure.deleted {
+                println!("  {group}: deleted (they were its only member)");
+            }
             ExitCode::SUCCESS
         }
         Err(noomnim::store::StoreError::UserNotFound) => {

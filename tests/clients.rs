@@ -113,6 +113,9 @@ fn the_client_packages_install_fresh_and_pass_their_own_tests() {
             .args(args)
             .current_dir(dir)
             .env("NOOMNIM_PORT", &port)
+            // The packages' tests erase a user through the store, as an operator would.
+            .env("NOOMNIM_BINARY", common::BINARY)
+            .envs(storage.env())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         assert!(
@@ -153,7 +156,7 @@ fn the_client_packages_install_fresh_and_pass_their_own_tests() {
             "install",
             "--no-audit",
             "--no-fund",
-            "./noomnim-client-0.3.0.tgz",
+            "./noomnim-client-0.4.0.tgz",
         ],
         &node_dir,
     );

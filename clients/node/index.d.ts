@@ -48,7 +48,11 @@ export class Client {
   /** The protocol version the server agreed to (3 when it has it). */
   protocol: number;
   onEvent: ((line: Line) => void) | null;
-  /** (Re)connects: hello, log in, re-enter the room and catch up, resend the outbox. */
+  /** Set once the server closed with `account_erased`: connect() then rejects with it. */
+  endedForGood: ChatError | null;
+  /** (Re)connects: hello, log in, re-enter the room and catch up, resend the outbox. Rejects
+   * with ChatError `account_erased` once the account was erased (a new login would register
+   * the name anew). */
   connect(): Promise<void>;
   request(event: string, data?: object): Promise<Line>;
   joinAndEnter(group: string): Promise<void>;

@@ -64,10 +64,14 @@ class Client {
     this.groups = new Map(); // group -> { last_seq, unread_count }: the sidebar (protocol 3)
     this.socket = null;
     this.abandoned = []; // sockets left open on purpose (see cutOff)
+    // Set when the server closed with `closing {code: account_erased}`: connect() refuses from
+    // then on, since logging in again would register the erased name anew.
+    this.endedForGood = null;
   }
 
   // (Re)connects: hello, log in, re-enter the room and catch up, resend the outbox.
   async connect() {
+    if (this.endedForGood) throw this.endedForGood;
     const socket = net.connect(this.port, this.host);
     await new Promise((ok, fail) => { socket.once('connect', ok); socket.once('error', fail); });
     this.socket = socket;
@@ -130,8 +134,11 @@ class Client {
       entry.unread_count = line.data.unread_count;
       this.groups.set(line.data.group_name, entry);
       if (this.onEvent) this.onEvent(line);
-    } else if (this.onEvent) {
-      this.onEvent(line);
+    } else {
+      if (line.event === 'closing' && line.data && line.data.code === 'account_erased') {
+        this.endedForGood = new ChatError('account_erased', line.data.Error || 'account erased');
+      }
+      if (this.onEvent) this.onEvent(line);
     }
   }
 
@@ -264,6 +271,10 @@ class Client {
 
   advance(group, message) {
     this.lastSeq.set(group, message.seq);
+    // The sidebar knows what this client has shown, not only what group_activity said.
+    const entry = this.groups.get(group) || { unread_count: 0 };
+    entry.last_seq = Math.max(entry.last_seq || 0, message.seq);
+    this.groups.set(group, entry);
     if (this.onMessage) this.onMessage(message);
     if (this.backlog && this.backlog[0] === group && message.seq >= this.backlog[1]) {
       const d = this.backlog[2];

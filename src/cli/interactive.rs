@@ -345,6 +345,10 @@ fn keep_link(
 ) {
     loop {
         let lost = serve(&mut link, &requests, &shared, &mut screen, on);
+        if let Some(reason) = link.ended_for_good() {
+            screen.say(show_problem(&format!("{reason} (/quit to leave)"), on));
+            return;
+        }
         match lost {
             None => return,
             Some(reason) => screen.say(show_problem(

@@ -63,6 +63,8 @@ pub struct Link {
     framer: LineFramer,
     lines: std::collections::VecDeque<Value>,
     next_id: u64,
+    /// The server said it closes this connection for a reason no reconnect can mend.
+    ended_for_good: Option<String>,
 }
 
 /// What waiting for a line found.
@@ -92,6 +94,7 @@ impl Link {
             framer: LineFramer::new(MAX_LINE),
             lines: Default::default(),
             next_id: 1,
+            ended_for_good: None,
         })
     }
 
@@ -154,6 +157,12 @@ impl Link {
         Ok(reply)
     }
 
+    /// Set once the server closed the connection for a reason that reconnecting must not
+    /// undo (`closing account_erased`): what to tell the user.
+    pub fn ended_for_good(&self) -> Option<&str> {
+        self.ended_for_good.as_deref()
+    }
+
     /// The next line from the server, waiting at most `wait` (`None`: until one comes). A
     /// closed connection is an `UnexpectedEof` error.
     pub fn next(&mut self, wait: Option<Duration>) -> io::Result<Incoming> {
@@ -180,8 +189,13 @@ impl Link {
             self.framer.feed(&buffer[..read], &mut frames);
             for frame in frames {
                 if let Frame::Line(bytes) = frame {
-                    match serde_json::from_slice(&bytes) {
-                        Ok(value) => self.lines.push_back(value),
+                    match serde_json::from_slice::<Value>(&bytes) {
+                        Ok(value) => {
+                            if let Some(reason) = final_closing(&value) {
+                                self.ended_for_good = Some(reason);
+                            }
+                            self.lines.push_back(value)
+                        }
                         Err(e) => log_bad_line(&bytes, &e),
                     }
                 }
@@ -191,6 +205,13 @@ impl Link {
             }
         }
     }
+}
+
+/// Why a `closing` line ends the account's use for good (a reconnect would log in again and,
+/// for an erased account, register the name anew), or `None` for those a reconnect survives.
+fn final_closing(line: &Value) -> Option<String> {
+    (line["event"] == "closing" && line["data"]["code"] == "account_erased")
+        .then(|| "this account was erased by an operator; not reconnecting".to_string())
 }
 
 fn log_bad_line(bytes: &[u8], error: &serde_json::Error) {

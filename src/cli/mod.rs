@@ -286,6 +286,9 @@ fn tail(options: &Options, group: &str) -> Result<(), String> {
                 }
                 Ok(Incoming::Quiet) => {}
                 Err(error) => {
+                    if let Some(reason) = link.ended_for_good() {
+                        return Err(reason.to_string());
+                    }
                     eprintln!("noomnim cli: connection lost ({error}); reconnecting");
                     break;
                 }

@@ -325,24 +325,40 @@ fn check_retention(store: &mut dyn Store, prefix: &str) {
     assert_eq!(next[0].as_ref().map(|a| a.message.seq), Ok(31));
 }
 
-/// Erasing a user: tombstones, no memberships, the name free, and the erasure logged.
+/// Erasing a user: anonymous tombstones, no memberships, owned groups handed over or deleted,
+/// the name free with a fresh quota, and the erasure logged.
 fn check_erasure(store: &mut dyn Store, prefix: &str) {
+    use crate::model::Role;
     let (gone, stays) = (format!("{prefix}erased"), format!("{prefix}stays"));
     let group = format!("{prefix}erasing");
+    let (owned, alone) = (format!("{prefix}erased-owns"), format!("{prefix}erased-alone"));
     store.find_user(&gone, true).expect("user");
     store.find_user(&stays, true).expect("user");
     create(store, &stays, &group, 0).expect("group");
     store.join_group(&gone, &group).expect("join");
+    create(store, &gone, &owned, 2).expect("an owned group");
+    store.join_group(&stays, &owned).expect("join");
+    create(store, &gone, &alone, 2).expect("a group of their own");
+    assert_eq!(
+        create(store, &gone, &format!("{prefix}erased-3"), 2),
+        Err(StoreError::QuotaExceeded)
+    );
     let sent = store.append_messages(&[
         message_with_id(&group, &gone, "my secret", &format!("{prefix}erase-key")),
         message(&group, &stays, "hello"),
     ]);
     assert!(sent.iter().all(Result::is_ok));
     let before = crate::model::unix_millis();
-    assert_eq!(store.erase_user(&gone), Ok(vec![group.clone()]));
+    let erasure = super::manage::erase(store, &gone).expect("erase");
+    assert_eq!(erasure.groups, vec![owned.clone(), group.clone()]);
+    assert_eq!(erasure.handed_over, vec![(owned.clone(), stays.clone())]);
+    assert_eq!(erasure.deleted, vec![alone.clone()]);
     assert_eq!(store.erase_user(&gone), Err(StoreError::UserNotFound));
+    assert_eq!(store.role(&owned, &stays), Ok(Role::Owner));
+    assert_eq!(store.group_members(&alone), Err(StoreError::GroupNotFound));
     let page = fetch(store, &stays, &group, page_from(0)).expect("page");
     assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
+    assert_eq!(page.messages[0].username, "", "no name is left on a tombstone");
     assert_eq!(page.messages[0].client_msg_id, None);
     assert_eq!(page.messages[1].text, "hello");
     assert_eq!(store.group_members(&group), Ok(vec![stays.clone()]));
@@ -352,6 +368,8 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
         .any(|(name, at)| *name == gone && *at >= before));
     let (_, created) = store.find_user(&gone, true).expect("register again");
     assert!(created, "the name can be registered again");
+    assert_eq!(store.owned_groups(&gone), Ok(Vec::new()));
+    create(store, &gone, &format!("{prefix}erased-new"), 1).expect("a fresh quota");
 }
 
 /// At most one message per (username, client_msg_id): repeats, in a later batch or the same

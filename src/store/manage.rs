@@ -254,14 +254,59 @@ pub fn leave(
     if !was_owner {
         return Ok((group, None));
     }
-    let successor = match store.members_with_role(group_name, Role::Admin)?.first() {
-        Some(admin) => Some(admin.clone()),
-        None => store.group_members(group_name)?.first().cloned(),
-    };
+    let successor = successor(store, group_name, username)?;
     if let Some(successor) = &successor {
         store.set_role(group_name, successor, Role::Owner)?;
     }
     Ok((group, successor))
+}
+
+/// Who takes a group over from `leaving`, its owner: the longest-standing admin, else the
+/// longest-standing member; `None` when nobody else is in it.
+fn successor(
+    store: &mut dyn Store,
+    group_name: &str,
+    leaving: &str,
+) -> StoreResult<Option<String>> {
+    let other = |names: Vec<String>| names.into_iter().find(|name| name != leaving);
+    match other(store.members_with_role(group_name, Role::Admin)?) {
+        Some(admin) => Ok(Some(admin)),
+        None => Ok(other(store.group_members(group_name)?)),
+    }
+}
+
+/// What erasing a user did (`noomnim admin erase-user`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Erasure {
+    /// The groups they were in (their memberships are gone).
+    pub groups: Vec<String>,
+    /// Groups they owned, each with its new owner (chosen as when an owner leaves).
+    pub handed_over: Vec<(String, String)>,
+    /// Groups they owned alone: deleted, as nobody could ever manage them again.
+    pub deleted: Vec<String>,
+}
+
+/// Erases a user (the right to be forgotten). Every group they owned is handed over as if
+/// they had left it, or deleted when they were its only member, so no group is left without
+/// an owner; then the store erases them (`Store::erase_user`: messages scrubbed and
+/// anonymous, memberships, bans and quota gone, the erasure logged for every server).
+pub fn erase(store: &mut dyn Store, username: &str) -> StoreResult<Erasure> {
+    let _turn = membership_turn();
+    let mut erasure = Erasure::default();
+    for group in store.owned_groups(username)? {
+        match successor(store, &group, username)? {
+            Some(heir) => {
+                store.set_role(&group, &heir, Role::Owner)?;
+                erasure.handed_over.push((group, heir));
+            }
+            None => {
+                store.remove_group(&group)?;
+                erasure.deleted.push(group);
+            }
+        }
+    }
+    erasure.groups = store.erase_user(username)?;
+    Ok(erasure)
 }
 
 /// Retention limits (`RETENTION_MAX_AGE`, `RETENTION_MAX_MESSAGES`); zero is off.

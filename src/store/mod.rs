@@ -128,9 +128,15 @@ pub trait Store: Send {
     fn prune(&mut self, group_name: &str, cut: &PruneCut, limit: u32) -> StoreResult<u64>;
     /// At most `limit` group names after `after`, by name, with each group's newest seq.
     fn group_names(&mut self, after: &str, limit: u32) -> StoreResult<Vec<(String, u64)>>;
-    /// Erases a user: their messages become tombstones, their memberships, bans and the user
+    /// The groups `username` owns, by name.
+    fn owned_groups(&mut self, username: &str) -> StoreResult<Vec<String>>;
+    /// Erases a user: their messages become tombstones with no author (`username` empty),
+    /// their memberships, bans, the groups they count as creator of (the quota) and the user
     /// record go, and the erasure is recorded (`erasures_since`) so that every running server
-    /// closes the user's connections. Returns the groups they were in (`UserNotFound`).
+    /// closes the user's connections. Memberships go before the messages are scrubbed: a send
+    /// racing the erasure is either refused (no longer a member) or scrubbed. Returns the
+    /// groups they were in (`UserNotFound`). Owned groups are handed over first
+    /// (`manage::erase`).
     fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>>;
     /// Users erased at or after `since_ms` (milliseconds since the Unix epoch), with when.
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>>;

@@ -490,9 +490,11 @@ impl MongoStore {
         let mut results = self.retries_of_strangers(strangers, StoreError::NotAMember);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
         let (settled, error) = self.insert_with_seq(group_name, members_items);
-        let (settled, error) = self.unless_group_went(&group, group_name, settled, error);
+        let (settled, error, refused) = self.unless_access_went(&group, group_name, settled, error);
         let mut settled: HashMap<usize, Appended> = settled.into_iter().collect();
-        for i in indexes {
+        let refused_indexes: Vec<usize> = refused.iter().map(|(i, _)| *i).collect();
+        results.extend(refused.into_iter().map(|(i, e)| (i, Err(e))));
+        for i in indexes.into_iter().filter(|i| !refused_indexes.contains(i)) {
             let outcome = settled.remove(&i).ok_or_else(|| {
                 error
                     .clone()
@@ -510,42 +512,85 @@ impl MongoStore {
     /// another group of the name (another id), what this append inserted is removed again and
     /// refused `group_not_found`. A delete that comes after this second read removes the
     /// messages itself (they were inserted before it).
-    fn unless_group_went(
+    ///
+    /// The same read closes the race with a ban, a removal or an erasure (one update of the
+    /// group document each): a sender no longer a member when the group is read again has what
+    /// it inserted made a tombstone and refused (`banned` or `not_a_member`), so no message is ever
+    /// stored after a ban was answered. A ban or erasure after this read comes after the
+    /// insert, so the message was sent while a member (an erasure then scrubs it, as it
+    /// scrubs the sender's messages only after taking their memberships).
+    fn unless_access_went(
         &self,
         group: &Document,
         group_name: &str,
         settled: Vec<(usize, Appended)>,
         error: Option<StoreError>,
-    ) -> (Vec<(usize, Appended)>, Option<StoreError>) {
-        let inserted = object_ids(
-            settled
-                .iter()
-                .filter(|(_, appended)| !appended.duplicate)
-                .map(|(_, appended)| appended.message.id.as_str()),
-        );
-        if inserted.is_empty() {
-            return (settled, error);
-        }
-        let same_group = match self.group(group_name) {
-            Ok(now) => {
-                group_ref(&now, group_name).group_id == group_ref(group, group_name).group_id
-            }
-            Err(StoreError::GroupNotFound) => false,
-            // Cannot tell: the insert stands (a delete still running removes it).
-            Err(_) => true,
+    ) -> AccessChecked {
+        let inserted = |settled: &[(usize, Appended)], keep: &dyn Fn(&Message) -> bool| {
+            object_ids(
+                settled
+                    .iter()
+                    .filter(|(_, appended)| !appended.duplicate && keep(&appended.message))
+                    .map(|(_, appended)| appended.message.id.as_str()),
+            )
         };
-        if same_group {
-            return (settled, error);
+        if inserted(&settled, &|_| true).is_empty() {
+            return (settled, error, Vec::new());
         }
-        if let Err(error) = self
-            .messages
-            .delete_many(doc! {"_id": {"$in": inserted}})
-            .run()
-        {
-            return (Vec::new(), Some(error.into()));
+        let now = match self.group(group_name) {
+            Ok(now) => Some(now),
+            Err(StoreError::GroupNotFound) => None,
+            // Cannot tell: the insert stands (a delete or erasure still running removes it).
+            Err(_) => return (settled, error, Vec::new()),
+        };
+        let now = now.filter(|now| {
+            group_ref(now, group_name).group_id == group_ref(group, group_name).group_id
+        });
+        let Some(now) = now else {
+            let ids = inserted(&settled, &|_| true);
+            if let Err(error) = self.messages.delete_many(doc! {"_id": {"$in": ids}}).run() {
+                return (Vec::new(), Some(error.into()), Vec::new());
+            }
+            let kept = settled.into_iter().filter(|(_, a)| a.duplicate).collect();
+            return (kept, Some(StoreError::GroupNotFound), Vec::new());
+        };
+        let members = member_names(&now);
+        let banned = |name: &str| {
+            now.get_array("banned")
+                .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(name)))
+        };
+        // A ban is written before the member is taken out: banned counts as gone already.
+        let outsider =
+            |message: &Message| !members.contains(&message.username) || banned(&message.username);
+        let ids = inserted(&settled, &outsider);
+        if ids.is_empty() {
+            return (settled, error, Vec::new());
         }
-        let kept = settled.into_iter().filter(|(_, a)| a.duplicate).collect();
-        (kept, Some(StoreError::GroupNotFound))
+        // Tombstones rather than removals: their seqs are taken, and a group's seqs stay
+        // gapless (a room reading the gap from the store gets them as deleted messages). No
+        // author either: the message was refused, and its sender may be being erased.
+        let scrub = self.messages.update_many(
+            doc! {"_id": {"$in": ids}},
+            doc! {"$set": {"deleted": true, "username": ""}, "$unset": {"text": "", "edited_at": "", "client_msg_id": ""}},
+        );
+        if let Err(error) = scrub.run() {
+            return (Vec::new(), Some(error.into()), Vec::new());
+        }
+        let (refused, kept): (Vec<_>, Vec<_>) = settled
+            .into_iter()
+            .partition(|(_, a)| !a.duplicate && outsider(&a.message));
+        let refused = refused
+            .into_iter()
+            .map(|(i, a)| {
+                let refusal = if banned(&a.message.username) {
+                    StoreError::Banned
+                } else {
+                    StoreError::NotAMember
+                };
+                (i, refusal)
+            })
+            .collect();
+        (kept, error, refused)
     }
 
     /// Messages from non-members are refused (`refusal`), except a retry of one stored before
@@ -577,6 +622,14 @@ impl MongoStore {
 }
 
 /// A message about to be stored (its `seq` is set when it is inserted).
+/// What stood of an insert once the group was read again: the messages kept, the error for
+/// the rest, and those refused one by one (their sender lost access meanwhile).
+type AccessChecked = (
+    Vec<(usize, Appended)>,
+    Option<StoreError>,
+    Vec<(usize, StoreError)>,
+);
+
 fn unstored(message: &NewMessage, now: &str) -> Message {
     Message {
         id: ObjectId::new().to_hex(),
@@ -1255,6 +1308,23 @@ impl Store for MongoStore {
             .collect())
     }
 
+    fn owned_groups(&mut self, username: &str) -> StoreResult<Vec<String>> {
+        self.ensure_indexes()?;
+        let cursor = self
+            .groups
+            .find(doc! {"user": {"$elemMatch": {"name_ID": username, "role": "owner"}}})
+            .projection(doc! {"group_name": 1})
+            .sort(doc! {"group_name": 1})
+            .run()?;
+        let mut groups = Vec::new();
+        for group in cursor {
+            if let Ok(name) = group?.get_str("group_name") {
+                groups.push(name.to_string());
+            }
+        }
+        Ok(groups)
+    }
+
     fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>> {
         self.ensure_indexes()?;
         if !self.user_exists(username)? {
@@ -1272,12 +1342,9 @@ impl Store for MongoStore {
                 groups.push(name.to_string());
             }
         }
-        self.messages
-            .update_many(
-                doc! {"username": username},
-                doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": "", "client_msg_id": ""}},
-            )
-            .run()?;
+        // Memberships first: from then on a send of theirs is refused, and one that raced
+        // this finds itself no longer a member when it reads the group again and scrubs what
+        // it inserted (`unless_access_went`); whatever was inserted before is scrubbed below.
         self.groups
             .update_many(
                 doc! {"user.name_ID": username},
@@ -1290,6 +1357,17 @@ impl Store for MongoStore {
                 doc! {"$pull": {"banned": username}},
             )
             .run()?;
+        // A name registered again starts with a fresh group quota.
+        self.groups
+            .update_many(doc! {"creator": username}, doc! {"$unset": {"creator": ""}})
+            .run()?;
+        self.messages
+            .update_many(
+                doc! {"username": username},
+                doc! {"$set": {"deleted": true, "username": ""}, "$unset": {"text": "", "edited_at": "", "client_msg_id": ""}},
+            )
+            .run()?;
+        // The user record last: an erasure that failed half-way can be run again.
         self.users.delete_one(doc! {"username": username}).run()?;
         self.erasures
             .insert_one(doc! {"username": username, "at": unix_millis() as i64})

@@ -290,6 +290,10 @@ impl Store for NoopStore {
         Ok(Vec::new())
     }
 
+    fn owned_groups(&mut self, _: &str) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     fn erase_user(&mut self, _: &str) -> StoreResult<Vec<String>> {
         Err(not_kept())
     }

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -249,6 +250,26 @@ pub fn truncate_wal(data_dir: &Path) -> rusqlite::Result<()> {
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
+/// At most this often the WAL is cut to zero bytes because text was erased (so a client
+/// deleting in a loop costs the writers at most one TRUNCATE, 25-37 ms, a second).
+const SCRUB_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a checkpoint holding the writers' turn waits for readers of an older snapshot (a
+/// backup's long read, say) before giving up until the next round: never long enough to be
+/// felt by a sender.
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(10);
+
+/// Set when a commit overwrote or removed message text (an edit, a delete, retention, a
+/// group's deletion): the old text still sits in WAL frames until the WAL is cut, so the
+/// checkpointer cuts it (TRUNCATE) within about `SCRUB_EVERY`. Starts set: a WAL left by a
+/// crash may hold erased text too.
+static ERASED_TEXT_IN_WAL: AtomicBool = AtomicBool::new(true);
+
+/// Asks the checkpointer to cut the WAL soon (text was erased).
+fn scrub_wal_soon() {
+    ERASED_TEXT_IN_WAL.store(true, Ordering::Relaxed);
+}
+
 /// Starts (once per process) the thread that checkpoints the WAL in the background.
 fn start_checkpointer(path: std::path::PathBuf, wal_limit: u64) {
     static STARTED: std::sync::Once = std::sync::Once::new();
@@ -262,7 +283,16 @@ fn start_checkpointer(path: std::path::PathBuf, wal_limit: u64) {
     });
 }
 
-/// Checkpoints every `CHECKPOINT_EVERY`; past `wal_limit` bytes of WAL, also resets it.
+/// Runs `PRAGMA wal_checkpoint(mode)`; true when it completed (false: readers or a writer of
+/// another process were in the way, and it did what it could).
+fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<bool> {
+    connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+        Ok(row.get::<_, i64>(0)? == 0)
+    })
+}
+
+/// Checkpoints every `CHECKPOINT_EVERY`; past `wal_limit` bytes of WAL, also resets it; after
+/// text was erased, cuts it to nothing.
 fn checkpoint_forever(path: &Path, wal_limit: u64) {
     let connection = match Connection::open(path) {
         Ok(connection) => connection,
@@ -271,10 +301,13 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
             return;
         }
     };
-    let _ = connection.busy_timeout(Duration::from_secs(1));
+    // Only RESTART and TRUNCATE wait (PASSIVE never does), and they wait holding the writers'
+    // turn: a backup's long read once kept every sender waiting a whole second here.
+    let _ = connection.busy_timeout(CHECKPOINT_WAIT);
     let wal = path.with_extension("sqlite3-wal");
     // When the last RESTART happened, as the WAL's modification time then.
     let mut restarted = None;
+    let mut scrubbed: Option<std::time::Instant> = None;
     let written_at = |wal: &Path| std::fs::metadata(wal).and_then(|m| m.modified()).ok();
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
@@ -288,17 +321,33 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
         // their turn (a journaled truncate, then every later commit appends to fresh blocks),
         // RESTART 0.03-6 ms (docs/BENCHMARKS.md). Still over the limit and not written since
         // the last RESTART: no commit came to reuse the file, so TRUNCATE, which then keeps no
-        // one waiting, gives the space back.
-        let mut done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        // one waiting, gives the space back. Erased text is the exception: it must leave the
+        // WAL, and only TRUNCATE takes it out of the file.
+        let mut done = checkpoint(&connection, "PASSIVE").map(|_| ());
         let over = std::fs::metadata(&wal).is_ok_and(|m| m.len() > wal_limit);
-        if done.is_ok() && over {
+        let scrub_due = ERASED_TEXT_IN_WAL.load(Ordering::Relaxed)
+            && scrubbed.is_none_or(|at| at.elapsed() >= SCRUB_EVERY);
+        if done.is_ok() && (over || scrub_due) {
             let idle = restarted.is_some() && restarted == written_at(&wal);
-            let mode = if idle { "TRUNCATE" } else { "RESTART" };
+            let mode = if idle || scrub_due { "TRUNCATE" } else { "RESTART" };
+            if scrub_due {
+                // Cleared first: text erased while this runs sets it again.
+                ERASED_TEXT_IN_WAL.store(false, Ordering::Relaxed);
+                scrubbed = Some(std::time::Instant::now());
+            }
             let _turn = writer_turn();
             let held = std::time::Instant::now();
-            done = connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
+            let completed = checkpoint(&connection, mode);
             log::debug!("WAL {mode} held the writers for {:?}", held.elapsed());
-            restarted = if idle { None } else { written_at(&wal) };
+            if scrub_due && !matches!(completed, Ok(true)) {
+                scrub_wal_soon();
+            }
+            done = completed.map(|_| ());
+            restarted = if idle || mode == "TRUNCATE" {
+                None
+            } else {
+                written_at(&wal)
+            };
         } else {
             restarted = None;
         }
@@ -904,6 +953,9 @@ impl Store for SqliteStore {
             .pop()
         };
         tx.commit()?;
+        if message.is_some() {
+            scrub_wal_soon();
+        }
         Ok(message)
     }
 
@@ -957,6 +1009,7 @@ impl Store for SqliteStore {
             )?;
         }
         tx.commit()?;
+        scrub_wal_soon();
         Ok(())
     }
 
@@ -984,6 +1037,9 @@ impl Store for SqliteStore {
             .execute([group_name])?;
         }
         tx.commit()?;
+        if removed > 0 {
+            scrub_wal_soon();
+        }
         Ok(removed as u64)
     }
 
@@ -1000,6 +1056,17 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
+    fn owned_groups(&mut self, username: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .connection
+            .prepare_cached(
+                "SELECT group_name FROM members WHERE username = ?1 AND role = 'owner'
+                 ORDER BY group_name",
+            )?
+            .query_map([username], |row| row.get(0))?
+            .collect::<Result<Vec<String>, _>>()?)
+    }
+
     fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>> {
         let tx = self.write()?;
         if !user_exists(&tx, username)? {
@@ -1014,8 +1081,8 @@ impl Store for SqliteStore {
         // No index of messages by sender (it would cost every send a B-tree update): an
         // erasure reads the table once, a rare price for a rare request.
         tx.execute(
-            "UPDATE messages SET text = '', edited_at = NULL, deleted = 1, client_msg_id = NULL
-             WHERE username = ?1",
+            "UPDATE messages SET text = '', username = '', edited_at = NULL, deleted = 1,
+             client_msg_id = NULL WHERE username = ?1",
             [username],
         )?;
         for table in ["members", "bans", "users"] {
@@ -1024,22 +1091,38 @@ impl Store for SqliteStore {
                 [username],
             )?;
         }
+        // A name registered again starts with a fresh group quota.
+        tx.execute(
+            "UPDATE groups SET creator = NULL WHERE creator = ?1",
+            [username],
+        )?;
         tx.execute(
             "INSERT INTO erasures (username, at) VALUES (?1, ?2)",
             params![username, unix_millis() as i64],
         )?;
         tx.commit()?;
+        // This is `noomnim admin`'s process, which ends now: the erased text leaves the WAL
+        // before it does (a server's checkpointer would not know of it).
+        let _turn = writer_turn();
+        if !matches!(checkpoint(&self.connection, "TRUNCATE"), Ok(true)) {
+            log::warn!("the WAL could not be cut now; a running server cuts it when it sees the erasure");
+        }
         Ok(groups)
     }
 
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {
-        Ok(self
+        let erasures = self
             .connection
             .prepare_cached("SELECT username, at FROM erasures WHERE at >= ?1 ORDER BY at")?
             .query_map([since_ms.min(i64::MAX as u64) as i64], |row| {
                 Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
             })?
-            .collect::<Result<Vec<_>, _>>()?)
+            .collect::<Result<Vec<_>, _>>()?;
+        if !erasures.is_empty() {
+            // Made by `noomnim admin` in its own process: in case it could not cut the WAL.
+            scrub_wal_soon();
+        }
+        Ok(erasures)
     }
 }
 

@@ -35,6 +35,8 @@ test('a sent message reaches the room once, on protocol 3', async () => {
   const { group, seen, alice, bob } = await pair();
   assert.strictEqual(bob.protocol, 3);
   const stored = await alice.send(group, 'hello');
+  // What the README's example prints: the sidebar has the group.
+  assert.deepStrictEqual(alice.groups.get(group), { last_seq: stored.seq, unread_count: 0 });
   assert.ok(await until(() => seen.length === 1));
   assert.strictEqual(seen[0].seq, stored.seq);
   alice.close(); bob.close();
@@ -68,5 +70,17 @@ test('edits and deletes reach onEvent', async () => {
   assert.strictEqual(tombstone.deleted, true);
   assert.strictEqual(tombstone.text, undefined);
   assert.ok(await until(() => events.some((e) => e.event === 'message_deleted')));
+  alice.close(); bob.close();
+});
+
+// With NOOMNIM_BINARY (and the server's DATA_DIR or MONGODB_URI), the store can be reached as
+// an operator would; without them this test has nothing to erase with.
+test('an erased account is not logged in again', { skip: !process.env.NOOMNIM_BINARY }, async () => {
+  const { alice, bob } = await pair();
+  const { execFileSync } = require('child_process');
+  execFileSync(process.env.NOOMNIM_BINARY, ['admin', 'erase-user', alice.username]);
+  assert.ok(await until(() => alice.endedForGood !== null, 20));
+  await assert.rejects(alice.connect(),
+    (error) => error instanceof ChatError && error.code === 'account_erased');
   alice.close(); bob.close();
 });

@@ -46,6 +46,8 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
     async def test_a_sent_message_reaches_the_room_once(self):
         stored = await self.alice.send(self.group, "hello")
         self.assertEqual(stored["text"], "hello")
+        # What the README's example prints: the sidebar has the group.
+        self.assertEqual(self.alice.groups[self.group], {"last_seq": stored["seq"], "unread_count": 0})
         self.assertTrue(await until(lambda: len(self.seen) == 1))
         self.assertEqual(self.seen[0]["seq"], stored["seq"])
 
@@ -82,6 +84,21 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(await until(lambda: self.bob.groups.get(other, {}).get("unread_count") == 1))
         marked = await self.bob.mark_read(other, 1)
         self.assertEqual(marked["unread_count"], 0)
+
+    async def test_an_erased_account_is_not_logged_in_again(self):
+        # NOOMNIM_BINARY (with the server's DATA_DIR or MONGODB_URI) reaches the store as an
+        # operator would; without them there is nothing to erase with.
+        binary = os.environ.get("NOOMNIM_BINARY")
+        if binary is None:
+            self.skipTest("NOOMNIM_BINARY is not set")
+        erasing = await asyncio.create_subprocess_exec(
+            binary, "admin", "erase-user", self.alice.username, stdout=asyncio.subprocess.DEVNULL
+        )
+        self.assertEqual(await erasing.wait(), 0)
+        self.assertTrue(await until(lambda: self.alice.ended_for_good is not None, 20))
+        with self.assertRaises(ChatError) as refused:
+            await self.alice.connect()
+        self.assertEqual(refused.exception.code, "account_erased")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Optional
 Message = Dict[str, Any]
 Line = Dict[str, Any]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 RETRYABLE = {"unavailable", "rate_limited"}
 # Longest line accepted from the server: above its `max_reply_bytes` (1 MiB by default; a
@@ -84,10 +84,16 @@ class Client:
         self._reader_task = None
         self._abandoned = []  # transports left open on purpose (see `cut_off`)
         self._closed = True
+        # Set when the server closed with `closing {code: account_erased}`: connect() refuses
+        # from then on, since logging in again would register the erased name anew.
+        self.ended_for_good = None
 
     # -- connection -------------------------------------------------------------------------
     async def connect(self) -> None:
-        """(Re)connects: hello, log in, re-enter the room and catch up, resend the outbox."""
+        """(Re)connects: hello, log in, re-enter the room and catch up, resend the outbox.
+        Raises ChatError `account_erased` once the account was erased."""
+        if self.ended_for_good is not None:
+            raise self.ended_for_good
         reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE)
         self._closed = False
         self._reader_task = asyncio.ensure_future(self._read_loop(reader))
@@ -157,8 +163,12 @@ class Client:
             entry["unread_count"] = data["unread_count"]
             if self.on_event is not None:
                 self.on_event(line)
-        elif self.on_event is not None:
-            self.on_event(line)
+        else:
+            data = line.get("data") or {}
+            if line.get("event") == "closing" and data.get("code") == "account_erased":
+                self.ended_for_good = ChatError("account_erased", data.get("Error", ""))
+            if self.on_event is not None:
+                self.on_event(line)
 
     # -- requests ---------------------------------------------------------------------------
     async def request(self, event: str, data: Optional[Dict[str, Any]] = None) -> Line:
@@ -320,6 +330,9 @@ class Client:
     def _advance(self, group, message):
         seq = message["seq"]
         self.last_seq[group] = seq
+        # The sidebar knows what this client has shown, not only what group_activity said.
+        entry = self.groups.setdefault(group, {"unread_count": 0})
+        entry["last_seq"] = max(entry.get("last_seq", 0), seq)
         if self.on_message is not None:
             self.on_message(message)
         if self._backlog is not None and self._backlog[0] == group and seq >= self._backlog[1]:
