@@ -197,7 +197,7 @@ fn interactive_cli_keeps_a_half_typed_line_while_messages_arrive() {
     let screen = tmux.wait_for(&format!("entered {group}"), 1);
     assert!(screen.contains(&format!("/enter {group}")), "{screen}");
     // Bob speaks while Alice is half-way through a line (typed a key at a time, as a person
-    // types: rustyline draws a burst of keys arriving in one read only at the next key).
+    // types; bursts have a test of their own below).
     for key in "hello wor".chars() {
         tmux.keys(&["-l", &key.to_string()]);
     }
@@ -266,6 +266,69 @@ fn interactive_cli_keeps_a_half_typed_line_while_messages_arrive() {
     let screen = tmux.wait_for(&format!("{alice}> /quit"), 1);
     assert!(screen.contains(&format!("{alice}> /quit")), "{screen}");
     let _ = std::fs::remove_file(history);
+}
+
+/// Issue 35 item 1: nothing typed or pasted is lost or waits for another key. A line and its
+/// Enter arriving in one read (a fast typist, a program driving the terminal), 30 lines
+/// pasted without bracketed paste (tmux's `paste-buffer`, which turns newlines into Enter),
+/// and an input method committing a whole word at once are each sent, in order, as typed.
+#[test]
+fn interactive_cli_keeps_every_key_of_bursts_and_pastes() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (alice, bob, group) = (unique("alice"), unique("bob"), unique("room"));
+    let mut b = server.login(&bob);
+    assert_eq!(
+        ask(&mut b, "create_group", ug(&bob, &group))["event"],
+        "group_created"
+    );
+    assert_eq!(
+        ask(&mut b, "enter_group", json!({"group_name": group}))["event"],
+        "enter_group"
+    );
+    let tmux = Tmux::start(&format!(
+        "{BINARY} cli --port {} --user {alice}",
+        server.addr.port()
+    ));
+    tmux.wait_for(&format!("logged in as {alice}"), 1);
+    tmux.type_line(&format!("/join {group}"));
+    tmux.wait_for(&format!("joined {group}"), 1);
+    tmux.type_line(&format!("/enter {group}"));
+    tmux.wait_for(&format!("entered {group}"), 1);
+    let mut expected = Vec::new();
+    // One write: the text and its Enter.
+    tmux.keys(&["-l", "burst one\r"]);
+    expected.push("burst one".to_string());
+    // A paste of 30 lines, no bracketed paste.
+    let pasted: Vec<String> = (1..=30).map(|i| format!("pasted line {i}")).collect();
+    let buffer = unique("paste");
+    let status = std::process::Command::new("tmux")
+        .args([
+            "set-buffer",
+            "-b",
+            &buffer,
+            &format!("{}\n", pasted.join("\n")),
+        ])
+        .status()
+        .expect("tmux set-buffer");
+    assert!(status.success());
+    tmux.paste(&buffer);
+    expected.extend(pasted);
+    // An input method commits a word in one write: all of it is drawn before any other key.
+    tmux.keys(&["-l", "これはテストです"]);
+    let screen = tmux.wait_for(&format!("{alice}> これはテストです"), 1);
+    assert!(
+        screen.contains(&format!("{alice}> これはテストです")),
+        "the committed word is not all drawn:\n{screen}"
+    );
+    tmux.keys(&["Enter"]);
+    expected.push("これはテストです".to_string());
+    let mut said = Vec::new();
+    while said.len() < expected.len() {
+        let line = next_of(&mut b, &["message_sent"]);
+        said.push(line["data"]["text"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(said, expected, "every line, in order, once");
 }
 
 /// Issue 35 item 2: `noomnim cli history … | head` printed `panicked … Broken pipe` and exited

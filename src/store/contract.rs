@@ -331,7 +331,10 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
     use crate::model::Role;
     let (gone, stays) = (format!("{prefix}erased"), format!("{prefix}stays"));
     let group = format!("{prefix}erasing");
-    let (owned, alone) = (format!("{prefix}erased-owns"), format!("{prefix}erased-alone"));
+    let (owned, alone) = (
+        format!("{prefix}erased-owns"),
+        format!("{prefix}erased-alone"),
+    );
     store.find_user(&gone, true).expect("user");
     store.find_user(&stays, true).expect("user");
     create(store, &stays, &group, 0).expect("group");
@@ -358,7 +361,10 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
     assert_eq!(store.group_members(&alone), Err(StoreError::GroupNotFound));
     let page = fetch(store, &stays, &group, page_from(0)).expect("page");
     assert!(page.messages[0].deleted && page.messages[0].text.is_empty());
-    assert_eq!(page.messages[0].username, "", "no name is left on a tombstone");
+    assert_eq!(
+        page.messages[0].username, "",
+        "no name is left on a tombstone"
+    );
     assert_eq!(page.messages[0].client_msg_id, None);
     assert_eq!(page.messages[1].text, "hello");
     assert_eq!(store.group_members(&group), Ok(vec![stays.clone()]));

@@ -329,7 +329,11 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
             && scrubbed.is_none_or(|at| at.elapsed() >= SCRUB_EVERY);
         if done.is_ok() && (over || scrub_due) {
             let idle = restarted.is_some() && restarted == written_at(&wal);
-            let mode = if idle || scrub_due { "TRUNCATE" } else { "RESTART" };
+            let mode = if idle || scrub_due {
+                "TRUNCATE"
+            } else {
+                "RESTART"
+            };
             if scrub_due {
                 // Cleared first: text erased while this runs sets it again.
                 ERASED_TEXT_IN_WAL.store(false, Ordering::Relaxed);
@@ -1105,7 +1109,9 @@ impl Store for SqliteStore {
         // before it does (a server's checkpointer would not know of it).
         let _turn = writer_turn();
         if !matches!(checkpoint(&self.connection, "TRUNCATE"), Ok(true)) {
-            log::warn!("the WAL could not be cut now; a running server cuts it when it sees the erasure");
+            log::warn!(
+                "the WAL could not be cut now; a running server cuts it when it sees the erasure"
+            );
         }
         Ok(groups)
     }

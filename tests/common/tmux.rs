@@ -38,6 +38,16 @@ impl Tmux {
         assert!(status.success());
     }
 
+    /// Pastes tmux buffer `buffer` as a terminal without bracketed paste gets a paste: one
+    /// write, each newline an Enter.
+    pub fn paste(&self, buffer: &str) {
+        let status = Command::new("tmux")
+            .args(["paste-buffer", "-d", "-b", buffer, "-t", &self.session])
+            .status()
+            .expect("tmux paste-buffer");
+        assert!(status.success());
+    }
+
     pub fn screen(&self) -> String {
         let output = Command::new("tmux")
             .args(["capture-pane", "-p", "-J", "-t", &self.session])
