@@ -75,10 +75,12 @@ pub fn backup(config: &Config, target: &Path) -> Result<String, BackupError> {
     let source_bytes = std::fs::metadata(&source).map(|m| m.len()).unwrap_or(0);
     let copying = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let progress = loud.then(|| show_progress(partial.clone(), source_bytes, copying.clone()));
+    let flusher = write_back_as_it_goes(partial.clone(), copying.clone());
+    pace(&connection, partial.clone(), config.backup_mb_per_s);
     let copied = connection.execute("VACUUM INTO ?1", [partial_text]);
     copying.store(false, std::sync::atomic::Ordering::Relaxed);
-    if let Some(progress) = progress {
-        let _ = progress.join();
+    for thread in progress.into_iter().chain([flusher]) {
+        let _ = thread.join();
     }
     let finished = copied.map_err(|e| e.to_string()).and_then(|_| {
         // On disk before it gets its name; the link fails if PATH appeared meanwhile.
@@ -150,6 +152,64 @@ fn remove_partial(partial: &Path) {
 
 /// Redraws "copied X of about Y MB" on stderr every 200 ms while the copy grows (the copy is
 /// compacted, so it ends below the source's size; the final summary says what it came to).
+/// Holds the copy to `mb_per_s` (0: no limit): SQLite calls the handler every few thousand
+/// steps of the copy, and it sleeps while more has been written than the pace allows. A copy
+/// at full speed fills the disk's queue, and every commit's fsync waits behind it.
+fn pace(connection: &rusqlite::Connection, partial: std::path::PathBuf, mb_per_s: u64) {
+    if mb_per_s == 0 {
+        return;
+    }
+    let bytes_per_s = (mb_per_s << 20) as f64;
+    let started = Instant::now();
+    connection.progress_handler(
+        10_000,
+        Some(move || {
+            let written = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) as f64;
+            let ahead = written / bytes_per_s - started.elapsed().as_secs_f64();
+            if ahead > 0.0 {
+                std::thread::sleep(std::time::Duration::from_secs_f64(ahead.min(1.0)));
+            }
+            false // go on
+        }),
+    );
+}
+
+/// Writes the copy out to disk while it is being made, a few megabytes at a time. Left to the
+/// end, the copy's one `fsync` wrote hundreds of megabytes at once, and the server's own
+/// commit fsyncs (one per commit with `EMBEDDED_SYNC` on) queued behind it on the file
+/// system's journal: an 800 ms stall for every sender (docs/BENCHMARKS.md, "Backup beside
+/// senders"). `sync_file_range` starts and waits for the data's writeback only, without a
+/// journal commit, so the final `fsync` has little left to do.
+fn write_back_as_it_goes(
+    partial: std::path::PathBuf,
+    copying: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::os::fd::AsRawFd;
+    std::thread::spawn(move || {
+        let mut file = None;
+        while copying.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            if file.is_none() {
+                file = std::fs::File::open(&partial).ok();
+            }
+            if let Some(file) = &file {
+                // SAFETY: a plain system call on a descriptor this thread owns; its flags ask
+                // only for the writeback of dirty pages, which changes no memory of ours.
+                unsafe {
+                    libc::sync_file_range(
+                        file.as_raw_fd(),
+                        0,
+                        0,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    );
+                }
+            }
+        }
+    })
+}
+
 fn show_progress(
     target: std::path::PathBuf,
     source_bytes: u64,

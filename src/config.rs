@@ -45,6 +45,8 @@ pub struct Config {
     pub max_reply_bytes: usize,
     /// Groups one user may create; 0: no limit.
     pub max_groups_per_user: usize,
+    /// How fast `noomnim backup` writes its copy, in MB/s; 0: as fast as the disk takes it.
+    pub backup_mb_per_s: u64,
     pub max_connections: usize,
     pub workers: usize,
     /// Event loops, each owning its connections (`IO_THREADS`).
@@ -185,6 +187,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "EMBEDDED_SYNC",
         "full",
         "full: fsync every commit before acking; normal: survive crashes, not power loss",
+    ),
+    (
+        "BACKUP_MB_PER_S",
+        "32",
+        "noomnim backup writes its copy at most this fast, leaving the disk to the server's commits; 0: no limit",
     ),
     (
         "EMBEDDED_WAL_LIMIT_BYTES",
@@ -437,6 +444,12 @@ impl Config {
                 "MAX_GROUPS_PER_USER",
                 Some(100),
                 "a whole number (0: no limit)",
+            )?,
+            backup_mb_per_s: parse_value(
+                get("BACKUP_MB_PER_S"),
+                "BACKUP_MB_PER_S",
+                Some(32),
+                "a whole number of MB/s (0: no limit)",
             )?,
             max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
             workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mio::net::TcpStream;
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, EventError};
 
 /// Upper bounds (seconds) of the store latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -195,13 +195,21 @@ impl Metrics {
         *self.errors.entry(code.as_str()).or_default() += 1;
     }
 
-    /// Counts an error reply line by reading its code back (for lines built elsewhere).
+    /// Counts an error reply line by reading its code back (for lines built elsewhere): an
+    /// `error` line's `code`, or one of protocol 1's own error events (`not_a_member`,
+    /// `group_not_found`, ...), whose names are their codes. Other lines count nothing.
     pub fn error_line(&mut self, line: &[u8]) {
-        if let Some(code) = ErrorCode::ALL
-            .iter()
-            .find(|code| contains(line, format!("\"code\":\"{}\"", code.as_str()).as_bytes()))
-        {
-            self.error(*code);
+        // Every line the server writes starts with its event.
+        let Some(event) = line.strip_prefix(b"{\"event\":\"").and_then(up_to_quote) else {
+            return;
+        };
+        let code = if event == b"error" {
+            text_after(line, b"\"code\":\"")
+        } else {
+            Some(event)
+        };
+        if let Some(code) = code.and_then(|code| all_codes().find(|c| c.as_bytes() == code)) {
+            *self.errors.entry(code).or_default() += 1;
         }
     }
 
@@ -367,13 +375,9 @@ impl Metrics {
     fn render_errors(&self, out: &mut String) {
         out.push_str("# HELP noomnim_errors_total Error replies sent, by code.\n");
         out.push_str("# TYPE noomnim_errors_total counter\n");
-        for code in ErrorCode::ALL {
-            let count = self.errors.get(code.as_str()).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "noomnim_errors_total{{code=\"{}\"}} {count}",
-                code.as_str()
-            );
+        for code in all_codes() {
+            let count = self.errors.get(code).copied().unwrap_or(0);
+            let _ = writeln!(out, "noomnim_errors_total{{code=\"{code}\"}} {count}");
         }
     }
 
@@ -391,6 +395,26 @@ impl Metrics {
         let _ = writeln!(out, "{name}_sum {}", self.latency_sum);
         let _ = writeln!(out, "{name}_count {}", self.latency_total);
     }
+}
+
+/// Every error code a reply can carry: the protocol's and protocol 1's error events.
+fn all_codes() -> impl Iterator<Item = &'static str> {
+    ErrorCode::ALL
+        .iter()
+        .map(|code| code.as_str())
+        .chain(EventError::ALL.iter().map(|error| error.event()))
+}
+
+/// The string value that follows `key` (which ends with its opening quote) in `line`.
+fn text_after<'a>(line: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let start = line.windows(key.len()).position(|w| w == key)? + key.len();
+    up_to_quote(&line[start..])
+}
+
+/// `text` up to its first quote (a JSON string's end when it holds no escapes, as codes do).
+fn up_to_quote(text: &[u8]) -> Option<&[u8]> {
+    let length = text.iter().position(|&b| b == b'"')?;
+    Some(&text[..length])
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -504,6 +528,9 @@ mod tests {
         };
         metrics.error(ErrorCode::RateLimited);
         metrics.error_line(br#"{"event":"error","data":{"Error":"x","code":"bad_json"}}"#);
+        metrics
+            .error_line(br#"{"event":"not_a_member","data":{"Error":"x","code":"not_a_member"}}"#);
+        metrics.error_line(br#"{"event":"groups","data":{"groups":[]}}"#);
         metrics.store_latency(Duration::from_millis(2));
         let text = metrics.render(Gauges {
             connections: 2,
@@ -517,6 +544,8 @@ mod tests {
         assert!(text.contains("noomnim_messages_stored_total 3"));
         assert!(text.contains("noomnim_errors_total{code=\"rate_limited\"} 1"));
         assert!(text.contains("noomnim_errors_total{code=\"bad_json\"} 1"));
+        assert!(text.contains("noomnim_errors_total{code=\"not_a_member\"} 1"));
+        assert!(text.contains("noomnim_errors_total{code=\"group_not_found\"} 0"));
         assert!(text.contains("noomnim_store_latency_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("noomnim_store_latency_seconds_bucket{le=\"0.0025\"} 1"));
         assert!(text.contains("noomnim_peer_link_up 1"));

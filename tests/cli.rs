@@ -291,10 +291,17 @@ fn interactive_cli_keeps_every_key_of_bursts_and_pastes() {
         server.addr.port()
     ));
     tmux.wait_for(&format!("logged in as {alice}"), 1);
-    tmux.type_line(&format!("/join {group}"));
-    tmux.wait_for(&format!("joined {group}"), 1);
+    let shows = |needle: String| {
+        let screen = tmux.wait_for(&needle, 1);
+        assert!(screen.contains(&needle), "no {needle:?} on\n{screen}");
+    };
+    // Entering a group one is not in says how to become a member.
     tmux.type_line(&format!("/enter {group}"));
-    tmux.wait_for(&format!("entered {group}"), 1);
+    shows(format!("(/join {group} to become one)"));
+    tmux.type_line(&format!("/join {group}"));
+    shows(format!("join success {group}"));
+    tmux.type_line(&format!("/enter {group}"));
+    shows(format!("entered {group}"));
     let mut expected = Vec::new();
     // One write: the text and its Enter.
     tmux.keys(&["-l", "burst one\r"]);

@@ -86,7 +86,7 @@ def main():
     request(conn, "find_user", {"username": "filler"})
     request(conn, "create_group", {"group_name": "filled"})
     while os.path.getsize(database) < size_mb << 20:
-        fill(conn, "filled", 20000, size=1000)
+        fill(conn, "filled", 1000, size=1000)
     print(f"store: {os.path.getsize(database) >> 20} MB", flush=True)
     time.sleep(2)  # the checkpointer catches up before anything is measured
 

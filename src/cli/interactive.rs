@@ -55,6 +55,8 @@ struct Shared {
     groups: BTreeSet<String>,
     /// The room entered, and how far its messages were shown.
     room: Option<Follow>,
+    /// The group of the last `/enter`, until its reply (to say `/join` when not a member).
+    entering: Option<String>,
 }
 
 /// Completion of commands, event names (after `/raw {"event":"`) and group names.
@@ -268,6 +270,7 @@ fn command(line: &str, shared: &Arc<Mutex<Shared>>) -> Command {
         "/enter" if !rest.is_empty() => {
             if let Ok(mut state) = shared.lock() {
                 state.room = None;
+                state.entering = Some(rest.to_string());
             }
             request("enter_group", json!({"group_name": rest}))
         }
@@ -471,6 +474,7 @@ fn shown(line: &Value, shared: &Arc<Mutex<Shared>>, on: bool) -> Vec<String> {
             vec![show::message(data, true, on)]
         }
         "enter_group" if is_reply => {
+            state.entering = None;
             let group = data["group_name"].as_str().unwrap_or("").to_string();
             state.groups.insert(group.clone());
             let messages: Vec<Value> = ["read", "unread"]
@@ -566,7 +570,17 @@ fn shown(line: &Value, shared: &Arc<Mutex<Shared>>, on: bool) -> Vec<String> {
             data["last_read_seq"]
         )],
         "pong" | "typing" if is_reply => Vec::new(),
-        _ if data["code"].is_string() && is_reply => vec![show_problem(&describe_error(line), on)],
+        _ if data["code"].is_string() && is_reply => {
+            let mut problem = describe_error(line);
+            if let Some(group) = state
+                .entering
+                .take()
+                .filter(|_| data["code"] == "not_a_member")
+            {
+                problem.push_str(&format!(" (/join {group} to become one)"));
+            }
+            vec![show_problem(&problem, on)]
+        }
         _ => vec![show::event(line, on)],
     }
 }

@@ -394,9 +394,72 @@ pub fn event_names() -> Vec<&'static str> {
     EVENTS.iter().map(|entry| entry.name).collect()
 }
 
+/// The event an unknown name most likely meant: a misspelling (at most two edits, and at most
+/// a third of the name), the first word of one (`join` → `join_group`), or what other chat
+/// protocols call it (`login` → `find_user`, `history` → `fetch_messages`).
+pub fn suggestion(name: &str) -> Option<&'static str> {
+    const OTHER_NAMES: [(&str, &str); 9] = [
+        ("login", "find_user"),
+        ("register", "find_user"),
+        ("auth", "find_user"),
+        ("send", "send_message"),
+        ("say", "send_message"),
+        ("msg", "send_message"),
+        ("history", "fetch_messages"),
+        ("groups", "list_groups"),
+        ("pong", "ping"),
+    ];
+    let lower = name.to_ascii_lowercase();
+    if name.len() > 64 {
+        return None;
+    }
+    if let Some((_, event)) = OTHER_NAMES.iter().find(|(other, _)| *other == lower) {
+        return Some(event);
+    }
+    let names = event_names();
+    if let Some(event) = names
+        .iter()
+        .find(|event| event.split('_').next() == Some(lower.as_str()))
+    {
+        return Some(event);
+    }
+    names
+        .into_iter()
+        .map(|event| (edit_distance(&lower, event), event))
+        .filter(|(distance, _)| *distance <= 2 && *distance * 3 <= lower.chars().count())
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, event)| event)
+}
+
+/// Levenshtein distance (insertions, deletions and substitutions of characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_events_get_a_likely_meaning() {
+        assert_eq!(suggestion("send_mesage"), Some("send_message"));
+        assert_eq!(suggestion("SEND_MESSAGE"), Some("send_message"));
+        assert_eq!(suggestion("join"), Some("join_group"));
+        assert_eq!(suggestion("login"), Some("find_user"));
+        assert_eq!(suggestion("history"), Some("fetch_messages"));
+        assert_eq!(suggestion("dance"), None);
+        assert_eq!(suggestion("ab"), None, "too short to guess from");
+    }
 
     #[test]
     fn every_event_has_one_distinct_name() {

@@ -97,6 +97,14 @@ pub enum EventError {
 }
 
 impl EventError {
+    pub const ALL: [EventError; 5] = [
+        EventError::NameNotFound,
+        EventError::GroupAlreadyCreated,
+        EventError::GroupNotFound,
+        EventError::NotAMember,
+        EventError::AlreadyInTheGroup,
+    ];
+
     pub fn event(self) -> &'static str {
         match self {
             EventError::NameNotFound => "name_not_found",

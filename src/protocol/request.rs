@@ -99,7 +99,13 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
     let kind = match object.get("event") {
         Some(Value::String(name)) => match crate::ops::find(name) {
             Some(event) => event,
-            None => return Err(reject(id, ErrorCode::UnknownEvent, "Unknown event.")),
+            None => {
+                let text = match crate::ops::suggestion(name) {
+                    Some(meant) => format!("Unknown event. Did you mean \"{meant}\"?"),
+                    None => "Unknown event.".to_string(),
+                };
+                return Err(reject(id, ErrorCode::UnknownEvent, &text));
+            }
         },
         _ => {
             return Err(reject(

@@ -276,11 +276,15 @@ impl Server {
         let Some(peer) = &self.peer else {
             return;
         };
+        // Between the loops of one instance a message is handed over, not relayed in.
+        let from_instances = !peer.is_local();
         let events: Vec<PeerEvent> = peer.events.try_iter().collect();
         for event in events {
             match event {
                 PeerEvent::Relayed(message) => {
-                    self.metrics.messages_relayed_in += 1;
+                    if from_instances {
+                        self.metrics.messages_relayed_in += 1;
+                    }
                     self.activity_seen(&message.group_name, message.seq, false);
                     let released = self.sequencer.offer(message, Requester::Server);
                     self.broadcast_all(released);

@@ -1007,7 +1007,7 @@ fn encode_closing(reason: Closing) -> Vec<u8> {
 fn count_reply(metrics: &mut Metrics, line: &[u8]) {
     if line.starts_with(b"{\"event\":\"message_sent\"") {
         metrics.messages_delivered += 1;
-    } else if line.starts_with(b"{\"event\":\"error\"") {
+    } else {
         metrics.error_line(line);
     }
 }
