@@ -295,6 +295,9 @@ impl Connection {
         if let Some(implicit_read) = settings.implicit_read {
             self.session.implicit_read = implicit_read;
         }
+        if let Some(presence) = settings.presence {
+            self.session.presence = presence;
+        }
     }
 
     /// A resume goes on after `cursor` once the output drains (see `take_due_resume`).

@@ -80,6 +80,9 @@ pub struct Session {
     /// What reached the client marks read by itself (leaving a room, closing, entering);
     /// off after `hello {implicit_read: false}`: only `mark_read` moves the marker.
     pub implicit_read: bool,
+    /// Whether the connection makes its user online (protocol 3's presence); off after
+    /// `hello {presence: false}`, sent before logging in (a one-shot command, a bot).
+    pub presence: bool,
 }
 
 impl Default for Session {
@@ -91,6 +94,7 @@ impl Default for Session {
             protocol: 2,
             resume: None,
             implicit_read: true,
+            presence: true,
         }
     }
 }
@@ -100,6 +104,7 @@ impl Default for Session {
 pub struct Settings {
     pub protocol: Option<u8>,
     pub implicit_read: Option<bool>,
+    pub presence: Option<bool>,
 }
 
 /// Where a gapless resume stands: the backlog of `group_name` has been sent up to
@@ -184,8 +189,9 @@ pub enum Effect {
     },
     /// The connection's memberships, loaded for activity notices.
     Watch(Vec<crate::model::GroupReadState>),
-    /// Enter the room; the reply gains `online`: these members who are online (protocol 3).
-    EnterRoomOnline(Room, Vec<String>),
+    /// The reply (an `enter_group`, plain or the head of a resume) gains `online`: those of
+    /// these members who are online (protocol 3); then the effect inside is applied.
+    Online(Box<Effect>, Vec<String>),
     /// A user came online or went offline: tell the rooms here of these groups.
     Presence {
         username: String,

@@ -295,6 +295,12 @@ fn interactive_cli_keeps_every_key_of_bursts_and_pastes() {
         let screen = tmux.wait_for(&needle, 1);
         assert!(screen.contains(&needle), "no {needle:?} on\n{screen}");
     };
+    // The banner stays above the first prompt (it was drawn over by it).
+    let screen = tmux.wait_for(&format!("{alice}> "), 1);
+    assert!(
+        screen.contains(&format!("logged in as {alice}")),
+        "the banner is gone:\n{screen}"
+    );
     // Entering a group one is not in says how to become a member.
     tmux.type_line(&format!("/enter {group}"));
     shows(format!("(/join {group} to become one)"));
@@ -336,6 +342,23 @@ fn interactive_cli_keeps_every_key_of_bursts_and_pastes() {
         said.push(line["data"]["text"].as_str().unwrap_or("").to_string());
     }
     assert_eq!(said, expected, "every line, in order, once");
+    // Ctrl-C drops a half-typed line and says how to leave; a second one leaves.
+    tmux.keys(&["-l", "not meant"]);
+    tmux.keys(&["C-c"]);
+    shows("(line dropped; Ctrl-C again, Ctrl-D or /quit to leave)".into());
+    tmux.keys(&["C-c"]);
+    let deadline = std::time::Instant::now() + common::REPLY_TIMEOUT;
+    while tmux.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a second Ctrl-C did not end the cli"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        common::nothing_pending(&mut b).is_empty(),
+        "the dropped line was sent"
+    );
 }
 
 /// Issue 35 item 2: `noomnim cli history … | head` printed `panicked … Broken pipe` and exited

@@ -349,6 +349,48 @@ fn presence_on_one_instance() {
     );
 }
 
+/// Issue 35 item 6: a one-shot `noomnim cli send` (and any connection that says
+/// `hello {presence: false}` before logging in) is not someone online: the room gets the
+/// message and no `presence` line; the interactive cli still is someone. `presence` after
+/// logging in is refused, since the login already counted.
+#[test]
+fn a_one_shot_command_is_not_presence() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (watcher, sender, group) = (unique("watcher"), unique("oneshot"), unique("pres"));
+    let mut w = v3(&server, &watcher);
+    ask(&mut w, "create_group", ug(&watcher, &group));
+    let mut s = server.login(&sender);
+    assert_eq!(
+        ask(&mut s, "join_group", ug(&sender, &group))["event"],
+        "join_success"
+    );
+    drop(s);
+    let entered = ask(&mut w, "enter_group", json!({"group_name": group}));
+    assert_eq!(entered["event"], "enter_group");
+    // The login above went offline after its grace.
+    let gone = next_of(&mut w, &["presence"]);
+    assert_eq!(gone["data"]["online"], false, "{gone}");
+    let sent = std::process::Command::new(common::BINARY)
+        .args(["cli", "--port", &server.addr.port().to_string()])
+        .args(["--user", &sender, "send", &group, "just this"])
+        .output()
+        .expect("noomnim cli send");
+    assert!(sent.status.success(), "{sent:?}");
+    let message = next_of(&mut w, &["message_sent", "presence"]);
+    assert_eq!(message["event"], "message_sent", "{message}");
+    std::thread::sleep(Duration::from_millis(3500));
+    let extra = nothing_pending(&mut w);
+    assert!(
+        extra.iter().all(|l| l["event"] != "presence"),
+        "a one-shot command was announced: {extra:?}"
+    );
+    // The setting belongs before the login.
+    let mut late = v3(&server, &unique("late"));
+    let refused = ask(&mut late, "hello", json!({"presence": false}));
+    assert_eq!(refused["data"]["code"], "bad_request", "{refused}");
+}
+
 /// Across peers: a member logging in on another instance is announced, and when that instance
 /// is killed (-9) its users go offline within 10 s.
 #[test]

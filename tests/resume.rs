@@ -156,6 +156,50 @@ fn beyond_resume_max_messages_the_stream_is_truncated_and_says_where_it_starts()
     );
     assert_eq!(header["data"]["epoch_changed"], true, "{header}");
     assert_eq!(header["data"]["first_seq"], 151);
+    // On protocol 3 a resume names the members online, as a plain enter_group does, so a
+    // client that resumes after a reconnect refreshes its presence too (issue 35 item 5).
+    let mut v3 = server.connect();
+    assert_eq!(
+        common::ask(&mut v3, "hello", json!({"protocol": 3}))["data"]["protocol"],
+        3
+    );
+    common::ask(&mut v3, "find_user", json!({"username": "owner"}));
+    let header = common::ask(
+        &mut v3,
+        "enter_group",
+        json!({"group_name": group, "since_seq": 249}),
+    );
+    assert_eq!(header["data"]["online"], json!(["owner"]), "{header}");
+    // Protocol 2's resume header stays as it was.
+    assert!(reader.request(
+        "enter_group",
+        json!({"group_name": group, "since_seq": 250})
+    )["data"]
+        .get("online")
+        .is_none());
+}
+
+/// Issue 35 item 5: a resume without `since_epoch` after the group was deleted and made again
+/// (so `since_seq` is past the new group's head) is answered as an epoch change from the new
+/// group's first message, not silently started after `since_seq`.
+#[test]
+fn a_resume_without_epoch_past_the_head_starts_the_new_group_over() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let group = unique("again");
+    let mut owner = server.login("owner");
+    owner.request("create_group", ug("owner", &group));
+    send_many(&mut owner, "owner", &group, 5);
+    let deleted = owner.request("delete_group", json!({"group_name": group}));
+    assert_eq!(deleted["event"], "group_deleted", "{deleted}");
+    owner.request("create_group", ug("owner", &group));
+    send_many(&mut owner, "owner", &group, 2);
+    let mut reader = server.login("owner");
+    let header = resume(&mut reader, &group, 5);
+    assert_eq!(header["data"]["epoch_changed"], true, "{header}");
+    assert_eq!(header["data"]["first_seq"], 1, "{header}");
+    let mut last = 0;
+    assert!(print_until(&mut reader, &group, &mut last, 2));
 }
 
 /// The backlog is sent as the reader reads it: a reader far slower than the stream, with a

@@ -146,6 +146,11 @@ impl Screen {
 }
 
 pub fn run(options: &Options) -> Result<(), String> {
+    // A person at a prompt is someone online.
+    let options = &Options {
+        present: true,
+        ..options.clone()
+    };
     let (link, login) = Link::connect_and_login(options)?;
     let shared = Arc::new(Mutex::new(Shared::default()));
     if let Ok(mut state) = shared.lock() {
@@ -175,12 +180,13 @@ pub fn run(options: &Options) -> Result<(), String> {
         .ok()
         .map(|p| Box::new(p) as Box<dyn ExternalPrinter + Send>);
     let on = show::colour();
-    let mut screen = Screen { printer };
+    let screen = Screen { printer };
     let user = options.user()?;
-    screen.say(format!(
-        "logged in as {user} on {}:{}; /help lists the commands",
+    // Printed before the editor starts: through the printer it was drawn over by the prompt.
+    println!(
+        "logged in as {user} on {}:{}; /help lists the commands, Ctrl-D or /quit leaves",
         options.host, options.port
-    ));
+    );
     let (to_link, from_editor) = crossbeam_channel::unbounded();
     let thread_shared = shared.clone();
     let thread_options = options.clone();
@@ -189,13 +195,22 @@ pub fn run(options: &Options) -> Result<(), String> {
         .spawn(move || keep_link(link, thread_options, from_editor, thread_shared, screen, on))
         .map_err(|e| format!("cannot start the connection thread: {e}"))?;
     let prompt = format!("{user}> ");
+    // Ctrl-C drops the line being typed and says how to leave; a second one in a row leaves
+    // (as psql and redis-cli let Ctrl-C end them without losing a line typed by mistake).
+    let mut interrupted = false;
     loop {
         let line = match editor.readline(&prompt) {
             Ok(line) => line,
-            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Interrupted) if interrupted => break,
+            Err(ReadlineError::Interrupted) => {
+                interrupted = true;
+                println!("(line dropped; Ctrl-C again, Ctrl-D or /quit to leave)");
+                continue;
+            }
             Err(ReadlineError::Eof) => break,
             Err(error) => return Err(format!("reading the terminal failed: {error}")),
         };
+        interrupted = false;
         if let Some(path) = &history {
             let _ = editor.append_history(path);
         }

@@ -103,7 +103,7 @@ impl Link {
     pub fn connect_and_login(options: &Options) -> Result<(Link, Value), String> {
         let mut link = Link::connect(options)
             .map_err(|e| format!("cannot connect to {}:{}: {e}", options.host, options.port))?;
-        let hello = link.call("hello", json!({"protocol": 3}))?;
+        let hello = link.call("hello", json!({"protocol": 3, "presence": options.present}))?;
         if hello["event"] != "hello" {
             return Err(format!("unexpected hello reply: {hello}"));
         }

@@ -49,6 +49,9 @@ pub struct Options {
     pub count: Option<u64>,
     pub client_msg_id: Option<String>,
     pub history_file: Option<PathBuf>,
+    /// Whether logging in makes the user online to others (the interactive cli: a person is
+    /// there); one-shot commands and `tail` say `hello {presence: false}`.
+    pub present: bool,
     /// The command and its arguments.
     pub words: Vec<String>,
 }

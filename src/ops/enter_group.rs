@@ -70,6 +70,7 @@ impl Event for EnterGroup {
         if let Some((since_seq, since_epoch)) = self.since {
             let start = ResumeStart {
                 since_epoch,
+                with_members: context.session.protocol >= 3,
                 max_messages: context.rules.resume_max_messages,
                 leaving,
             };
@@ -132,7 +133,7 @@ impl StoreCall for EnterGroup {
         Completed {
             line: encode_line("enter_group", &data, id),
             effect: match members {
-                Some(members) => Effect::EnterRoomOnline(room, members),
+                Some(members) => Effect::Online(Box::new(Effect::EnterRoom(room)), members),
                 None => Effect::EnterRoom(room),
             },
             shows: None,

@@ -21,6 +21,9 @@ pub struct Hello {
     /// `implicit_read: false` turns implicit read marks off for the connection (see
     /// `Session::implicit_read`); `None`: left as it is.
     implicit_read: Option<bool>,
+    /// `presence: false`: the connection does not make its user online (`Session::presence`);
+    /// only before logging in.
+    presence: Option<bool>,
 }
 
 impl Event for Hello {
@@ -41,29 +44,28 @@ impl Event for Hello {
                     })?,
             ),
         };
-        let implicit_read = match data.get("implicit_read") {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(on)) => Some(*on),
-            Some(_) => {
-                return Err(bad_request(
-                    "Field 'implicit_read' must be a boolean.".into(),
-                ))
-            }
-        };
         Ok(Hello {
             protocol,
-            implicit_read,
+            implicit_read: optional_flag(data, "implicit_read")?,
+            presence: optional_flag(data, "presence")?,
         })
     }
 
     fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+        // Who is online was already told when the connection logged in.
+        if self.presence.is_some() && context.session.username.is_some() {
+            return Err(bad_request(
+                "Field 'presence' is set before find_user (it decides whether logging in makes you online).".into(),
+            )
+            .into());
+        }
         let data = if context.session.tls {
             &context.rules.hello_tls
         } else {
             &context.rules.hello
         };
         let protocol = self.protocol.unwrap_or(context.session.protocol);
-        let line = if protocol == 2 && self.implicit_read.is_none() {
+        let line = if protocol == 2 && self.implicit_read.is_none() && self.presence.is_none() {
             encode_line("hello", data.as_ref(), context.id)
         } else {
             let mut data = data.as_ref().clone();
@@ -74,16 +76,29 @@ impl Event for Hello {
             if let Some(implicit_read) = self.implicit_read {
                 data["implicit_read"] = implicit_read.into();
             }
+            if let Some(presence) = self.presence {
+                data["presence"] = presence.into();
+            }
             encode_line("hello", &data, context.id)
         };
         let settings = Settings {
             protocol: self.protocol,
             implicit_read: self.implicit_read,
+            presence: self.presence,
         };
         Ok(if settings == Settings::default() {
             Planned::Now(line)
         } else {
             Planned::NowAnd(line, Effect::Settings(settings))
         })
+    }
+}
+
+/// A boolean field that may be left out (`None`).
+fn optional_flag(data: &Data, field: &str) -> Result<Option<bool>, ProtocolError> {
+    match data.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(on)) => Ok(Some(*on)),
+        Some(_) => Err(bad_request(format!("Field '{field}' must be a boolean."))),
     }
 }

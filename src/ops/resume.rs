@@ -48,6 +48,8 @@ pub const PAGE_MESSAGES: u32 = 500;
 #[derive(Debug)]
 pub struct ResumeStart {
     pub since_epoch: Option<String>,
+    /// The reply names the members online (protocol 3), as a plain `enter_group` does.
+    pub with_members: bool,
     pub max_messages: u64,
     /// The read mark leaving the current room implies.
     pub leaving: Option<ReadMark>,
@@ -81,6 +83,8 @@ pub struct PageRead {
     gone: bool,
     /// Retention removed messages after the cursor that the stream had not sent yet.
     gap: bool,
+    /// The group's members, read for the first page's `online`.
+    members: Option<Vec<String>>,
 }
 
 /// The first page, from `enter_group {since_seq}`.
@@ -140,6 +144,7 @@ impl StoreCall for ResumePage {
                 epoch_changed: false,
                 gone: true,
                 gap: false,
+                members: None,
             });
         }
         let head = state.last_seq;
@@ -149,11 +154,14 @@ impl StoreCall for ResumePage {
             if let Some(mark) = &start.leaving {
                 store.mark_read(std::slice::from_ref(mark))?;
             }
-            if start
-                .since_epoch
-                .as_ref()
-                .is_some_and(|epoch| *epoch != state.group_id)
-            {
+            // Without `since_epoch`, a `since_seq` past the head can only be of an earlier
+            // group of the name (seqs never go back otherwise): taken as the epoch changed,
+            // rather than silently skipping the new group's first messages.
+            let another_epoch = match &start.since_epoch {
+                Some(epoch) => *epoch != state.group_id,
+                None => after > head,
+            };
+            if another_epoch {
                 epoch_changed = true;
                 after = 0;
             }
@@ -180,6 +188,10 @@ impl StoreCall for ResumePage {
                 gap = self.start.is_none();
             }
         }
+        let members = match &self.start {
+            Some(start) if start.with_members => Some(store.group_members(&self.group_name)?),
+            _ => None,
+        };
         Ok(PageRead {
             state,
             after_seq: after,
@@ -188,6 +200,7 @@ impl StoreCall for ResumePage {
             epoch_changed,
             gone: false,
             gap,
+            members,
         })
     }
 
@@ -257,7 +270,10 @@ impl StoreCall for ResumePage {
         };
         Completed {
             line,
-            effect,
+            effect: match read.members {
+                Some(members) => Effect::Online(Box::new(effect), members),
+                None => effect,
+            },
             shows: None,
         }
     }

@@ -159,10 +159,10 @@ impl Server {
             };
             let mut completed = answered.completed;
             // A protocol-3 `enter_group` reply names the members online now.
-            if let Effect::EnterRoomOnline(room, members) = completed.effect {
+            if let Effect::Online(effect, members) = completed.effect {
                 let online = self.online_members(members);
                 completed.line = with_online(completed.line, &online);
-                completed.effect = Effect::EnterRoom(room);
+                completed.effect = *effect;
             }
             let Some(connection) = self.connections.get_mut(&token) else {
                 return;

@@ -10,23 +10,28 @@ use crate::peer::UserNotice;
 use crate::session::ReadState;
 
 impl Server {
-    /// Remembers which connections a user has here (for lines to all of a user's devices).
-    pub(super) fn index_user(&mut self, token: Token, username: &str) {
+    /// Remembers which connections a user has here (for lines to all of a user's devices);
+    /// one that `counts` for presence may make the user online.
+    pub(super) fn index_user(&mut self, token: Token, username: &str, counts: bool) {
         let tokens = self.users.entry(username.to_string()).or_default();
         if !tokens.contains(&token) {
             tokens.push(token);
-            if tokens.len() == 1 {
+            if counts {
                 self.user_came(username);
             }
         }
     }
 
-    /// Forgets a closed connection in the user index.
-    pub(super) fn unindex_user(&mut self, token: Token, username: &str) {
+    /// Forgets a closed connection in the user index (`counted`: it counted for presence).
+    pub(super) fn unindex_user(&mut self, token: Token, username: &str, counted: bool) {
         if let Some(tokens) = self.users.get_mut(username) {
+            let before = tokens.len();
             tokens.retain(|t| *t != token);
+            let removed = tokens.len() < before;
             if tokens.is_empty() {
                 self.users.remove(username);
+            }
+            if removed && counted {
                 self.user_went(username);
             }
         }

@@ -551,7 +551,11 @@ impl Server {
         match effect {
             Effect::None => {}
             Effect::Bind(username) => {
-                self.index_user(token, &username);
+                let counts = self
+                    .connections
+                    .get(&token)
+                    .is_none_or(|c| c.session().presence);
+                self.index_user(token, &username, counts);
                 if let Some(connection) = self.connections.get_mut(&token) {
                     connection.bind(username);
                 }
@@ -559,7 +563,7 @@ impl Server {
             }
             Effect::Watch(groups) => self.watch_groups(token, groups),
             // Applied in `deliver_answers` (the reply line is completed there).
-            Effect::EnterRoomOnline(room, _) => self.apply(token, Effect::EnterRoom(room)),
+            Effect::Online(effect, _) => self.apply(token, *effect),
             Effect::Presence {
                 username,
                 online,
@@ -905,7 +909,7 @@ impl Server {
         };
         if let Some(username) = connection.session().username.clone() {
             self.stop_activity(token, &username);
-            self.unindex_user(token, &username);
+            self.unindex_user(token, &username, connection.session().presence);
         }
         let _ = self.poll.registry().deregister(connection.tcp());
         self.admission.release(connection.peer().ip());

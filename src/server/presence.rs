@@ -28,6 +28,9 @@ const SNAPSHOT_EXPIRY: Duration = Duration::from_secs(6);
 /// Presence state of this instance.
 #[derive(Debug, Default)]
 pub(super) struct Presence {
+    /// Users logged in here, with how many of their connections count for presence (all but
+    /// those that said `hello {presence: false}`: a one-shot command is not someone online).
+    here: HashMap<String, usize>,
     /// Users whose last connection here closed, and when they go offline (grace).
     leaving: HashMap<String, Instant>,
     /// Other instances' logged-in users, and when their snapshot arrived.
@@ -167,7 +170,7 @@ impl Server {
 
     /// Online here (or in the grace), or in a fresh peer snapshot; not the loops' table.
     fn online_here_or_on_peers(&self, username: &str) -> bool {
-        self.users.contains_key(username)
+        self.presence.here.contains_key(username)
             || self.presence.leaving.contains_key(username)
             || self
                 .presence
@@ -196,8 +199,13 @@ impl Server {
         }
     }
 
-    /// A user's first connection here logged in.
+    /// A connection of `username` that counts for presence logged in here.
     pub(super) fn user_came(&mut self, username: &str) {
+        let connections = self.presence.here.entry(username.to_string()).or_default();
+        *connections += 1;
+        if *connections > 1 {
+            return;
+        }
         if self.presence.leaving.remove(username).is_none() {
             self.presence
                 .loops
@@ -207,8 +215,17 @@ impl Server {
         self.presence.changed = true;
     }
 
-    /// A user's last connection here closed: offline after the grace, unless they come back.
+    /// A connection of `username` that counted for presence closed; after their last one here
+    /// they are offline once the grace ends, unless they come back.
     pub(super) fn user_went(&mut self, username: &str) {
+        let Some(connections) = self.presence.here.get_mut(username) else {
+            return;
+        };
+        *connections -= 1;
+        if *connections > 0 {
+            return;
+        }
+        self.presence.here.remove(username);
         self.presence
             .leaving
             .insert(username.to_string(), Instant::now() + PRESENCE_GRACE);
@@ -277,7 +294,8 @@ impl Server {
         self.presence.last_snapshot = Some(Instant::now());
         self.presence.changed = false;
         let users: Vec<String> = self
-            .users
+            .presence
+            .here
             .keys()
             .chain(self.presence.leaving.keys())
             .cloned()

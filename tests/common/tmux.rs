@@ -48,6 +48,15 @@ impl Tmux {
         assert!(status.success());
     }
 
+    /// Whether the program still runs (its session ends with it).
+    pub fn is_running(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.session])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
     pub fn screen(&self) -> String {
         let output = Command::new("tmux")
             .args(["capture-pane", "-p", "-J", "-t", &self.session])
@@ -78,6 +87,7 @@ impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
             .args(["kill-session", "-t", &self.session])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
