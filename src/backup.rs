@@ -177,7 +177,7 @@ fn pace(connection: &rusqlite::Connection, partial: std::path::PathBuf, mb_per_s
 /// Writes the copy out to disk while it is being made, a few megabytes at a time. Left to the
 /// end, the copy's one `fsync` wrote hundreds of megabytes at once, and the server's own
 /// commit fsyncs (one per commit with `EMBEDDED_SYNC` on) queued behind it on the file
-/// system's journal: an 800 ms stall for every sender (docs/BENCHMARKS.md, "Backup beside
+/// system's journal: an 800 ms stall for every sender (docs/BENCHMARKS-LOG.md, "Backup beside
 /// senders"). `sync_file_range` starts and waits for the data's writeback only, without a
 /// journal commit, so the final `fsync` has little left to do.
 fn write_back_as_it_goes(

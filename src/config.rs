@@ -782,6 +782,27 @@ mod tests {
             .collect()
     }
 
+    /// The defaults are written in `VARIABLES` (for `--help`, the README and the systemd
+    /// example) and again in each parser: setting every variable to its documented default
+    /// must change nothing, or the two disagree.
+    #[test]
+    fn every_documented_default_is_the_default() {
+        // A fixed NODE_ID: its default is random.
+        let unset = Config::from_map(&env(&[("NODE_ID", "n1")])).expect("defaults are valid");
+        for (name, default, _) in VARIABLES {
+            if default.starts_with('(') {
+                continue; // (unset), (CPUs), (random): nothing to write down
+            }
+            let set = Config::from_map(&env(&[("NODE_ID", "n1"), (name, default)]))
+                .unwrap_or_else(|e| panic!("{name}={default} is refused: {e}"));
+            assert_eq!(
+                format!("{set:?}"),
+                format!("{unset:?}"),
+                "{name}'s documented default {default} is not what the parser defaults to"
+            );
+        }
+    }
+
     #[test]
     fn defaults_use_embedded_store() {
         let config = Config::from_map(&env(&[])).expect("defaults are valid");

@@ -3,7 +3,7 @@
 //!
 //! Each batch is one short write (at most `PRUNE_BATCH` rows, oldest first by the primary key)
 //! followed by a pause, so a prune of millions of messages never holds the writers' turn for
-//! long (docs/BENCHMARKS.md measures `send_message` during one). The rules (what is past the
+//! long (docs/BENCHMARKS-LOG.md measures `send_message` during one). The rules (what is past the
 //! limits, that the newest message stays) are in `store::manage`; history replies then carry
 //! `first_seq`. In peer mode every instance prunes; removing what is already gone is a no-op.
 

@@ -380,6 +380,36 @@ fn bad_configuration_exits_2_with_one_line() {
     }
 }
 
+/// systemd/noomnim.env.example shows every variable `--help` lists, each with the default
+/// `--help` gives (an example value only where there is no default: `(unset)` and the like).
+#[test]
+fn the_systemd_example_shows_every_variable_with_its_default() {
+    let output = Command::new(BINARY).arg("--help").output().expect("run");
+    let help = String::from_utf8_lossy(&output.stdout);
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/noomnim.env.example"
+    ))
+    .expect("example");
+    for line in help.lines().filter(|l| l.starts_with("  ")) {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let default = line
+            .rsplit_once("[default: ")
+            .and_then(|(_, rest)| rest.strip_suffix(']'))
+            .expect("a default");
+        let shown = example
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("#{name}=")))
+            .unwrap_or_else(|| panic!("the example does not show {name}"));
+        if !default.starts_with('(') {
+            assert_eq!(
+                shown, default,
+                "{name} is shown as {shown}, its default is {default}"
+            );
+        }
+    }
+}
+
 #[test]
 fn help_lists_every_variable() {
     let output = Command::new(BINARY).arg("--help").output().expect("run");

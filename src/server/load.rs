@@ -7,7 +7,7 @@
 //! busy time over short samples, and holds broadcasts only while that share is high.
 //!
 //! The decision does not depend on a turn fitting a window (what sank the earlier attempts,
-//! docs/BENCHMARKS.md "Not done"): a saturated loop is busy in every sample, so it keeps
+//! docs/BENCHMARKS-LOG.md "Not done"): a saturated loop is busy in every sample, so it keeps
 //! holding whatever its turns last. Hysteresis keeps a loop near the threshold from flapping:
 //! holding starts above `HOLD_ABOVE` and stops only below `RELEASE_BELOW` (holding itself
 //! lowers the busy share, which must not switch it straight off again).

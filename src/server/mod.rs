@@ -164,7 +164,7 @@ pub struct Server {
     /// Connections holding broadcasts for the next deferred flush, and when it is due
     /// (`WRITE_DELAY_MS`): one write per connection then carries every line the delay
     /// gathered. One flush for all of them, not a clock per connection: measured, the shared
-    /// tick costs less CPU for the same latency (docs/BENCHMARKS.md).
+    /// tick costs less CPU for the same latency (docs/BENCHMARKS-LOG.md).
     deferred: Vec<Token>,
     deferred_flush_at: Option<Instant>,
     /// The loop's busy share: broadcasts are held only while it is high (`load.rs`).

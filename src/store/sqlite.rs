@@ -319,7 +319,7 @@ fn checkpoint_forever(path: &Path, wal_limit: u64) {
         // beginning and cut the file back towards `journal_size_limit` (the same limit).
         // Not TRUNCATE while writers are busy: cutting the file to zero cost 25-37 ms under
         // their turn (a journaled truncate, then every later commit appends to fresh blocks),
-        // RESTART 0.03-6 ms (docs/BENCHMARKS.md). Still over the limit and not written since
+        // RESTART 0.03-6 ms (docs/BENCHMARKS-LOG.md). Still over the limit and not written since
         // the last RESTART: no commit came to reuse the file, so TRUNCATE, which then keeps no
         // one waiting, gives the space back. Erased text is the exception: it must leave the
         // WAL, and only TRUNCATE takes it out of the file.
