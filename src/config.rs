@@ -29,6 +29,28 @@ pub enum StoreKind {
     Noop,
 }
 
+/// Retention limits (`RETENTION_MAX_AGE`, `RETENTION_MAX_MESSAGES`); zero is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub max_age: Option<std::time::Duration>,
+    pub max_messages: u64,
+}
+
+impl Retention {
+    pub fn is_off(&self) -> bool {
+        self.max_age.is_none() && self.max_messages == 0
+    }
+}
+
+/// How messages are spread over Redis channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// One channel for every message (each instance receives all traffic).
+    Shared,
+    /// One channel per group, subscribed only while the group's room is occupied here.
+    PerGroup,
+}
+
 /// The validated configuration of one server process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -37,7 +59,7 @@ pub struct Config {
     pub peer: bool,
     pub redis_url: String,
     /// How peers spread messages over Redis channels (`PEER_RELAY`).
-    pub relay_mode: crate::peer::RelayMode,
+    pub relay_mode: RelayMode,
     pub store: StoreKind,
     pub max_line_bytes: usize,
     pub max_output_bytes: usize,
@@ -87,7 +109,7 @@ pub struct Config {
     /// At most one `group_activity` per group per this (`ACTIVITY_INTERVAL_MS`).
     pub activity_interval: Duration,
     /// Retention (`RETENTION_MAX_AGE`, `RETENTION_MAX_MESSAGES`); off by default.
-    pub retention: crate::store::manage::Retention,
+    pub retention: Retention,
     /// How often the background pruner walks the groups (`RETENTION_INTERVAL_MS`).
     pub retention_interval: Duration,
     /// `AUTH_AUDIENCE`: tokens must carry this `aud`; `None`: `aud` is not checked.
@@ -431,8 +453,8 @@ impl Config {
             peer,
             redis_url,
             relay_mode: match get("PEER_RELAY") {
-                None | Some("per_group") => crate::peer::RelayMode::PerGroup,
-                Some("shared") => crate::peer::RelayMode::Shared,
+                None | Some("per_group") => RelayMode::PerGroup,
+                Some("shared") => RelayMode::Shared,
                 Some(other) => return Err(invalid("PEER_RELAY", other, "per_group or shared")),
             },
             store,
@@ -542,7 +564,7 @@ impl Config {
                 "RESUME_MAX_MESSAGES",
                 10_000,
             )? as u64,
-            retention: crate::store::manage::Retention {
+            retention: Retention {
                 max_age: parse_age(get("RETENTION_MAX_AGE"))?,
                 max_messages: parse_value(
                     get("RETENTION_MAX_MESSAGES"),

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 
-use crate::ops::Completed;
 use crate::protocol::RequestId;
+use crate::session::Completed;
 
 /// Most messages one connection may have with the embedded store at once (see the module doc).
 /// With SQLite a batch costs one commit whatever its size; a MongoDB insert costs per message,

@@ -20,7 +20,6 @@ pub mod ops;
 pub mod pages;
 pub mod peer;
 pub mod protocol;
-pub mod read_marker;
 pub mod retention;
 pub mod rooms;
 pub mod sequencer;

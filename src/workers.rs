@@ -17,11 +17,62 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::{Token, Waker};
 
 use crate::model::{Appended, Message, NewMessage, ReadMark};
-use crate::ops::{Call, Route};
+use crate::session::Completed;
 use crate::store::{Store, StoreError};
 
 /// Most jobs a worker takes from its queue in one round.
 const MAX_BATCH: usize = 512;
+
+/// Where a store job runs: the worker picked by `key` (a group, or a user), or any worker.
+/// Jobs that `orders_with_messages` all go to the single writer of a single-writer database,
+/// so they keep their order against a group's messages (see `workers.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub key: Option<&'a str>,
+    pub orders_with_messages: bool,
+}
+
+impl<'a> Route<'a> {
+    /// Ordered with the group's message stream and room entries.
+    pub fn with_messages(group_name: &'a str) -> Route<'a> {
+        Route {
+            key: Some(group_name),
+            orders_with_messages: true,
+        }
+    }
+
+    /// On the worker of `key`, not ordered against messages.
+    pub fn by(key: &'a str) -> Route<'a> {
+        Route {
+            key: Some(key),
+            orders_with_messages: false,
+        }
+    }
+
+    /// On any worker.
+    pub fn any() -> Route<'a> {
+        Route {
+            key: None,
+            orders_with_messages: false,
+        }
+    }
+}
+
+/// A store call and, once run, its result: what the worker queues carry (object-safe). The
+/// request events' calls implement it (`ops::StoreCall`); the workers only route, run, fail
+/// and finish them.
+pub trait Call: Send + std::fmt::Debug {
+    fn route(&self) -> Route<'_>;
+    fn run(&mut self, store: &mut dyn Store);
+    /// Records a result without running (the job waited longer than the store timeout).
+    fn fail(&mut self, error: StoreError);
+    /// The reply, never longer than `max_reply_bytes` (see `ops::within_reply_limit`).
+    fn finish(
+        self: Box<Self>,
+        id: Option<&serde_json::value::RawValue>,
+        max_reply_bytes: usize,
+    ) -> Completed;
+}
 
 /// A store job. Request events bring a `Call` (their module's `StoreCall`); messages and
 /// implicit read marks are separate kinds because the worker batches them into one commit, and
@@ -345,7 +396,8 @@ fn expired_error() -> StoreError {
 mod tests {
     use super::*;
     use crate::framing::Frame;
-    use crate::session::{plan, Plan, Rules, Session};
+    use crate::ops::dispatch::{plan, Plan};
+    use crate::session::{Rules, Session};
 
     /// A pool of `n` queues without threads, and the receiving ends to inspect.
     fn pool(n: usize, routing: WriteRouting) -> (WorkerPool, Vec<Receiver<Job>>) {

@@ -12,10 +12,13 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::protocol::{encode_failure, ErrorCode, EventError, Failure, ProtocolError};
+pub use crate::session::Completed;
 use crate::session::{Effect, Rules, Session};
 use crate::store::{Store, StoreError};
 use crate::workers::Work;
+pub use crate::workers::{Call, Route};
 
+pub mod dispatch;
 pub mod fields;
 
 mod create_group;
@@ -126,71 +129,6 @@ pub trait StoreCall: Send + std::fmt::Debug + 'static {
     fn failure(&self, error: StoreError) -> Failure {
         failure_of(error)
     }
-}
-
-/// Where a store job runs: the worker picked by `key` (a group, or a user), or any worker.
-/// Jobs that `orders_with_messages` all go to the single writer of a single-writer database,
-/// so they keep their order against a group's messages (see `workers.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route<'a> {
-    pub key: Option<&'a str>,
-    pub orders_with_messages: bool,
-}
-
-impl<'a> Route<'a> {
-    /// Ordered with the group's message stream and room entries.
-    pub fn with_messages(group_name: &'a str) -> Route<'a> {
-        Route {
-            key: Some(group_name),
-            orders_with_messages: true,
-        }
-    }
-
-    /// On the worker of `key`, not ordered against messages.
-    pub fn by(key: &'a str) -> Route<'a> {
-        Route {
-            key: Some(key),
-            orders_with_messages: false,
-        }
-    }
-
-    /// On any worker.
-    pub fn any() -> Route<'a> {
-        Route {
-            key: None,
-            orders_with_messages: false,
-        }
-    }
-}
-
-/// A finished request, ready for its connection.
-#[derive(Debug)]
-pub struct Completed {
-    pub line: Vec<u8>,
-    pub effect: Effect,
-    /// The group messages the line carries: (group, first seq, last seq), contiguous.
-    pub shows: Option<(String, u64, u64)>,
-}
-
-impl Completed {
-    /// A reply that changes nothing else.
-    pub fn reply(line: Vec<u8>) -> Completed {
-        Completed {
-            line,
-            effect: Effect::None,
-            shows: None,
-        }
-    }
-}
-
-/// A store call and, once run, its result: what the worker queues carry (object-safe).
-pub trait Call: Send + std::fmt::Debug {
-    fn route(&self) -> Route<'_>;
-    fn run(&mut self, store: &mut dyn Store);
-    /// Records a result without running (the job waited longer than the store timeout).
-    fn fail(&mut self, error: StoreError);
-    /// The reply, never longer than `max_reply_bytes` (see `within_reply_limit`).
-    fn finish(self: Box<Self>, id: Option<&RawValue>, max_reply_bytes: usize) -> Completed;
 }
 
 #[derive(Debug)]

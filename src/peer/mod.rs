@@ -87,14 +87,8 @@ pub struct GroupActivity {
     pub last_seq: u64,
 }
 
-/// How messages are spread over Redis channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayMode {
-    /// One channel for every message (each instance receives all traffic).
-    Shared,
-    /// One channel per group, subscribed only while the group's room is occupied here.
-    PerGroup,
-}
+/// How messages are spread over Redis channels (`PEER_RELAY`).
+pub use crate::config::RelayMode;
 
 /// How often the publisher sends a heartbeat.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);

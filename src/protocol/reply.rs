@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::errors::{ErrorCode, Failure};
+use super::errors::Failure;
 use crate::model::Message;
 
 /// What the server tells a client in `hello`: identity, capabilities and the running limits.
@@ -23,6 +23,10 @@ pub struct HelloInfo {
     pub write_delay_ms: u64,
     /// `find_user` needs a token.
     pub auth: bool,
+    /// The protocols the server speaks, oldest first, and its request events (the layers
+    /// above know them: `ops`).
+    pub protocols: &'static [u8],
+    pub events: Vec<&'static str>,
 }
 
 /// The `hello` reply's data, for a connection over TLS or not.
@@ -31,11 +35,11 @@ pub fn hello_data(info: &HelloInfo, tls: bool) -> serde_json::Value {
         "server": "noomnim",
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": 2,
-        "protocols": crate::ops::hello::PROTOCOLS,
+        "protocols": info.protocols,
         "node_id": info.node_id,
         "auth": if info.auth { "token" } else { "none" },
         "tls": tls,
-        "events": crate::ops::event_names(),
+        "events": info.events,
         "limits": {
             "max_line_bytes": info.max_line_bytes,
             "max_text_chars": super::request::MAX_TEXT_CHARS,
@@ -83,15 +87,6 @@ pub fn encode_failure(failure: &Failure, id: Option<&RawValue>) -> Vec<u8> {
             &json!({ "Error": error.text(), "code": error.event() }),
             id,
         ),
-        Failure::Protocol(error) if error.code == ErrorCode::UnknownEvent => encode_line(
-            "error",
-            &json!({
-                "Error": error.text,
-                "code": error.code.as_str(),
-                "events": crate::ops::event_names(),
-            }),
-            id,
-        ),
         Failure::Protocol(error) => encode_line(
             "error",
             &json!({"Error": error.text, "code": error.code.as_str()}),
@@ -108,7 +103,7 @@ pub fn encode_broadcast(message: &Message) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::errors::{EventError, ProtocolError};
+    use crate::protocol::errors::{ErrorCode, EventError, ProtocolError};
 
     #[test]
     fn seed_error_is_byte_for_byte() {

@@ -8,7 +8,6 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::errors::{ErrorCode, ProtocolError};
-use crate::ops::EventEntry;
 
 /// Longest `text` of a message, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
@@ -27,11 +26,12 @@ pub const MAX_COUNT: u64 = i64::MAX as u64;
 /// reply echoes the same JSON text rather than a float approximation of it.
 pub type RequestId = Box<RawValue>;
 
-/// A decoded line whose event is known; its fields are not validated yet.
+/// A decoded line whose event is known; its fields are not validated yet. `E` is what the
+/// layer above knows of an event (the request registry's row), found by the lookup it passes.
 #[derive(Debug, Clone)]
-pub struct Envelope {
-    /// The event's registry row (`ops::EVENTS`).
-    pub event: &'static EventEntry,
+pub struct Envelope<E: 'static> {
+    /// The event's registry row.
+    pub event: &'static E,
     pub data: Map<String, Value>,
     pub id: Option<RequestId>,
 }
@@ -43,8 +43,12 @@ pub struct Rejected {
     pub error: ProtocolError,
 }
 
-/// Decodes one line into an envelope.
-pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
+/// Decodes one line into an envelope. `find` looks an event name up: its row, or the text of
+/// the `unknown_event` error (which may say what was meant).
+pub fn decode_envelope<E: 'static>(
+    line: &[u8],
+    find: impl Fn(&str) -> Result<&'static E, String>,
+) -> Result<Envelope<E>, Rejected> {
     let reject = |id, code, text: &str| Rejected {
         id,
         error: ProtocolError::new(code, text),
@@ -97,15 +101,9 @@ pub fn decode_envelope(line: &[u8]) -> Result<Envelope, Rejected> {
         }
     };
     let kind = match object.get("event") {
-        Some(Value::String(name)) => match crate::ops::find(name) {
-            Some(event) => event,
-            None => {
-                let text = match crate::ops::suggestion(name) {
-                    Some(meant) => format!("Unknown event. Did you mean \"{meant}\"?"),
-                    None => "Unknown event.".to_string(),
-                };
-                return Err(reject(id, ErrorCode::UnknownEvent, &text));
-            }
+        Some(Value::String(name)) => match find(name) {
+            Ok(event) => event,
+            Err(text) => return Err(reject(id, ErrorCode::UnknownEvent, &text)),
         },
         _ => {
             return Err(reject(
@@ -255,17 +253,29 @@ fn decode_data(data: Option<Value>) -> Result<Map<String, Value>, ProtocolError>
 mod tests {
     use super::*;
 
+    /// A registry of three events, as the layer above would pass one.
+    fn find(name: &str) -> Result<&'static &'static str, String> {
+        static NAMES: [&str; 3] = ["find_user", "ping", "send_message"];
+        NAMES
+            .iter()
+            .find(|known| **known == name)
+            .ok_or_else(|| "Unknown event.".to_string())
+    }
+
     fn code_of(line: &[u8]) -> Option<ErrorCode> {
-        decode_envelope(line)
+        decode_envelope(line, find)
             .err()
             .map(|rejected| rejected.error.code)
     }
 
     #[test]
     fn data_may_be_a_json_string() {
-        let envelope = decode_envelope(br#"{"event":"find_user","data":"{\"username\":\"bob\"}"}"#)
-            .expect("decodes");
-        assert_eq!(envelope.event.name, "find_user");
+        let envelope = decode_envelope(
+            br#"{"event":"find_user","data":"{\"username\":\"bob\"}"}"#,
+            find,
+        )
+        .expect("decodes");
+        assert_eq!(*envelope.event, "find_user");
         assert_eq!(envelope.data.get("username"), Some(&Value::from("bob")));
     }
 
@@ -314,13 +324,13 @@ mod tests {
 
     #[test]
     fn unknown_event_keeps_the_request_id() {
-        let rejected = decode_envelope(br#"{"event":"dance","id":7}"#).expect_err("unknown");
+        let rejected = decode_envelope(br#"{"event":"dance","id":7}"#, find).expect_err("unknown");
         assert_eq!(rejected.id.map(|id| id.get().to_string()), Some("7".into()));
     }
 
     #[test]
     fn number_ids_keep_their_spelling() {
-        let envelope = decode_envelope(br#"{"event":"ping","id":-0}"#).expect("decodes");
+        let envelope = decode_envelope(br#"{"event":"ping","id":-0}"#, find).expect("decodes");
         assert_eq!(
             envelope.id.map(|id| id.get().to_string()),
             Some("-0".into())

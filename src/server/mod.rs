@@ -27,14 +27,14 @@ use crate::limits::{Admission, Refusal};
 use crate::metrics::{Gauges, HttpProgress, Metrics, MetricsClient, RelayGauges};
 use crate::model::ReadMark;
 use crate::model::{Appended, Message};
+use crate::ops::dispatch::Plan;
 use crate::peer::{Departure, PeerEvent, PeerLink};
 use crate::protocol::{
     encode_broadcast, encode_failure, hello_data, ErrorCode, HelloInfo, ProtocolError,
 };
 use crate::rooms::Rooms;
 use crate::sequencer::{Release, Sequencer, CATCH_UP_BATCH, RECENT_IN_PEER_MODE};
-use crate::session::{self, Effect, Plan, Rules};
-use crate::start::StartError;
+use crate::session::{self, Effect, Rules};
 use crate::store::{Store, StoreError};
 use crate::tls::{Certificates, TlsTransport};
 use crate::transport::Transport;
@@ -48,7 +48,9 @@ mod load;
 mod manage;
 mod metrics_http;
 mod presence;
+mod start_error;
 pub use presence::LoopsPresence;
+pub use start_error::StartError;
 mod slab;
 mod sweep;
 
@@ -776,7 +778,7 @@ impl Server {
                 if connection.has_unsettled() {
                     connection.settle();
                 }
-                match session::plan(connection.session(), frame, rules) {
+                match crate::ops::dispatch::plan(connection.session(), frame, rules) {
                     Plan::Reply(line) => {
                         count_reply(&mut self.metrics, &line);
                         connection.reply_in_order(line);
@@ -984,6 +986,8 @@ fn rules_of(config: &Config) -> Rules {
             .write_delay
             .map_or(0, |delay| delay.as_millis() as u64),
         auth: config.auth_secret.is_some(),
+        protocols: &crate::ops::hello::PROTOCOLS,
+        events: crate::ops::event_names(),
     };
     Rules {
         max_reply_bytes: config.max_reply_bytes,

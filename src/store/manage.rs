@@ -309,18 +309,8 @@ pub fn erase(store: &mut dyn Store, username: &str) -> StoreResult<Erasure> {
     Ok(erasure)
 }
 
-/// Retention limits (`RETENTION_MAX_AGE`, `RETENTION_MAX_MESSAGES`); zero is off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Retention {
-    pub max_age: Option<std::time::Duration>,
-    pub max_messages: u64,
-}
-
-impl Retention {
-    pub fn is_off(&self) -> bool {
-        self.max_age.is_none() && self.max_messages == 0
-    }
-}
+/// Retention limits, as configured (`config::Retention`).
+pub use crate::config::Retention;
 
 /// One retention batch for one group whose newest seq is `head`: removes at most `batch` of
 /// its messages past the limits. Returns how many were removed (0: the group is within them).

@@ -1,18 +1,13 @@
-//! Per-connection request handling: what one framed request line becomes (an immediate reply or
-//! a store job), and the session state the events read and their completions change (`Effect`).
-//!
-//! Pure functions over the session state; the event loop applies the effects. Each event's own
-//! rules are in its module under `ops/`.
+//! A connection's session: the state the request events read (who is logged in, the room,
+//! the protocol, the resume in progress) and what their completions change (`Effect`, carried
+//! by a `Completed` request). What one request line becomes is `ops::dispatch`; the event loop
+//! applies the effects.
+
+pub mod frontier;
 
 use crate::auth::Authenticator;
-use crate::framing::Frame;
 use crate::model::{Message, ReadMark};
-use crate::ops::{Context, Planned};
-use crate::protocol::{
-    decode_envelope, encode_failure, Envelope, ErrorCode, Failure, ProtocolError, RequestId,
-};
-use crate::read_marker::ReadFrontier;
-use crate::workers::Work;
+use frontier::ReadFrontier;
 
 /// The room a connection is in, and the newest `seq` it already has from history: live
 /// broadcasts at or below it are not sent again.
@@ -52,10 +47,6 @@ pub struct Rules {
     /// Most backlog messages a `since_seq` resume streams (`RESUME_MAX_MESSAGES`).
     pub resume_max_messages: u64,
 }
-
-/// Bytes of a history reply that are not messages: the event name, `group_name`, flags and the
-/// request `id` are added to this.
-const REPLY_OVERHEAD: usize = 512;
 
 /// A user's read marker in a group and what lies after it (`read_marker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +112,15 @@ pub struct ResumeCursor {
 }
 
 impl Session {
+    /// A session logged in as `name`, for tests of what a session plans and receives.
+    #[cfg(test)]
+    pub fn logged_in(name: &str) -> Session {
+        Session {
+            username: Some(name.into()),
+            ..Session::default()
+        }
+    }
+
     pub fn room_name(&self) -> Option<&str> {
         self.room.as_ref().map(|room| room.group_name.as_str())
     }
@@ -138,20 +138,6 @@ impl Session {
             seq,
         })
     }
-}
-
-/// What to do with one request line.
-#[derive(Debug)]
-pub enum Plan {
-    /// Answer now with this line.
-    Reply(Vec<u8>),
-    /// Answer now with this line, and change the session so.
-    ReplyAnd(Vec<u8>, Effect),
-    /// Run this store job; its completion produces the reply.
-    Store { work: Work, id: Option<RequestId> },
-    /// A `find_user` that failed authentication: answer with this line, and count it (the
-    /// connection is closed after `MAX_AUTH_FAILURES`).
-    Refused(Vec<u8>),
 }
 
 /// Failed `find_user` authentications after which the connection is closed (`auth_failed`).
@@ -223,157 +209,39 @@ pub enum Effect {
     Erased(Vec<(String, u64)>),
 }
 
-/// Plans one framed request: decode the envelope, check the session, then hand the data to
-/// the event's module (`ops::EVENTS`) to validate and plan.
-pub fn plan(session: &Session, frame: Frame, rules: &Rules) -> Plan {
-    let line = match frame {
-        Frame::Line(line) => line,
-        Frame::TooLong => {
-            let error = ProtocolError::new(ErrorCode::LineTooLong, "Request line is too long.");
-            return Plan::Reply(encode_failure(&error.into(), None));
-        }
-    };
-    let envelope = match decode_envelope(&line) {
-        Ok(envelope) => envelope,
-        Err(rejected) => {
-            return Plan::Reply(encode_failure(
-                &rejected.error.into(),
-                rejected.id.as_deref(),
-            ))
-        }
-    };
-    let Envelope {
-        event,
-        mut data,
-        id,
-    } = envelope;
-    // A history reply must fit `max_reply_bytes` with the id echoed in it.
-    let reply_budget = rules
-        .max_reply_bytes
-        .saturating_sub(REPLY_OVERHEAD + id.as_ref().map_or(0, |id| id.get().len()));
-    let planned = if session.username.is_none() && !event.before_login {
-        Err(ProtocolError::new(ErrorCode::NotLoggedIn, "Log in with find_user first.").into())
-    } else {
-        // Protocol v2: after find_user, `username` may be left out and means the bound user.
-        if let Some(bound) = &session.username {
-            if event.names_user && !data.contains_key("username") {
-                data.insert("username".into(), serde_json::Value::String(bound.clone()));
-            }
-        }
-        let context = Context {
-            session,
-            rules,
-            id: id.as_deref(),
-            reply_budget,
-        };
-        event.plan(&data, &context)
-    };
-    match planned {
-        Ok(Planned::Now(line)) => Plan::Reply(line),
-        Ok(Planned::NowAnd(line, effect)) => Plan::ReplyAnd(line, effect),
-        Ok(Planned::Store(work)) => Plan::Store { work, id },
-        Err(
-            failure @ Failure::Protocol(ProtocolError {
-                code: ErrorCode::Unauthorized,
-                ..
-            }),
-        ) => Plan::Refused(encode_failure(&failure, id.as_deref())),
-        Err(failure) => Plan::Reply(encode_failure(&failure, id.as_deref())),
-    }
-}
-
 /// Whether a stored message goes live to a connection in this session.
 pub fn receives(session: &Session, message: &Message) -> bool {
     matches!(&session.room, Some(room) if room.group_name == message.group_name && message.seq > room.floor_seq)
+}
+
+/// A finished request, ready for its connection: the reply line, what it changes, and the
+/// group messages the line carries.
+#[derive(Debug)]
+pub struct Completed {
+    pub line: Vec<u8>,
+    pub effect: Effect,
+    /// The group messages the line carries: (group, first seq, last seq), contiguous.
+    pub shows: Option<(String, u64, u64)>,
+}
+
+impl Completed {
+    /// A reply that changes nothing else.
+    pub fn reply(line: Vec<u8>) -> Completed {
+        Completed {
+            line,
+            effect: Effect::None,
+            shows: None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn plan_line(session: &Session, line: &str) -> Plan {
-        let rules = Rules {
-            max_reply_bytes: 1 << 20,
-            max_groups_per_user: 0,
-            hello: std::rc::Rc::new(serde_json::json!({"server": "noomnim"})),
-            hello_tls: std::rc::Rc::new(serde_json::json!({"server": "noomnim", "tls": true})),
-            auth: None,
-            resume_max_messages: 10_000,
-        };
-        plan(session, Frame::Line(line.as_bytes().to_vec()), &rules)
-    }
-
-    fn reply_json(plan: Plan) -> serde_json::Value {
-        match plan {
-            Plan::Reply(bytes) | Plan::Refused(bytes) | Plan::ReplyAnd(bytes, _) => {
-                serde_json::from_slice(&bytes).expect("reply is json")
-            }
-            Plan::Store { work, .. } => panic!("expected an immediate reply, got job {work:?}"),
-        }
-    }
-
-    fn logged_in(name: &str) -> Session {
-        Session {
-            username: Some(name.into()),
-            ..Session::default()
-        }
-    }
-
-    #[test]
-    fn events_before_login_are_refused_but_ping_works() {
-        let session = Session::default();
-        let reply = reply_json(plan_line(&session, r#"{"event":"list_groups","id":1}"#));
-        assert_eq!(reply["data"]["code"], "not_logged_in");
-        assert_eq!(reply["id"], 1);
-        let reply = reply_json(plan_line(&session, r#"{"event":"ping"}"#));
-        assert_eq!(reply["event"], "pong");
-    }
-
-    #[test]
-    fn fields_are_validated_by_the_event() {
-        let alice = logged_in("alice");
-        for line in [
-            r#"{"event":"fetch_messages","data":{"group_name":"g","limit":0}}"#,
-            r#"{"event":"create_group","data":{"group_name":"g\u200d"}}"#,
-            r#"{"event":"send_message","data":{"group_name":"g"}}"#,
-            r#"{"event":"mark_read","data":{"group_name":"g","seq":-1}}"#,
-        ] {
-            let reply = reply_json(plan_line(&alice, line));
-            assert_eq!(reply["data"]["code"], "bad_request", "{line}");
-        }
-        let line = r#"{"event":"send_message","data":{"group_name":"g","text":"hi"}}"#;
-        assert!(matches!(
-            plan_line(&alice, line),
-            Plan::Store {
-                work: Work::Append(_),
-                ..
-            }
-        ));
-    }
-
-    #[test]
-    fn acting_for_someone_else_is_forbidden() {
-        let line = r#"{"event":"join_group","data":{"username":"mallory","group_name":"g"}}"#;
-        let reply = reply_json(plan_line(&logged_in("alice"), line));
-        assert_eq!(reply["data"]["code"], "forbidden");
-    }
-
-    #[test]
-    fn visiting_the_current_room_is_already_in_the_group() {
-        let mut session = logged_in("alice");
-        session.room = Some(Room::new("g".into(), 0, 0));
-        let line = r#"{"event":"visit_group","data":{"username":"alice","group_name":"g"}}"#;
-        let reply = reply_json(plan_line(&session, line));
-        assert_eq!(reply["event"], "already_in_the_group");
-        assert_eq!(
-            reply["data"]["Error"],
-            "User is already in selected chatroom."
-        );
-    }
-
     #[test]
     fn broadcasts_skip_messages_already_in_history() {
-        let mut session = logged_in("alice");
+        let mut session = Session::logged_in("alice");
         session.room = Some(Room::new("g".into(), 5, 5));
         let mut message = Message {
             id: String::new(),
