@@ -117,7 +117,7 @@ impl Work {
 
 /// A finished job.
 #[derive(Debug)]
-pub enum Done {
+pub enum Outcome {
     Appended(Result<Appended, StoreError>),
     Marked(Result<(), StoreError>),
     CaughtUp {
@@ -158,9 +158,9 @@ pub struct Job {
 
 /// A finished job on its way back to the event loop.
 #[derive(Debug)]
-pub struct Completion {
+pub struct Finished {
     pub requester: Requester,
-    pub done: Done,
+    pub outcome: Outcome,
     /// From queueing the job to its result.
     pub elapsed: Duration,
 }
@@ -177,7 +177,7 @@ impl WorkerPool {
     /// Starts one thread per store; completions go to `done` and wake `waker`.
     pub fn start(
         stores: Vec<Box<dyn Store>>,
-        done: Sender<Completion>,
+        done: Sender<Finished>,
         waker: Arc<Waker>,
         timeout: Duration,
         routing: WriteRouting,
@@ -259,7 +259,7 @@ impl WorkerPool {
 struct Worker {
     store: Box<dyn Store>,
     jobs: Receiver<Job>,
-    done: Sender<Completion>,
+    done: Sender<Finished>,
     waker: Arc<Waker>,
     timeout: Duration,
 }
@@ -304,7 +304,7 @@ impl Worker {
                     } else {
                         call.run(self.store.as_mut());
                     }
-                    Done::Called(call)
+                    Outcome::Called(call)
                 }
                 Work::CatchUp {
                     group_name,
@@ -317,7 +317,7 @@ impl Worker {
                     } else {
                         self.store.messages_after(&group_name, after_seq, limit)
                     };
-                    Done::CaughtUp { group_name, result }
+                    Outcome::CaughtUp { group_name, result }
                 }
                 Work::Heads(groups) => {
                     self.store_messages(std::mem::take(&mut messages));
@@ -326,7 +326,7 @@ impl Worker {
                     } else {
                         self.store.group_heads(&groups)
                     };
-                    Done::Heads(result)
+                    Outcome::Heads(result)
                 }
             };
             self.finish(requester, done, queued_at);
@@ -342,7 +342,7 @@ impl Worker {
         let marks: Vec<ReadMark> = jobs.iter().map(|(_, mark, _)| mark.clone()).collect();
         let result = self.store.mark_read(&marks);
         for (requester, _, queued_at) in jobs {
-            self.finish(requester, Done::Marked(result.clone()), queued_at);
+            self.finish(requester, Outcome::Marked(result.clone()), queued_at);
         }
     }
 
@@ -351,7 +351,11 @@ impl Worker {
             .into_iter()
             .partition(|(_, _, queued_at)| self.expired(*queued_at));
         for (requester, _, queued_at) in stale {
-            self.finish(requester, Done::Appended(Err(expired_error())), queued_at);
+            self.finish(
+                requester,
+                Outcome::Appended(Err(expired_error())),
+                queued_at,
+            );
         }
         if fresh.is_empty() {
             return;
@@ -362,7 +366,7 @@ impl Worker {
             .unzip();
         let results = self.store.append_messages(&batch);
         for ((requester, queued_at), result) in senders.into_iter().zip(results) {
-            self.finish(requester, Done::Appended(result), queued_at);
+            self.finish(requester, Outcome::Appended(result), queued_at);
         }
     }
 
@@ -371,18 +375,18 @@ impl Worker {
         queued_at.elapsed() > self.timeout
     }
 
-    fn finish(&self, requester: Requester, done: Done, queued_at: Instant) {
-        if let Done::Appended(Err(StoreError::Unavailable(reason)))
-        | Done::Marked(Err(StoreError::Unavailable(reason))) = &done
+    fn finish(&self, requester: Requester, outcome: Outcome, queued_at: Instant) {
+        if let Outcome::Appended(Err(StoreError::Unavailable(reason)))
+        | Outcome::Marked(Err(StoreError::Unavailable(reason))) = &outcome
         {
             log::warn!("store call failed: {reason}");
         }
-        let completion = Completion {
+        let finished = Finished {
             requester,
-            done,
+            outcome,
             elapsed: queued_at.elapsed(),
         };
-        if self.done.send(completion).is_err() {
+        if self.done.send(finished).is_err() {
             log::debug!("event loop gone; completion dropped");
         }
     }

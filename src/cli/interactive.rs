@@ -59,12 +59,12 @@ struct Shared {
     entering: Option<String>,
 }
 
-/// Completion of commands, event names (after `/raw {"event":"`) and group names.
-struct Completion {
+/// TabCompletion of commands, event names (after `/raw {"event":"`) and group names.
+struct TabCompletion {
     shared: Arc<Mutex<Shared>>,
 }
 
-impl Completer for Completion {
+impl Completer for TabCompletion {
     type Candidate = Pair;
 
     fn complete(
@@ -113,12 +113,12 @@ impl Completer for Completion {
     }
 }
 
-impl Hinter for Completion {
+impl Hinter for TabCompletion {
     type Hint = String;
 }
-impl Highlighter for Completion {}
-impl Validator for Completion {}
-impl Helper for Completion {}
+impl Highlighter for TabCompletion {}
+impl Validator for TabCompletion {}
+impl Helper for TabCompletion {}
 
 /// What the editor asks of the connection thread.
 enum Outgoing {
@@ -166,9 +166,9 @@ pub fn run(options: &Options) -> Result<(), String> {
         .completion_type(rustyline::CompletionType::List)
         .auto_add_history(true)
         .build();
-    let mut editor: Editor<Completion, DefaultHistory> =
+    let mut editor: Editor<TabCompletion, DefaultHistory> =
         Editor::with_config(config).map_err(|e| format!("cannot start the line editor: {e}"))?;
-    editor.set_helper(Some(Completion {
+    editor.set_helper(Some(TabCompletion {
         shared: shared.clone(),
     }));
     let history = history_path(options);

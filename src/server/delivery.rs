@@ -16,15 +16,15 @@ impl Server {
         }
     }
 
-    pub(super) fn complete(&mut self, completion: Completion) {
-        let Completion {
+    pub(super) fn complete(&mut self, completion: Finished) {
+        let Finished {
             requester,
-            done,
+            outcome,
             elapsed,
         } = completion;
         self.metrics.store_latency(elapsed);
-        let answer = match done {
-            Done::Appended(result) => {
+        let answer = match outcome {
+            Outcome::Appended(result) => {
                 // A `client_msg_id` repeat stored nothing: only its sender hears of it, in the ack.
                 if let Ok(Appended {
                     message,
@@ -57,8 +57,8 @@ impl Server {
                 }
                 Answer::Sent(result)
             }
-            Done::Called(call) => Answer::Call(call),
-            Done::CaughtUp { group_name, result } => {
+            Outcome::Called(call) => Answer::Call(call),
+            Outcome::CaughtUp { group_name, result } => {
                 let found = result
                     .map_err(|error| log::warn!("catch-up read for {group_name} failed: {error}"))
                     .ok();
@@ -70,7 +70,7 @@ impl Server {
                 self.broadcast_all(released);
                 return;
             }
-            Done::Heads(result) => {
+            Outcome::Heads(result) => {
                 self.heads_in_flight = self.heads_in_flight.saturating_sub(1);
                 match result {
                     Ok(heads) => self.sequencer.heads_seen(heads),
@@ -78,7 +78,7 @@ impl Server {
                 }
                 return;
             }
-            Done::Marked(result) => {
+            Outcome::Marked(result) => {
                 if let Err(error) = result {
                     log::warn!("read mark failed: {error}");
                 }

@@ -1,4 +1,5 @@
-//! What the room sees of managed messages and groups: edits, deletes, role changes, removals,
+//! Managing messages and groups, the loop's half (the rules are `store/manage.rs`'s, one layer
+//! down): what the room sees of edits, deletes, role changes, removals,
 //! bans and deleted groups reach every connection in the group's room (every protocol), here
 //! and, through the group's relay channel, on every other instance.
 

@@ -38,7 +38,7 @@ use crate::session::{self, Effect, Rules};
 use crate::store::{Store, StoreError};
 use crate::tls::{Certificates, TlsTransport};
 use crate::transport::Transport;
-use crate::workers::{Completion, Done, Requester, Work, WorkerPool, WriteRouting};
+use crate::workers::{Finished, Outcome, Requester, Work, WorkerPool, WriteRouting};
 
 mod accept;
 mod activity;
@@ -159,7 +159,7 @@ pub struct Server {
     /// Groups whose room emptied here, and when to stop receiving their relay channel.
     unwatch_due: HashMap<String, Instant>,
     pool: Option<WorkerPool>,
-    completions: Receiver<Completion>,
+    completions: Receiver<Finished>,
     stop_requested: Arc<AtomicBool>,
     draining_since: Option<Instant>,
     touched: Vec<Token>,

@@ -1,4 +1,5 @@
-//! Who may change what: the rules of editing and deleting messages, roles, removals, bans,
+//! Managing messages and groups, the store's half (what rooms see of it is `server/manage.rs`'s):
+//! who may change what, the rules of editing and deleting messages, roles, removals, bans,
 //! deleting a group, retention and erasing a user, written once over the `Store` primitives
 //! (each backend only reads and writes; see `store/mod.rs`).
 //!
