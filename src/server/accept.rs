@@ -2,6 +2,19 @@
 
 use super::*;
 
+/// The chat listeners and what accepting needs beside them.
+pub(super) struct Listeners {
+    /// The plaintext listener (`PORT`; none with `PLAINTEXT=false` or once draining).
+    pub(super) plain: Option<TcpListener>,
+    /// The TLS listener (`TLS_PORT`).
+    pub(super) tls: Option<TcpListener>,
+    /// The certificate new TLS connections get.
+    pub(super) certificates: Option<Certificates>,
+    /// Set while `accept` fails with EMFILE/ENFILE: queued clients are accepted on a timer
+    /// and whenever a connection closes (an edge-triggered listener is not woken again).
+    pub(super) blocked: bool,
+}
+
 impl Server {
     /// Accepts on both listeners (after descriptors were short).
     pub(super) fn accept_all(&mut self) {
@@ -12,33 +25,33 @@ impl Server {
     pub(super) fn accept_from(&mut self, tls: bool) {
         loop {
             let listener = if tls {
-                &self.tls_listener
+                &self.listeners.tls
             } else {
-                &self.listener
+                &self.listeners.plain
             };
             let Some(listener) = listener else {
                 return;
             };
             match listener.accept() {
                 Ok((socket, peer)) => {
-                    if self.accept_blocked {
+                    if self.listeners.blocked {
                         log::info!("accepting again: a descriptor is free");
                     }
-                    self.accept_blocked = false;
+                    self.listeners.blocked = false;
                     self.admit(socket, peer, tls);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.accept_blocked = false;
+                    self.listeners.blocked = false;
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE/ENFILE (or another transient failure): the client stays in the
                     // kernel's accept queue; retry on a timer and when a descriptor is freed.
-                    if !self.accept_blocked {
+                    if !self.listeners.blocked {
                         log::warn!("accept failed: {e}; clients wait in the accept queue");
                     }
-                    self.accept_blocked = true;
+                    self.listeners.blocked = true;
                     return;
                 }
             }
@@ -92,7 +105,7 @@ impl Server {
             .with_retries(self.config.keepalive_probes);
         let _ = sock.set_tcp_keepalive(&keepalive);
         log::debug!("connection {} from {peer}", token.0);
-        let transport: Box<dyn Transport> = match (&self.certificates, tls) {
+        let transport: Box<dyn Transport> = match (&self.listeners.certificates, tls) {
             (Some(certificates), true) => match TlsTransport::new(socket, certificates.current()) {
                 Ok(transport) => Box::new(transport),
                 Err(e) => {

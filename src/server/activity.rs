@@ -17,6 +17,21 @@ use crate::model::{GroupReadState, GroupsQuery};
 use crate::ops::{Completed, Route, StoreCall};
 use crate::peer::{GroupActivity, ACTIVITY_KEY};
 
+/// The activity feature's own state (see the module's doc).
+#[derive(Debug, Default)]
+pub(super) struct Activity {
+    /// Per group, the protocol-3 connections here whose user is a member.
+    pub(super) watchers: HashMap<String, std::collections::HashSet<Token>>,
+    /// Per such connection, its groups.
+    pub(super) watching: HashMap<Token, std::collections::HashSet<String>>,
+    /// The known read markers of their users, per user and group.
+    pub(super) marks: HashMap<String, HashMap<String, u64>>,
+    /// Each group's coalescing state.
+    pub(super) groups: HashMap<String, ActivityState>,
+    /// When the next trailing notice is due.
+    pub(super) wake: Option<Instant>,
+}
+
 /// One group's coalescing state.
 #[derive(Debug, Default)]
 pub(super) struct ActivityState {
@@ -84,7 +99,7 @@ impl StoreCall for Memberships {
 impl Server {
     /// Starts loading a connection's memberships once it is logged in and on protocol 3.
     pub(super) fn start_activity(&mut self, token: Token) {
-        if self.watching.contains_key(&token) {
+        if self.activity.watching.contains_key(&token) {
             return;
         }
         let Some(connection) = self.connections.get_mut(&token) else {
@@ -96,7 +111,7 @@ impl Server {
         if connection.session().protocol < 3 {
             return;
         }
-        self.watching.insert(token, Default::default());
+        self.activity.watching.insert(token, Default::default());
         let work = crate::ops::work(Memberships {
             username,
             purpose: MembershipsFor::Activity,
@@ -107,7 +122,7 @@ impl Server {
             token,
             work,
             None,
-            self.leave_clock,
+            self.access.clock,
         );
     }
 
@@ -122,18 +137,26 @@ impl Server {
         };
         for group in groups {
             self.know_mark(&username, &group.group_name, group.last_read_seq);
-            let state = self.activity.entry(group.group_name.clone()).or_default();
+            let state = self
+                .activity
+                .groups
+                .entry(group.group_name.clone())
+                .or_default();
             state.last_seq = state.last_seq.max(group.last_seq);
             self.watch_group(token, group.group_name);
         }
     }
 
     fn watch_group(&mut self, token: Token, group_name: String) {
-        let Some(groups) = self.watching.get_mut(&token) else {
+        let Some(groups) = self.activity.watching.get_mut(&token) else {
             return;
         };
         groups.insert(group_name.clone());
-        let watchers = self.watchers.entry(group_name.clone()).or_default();
+        let watchers = self
+            .activity
+            .watchers
+            .entry(group_name.clone())
+            .or_default();
         if watchers.is_empty() {
             if let Some(peer) = &self.peer {
                 peer.watch(&format!("{ACTIVITY_KEY}{group_name}"));
@@ -143,15 +166,15 @@ impl Server {
     }
 
     pub(super) fn unwatch_group(&mut self, token: Token, group_name: &str) {
-        if let Some(groups) = self.watching.get_mut(&token) {
+        if let Some(groups) = self.activity.watching.get_mut(&token) {
             groups.remove(group_name);
         }
-        let Some(watchers) = self.watchers.get_mut(group_name) else {
+        let Some(watchers) = self.activity.watchers.get_mut(group_name) else {
             return;
         };
         watchers.remove(&token);
         if watchers.is_empty() {
-            self.watchers.remove(group_name);
+            self.activity.watchers.remove(group_name);
             if let Some(peer) = &self.peer {
                 peer.unwatch(&format!("{ACTIVITY_KEY}{group_name}"));
             }
@@ -161,25 +184,26 @@ impl Server {
     /// A closing connection stops hearing of its groups; the last connection of a user takes
     /// the user's known read markers with it.
     pub(super) fn stop_activity(&mut self, token: Token, username: &str) {
-        if let Some(groups) = self.watching.remove(&token) {
+        if let Some(groups) = self.activity.watching.remove(&token) {
             for group in groups {
                 self.unwatch_group(token, &group);
             }
         }
         let others = self
+            .devices
             .users
             .get(username)
             .is_some_and(|tokens| tokens.iter().any(|t| *t != token));
         if !others {
-            self.marks.remove(username);
+            self.activity.marks.remove(username);
         }
     }
 
     /// The user joined a group: their connections here that hear of activity add it.
     pub(super) fn joined_activity(&mut self, username: &str, group_name: &str) {
-        let tokens = self.users.get(username).cloned().unwrap_or_default();
+        let tokens = self.devices.connections_of(username);
         for token in tokens {
-            if self.watching.contains_key(&token) {
+            if self.activity.watching.contains_key(&token) {
                 self.watch_group(token, group_name.to_string());
             }
         }
@@ -187,7 +211,7 @@ impl Server {
 
     /// The user left a group (here or on a peer): their connections here drop it.
     pub(super) fn left_activity(&mut self, username: &str, group_name: &str) {
-        let tokens = self.users.get(username).cloned().unwrap_or_default();
+        let tokens = self.devices.connections_of(username);
         for token in tokens {
             self.unwatch_group(token, group_name);
         }
@@ -196,14 +220,16 @@ impl Server {
     /// A user's read marker in a group is known to be at least `seq` (kept only for users
     /// with a protocol-3 connection here).
     pub(super) fn know_mark(&mut self, username: &str, group_name: &str, seq: u64) {
-        let has_watcher = self
-            .users
-            .get(username)
-            .is_some_and(|tokens| tokens.iter().any(|t| self.watching.contains_key(t)));
+        let has_watcher = self.devices.users.get(username).is_some_and(|tokens| {
+            tokens
+                .iter()
+                .any(|t| self.activity.watching.contains_key(t))
+        });
         if !has_watcher {
             return;
         }
         let mark = self
+            .activity
             .marks
             .entry(username.to_string())
             .or_default()
@@ -234,15 +260,16 @@ impl Server {
     /// (a message stored here in peer mode), and a known group costs no allocation.
     pub(super) fn activity_seen(&mut self, group_name: &str, seq: u64, stored_here: bool) {
         let peers_may_watch = stored_here && self.peer.is_some();
-        if !peers_may_watch && !self.watchers.contains_key(group_name) {
+        if !peers_may_watch && !self.activity.watchers.contains_key(group_name) {
             return;
         }
         let interval = self.config.activity_interval;
-        if !self.activity.contains_key(group_name) {
+        if !self.activity.groups.contains_key(group_name) {
             self.activity
+                .groups
                 .insert(group_name.to_string(), ActivityState::default());
         }
-        let Some(state) = self.activity.get_mut(group_name) else {
+        let Some(state) = self.activity.groups.get_mut(group_name) else {
             return;
         };
         if seq <= state.last_seq {
@@ -253,7 +280,7 @@ impl Server {
         if let Some(sent) = state.sent_at.filter(|sent| sent.elapsed() < interval) {
             state.due = true;
             let at = sent + interval;
-            self.activity_wake = Some(self.activity_wake.map_or(at, |wake| wake.min(at)));
+            self.activity.wake = Some(self.activity.wake.map_or(at, |wake| wake.min(at)));
             return;
         }
         self.emit_activity(group_name);
@@ -262,7 +289,7 @@ impl Server {
     /// Sends a group's notice to the interested connections here and, for messages stored
     /// here, to the other instances.
     fn emit_activity(&mut self, group_name: &str) {
-        let Some(state) = self.activity.get_mut(group_name) else {
+        let Some(state) = self.activity.groups.get_mut(group_name) else {
             return;
         };
         state.sent_at = Some(Instant::now());
@@ -277,6 +304,7 @@ impl Server {
             }
         }
         let tokens: Vec<Token> = self
+            .activity
             .watchers
             .get(group_name)
             .map(|w| w.iter().copied().collect())
@@ -293,6 +321,7 @@ impl Server {
                 continue;
             };
             let mark = self
+                .activity
                 .marks
                 .get(username)
                 .and_then(|groups| groups.get(group_name))
@@ -314,12 +343,13 @@ impl Server {
     /// Sends the trailing notices whose interval has passed (only when one is due: no scan
     /// on other turns).
     pub(super) fn release_activity(&mut self) {
-        if self.activity_wake.is_none_or(|wake| wake > Instant::now()) {
+        if self.activity.wake.is_none_or(|wake| wake > Instant::now()) {
             return;
         }
         let interval = self.config.activity_interval;
         let due: Vec<String> = self
             .activity
+            .groups
             .iter()
             .filter(|(_, s)| s.due && s.sent_at.is_none_or(|sent| sent.elapsed() >= interval))
             .map(|(group, _)| group.clone())
@@ -327,8 +357,9 @@ impl Server {
         for group in due {
             self.emit_activity(&group);
         }
-        self.activity_wake = self
+        self.activity.wake = self
             .activity
+            .groups
             .values()
             .filter(|s| s.due)
             .filter_map(|s| s.sent_at.map(|sent| sent + interval))
@@ -338,8 +369,8 @@ impl Server {
     /// Forgets coalescing states of groups nobody here watches and that went quiet (sweep).
     pub(super) fn forget_quiet_activity(&mut self) {
         let interval = self.config.activity_interval;
-        let watchers = &self.watchers;
-        self.activity.retain(|group, state| {
+        let watchers = &self.activity.watchers;
+        self.activity.groups.retain(|group, state| {
             watchers.contains_key(group)
                 || state.due
                 || state.sent_at.is_some_and(|sent| sent.elapsed() < interval)

@@ -3,6 +3,30 @@
 use super::*;
 use crate::ops::{send_message, Call};
 
+/// What the loop tracks of the relay to other instances.
+#[derive(Debug)]
+pub(super) struct RelayState {
+    /// The relay's link to Redis is up (metrics).
+    pub(super) link_up: bool,
+    /// Groups whose room emptied here, and when to stop receiving their relay channel.
+    pub(super) unwatch_due: HashMap<String, Instant>,
+    /// When the rooms' heads were last checked against the store (peer mode).
+    pub(super) last_tail_check: Instant,
+    /// Head-check queries not answered yet (a new round starts only after the last one).
+    pub(super) heads_in_flight: usize,
+}
+
+impl RelayState {
+    pub(super) fn new() -> RelayState {
+        RelayState {
+            link_up: false,
+            unwatch_due: HashMap::new(),
+            last_tail_check: Instant::now(),
+            heads_in_flight: 0,
+        }
+    }
+}
+
 /// What a connection's finished job answers with.
 enum Answer {
     Sent(Result<Appended, StoreError>),
@@ -71,7 +95,7 @@ impl Server {
                 return;
             }
             Outcome::Heads(result) => {
-                self.heads_in_flight = self.heads_in_flight.saturating_sub(1);
+                self.relay.heads_in_flight = self.relay.heads_in_flight.saturating_sub(1);
                 match result {
                     Ok(heads) => self.sequencer.heads_seen(heads),
                     Err(error) => log::warn!("head check failed: {error}"),
@@ -222,7 +246,8 @@ impl Server {
     pub(super) fn access_ended(&self, token: Token, group_name: &str, since: u64) -> bool {
         self.left_since(token, group_name, since)
             || self
-                .recent_deletes
+                .access
+                .group_deletes
                 .get(group_name)
                 .is_some_and(|(clock, _)| *clock > since)
     }
@@ -231,9 +256,10 @@ impl Server {
     /// and streams of it in progress end; a protocol-2 resumer (no sidebar to hear it in) is
     /// sent `line`, the room's `group_deleted`.
     pub(super) fn group_deleted_for_resumes(&mut self, group_name: &str, line: &[u8]) {
-        self.leave_clock += 1;
-        self.recent_deletes
-            .insert(group_name.to_string(), (self.leave_clock, Instant::now()));
+        self.access.clock += 1;
+        self.access
+            .group_deletes
+            .insert(group_name.to_string(), (self.access.clock, Instant::now()));
         self.end_streams(group_name, None, line);
     }
 
@@ -241,7 +267,7 @@ impl Server {
     /// connection); the protocol-2 ones among them are sent `line`.
     pub(super) fn end_streams(&mut self, group_name: &str, username: Option<&str>, line: &[u8]) {
         let tokens = match username {
-            Some(username) => self.users.get(username).cloned().unwrap_or_default(),
+            Some(username) => self.devices.connections_of(username),
             None => self.connections.tokens(),
         };
         for token in tokens {
@@ -267,7 +293,8 @@ impl Server {
         else {
             return false;
         };
-        self.recent_leaves
+        self.access
+            .leaves
             .get(&(username, group_name.to_string()))
             .is_some_and(|(clock, _)| *clock > since)
     }
@@ -290,12 +317,12 @@ impl Server {
                     self.broadcast_all(released);
                 }
                 PeerEvent::LinkUp => {
-                    self.peer_link_up = true;
+                    self.relay.link_up = true;
                     self.sequencer.suspect_all();
                 }
                 PeerEvent::Resync => self.sequencer.suspect_all(),
                 PeerEvent::Subscribed(group_name) => self.sequencer.suspect(&group_name),
-                PeerEvent::LinkDown => self.peer_link_up = false,
+                PeerEvent::LinkDown => self.relay.link_up = false,
                 PeerEvent::Left(departure) => {
                     self.tell_left(&departure, None);
                     self.user_left(departure);
@@ -362,7 +389,10 @@ impl Server {
             return;
         };
         // Held only while the loop is short of time: a quiet server writes at once.
-        let write_delay = self.config.write_delay.filter(|_| self.load.holding());
+        let write_delay = self
+            .config
+            .write_delay
+            .filter(|_| self.write_delay.load.holding());
         let deferring = write_delay.is_some();
         for token in members {
             let Some(connection) = self.connections.get_mut(&token) else {
@@ -389,14 +419,14 @@ impl Server {
                     self.touched.push(token);
                 }
             } else if connection.defer() {
-                self.deferred.push(token);
+                self.write_delay.deferred.push(token);
             }
         }
         // The delay runs from the first line held. This may be the last step of a turn: the
         // next poll must already wake for it.
-        if let (Some(delay), None) = (write_delay, self.deferred_flush_at) {
-            if !self.deferred.is_empty() {
-                self.deferred_flush_at = Some(Instant::now() + delay);
+        if let (Some(delay), None) = (write_delay, self.write_delay.flush_at) {
+            if !self.write_delay.deferred.is_empty() {
+                self.write_delay.flush_at = Some(Instant::now() + delay);
             }
         }
     }
@@ -404,7 +434,7 @@ impl Server {
     /// A user left a group (here or on a peer): every connection of theirs leaves its room, and
     /// the leave is remembered so that an enter already in flight does not undo it.
     pub(super) fn user_left(&mut self, departure: Departure) {
-        self.leave_clock += 1;
+        self.access.clock += 1;
         // A removal or ban ends the user's resume streams of the group at once; the
         // protocol-2 ones are told why (protocol 3 heard `left_group` already).
         let told = match &departure.reason {
@@ -427,8 +457,9 @@ impl Server {
             }
         }
         let key = (departure.username, departure.group_name);
-        self.recent_leaves
-            .insert(key, (self.leave_clock, Instant::now()));
+        self.access
+            .leaves
+            .insert(key, (self.access.clock, Instant::now()));
     }
 
     /// Puts a connection in a room and sends it what the room got after its history ended.
@@ -436,7 +467,7 @@ impl Server {
         if self.rooms.enter(&room.group_name, token) {
             // The first connection here in this room: receive the group's relay channel (a
             // pending unwatch is cancelled; watching twice is harmless).
-            self.unwatch_due.remove(&room.group_name);
+            self.relay.unwatch_due.remove(&room.group_name);
             if let Some(peer) = &self.peer {
                 peer.watch(&room.group_name);
             }
@@ -461,7 +492,8 @@ impl Server {
             }
             // Unsubscribed only after a linger, so enter/leave churn does not thrash Redis.
             if self.peer.is_some() {
-                self.unwatch_due
+                self.relay
+                    .unwatch_due
                     .insert(group_name.to_string(), Instant::now() + UNWATCH_LINGER);
             }
         }
@@ -471,13 +503,14 @@ impl Server {
     pub(super) fn unwatch_idle_groups(&mut self) {
         let now = Instant::now();
         let due: Vec<String> = self
+            .relay
             .unwatch_due
             .iter()
             .filter(|(_, at)| **at <= now)
             .map(|(group, _)| group.clone())
             .collect();
         for group in due {
-            self.unwatch_due.remove(&group);
+            self.relay.unwatch_due.remove(&group);
             if let Some(peer) = &self.peer {
                 peer.unwatch(&group);
             }
@@ -488,18 +521,18 @@ impl Server {
     /// batched query per `HEADS_PER_QUERY` groups; only groups found behind then read messages.
     pub(super) fn check_tails(&mut self) {
         if self.peer.is_none()
-            || self.heads_in_flight > 0
-            || self.last_tail_check.elapsed() < TAIL_CHECK_EVERY
+            || self.relay.heads_in_flight > 0
+            || self.relay.last_tail_check.elapsed() < TAIL_CHECK_EVERY
         {
             return;
         }
-        self.last_tail_check = Instant::now();
+        self.relay.last_tail_check = Instant::now();
         let Some(pool) = self.pool.as_mut() else {
             return;
         };
         let occupied = self.sequencer.occupied();
         for chunk in occupied.chunks(HEADS_PER_QUERY) {
-            self.heads_in_flight += 1;
+            self.relay.heads_in_flight += 1;
             self.metrics.head_checks += 1;
             pool.submit(Requester::Server, Work::Heads(chunk.to_vec()));
         }

@@ -9,11 +9,27 @@ use crate::ops::typing::TYPING_EVERY;
 use crate::peer::UserNotice;
 use crate::session::ReadState;
 
+/// A user's devices here and typing's relay times.
+#[derive(Debug, Default)]
+pub(super) struct Devices {
+    /// The connections each logged-in user has here (lines to all of a user's devices).
+    pub(super) users: HashMap<String, Vec<Token>>,
+    /// When each (user, group) last had a `typing` relayed (at most one per 2 s).
+    pub(super) typing_seen: HashMap<(String, String), Instant>,
+}
+
+impl Devices {
+    /// The connections `username` has here (none when not logged in here).
+    pub(super) fn connections_of(&self, username: &str) -> Vec<Token> {
+        self.users.get(username).cloned().unwrap_or_default()
+    }
+}
+
 impl Server {
     /// Remembers which connections a user has here (for lines to all of a user's devices);
     /// one that `counts` for presence may make the user online.
     pub(super) fn index_user(&mut self, token: Token, username: &str, counts: bool) {
-        let tokens = self.users.entry(username.to_string()).or_default();
+        let tokens = self.devices.users.entry(username.to_string()).or_default();
         if !tokens.contains(&token) {
             tokens.push(token);
             if counts {
@@ -24,12 +40,12 @@ impl Server {
 
     /// Forgets a closed connection in the user index (`counted`: it counted for presence).
     pub(super) fn unindex_user(&mut self, token: Token, username: &str, counted: bool) {
-        if let Some(tokens) = self.users.get_mut(username) {
+        if let Some(tokens) = self.devices.users.get_mut(username) {
             let before = tokens.len();
             tokens.retain(|t| *t != token);
             let removed = tokens.len() < before;
             if tokens.is_empty() {
-                self.users.remove(username);
+                self.devices.users.remove(username);
             }
             if removed && counted {
                 self.user_went(username);
@@ -39,7 +55,7 @@ impl Server {
 
     /// Queues `line` for every protocol-3 connection of `username` here but `except`.
     pub(super) fn tell_user_here(&mut self, username: &str, line: &[u8], except: Option<Token>) {
-        let tokens = self.users.get(username).cloned().unwrap_or_default();
+        let tokens = self.devices.connections_of(username);
         for token in tokens.into_iter().filter(|t| Some(*t) != except) {
             let on_protocol_3 = self
                 .connections
@@ -152,13 +168,14 @@ impl Server {
         if origin.is_some() {
             let key = (typing.username.clone(), typing.group_name.clone());
             if self
+                .devices
                 .typing_seen
                 .get(&key)
                 .is_some_and(|at| now.duration_since(*at) < TYPING_EVERY)
             {
                 return;
             }
-            self.typing_seen.insert(key, now);
+            self.devices.typing_seen.insert(key, now);
             if let Some(peer) = &self.peer {
                 peer.publish_typing(typing.clone());
             }
@@ -186,7 +203,8 @@ impl Server {
 
     /// Forgets typing times older than the relay interval (from the sweep).
     pub(super) fn forget_old_typing(&mut self, now: Instant) {
-        self.typing_seen
+        self.devices
+            .typing_seen
             .retain(|_, at| now.duration_since(*at) < TYPING_EVERY);
     }
 }

@@ -14,6 +14,18 @@
 
 use std::time::{Duration, Instant};
 
+/// Broadcasts held for the next deferred flush, and what decides whether to hold them.
+pub(super) struct WriteDelay {
+    /// Connections holding broadcasts for the next deferred flush, and when it is due
+    /// (`WRITE_DELAY_MS`): one write per connection then carries every line the delay
+    /// gathered. One flush for all of them, not a clock per connection: measured, the shared
+    /// tick costs less CPU for the same latency (docs/BENCHMARKS-LOG.md).
+    pub(super) deferred: Vec<mio::Token>,
+    pub(super) flush_at: Option<Instant>,
+    /// The loop's busy share: broadcasts are held only while it is high.
+    pub(super) load: LoopLoad,
+}
+
 /// How long one busy-share sample runs.
 const SAMPLE: Duration = Duration::from_millis(50);
 /// Busy share from which broadcasts are held.

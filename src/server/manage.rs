@@ -18,6 +18,22 @@ const ERASURE_POLL: Duration = Duration::from_secs(2);
 /// however late its write lands within this.
 const ERASURE_WINDOW_MS: u64 = 60_000;
 
+/// Where access ended lately, for what was read before it and arrives after: a resume page
+/// or an `enter_group` answered after the user left or the group went is not applied, and an
+/// edit that arrives after its message's delete is dropped.
+#[derive(Debug, Default)]
+pub(super) struct AccessEnds {
+    /// Counts leaves and deletions seen here; a request remembers it when submitted.
+    pub(super) clock: u64,
+    /// Leaves seen (here or from peers) by (username, group): the clock when seen.
+    pub(super) leaves: HashMap<(String, String), (u64, Instant)>,
+    /// Groups deleted (here or on a peer) recently: the clock when seen (a resume page read
+    /// before the deletion is not sent after it).
+    pub(super) group_deletes: HashMap<String, (u64, Instant)>,
+    /// Seqs of messages deleted recently, per group (`edit_after_delete`).
+    pub(super) deleted_seqs: HashMap<String, std::collections::HashSet<u64>>,
+}
+
 /// What this server knows of the erasure log.
 pub(super) struct Erasures {
     /// Nothing before this is acted on (the server's start: older erasures closed whatever
@@ -143,15 +159,17 @@ impl Server {
         };
         if !deleted {
             return self
-                .recently_deleted
+                .access
+                .deleted_seqs
                 .get(group_name)
                 .is_some_and(|seqs| seqs.contains(&seq));
         }
-        if self.recently_deleted.len() >= MAX_GROUPS_WITH_DELETES {
-            self.recently_deleted.clear();
+        if self.access.deleted_seqs.len() >= MAX_GROUPS_WITH_DELETES {
+            self.access.deleted_seqs.clear();
         }
         let seqs = self
-            .recently_deleted
+            .access
+            .deleted_seqs
             .entry(group_name.to_string())
             .or_default();
         if seqs.len() >= MAX_DELETES_PER_GROUP {
@@ -164,7 +182,12 @@ impl Server {
     /// A deleted group's protocol-3 watchers outside its room (their sidebars list it) hear
     /// the same `group_deleted` and stop watching it.
     fn group_gone(&mut self, group_name: &str, line: &[u8]) {
-        let watchers = self.watchers.get(group_name).cloned().unwrap_or_default();
+        let watchers = self
+            .activity
+            .watchers
+            .get(group_name)
+            .cloned()
+            .unwrap_or_default();
         for token in watchers {
             self.unwatch_group(token, group_name);
             let elsewhere = self
@@ -220,7 +243,7 @@ impl Server {
             if !self.erasures.seen.insert((username.clone(), at)) {
                 continue;
             }
-            let tokens = self.users.get(&username).cloned().unwrap_or_default();
+            let tokens = self.devices.connections_of(&username);
             if !tokens.is_empty() {
                 log::info!("closing {} connection(s) of an erased user", tokens.len());
             }

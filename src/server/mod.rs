@@ -145,76 +145,39 @@ fn bind_listener(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
 pub struct Server {
     config: Config,
     poll: Poll,
-    /// The plaintext listener (`PORT`; none with `PLAINTEXT=false` or once draining).
-    listener: Option<TcpListener>,
-    /// The TLS listener (`TLS_PORT`) and the certificate new connections get.
-    tls_listener: Option<TcpListener>,
-    certificates: Option<Certificates>,
+    /// The chat listeners and the certificate new TLS connections get (`accept.rs`).
+    listeners: accept::Listeners,
     waker: Arc<Waker>,
     connections: slab::Slab,
     rooms: Rooms,
     sequencer: Sequencer,
     peer: Option<PeerLink>,
-    peer_link_up: bool,
-    /// Groups whose room emptied here, and when to stop receiving their relay channel.
-    unwatch_due: HashMap<String, Instant>,
+    /// What the loop tracks of the relay to other instances (`delivery.rs`).
+    relay: delivery::RelayState,
     pool: Option<WorkerPool>,
     completions: Receiver<Finished>,
     stop_requested: Arc<AtomicBool>,
     draining_since: Option<Instant>,
     touched: Vec<Token>,
-    /// Connections holding broadcasts for the next deferred flush, and when it is due
-    /// (`WRITE_DELAY_MS`): one write per connection then carries every line the delay
-    /// gathered. One flush for all of them, not a clock per connection: measured, the shared
-    /// tick costs less CPU for the same latency (docs/BENCHMARKS-LOG.md).
-    deferred: Vec<Token>,
-    deferred_flush_at: Option<Instant>,
-    /// The loop's busy share: broadcasts are held only while it is high (`load.rs`).
-    load: load::LoopLoad,
+    /// Broadcasts held for one write per client (`WRITE_DELAY_MS`, `load.rs`).
+    write_delay: load::WriteDelay,
     read_buffer: Vec<u8>,
     metrics: Metrics,
-    /// With several loops: where this loop reports its counters, and its number.
-    metrics_board: Option<(Arc<crate::metrics::MetricsBoard>, usize)>,
-    metrics_listener: Option<TcpListener>,
-    metrics_clients: HashMap<Token, MetricsClient>,
-    next_metrics_token: usize,
-    /// Scrapes waiting for the other loops' fresh reports: client, scrape number, asked at.
-    metrics_scrapes: Vec<(Token, u64, Instant)>,
-    /// The latest scrape this loop's report answered.
-    metrics_answered: u64,
+    /// The `/metrics` endpoint's own state (`metrics_http.rs`).
+    metrics_http: metrics_http::MetricsEndpoint,
     /// Open connections in all and per address, shared with the other loops.
     admission: Arc<Admission>,
     last_sweep: Instant,
     /// Erasures already acted on (and when they were seen), and the erasure log's read point.
     erasures: manage::Erasures,
-    /// Set while `accept` fails with EMFILE/ENFILE: queued clients are accepted on a timer
-    /// and whenever a connection closes (an edge-triggered listener is not woken again).
-    accept_blocked: bool,
-    /// Leaves seen (here or from peers) by (username, group): the leave clock when seen.
-    recent_leaves: HashMap<(String, String), (u64, Instant)>,
-    /// Groups deleted (here or on a peer) recently: the leave clock when seen (a resume page
-    /// read before the deletion is not sent after it).
-    recent_deletes: HashMap<String, (u64, Instant)>,
-    /// Seqs of messages deleted recently, per group (`manage.rs`, `edit_after_delete`).
-    recently_deleted: HashMap<String, std::collections::HashSet<u64>>,
-    /// The connections each logged-in user has here (lines to all of a user's devices).
-    users: HashMap<String, Vec<Token>>,
-    /// When each (user, group) last had a `typing` relayed (at most one per 2 s).
-    typing_seen: HashMap<(String, String), Instant>,
-    /// Activity notices (`activity.rs`): per group, the protocol-3 connections here whose
-    /// user is a member; per such connection, its groups; the known read markers of their
-    /// users; each group's coalescing state, and when the next trailing notice is due.
-    watchers: HashMap<String, std::collections::HashSet<Token>>,
-    watching: HashMap<Token, std::collections::HashSet<String>>,
-    marks: HashMap<String, HashMap<String, u64>>,
-    activity: HashMap<String, activity::ActivityState>,
-    activity_wake: Option<Instant>,
+    /// Where access ended lately: leaves, deleted groups and messages (`manage.rs`).
+    access: manage::AccessEnds,
+    /// A user's connections here, and typing's relay times (`devices.rs`).
+    devices: devices::Devices,
+    /// Activity notices' own state (`activity.rs`).
+    activity: activity::Activity,
     /// Who is online, here and on the peers (`presence.rs`).
     presence: presence::Presence,
-    leave_clock: u64,
-    last_tail_check: Instant,
-    /// Head-check queries not answered yet (a new round starts only after the last one).
-    heads_in_flight: usize,
     rules: Rules,
     /// Messages one connection may have with the store at once (`in_flight.rs`).
     pipeline_depth: usize,
@@ -331,57 +294,52 @@ impl Server {
             store_lock: None,
             config,
             poll,
-            listener,
-            tls_listener,
-            certificates,
+            listeners: accept::Listeners {
+                plain: listener,
+                tls: tls_listener,
+                certificates,
+                blocked: false,
+            },
             waker,
             connections: slab::Slab::default(),
             rooms: Rooms::default(),
             sequencer: Sequencer::new(keep_recent),
             peer,
-            peer_link_up: false,
-            unwatch_due: HashMap::new(),
+            relay: delivery::RelayState::new(),
             pool: Some(pool),
             completions,
             stop_requested: Arc::new(AtomicBool::new(false)),
             draining_since: None,
             touched: Vec::new(),
-            deferred: Vec::new(),
-            deferred_flush_at: None,
-            load: load::LoopLoad::new(Instant::now()),
+            write_delay: load::WriteDelay {
+                deferred: Vec::new(),
+                flush_at: None,
+                load: load::LoopLoad::new(Instant::now()),
+            },
             read_buffer: vec![0; READ_BUFFER_BYTES],
             metrics: Metrics::default(),
-            metrics_board,
-            metrics_scrapes: Vec::new(),
-            metrics_answered: 0,
-            metrics_listener,
-            metrics_clients: HashMap::new(),
-            next_metrics_token: FIRST_METRICS_CLIENT,
+            metrics_http: metrics_http::MetricsEndpoint {
+                board: metrics_board,
+                scrapes: Vec::new(),
+                answered: 0,
+                listener: metrics_listener,
+                clients: HashMap::new(),
+                next_token: FIRST_METRICS_CLIENT,
+            },
             admission,
             last_sweep: Instant::now(),
             erasures: manage::Erasures::new(),
-            accept_blocked: false,
-            recent_leaves: HashMap::new(),
-            recent_deletes: HashMap::new(),
-            recently_deleted: HashMap::new(),
-            users: HashMap::new(),
-            typing_seen: HashMap::new(),
-            watchers: HashMap::new(),
-            watching: HashMap::new(),
-            marks: HashMap::new(),
-            activity: HashMap::new(),
-            activity_wake: None,
+            access: manage::AccessEnds::default(),
+            devices: devices::Devices::default(),
+            activity: activity::Activity::default(),
             presence: presence::Presence::shared(loops_presence.0, loops_presence.1),
-            leave_clock: 0,
-            last_tail_check: Instant::now(),
-            heads_in_flight: 0,
             rules,
         })
     }
 
     /// The plaintext chat address, or the TLS one when there is no plaintext listener.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        match (&self.listener, &self.tls_listener) {
+        match (&self.listeners.plain, &self.listeners.tls) {
             (Some(listener), _) | (None, Some(listener)) => listener.local_addr(),
             (None, None) => Err(io::ErrorKind::NotConnected.into()),
         }
@@ -389,17 +347,21 @@ impl Server {
 
     /// Where TLS is served, when it is.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.listeners
+            .tls
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The certificate store, for SIGHUP to reload.
     pub fn certificates(&self) -> Option<Certificates> {
-        self.certificates.clone()
+        self.listeners.certificates.clone()
     }
 
     /// Where `/metrics` is served, when it is.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
+        self.metrics_http
+            .listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
     }
@@ -446,7 +408,7 @@ impl Server {
                     }
                 }
             }
-            if self.accept_blocked {
+            if self.listeners.blocked {
                 self.accept_all();
             }
             // Peer events first: what another loop published before it answered a client is
@@ -465,7 +427,7 @@ impl Server {
             if let Some(peer) = &self.peer {
                 peer.end_turn();
             }
-            self.load.turn(woke, Instant::now());
+            self.write_delay.load.turn(woke, Instant::now());
             if self.shutdown_step() {
                 break;
             }
@@ -493,12 +455,14 @@ impl Server {
             .next_deadline()
             .map(|due| due.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
         let draining = self.draining_since.map(|_| Duration::from_millis(50));
-        let accept = self.accept_blocked.then_some(ACCEPT_RETRY);
+        let accept = self.listeners.blocked.then_some(ACCEPT_RETRY);
         let deferred = self
-            .deferred_flush_at
+            .write_delay
+            .flush_at
             .map(|due| due.saturating_duration_since(Instant::now()));
         let activity = self
-            .activity_wake
+            .activity
+            .wake
             .map(|due| due.saturating_duration_since(Instant::now()));
         [
             catch_up,
@@ -518,7 +482,7 @@ impl Server {
         if self.draining_since.is_none() && self.stop_requested.load(Ordering::SeqCst) {
             log::info!("shutting down: no new connections, finishing work in flight");
             crate::notify::notify("STOPPING=1");
-            for mut listener in [self.listener.take(), self.tls_listener.take()]
+            for mut listener in [self.listeners.plain.take(), self.listeners.tls.take()]
                 .into_iter()
                 .flatten()
             {
@@ -714,13 +678,14 @@ impl Server {
     /// line waits longer than `WRITE_DELAY_MS` plus the turn that is running.
     fn release_deferred(&mut self) {
         if self
-            .deferred_flush_at
+            .write_delay
+            .flush_at
             .is_none_or(|due| due > Instant::now())
         {
             return;
         }
-        self.deferred_flush_at = None;
-        let mut deferred = std::mem::take(&mut self.deferred);
+        self.write_delay.flush_at = None;
+        let mut deferred = std::mem::take(&mut self.write_delay.deferred);
         for token in deferred.drain(..) {
             if let Some(connection) = self.connections.get_mut(&token) {
                 connection.undefer();
@@ -729,7 +694,7 @@ impl Server {
                 }
             }
         }
-        self.deferred = deferred;
+        self.write_delay.deferred = deferred;
     }
 
     /// Services every touched connection. Servicing one may touch others (a `typing` or a
@@ -761,7 +726,7 @@ impl Server {
         while !draining && !connection.is_doomed() {
             loop {
                 // A held job (not a message) starts once what was in flight is answered.
-                if let Some((work, ticket)) = connection.start_held(self.leave_clock) {
+                if let Some((work, ticket)) = connection.start_held(self.access.clock) {
                     if let Some(pool) = self.pool.as_mut() {
                         pool.submit(Requester::Connection(token, ticket), work);
                     }
@@ -820,7 +785,7 @@ impl Server {
                             token,
                             work,
                             id,
-                            self.leave_clock,
+                            self.access.clock,
                         );
                     }
                 }
@@ -861,7 +826,7 @@ impl Server {
                     token,
                     work,
                     None,
-                    self.leave_clock,
+                    self.access.clock,
                 );
             }
         }
@@ -917,7 +882,7 @@ impl Server {
         self.admission.release(connection.peer().ip());
         log::debug!("connection {} from {} closed", token.0, connection.peer());
         // A descriptor was freed: clients waiting in the accept queue can come in now.
-        if self.accept_blocked {
+        if self.listeners.blocked {
             self.accept_all();
         }
     }

@@ -319,7 +319,7 @@ impl Server {
         }
         self.metrics.presence_events += 1;
         // Nobody here speaks protocol 3: nobody to tell, no store read.
-        if self.watching.is_empty() {
+        if self.activity.watching.is_empty() {
             return;
         }
         let work = crate::ops::work(super::activity::Memberships {

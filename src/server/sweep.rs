@@ -24,9 +24,11 @@ impl Server {
             return;
         }
         self.last_sweep = now;
-        self.recent_leaves
+        self.access
+            .leaves
             .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
-        self.recent_deletes
+        self.access
+            .group_deletes
             .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
         self.forget_old_typing(now);
         self.forget_quiet_activity();
