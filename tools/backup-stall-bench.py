@@ -17,14 +17,9 @@ import tempfile
 import threading
 import time
 
-from wire import connect, fill, request
+from wire import connect, fill, percentile, request
 
 SENDERS = 4
-
-
-def percentile(values, share):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
 def summary(name, latencies, seconds):

@@ -15,14 +15,9 @@ import sys
 import threading
 import time
 
-from wire import connect, fill, request, send
+from wire import connect, fill, percentile, request, send
 
 SENDERS = 5
-
-
-def percentile(values, share):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
 def senders_phase(addr, tag, sends):

@@ -1,5 +1,6 @@
 """The few lines of the wire protocol the benchmark scripts in tools/ share: connect, send a
-request, and wait for its reply (lines without that id are passed over)."""
+request, and wait for its reply (lines without that id are passed over); and the percentile
+they report latencies by."""
 
 import json
 import socket
@@ -38,3 +39,9 @@ def fill(conn, group, count, size=100):
     conn[0].sendall(batch)
     for _ in range(count):
         conn[1].readline()
+
+
+def percentile(values, share):
+    """The value below which `share` of `values` lie (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]

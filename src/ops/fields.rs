@@ -165,6 +165,15 @@ pub fn optional_string(
     }
 }
 
+/// A boolean field that may be left out (`None`).
+pub fn optional_bool(data: &Map<String, Value>, name: &str) -> Result<Option<bool>, ProtocolError> {
+    match data.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(on)) => Ok(Some(*on)),
+        Some(_) => Err(bad_request(format!("Field '{name}' must be a boolean."))),
+    }
+}
+
 /// `list_groups {after?, limit?}`: groups named after `after`, at most `limit` (default 100).
 pub fn groups_query(data: &Map<String, Value>) -> Result<GroupsQuery, ProtocolError> {
     Ok(GroupsQuery {

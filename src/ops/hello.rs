@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use super::fields::bad_request;
+use super::fields::{bad_request, optional_bool};
 use super::{Context, Data, Event, Planned};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -46,8 +46,8 @@ impl Event for Hello {
         };
         Ok(Hello {
             protocol,
-            implicit_read: optional_flag(data, "implicit_read")?,
-            presence: optional_flag(data, "presence")?,
+            implicit_read: optional_bool(data, "implicit_read")?,
+            presence: optional_bool(data, "presence")?,
         })
     }
 
@@ -91,14 +91,5 @@ impl Event for Hello {
         } else {
             Planned::NowAnd(line, Effect::Settings(settings))
         })
-    }
-}
-
-/// A boolean field that may be left out (`None`).
-fn optional_flag(data: &Data, field: &str) -> Result<Option<bool>, ProtocolError> {
-    match data.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(on)) => Ok(Some(*on)),
-        Some(_) => Err(bad_request(format!("Field '{field}' must be a boolean."))),
     }
 }

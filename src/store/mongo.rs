@@ -243,6 +243,23 @@ impl MongoStore {
             .run()?)
     }
 
+    /// The names of every group matching `filter`, in name order.
+    fn group_names_where(&self, filter: Document) -> StoreResult<Vec<String>> {
+        let cursor = self
+            .groups
+            .find(filter)
+            .projection(doc! {"group_name": 1})
+            .sort(doc! {"group_name": 1})
+            .run()?;
+        let mut names = Vec::new();
+        for group in cursor {
+            if let Ok(name) = group?.get_str("group_name") {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+
     /// The member's read marker. Entries written before markers existed have only the
     /// `last_read` time: the marker is then the newest message at or before it.
     fn member_read_seq(&self, group: &Document, username: &str) -> StoreResult<u64> {
@@ -1310,19 +1327,9 @@ impl Store for MongoStore {
 
     fn owned_groups(&mut self, username: &str) -> StoreResult<Vec<String>> {
         self.ensure_indexes()?;
-        let cursor = self
-            .groups
-            .find(doc! {"user": {"$elemMatch": {"name_ID": username, "role": "owner"}}})
-            .projection(doc! {"group_name": 1})
-            .sort(doc! {"group_name": 1})
-            .run()?;
-        let mut groups = Vec::new();
-        for group in cursor {
-            if let Ok(name) = group?.get_str("group_name") {
-                groups.push(name.to_string());
-            }
-        }
-        Ok(groups)
+        self.group_names_where(
+            doc! {"user": {"$elemMatch": {"name_ID": username, "role": "owner"}}},
+        )
     }
 
     fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>> {
@@ -1330,18 +1337,7 @@ impl Store for MongoStore {
         if !self.user_exists(username)? {
             return Err(StoreError::UserNotFound);
         }
-        let cursor = self
-            .groups
-            .find(doc! {"user.name_ID": username})
-            .projection(doc! {"group_name": 1})
-            .sort(doc! {"group_name": 1})
-            .run()?;
-        let mut groups = Vec::new();
-        for group in cursor {
-            if let Ok(name) = group?.get_str("group_name") {
-                groups.push(name.to_string());
-            }
-        }
+        let groups = self.group_names_where(doc! {"user.name_ID": username})?;
         // Memberships first: from then on a send of theirs is refused, and one that raced
         // this finds itself no longer a member when it reads the group again and scrubs what
         // it inserted (`unless_access_went`); whatever was inserted before is scrubbed below.

@@ -115,6 +115,8 @@ const MESSAGE_COLUMNS: &str =
 /// One worker's connection to the embedded database.
 pub struct SqliteStore {
     connection: Connection,
+    /// The newest erasure `erasures_since` has reported (later ones ask for a WAL cut once).
+    newest_erasure_seen: u64,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -152,7 +154,10 @@ impl SqliteStore {
         // After a checkpoint resets the WAL, SQLite truncates the file back to this size, so a
         // burst of writes does not leave a huge WAL on disk for good.
         connection.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
-        let mut store = SqliteStore { connection };
+        let mut store = SqliteStore {
+            connection,
+            newest_erasure_seen: 0,
+        };
         store.migrate()?;
         start_checkpointer(path, wal_limit);
         Ok(store)
@@ -1124,8 +1129,11 @@ impl Store for SqliteStore {
                 Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        if !erasures.is_empty() {
-            // Made by `noomnim admin` in its own process: in case it could not cut the WAL.
+        // Made by `noomnim admin` in its own process: in case it could not cut the WAL. Each
+        // poll reads back a minute of the log, so only an erasure not reported before asks.
+        let newest = erasures.iter().map(|(_, at)| *at).max().unwrap_or(0);
+        if newest > self.newest_erasure_seen {
+            self.newest_erasure_seen = newest;
             scrub_wal_soon();
         }
         Ok(erasures)
