@@ -395,7 +395,14 @@ impl Config {
 
     /// Reads the configuration from a name → value map (the environment, or a test's map).
     pub fn from_map(env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let get = |name: &str| env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        // A variable's value, or its default as `VARIABLES` documents it: each default is
+        // written once, there, and `--help`, the README and systemd's example show that one.
+        let get = |name: &str| {
+            env.get(name)
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+                .or_else(|| documented_default(name))
+        };
         let peer = parse_bool(get("PEER"), "PEER")?;
         #[cfg(feature = "bench-noop")]
         if get("BENCH_STORE") == Some("noop") {
@@ -404,202 +411,106 @@ impl Config {
                 ..config
             });
         }
-        let store = match get("MONGODB_URI") {
-            Some(uri) => StoreKind::Mongo {
-                uri: uri.to_string(),
-                database: get("MONGODB_DB").unwrap_or("noomnim").to_string(),
-            },
-            None => StoreKind::Embedded {
-                data_dir: PathBuf::from(get("DATA_DIR").unwrap_or("./data")),
-                durable: match get("EMBEDDED_SYNC") {
-                    None | Some("full") => true,
-                    Some("normal") => false,
-                    Some(other) => return Err(invalid("EMBEDDED_SYNC", other, "full or normal")),
-                },
-                wal_limit: parse_positive(
-                    get("EMBEDDED_WAL_LIMIT_BYTES"),
-                    "EMBEDDED_WAL_LIMIT_BYTES",
-                    16 << 20,
-                )? as u64,
-            },
-        };
+        let store = store_of(&get)?;
         if peer && matches!(store, StoreKind::Embedded { .. }) {
             return Err(ConfigError::PeerNeedsMongo);
-        }
-        let redis_url = get("REDIS_URL")
-            .unwrap_or("redis://127.0.0.1:6379")
-            .to_string();
-        if !(redis_url.starts_with("redis://")
-            || redis_url.starts_with("rediss://")
-            || redis_url.starts_with("redis+cluster://"))
-        {
-            return Err(invalid(
-                "REDIS_URL",
-                &redis_url,
-                "a redis:// URL, or redis+cluster://host:port,host:port for a Redis Cluster",
-            ));
         }
         let node_id = get("NODE_ID")
             .map(str::to_string)
             .unwrap_or_else(random_node_id);
         Config {
-            bind: parse_value(
-                get("BIND"),
-                "BIND",
-                "127.0.0.1".parse().ok(),
-                "an IP address",
-            )?,
-            port: parse_value(get("PORT"), "PORT", Some(7777), "a port number 0-65535")?,
+            bind: parse_value(get("BIND"), "BIND", "an IP address")?,
+            port: parse_value(get("PORT"), "PORT", "a port number 0-65535")?,
             peer,
-            redis_url,
+            redis_url: redis_url_of(get("REDIS_URL"))?,
             relay_mode: match get("PEER_RELAY") {
-                None | Some("per_group") => RelayMode::PerGroup,
                 Some("shared") => RelayMode::Shared,
+                Some("per_group") | None => RelayMode::PerGroup,
                 Some(other) => return Err(invalid("PEER_RELAY", other, "per_group or shared")),
             },
             store,
-            max_line_bytes: parse_positive(get("MAX_LINE_BYTES"), "MAX_LINE_BYTES", 65536)?,
-            max_output_bytes: parse_positive(get("MAX_OUTPUT_BYTES"), "MAX_OUTPUT_BYTES", 1 << 20)?,
-            max_reply_bytes: parse_positive(get("MAX_REPLY_BYTES"), "MAX_REPLY_BYTES", 1 << 20)?,
+            max_line_bytes: parse_positive(get("MAX_LINE_BYTES"), "MAX_LINE_BYTES")?,
+            max_output_bytes: parse_positive(get("MAX_OUTPUT_BYTES"), "MAX_OUTPUT_BYTES")?,
+            max_reply_bytes: parse_positive(get("MAX_REPLY_BYTES"), "MAX_REPLY_BYTES")?,
             max_groups_per_user: parse_value(
                 get("MAX_GROUPS_PER_USER"),
                 "MAX_GROUPS_PER_USER",
-                Some(100),
                 "a whole number (0: no limit)",
             )?,
             backup_mb_per_s: parse_value(
                 get("BACKUP_MB_PER_S"),
                 "BACKUP_MB_PER_S",
-                Some(32),
                 "a whole number of MB/s (0: no limit)",
             )?,
-            max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS", 10000)?,
-            workers: parse_positive(get("WORKERS"), "WORKERS", 4)?,
-            io_threads: parse_positive(get("IO_THREADS"), "IO_THREADS", default_io_threads(peer))?,
+            max_connections: parse_positive(get("MAX_CONNECTIONS"), "MAX_CONNECTIONS")?,
+            workers: parse_positive(get("WORKERS"), "WORKERS")?,
+            io_threads: match get("IO_THREADS") {
+                Some(text) => parse_positive(Some(text), "IO_THREADS")?,
+                None => default_io_threads(peer),
+            },
             log_format: match get("LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
-                None | Some("text") => crate::logging::LogFormat::Text,
                 Some("json") => crate::logging::LogFormat::Json,
+                Some("text") | None => crate::logging::LogFormat::Text,
                 Some(other) => return Err(invalid("LOG_FORMAT", other, "text or json")),
             },
-            log_level: parse_value(
-                get("LOG_LEVEL"),
-                "LOG_LEVEL",
-                Some(log::LevelFilter::Info),
-                "a log level",
-            )?,
-            store_timeout: Duration::from_millis(parse_positive(
-                get("STORE_TIMEOUT_MS"),
-                "STORE_TIMEOUT_MS",
-                5000,
-            )? as u64),
+            log_level: parse_value(get("LOG_LEVEL"), "LOG_LEVEL", "a log level")?,
+            store_timeout: parse_millis(get("STORE_TIMEOUT_MS"), "STORE_TIMEOUT_MS")?,
             node_id: node_id.clone(),
             instance_id: node_id,
             metrics_port: match get("METRICS_PORT") {
                 Some(text) => Some(parse_value(
                     Some(text),
                     "METRICS_PORT",
-                    None,
                     "a port number 0-65535",
                 )?),
                 None => None,
             },
-            rate_limit: parse_rate(get("RATE_LIMIT"), "RATE_LIMIT", 1000.0)?,
-            rate_burst: parse_rate(get("RATE_BURST"), "RATE_BURST", 2000.0)?.max(1.0),
-            login_timeout: Duration::from_millis(parse_positive(
-                get("LOGIN_TIMEOUT_MS"),
-                "LOGIN_TIMEOUT_MS",
-                30000,
-            )? as u64),
+            rate_limit: parse_rate(get("RATE_LIMIT"), "RATE_LIMIT")?,
+            rate_burst: parse_rate(get("RATE_BURST"), "RATE_BURST")?.max(1.0),
+            login_timeout: parse_millis(get("LOGIN_TIMEOUT_MS"), "LOGIN_TIMEOUT_MS")?,
             max_connections_per_ip: parse_value(
                 get("MAX_CONNECTIONS_PER_IP"),
                 "MAX_CONNECTIONS_PER_IP",
-                Some(0),
                 "a whole number (0: unlimited)",
             )?,
-            idle_timeout: match parse_value(
+            idle_timeout: optional_millis(
                 get("IDLE_TIMEOUT_MS"),
                 "IDLE_TIMEOUT_MS",
-                Some(0u64),
                 "a whole number of milliseconds (0: never)",
-            )? {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-            write_delay: match parse_value(
+                None,
+            )?,
+            write_delay: optional_millis(
                 get("WRITE_DELAY_MS"),
                 "WRITE_DELAY_MS",
-                Some(10u64),
                 "a whole number of milliseconds, at most 1000 (0: at once)",
-            )? {
-                0 => None,
-                ms if ms > 1000 => {
-                    return Err(invalid(
-                        "WRITE_DELAY_MS",
-                        &ms.to_string(),
-                        "a whole number of milliseconds, at most 1000 (0: at once)",
-                    ))
-                }
-                ms => Some(Duration::from_millis(ms)),
-            },
-            keepalive_idle: Duration::from_millis(parse_positive(
-                get("KEEPALIVE_IDLE_MS"),
-                "KEEPALIVE_IDLE_MS",
-                60000,
-            )? as u64),
-            keepalive_interval: Duration::from_millis(parse_positive(
+                Some(1000),
+            )?,
+            keepalive_idle: parse_millis(get("KEEPALIVE_IDLE_MS"), "KEEPALIVE_IDLE_MS")?,
+            keepalive_interval: parse_millis(
                 get("KEEPALIVE_INTERVAL_MS"),
                 "KEEPALIVE_INTERVAL_MS",
-                10000,
-            )? as u64),
-            keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES", 6)?
-                as u32,
+            )?,
+            keepalive_probes: parse_positive(get("KEEPALIVE_PROBES"), "KEEPALIVE_PROBES")? as u32,
             auth_secret: auth_secret(env)?,
-            activity_interval: Duration::from_millis(parse_positive(
-                get("ACTIVITY_INTERVAL_MS"),
-                "ACTIVITY_INTERVAL_MS",
-                1000,
-            )? as u64),
-            resume_max_messages: parse_positive(
-                get("RESUME_MAX_MESSAGES"),
-                "RESUME_MAX_MESSAGES",
-                10_000,
-            )? as u64,
+            activity_interval: parse_millis(get("ACTIVITY_INTERVAL_MS"), "ACTIVITY_INTERVAL_MS")?,
+            resume_max_messages: parse_positive(get("RESUME_MAX_MESSAGES"), "RESUME_MAX_MESSAGES")?
+                as u64,
             retention: Retention {
                 max_age: parse_age(get("RETENTION_MAX_AGE"))?,
                 max_messages: parse_value(
                     get("RETENTION_MAX_MESSAGES"),
                     "RETENTION_MAX_MESSAGES",
-                    Some(0),
                     "a whole number (0: no limit)",
                 )?,
             },
-            retention_interval: Duration::from_millis(parse_positive(
+            retention_interval: parse_millis(
                 get("RETENTION_INTERVAL_MS"),
                 "RETENTION_INTERVAL_MS",
-                60_000,
-            )? as u64),
-            auth_audience: get("AUTH_AUDIENCE")
-                .filter(|audience| !audience.is_empty())
-                .map(str::to_string),
-            tls: match (get("TLS_CERT"), get("TLS_KEY")) {
-                (Some(cert), Some(key)) => Some(TlsFiles {
-                    cert: PathBuf::from(cert),
-                    key: PathBuf::from(key),
-                }),
-                (None, None) => None,
-                _ => {
-                    return Err(ConfigError::Conflict(
-                        "TLS_CERT and TLS_KEY must be set together",
-                    ))
-                }
-            },
-            tls_port: parse_value(
-                get("TLS_PORT"),
-                "TLS_PORT",
-                Some(7443),
-                "a port number 0-65535",
             )?,
-            plaintext: parse_bool_default(get("PLAINTEXT"), "PLAINTEXT", true)?,
+            auth_audience: get("AUTH_AUDIENCE").map(str::to_string),
+            tls: tls_of(get("TLS_CERT"), get("TLS_KEY"))?,
+            tls_port: parse_value(get("TLS_PORT"), "TLS_PORT", "a port number 0-65535")?,
+            plaintext: parse_bool(get("PLAINTEXT"), "PLAINTEXT")?,
         }
         .checked()
     }
@@ -700,15 +611,89 @@ fn invalid(name: &'static str, value: &str, expected: &'static str) -> ConfigErr
     }
 }
 
+/// The default `VARIABLES` documents for `name`, when it is a value (not "(unset)" and the
+/// like, whose default is worked out or absent).
+fn documented_default(name: &str) -> Option<&'static str> {
+    VARIABLES
+        .iter()
+        .find(|(variable, _, _)| *variable == name)
+        .map(|(_, default, _)| *default)
+        .filter(|default| !default.starts_with('('))
+}
+
+/// Where messages are stored: MongoDB when `MONGODB_URI` is set, else the embedded store.
+fn store_of<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<StoreKind, ConfigError> {
+    if let Some(uri) = get("MONGODB_URI") {
+        return Ok(StoreKind::Mongo {
+            uri: uri.to_string(),
+            database: get("MONGODB_DB").unwrap_or("noomnim").to_string(),
+        });
+    }
+    Ok(StoreKind::Embedded {
+        data_dir: PathBuf::from(get("DATA_DIR").unwrap_or("./data")),
+        durable: match get("EMBEDDED_SYNC") {
+            Some("full") | None => true,
+            Some("normal") => false,
+            Some(other) => return Err(invalid("EMBEDDED_SYNC", other, "full or normal")),
+        },
+        wal_limit: parse_positive(get("EMBEDDED_WAL_LIMIT_BYTES"), "EMBEDDED_WAL_LIMIT_BYTES")?
+            as u64,
+    })
+}
+
+/// `REDIS_URL`: a single server or a Redis Cluster's seeds.
+fn redis_url_of(raw: Option<&str>) -> Result<String, ConfigError> {
+    let url = raw.unwrap_or_default();
+    let known = ["redis://", "rediss://", "redis+cluster://"];
+    if !known.iter().any(|scheme| url.starts_with(scheme)) {
+        return Err(invalid(
+            "REDIS_URL",
+            url,
+            "a redis:// URL, or redis+cluster://host:port,host:port for a Redis Cluster",
+        ));
+    }
+    Ok(url.to_string())
+}
+
+/// `TLS_CERT` and `TLS_KEY`: both or neither.
+fn tls_of(cert: Option<&str>, key: Option<&str>) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        })),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::Conflict(
+            "TLS_CERT and TLS_KEY must be set together",
+        )),
+    }
+}
+
 fn parse_value<T: std::str::FromStr>(
     raw: Option<&str>,
     name: &'static str,
-    default: Option<T>,
     expected: &'static str,
 ) -> Result<T, ConfigError> {
-    match raw {
-        Some(text) => text.parse().map_err(|_| invalid(name, text, expected)),
-        None => default.ok_or_else(|| invalid(name, "", expected)),
+    let text = raw.unwrap_or_default();
+    text.parse().map_err(|_| invalid(name, text, expected))
+}
+
+/// A positive whole number of milliseconds.
+fn parse_millis(raw: Option<&str>, name: &'static str) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(parse_positive(raw, name)? as u64))
+}
+
+/// A whole number of milliseconds where 0 means off (`None`), at most `most`.
+fn optional_millis(
+    raw: Option<&str>,
+    name: &'static str,
+    expected: &'static str,
+    most: Option<u64>,
+) -> Result<Option<Duration>, ConfigError> {
+    match parse_value::<u64>(raw, name, expected)? {
+        0 => Ok(None),
+        ms if most.is_some_and(|most| ms > most) => Err(invalid(name, &ms.to_string(), expected)),
+        ms => Ok(Some(Duration::from_millis(ms))),
     }
 }
 
@@ -752,20 +737,16 @@ fn default_io_threads(peer: bool) -> usize {
         .clamp(1, 64)
 }
 
-fn parse_positive(
-    raw: Option<&str>,
-    name: &'static str,
-    default: usize,
-) -> Result<usize, ConfigError> {
-    let value: usize = parse_value(raw, name, Some(default), "a positive whole number")?;
+fn parse_positive(raw: Option<&str>, name: &'static str) -> Result<usize, ConfigError> {
+    let value: usize = parse_value(raw, name, "a positive whole number")?;
     if value == 0 {
         return Err(invalid(name, "0", "a positive whole number"));
     }
     Ok(value)
 }
 
-fn parse_rate(raw: Option<&str>, name: &'static str, default: f64) -> Result<f64, ConfigError> {
-    let value: f64 = parse_value(raw, name, Some(default), "a number >= 0")?;
+fn parse_rate(raw: Option<&str>, name: &'static str) -> Result<f64, ConfigError> {
+    let value: f64 = parse_value(raw, name, "a number >= 0")?;
     if !value.is_finite() || value < 0.0 {
         return Err(invalid(name, &value.to_string(), "a number >= 0"));
     }
@@ -773,16 +754,8 @@ fn parse_rate(raw: Option<&str>, name: &'static str, default: f64) -> Result<f64
 }
 
 fn parse_bool(raw: Option<&str>, name: &'static str) -> Result<bool, ConfigError> {
-    parse_bool_default(raw, name, false)
-}
-
-fn parse_bool_default(
-    raw: Option<&str>,
-    name: &'static str,
-    default: bool,
-) -> Result<bool, ConfigError> {
     match raw.map(str::to_ascii_lowercase).as_deref() {
-        None => Ok(default),
+        None => Ok(false),
         Some("false") | Some("0") | Some("no") => Ok(false),
         Some("true") | Some("1") | Some("yes") => Ok(true),
         Some(other) => Err(invalid(name, other, "true or false")),
@@ -804,9 +777,9 @@ mod tests {
             .collect()
     }
 
-    /// The defaults are written in `VARIABLES` (for `--help`, the README and the systemd
-    /// example) and again in each parser: setting every variable to its documented default
-    /// must change nothing, or the two disagree.
+    /// The defaults are written once, in `VARIABLES` (for `--help`, the README and the
+    /// systemd example), and the parser reads them there: setting every variable to its
+    /// documented default changes nothing, and each documented default is a valid value.
     #[test]
     fn every_documented_default_is_the_default() {
         // A fixed NODE_ID: its default is random.

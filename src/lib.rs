@@ -11,6 +11,7 @@ pub mod fd_limit;
 pub mod framing;
 pub mod in_flight;
 pub mod limits;
+pub mod live;
 pub mod logging;
 pub mod loop_wakers;
 pub mod metrics;

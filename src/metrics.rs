@@ -41,7 +41,7 @@ pub struct Metrics {
 }
 
 /// Gauges sampled at render time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Gauges {
     pub connections: usize,
     /// Users online anywhere, as this instance knows (protocol 3 presence).

@@ -9,11 +9,12 @@ use crate::pages::{RoomPage, Run};
 
 #[derive(Debug, Default)]
 pub struct Rooms {
-    by_group: HashMap<String, Room>,
+    by_group: HashMap<String, Occupants>,
 }
 
+/// Who is in one group's room here (`session::Room` is a connection's side of it).
 #[derive(Debug, Default)]
-struct Room {
+struct Occupants {
     tokens: HashSet<Token>,
     page: RoomPage,
 }

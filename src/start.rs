@@ -94,7 +94,7 @@ pub fn start_loops(config: Config) -> Result<Loops, StartError> {
         loop_wakers.clone(),
     ));
     let admission = std::sync::Arc::new(crate::limits::Admission::default());
-    let presence = std::sync::Arc::new(crate::server::LoopsPresence::new(
+    let presence = std::sync::Arc::new(crate::live::presence::LoopsPresence::new(
         loops,
         loop_wakers.clone(),
     ));

@@ -400,7 +400,8 @@ fn expired_error() -> StoreError {
 mod tests {
     use super::*;
     use crate::framing::Frame;
-    use crate::ops::dispatch::{plan, Plan};
+    use crate::ops::dispatch::plan;
+    use crate::ops::Plan;
     use crate::session::{Rules, Session};
 
     /// A pool of `n` queues without threads, and the receiving ends to inspect.

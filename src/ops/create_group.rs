@@ -4,7 +4,7 @@
 use serde_json::value::RawValue;
 
 use super::fields::{bad_request, new_name_rules, user_and_group};
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{CreatedGroup, MemberOf};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -34,7 +34,7 @@ impl Event for CreateGroup {
         Some(&self.username)
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         Ok(store(CreateGroup {
             max_per_user: context.rules.max_groups_per_user,
             ..self

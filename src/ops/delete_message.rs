@@ -7,7 +7,7 @@
 use serde_json::value::RawValue;
 
 use super::fields::{optional_name, MessageRef};
-use super::{acting, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{acting, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::protocol::{Failure, ProtocolError};
 use crate::store::manage::{self, Rewritten};
 use crate::store::{Store, StoreError};
@@ -34,7 +34,7 @@ impl Event for DeleteMessage {
         Some(self.username.as_str()).filter(|name| !name.is_empty())
     }
 
-    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.username = acting(context)?;
         Ok(store(self))
     }

@@ -4,14 +4,13 @@
 //!
 //! Pure over the session state, so it is tested without sockets (below).
 
-use super::{event_names, find, suggestion, Context, Planned};
+use super::{event_names, find, suggestion, Context, Plan};
 use crate::framing::Frame;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{
-    decode_envelope, encode_failure, Envelope, ErrorCode, Failure, ProtocolError, RequestId,
+    decode_envelope, encode_failure, Envelope, ErrorCode, Failure, ProtocolError,
 };
-use crate::session::{Effect, Rules, Session};
-use crate::workers::Work;
+use crate::session::{Rules, Session};
 
 /// Bytes of a history reply that are not messages: the event name, `group_name`, flags and the
 /// request `id` are added to this.
@@ -24,20 +23,6 @@ fn lookup(name: &str) -> Result<&'static super::EventEntry, String> {
         Some(meant) => format!("Unknown event. Did you mean \"{meant}\"?"),
         None => "Unknown event.".to_string(),
     })
-}
-
-/// What to do with one request line.
-#[derive(Debug)]
-pub enum Plan {
-    /// Answer now with this line.
-    Reply(Vec<u8>),
-    /// Answer now with this line, and change the session so.
-    ReplyAnd(Vec<u8>, Effect),
-    /// Run this store job; its completion produces the reply.
-    Store { work: Work, id: Option<RequestId> },
-    /// A `find_user` that failed authentication: answer with this line, and count it (the
-    /// connection is closed after `MAX_AUTH_FAILURES`).
-    Refused(Vec<u8>),
 }
 
 /// Plans one framed request: decode the envelope, check the session, then hand the data to
@@ -95,9 +80,8 @@ pub fn plan(session: &Session, frame: Frame, rules: &Rules) -> Plan {
         event.plan(&data, &context)
     };
     match planned {
-        Ok(Planned::Now(line)) => Plan::Reply(line),
-        Ok(Planned::NowAnd(line, effect)) => Plan::ReplyAnd(line, effect),
-        Ok(Planned::Store(work)) => Plan::Store { work, id },
+        Ok(Plan::Store { work, .. }) => Plan::Store { work, id },
+        Ok(plan) => plan,
         Err(
             failure @ Failure::Protocol(ProtocolError {
                 code: ErrorCode::Unauthorized,
@@ -112,6 +96,7 @@ pub fn plan(session: &Session, frame: Frame, rules: &Rules) -> Plan {
 mod tests {
     use super::*;
     use crate::session::Room;
+    use crate::workers::Work;
 
     fn plan_line(session: &Session, line: &str) -> Plan {
         let rules = Rules {

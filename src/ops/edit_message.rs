@@ -6,7 +6,7 @@
 use serde_json::value::RawValue;
 
 use super::fields::{optional_name, text_field, MessageRef};
-use super::{acting, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{acting, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::protocol::{Failure, ProtocolError};
 use crate::store::manage::{self, Rewritten};
 use crate::store::{Store, StoreError};
@@ -35,7 +35,7 @@ impl Event for EditMessage {
         Some(self.username.as_str()).filter(|name| !name.is_empty())
     }
 
-    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.username = acting(context)?;
         Ok(store(self))
     }

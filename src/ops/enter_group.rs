@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::fields::{optional_count, optional_string, user_and_group};
 use super::resume::{first_page, ResumeStart};
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{Entry, GroupHistory, MemberOf, ReadMark};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -62,7 +62,7 @@ impl Event for EnterGroup {
         Some(&self.username)
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         let leaving = context
             .session
             .leaving_mark()

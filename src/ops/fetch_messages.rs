@@ -5,7 +5,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::{page_fields, user_and_group};
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{MemberOf, MessagePage, PageQuery};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -37,7 +37,7 @@ impl Event for FetchMessages {
         Some(&self.username)
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         Ok(store(FetchMessages {
             reply_budget: context.reply_budget,
             ..self

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::fields::{name_field, new_name_rules};
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::UserProfile;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{ErrorCode, Failure, ProtocolError};
@@ -46,7 +46,7 @@ impl Event for FindUser {
         Some(&self.username)
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         if let Some(auth) = &context.rules.auth {
             // One answer for every way to fail, so a client learns nothing from it.
             if !self

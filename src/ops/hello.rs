@@ -7,7 +7,7 @@
 use serde_json::Value;
 
 use super::fields::{bad_request, optional_bool};
-use super::{Context, Data, Event, Planned};
+use super::{Context, Data, Event, Plan};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::session::{Effect, Settings};
@@ -51,7 +51,7 @@ impl Event for Hello {
         })
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         // Who is online was already told when the connection logged in.
         if self.presence.is_some() && context.session.username.is_some() {
             return Err(bad_request(
@@ -87,9 +87,9 @@ impl Event for Hello {
             presence: self.presence,
         };
         Ok(if settings == Settings::default() {
-            Planned::Now(line)
+            Plan::Reply(line)
         } else {
-            Planned::NowAnd(line, Effect::Settings(settings))
+            Plan::ReplyAnd(line, Effect::Settings(settings))
         })
     }
 }

@@ -4,7 +4,7 @@
 use serde_json::value::RawValue;
 
 use super::fields::UserGroup;
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::GroupRef;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -25,7 +25,7 @@ impl Event for LeaveGroup {
         Some(&self.0.username)
     }
 
-    fn plan(self, _: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, _: &Context<'_>) -> Result<Plan, Failure> {
         Ok(store(self))
     }
 }

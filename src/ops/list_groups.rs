@@ -6,7 +6,7 @@
 use serde_json::value::RawValue;
 
 use super::fields::groups_query;
-use super::{groups_page, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{groups_page, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{GroupsPage, GroupsQuery};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -32,7 +32,7 @@ impl Event for ListGroups {
         })
     }
 
-    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.reply_budget = context.reply_budget;
         self.asking = context.session.username.clone().unwrap_or_default();
         Ok(store(self))

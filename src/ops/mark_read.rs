@@ -5,7 +5,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::{required_count, user_and_group};
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{GroupReadState, ReadMark};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -32,7 +32,7 @@ impl Event for MarkRead {
         Some(&self.0.username)
     }
 
-    fn plan(self, _: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, _: &Context<'_>) -> Result<Plan, Failure> {
         Ok(store(self))
     }
 }

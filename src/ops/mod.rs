@@ -80,15 +80,23 @@ pub struct Context<'a> {
     pub reply_budget: usize,
 }
 
-/// What a request becomes.
+/// What a request becomes: what its event plans (`Event::plan`, where a store job has no
+/// `id` yet) and what the dispatcher hands the loop (`dispatch::plan`, the request's `id`
+/// filled in).
 #[derive(Debug)]
-pub enum Planned {
-    /// This reply line, at once.
-    Now(Vec<u8>),
-    /// This reply line, at once, and this change to the session.
-    NowAnd(Vec<u8>, Effect),
-    /// This store job; its completion produces the reply.
-    Store(Work),
+pub enum Plan {
+    /// Answer now with this line.
+    Reply(Vec<u8>),
+    /// Answer now with this line, and change the session so.
+    ReplyAnd(Vec<u8>, Effect),
+    /// Run this store job; its completion produces the reply (echoing `id`).
+    Store {
+        work: Work,
+        id: Option<crate::protocol::RequestId>,
+    },
+    /// A `find_user` that failed authentication: answer with this line, and count it (the
+    /// connection is closed after `MAX_AUTH_FAILURES`).
+    Refused(Vec<u8>),
 }
 
 /// A request event, planned on the event loop.
@@ -109,7 +117,7 @@ pub trait Event: Sized {
     }
 
     /// Answers now or names the store job.
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure>;
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure>;
 }
 
 /// A store job of one event: runs on a worker thread, answered on the event loop.
@@ -241,8 +249,11 @@ pub fn message_changed(
 }
 
 /// The store job for a call, as a request plans it.
-pub fn store<C: StoreCall>(call: C) -> Planned {
-    Planned::Store(work(call))
+pub fn store<C: StoreCall>(call: C) -> Plan {
+    Plan::Store {
+        work: work(call),
+        id: None,
+    }
 }
 
 /// The store job for a call the server makes itself (not planned from a request).
@@ -286,12 +297,12 @@ pub struct EventEntry {
     pub name: &'static str,
     pub before_login: bool,
     pub names_user: bool,
-    plan: fn(&Data, &Context<'_>) -> Result<Planned, Failure>,
+    plan: fn(&Data, &Context<'_>) -> Result<Plan, Failure>,
 }
 
 impl EventEntry {
     /// Validates `data` and plans the request.
-    pub fn plan(&self, data: &Data, context: &Context<'_>) -> Result<Planned, Failure> {
+    pub fn plan(&self, data: &Data, context: &Context<'_>) -> Result<Plan, Failure> {
         (self.plan)(data, context)
     }
 }
@@ -311,7 +322,7 @@ const fn entry<E: Event>() -> EventEntry {
     }
 }
 
-fn parse_and_plan<E: Event>(data: &Data, context: &Context<'_>) -> Result<Planned, Failure> {
+fn parse_and_plan<E: Event>(data: &Data, context: &Context<'_>) -> Result<Plan, Failure> {
     let event = E::parse(data)?;
     if let (Some(bound), Some(named)) = (&context.session.username, event.acting_user()) {
         if bound != named {

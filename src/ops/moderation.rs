@@ -13,7 +13,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::UserGroup;
-use super::{acting, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{acting, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
 use crate::session::Effect;
@@ -113,7 +113,7 @@ impl<A: Action> Event for Moderate<A> {
         })
     }
 
-    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.actor = acting(context)?;
         Ok(store(self))
     }

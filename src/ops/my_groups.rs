@@ -5,7 +5,7 @@
 use serde_json::value::RawValue;
 
 use super::fields::{limit_field, name_field, optional_string};
-use super::{groups_page, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{groups_page, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{GroupsQuery, MembershipsPage};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -40,7 +40,7 @@ impl Event for MyGroups {
         Some(&self.username)
     }
 
-    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.reply_budget = context.reply_budget;
         Ok(store(self))
     }

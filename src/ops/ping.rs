@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::{Context, Data, Event, Planned};
+use super::{Context, Data, Event, Plan};
 use crate::model::now_timestamp;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -18,8 +18,8 @@ impl Event for Ping {
         Ok(Ping)
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         let data = json!({ "time": now_timestamp() });
-        Ok(Planned::Now(encode_line("pong", &data, context.id)))
+        Ok(Plan::Reply(encode_line("pong", &data, context.id)))
     }
 }

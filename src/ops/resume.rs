@@ -33,7 +33,7 @@
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{store, work, Completed, Planned, Route, StoreCall};
+use super::{store, work, Completed, Plan, Route, StoreCall};
 use crate::model::{GroupReadState, Message, ReadMark};
 use crate::protocol::encode_broadcast;
 use crate::protocol::reply::encode_line;
@@ -94,7 +94,7 @@ pub fn first_page(
     since_seq: u64,
     start: ResumeStart,
     budget: usize,
-) -> Planned {
+) -> Plan {
     store(ResumePage {
         username,
         group_name,

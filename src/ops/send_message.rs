@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::fields::{client_msg_id_field, text_field, user_and_group};
-use super::{failure_of, Completed, Context, Data, Event, Planned};
+use super::{failure_of, Completed, Context, Data, Event, Plan};
 use crate::model::{Appended, Message, NewMessage};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{encode_failure, Failure, ProtocolError};
@@ -36,8 +36,11 @@ impl Event for SendMessage {
         Some(&self.0.username)
     }
 
-    fn plan(self, _: &Context<'_>) -> Result<Planned, Failure> {
-        Ok(Planned::Store(Work::Append(self.0)))
+    fn plan(self, _: &Context<'_>) -> Result<Plan, Failure> {
+        Ok(Plan::Store {
+            work: Work::Append(self.0),
+            id: None,
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::{bad_request, string_field, UserGroup};
-use super::{acting, store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{acting, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::Role;
 use crate::protocol::reply::encode_line;
 use crate::protocol::{Failure, ProtocolError};
@@ -43,7 +43,7 @@ impl Event for SetRole {
         })
     }
 
-    fn plan(mut self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.actor = acting(context)?;
         Ok(store(self))
     }

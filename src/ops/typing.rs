@@ -10,13 +10,24 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::fields::{name_field, optional_name};
-use super::{Context, Data, Event, Planned};
+use super::{Context, Data, Event, Plan};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{ErrorCode, Failure, ProtocolError};
-use crate::session::Effect;
+use crate::session::{Effect, LiveEffect};
 
 /// At most one `typing` relayed per user per group this often.
 pub const TYPING_EVERY: Duration = Duration::from_secs(2);
+
+/// The live feature that relays typing (`live/typing.rs`).
+pub const FEATURE: &str = "typing";
+
+/// Who is typing in which group's room: what the request hands the live feature, and what
+/// the feature relays to the other instances (`{"username", "group_name"}`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TypingIn {
+    pub username: String,
+    pub group_name: String,
+}
 
 pub struct Typing {
     group_name: String,
@@ -39,7 +50,7 @@ impl Event for Typing {
         self.named.as_deref()
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         let Some(username) = context.session.username.clone() else {
             let text = "Log in with find_user first.";
             return Err(ProtocolError::new(ErrorCode::NotLoggedIn, text).into());
@@ -53,12 +64,15 @@ impl Event for Typing {
             &json!({"group_name": self.group_name}),
             context.id,
         );
-        Ok(Planned::NowAnd(
+        Ok(Plan::ReplyAnd(
             line,
-            Effect::Typing {
-                username,
-                group_name: self.group_name,
-            },
+            Effect::Live(LiveEffect::new(
+                FEATURE,
+                TypingIn {
+                    username,
+                    group_name: self.group_name,
+                },
+            )),
         ))
     }
 }

@@ -5,7 +5,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::fields::user_and_group;
-use super::{store, Completed, Context, Data, Event, Planned, Route, StoreCall};
+use super::{store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::model::{Entry, MemberOf, ReadMark, Visit};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{EventError, Failure, ProtocolError};
@@ -36,7 +36,7 @@ impl Event for VisitGroup {
         Some(&self.username)
     }
 
-    fn plan(self, context: &Context<'_>) -> Result<Planned, Failure> {
+    fn plan(self, context: &Context<'_>) -> Result<Plan, Failure> {
         if context.session.room_name() == Some(self.group_name.as_str()) {
             return Err(EventError::AlreadyInTheGroup.into());
         }

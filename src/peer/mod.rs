@@ -73,18 +73,25 @@ fn activity_channel(database: &str, group_name: &str) -> String {
 /// channel (group names cannot contain control characters, so no group is mistaken for one).
 pub const ACTIVITY_KEY: &str = "\u{1}activity:";
 
-/// Who is logged in on one instance (its whole list, sent every few seconds and on change).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PresenceSnapshot {
-    pub node: String,
-    pub users: Vec<String>,
+/// Where a live feature's relay note goes (`per_group` mode; in `shared` mode everything
+/// goes to the one channel): to every instance (the control channel), to the instances
+/// hosting a group's room (its message channel, in order with its messages), or to those
+/// whose users follow a group's activity (its activity channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    Everyone,
+    Room(String),
+    Activity(String),
 }
 
-/// A group's newest seq, as an activity notice carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupActivity {
-    pub group_name: String,
-    pub last_seq: u64,
+/// A live feature's own relay item (`live/`): the relay carries it without knowing it. On the
+/// wire it is one key of the envelope, `kind`, whose value is `body`; the feature that
+/// publishes a kind is the one that reads it (`PeerEvent::Feature`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureNote {
+    pub kind: &'static str,
+    pub reach: Reach,
+    pub body: serde_json::Value,
 }
 
 /// How messages are spread over Redis channels (`PEER_RELAY`).
@@ -135,16 +142,13 @@ pub enum PeerEvent {
     /// The subscription to this group's channel is confirmed: read what the room may have
     /// missed before it took effect.
     Subscribed(String),
-    /// Someone on another instance is typing in a group's room.
-    Typing(Departure),
-    /// A line for one user's protocol-3 connections here.
-    User(UserNotice),
-    /// A group's newest seq, from the instance that stored it (coalesced).
-    Activity(GroupActivity),
-    /// Another instance's logged-in users.
-    Presence(PresenceSnapshot),
     /// A line for a group's room (a change to its messages, members or the group itself).
     Room(RoomLine),
+    /// A live feature's note from another instance (or loop): `kind` names the feature.
+    Feature {
+        kind: String,
+        body: serde_json::Value,
+    },
 }
 
 /// What the loop asks of the subscriber.
@@ -154,8 +158,7 @@ enum Command {
     Unwatch(String),
 }
 
-/// A user who left a group (and so must leave its room everywhere). Also what a `typing`
-/// relay carries: who is typing in which group's room.
+/// A user who left a group (and so must leave its room everywhere).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Departure {
     pub username: String,
@@ -194,14 +197,8 @@ enum Relay {
     Left(Departure),
     /// "I am alive", with the time it was sent (milliseconds since the Unix epoch).
     Heartbeat(u64),
-    /// Someone is typing in a group's room (relayed like its messages).
-    Typing(Departure),
-    /// A line for one user's connections everywhere (on the control channel).
-    User(UserNotice),
-    /// A group's coalesced activity (on its activity channel).
-    Activity(GroupActivity),
-    /// This instance's logged-in users (on the control channel).
-    Presence(PresenceSnapshot),
+    /// A live feature's note (where its `reach` says).
+    Feature(FeatureNote),
     /// A line for a group's room (on the group's channel, after its messages).
     Room(RoomLine),
 }
@@ -217,15 +214,12 @@ struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     heartbeat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    typing: Option<Departure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    user: Option<UserNotice>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    activity: Option<GroupActivity>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    presence: Option<PresenceSnapshot>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     room: Option<RoomLine>,
+    /// A live feature's note, under its kind (`typing`, `user`, `activity`, `presence`: the
+    /// keys these had when the envelope named them, so instances of either build relay to
+    /// each other).
+    #[serde(flatten)]
+    features: serde_json::Map<String, serde_json::Value>,
 }
 
 fn unix_millis() -> u64 {
@@ -356,10 +350,10 @@ impl PeerLink {
                 let event = match relay {
                     Relay::Message(message) => PeerEvent::Relayed(message),
                     Relay::Left(departure) => PeerEvent::Left(departure),
-                    Relay::Typing(typing) => PeerEvent::Typing(typing),
-                    Relay::User(notice) => PeerEvent::User(notice),
-                    Relay::Activity(activity) => PeerEvent::Activity(activity),
-                    Relay::Presence(snapshot) => PeerEvent::Presence(snapshot),
+                    Relay::Feature(note) => PeerEvent::Feature {
+                        kind: note.kind.to_string(),
+                        body: note.body,
+                    },
                     Relay::Room(room) => PeerEvent::Room(room),
                     Relay::Heartbeat(_) => return true,
                 };
@@ -398,35 +392,16 @@ impl PeerLink {
         }
     }
 
-    /// Tells the instances hosting the group's room that someone is typing (never blocks;
-    /// dropped when the queue is full: it is only a hint).
-    pub fn publish_typing(&self, typing: Departure) {
-        self.relay(Relay::Typing(typing));
-    }
-
-    /// Tells the instances whose users are members of the group what its newest seq is
-    /// (coalesced by the caller; never blocks, dropped when the queue is full).
-    pub fn publish_activity(&self, activity: GroupActivity) {
-        self.relay(Relay::Activity(activity));
-    }
-
-    /// Tells the other instances who is logged in here (never blocks; the next snapshot
-    /// repeats it if the queue was full).
-    pub fn publish_presence(&self, snapshot: PresenceSnapshot) {
-        self.relay(Relay::Presence(snapshot));
+    /// Hands a live feature's note on (never blocks; dropped when the queue is full: a
+    /// feature's notes are hints, repeated or made good by the feature itself).
+    pub fn publish_feature(&self, note: FeatureNote) {
+        self.relay(Relay::Feature(note));
     }
 
     /// Sends a line to a group's room on every other instance (never blocks).
     pub fn publish_room(&self, room: RoomLine) {
         if !self.relay(Relay::Room(room)) {
             log::warn!("peer publish queue full; a room notice was not relayed");
-        }
-    }
-
-    /// Sends a line to one user's connections on every other instance (never blocks).
-    pub fn publish_user(&self, notice: UserNotice) {
-        if !self.relay(Relay::User(notice)) {
-            log::warn!("peer publish queue full; a notice to a user's devices was not relayed");
         }
     }
 
@@ -475,14 +450,13 @@ impl Channels {
             (RelayMode::PerGroup, Some(Relay::Message(message))) => {
                 group_channel(&self.database, &message.group_name)
             }
-            (RelayMode::PerGroup, Some(Relay::Typing(typing))) => {
-                group_channel(&self.database, &typing.group_name)
-            }
+            (RelayMode::PerGroup, Some(Relay::Feature(note))) => match &note.reach {
+                Reach::Everyone => self.control(),
+                Reach::Room(group_name) => group_channel(&self.database, group_name),
+                Reach::Activity(group_name) => activity_channel(&self.database, group_name),
+            },
             (RelayMode::PerGroup, Some(Relay::Room(room))) => {
                 group_channel(&self.database, &room.group_name)
-            }
-            (RelayMode::PerGroup, Some(Relay::Activity(activity))) => {
-                activity_channel(&self.database, &activity.group_name)
             }
             _ => self.control(),
         }
@@ -677,25 +651,15 @@ impl Publisher {
                 Some(Relay::Heartbeat(sent)) => Some(*sent),
                 _ => None,
             },
-            typing: match relay {
-                Some(Relay::Typing(typing)) => Some(typing.clone()),
-                _ => None,
-            },
-            user: match relay {
-                Some(Relay::User(notice)) => Some(notice.clone()),
-                _ => None,
-            },
-            activity: match relay {
-                Some(Relay::Activity(activity)) => Some(activity.clone()),
-                _ => None,
-            },
-            presence: match relay {
-                Some(Relay::Presence(snapshot)) => Some(snapshot.clone()),
-                _ => None,
-            },
             room: match relay {
                 Some(Relay::Room(room)) => Some(room.clone()),
                 _ => None,
+            },
+            features: match relay {
+                Some(Relay::Feature(note)) => {
+                    std::iter::once((note.kind.to_string(), note.body.clone())).collect()
+                }
+                _ => serde_json::Map::new(),
             },
         };
         let payload = serde_json::to_vec(&envelope).map_err(|e| {
@@ -766,31 +730,10 @@ impl Delivery {
                 self.tell(PeerEvent::Left(departure));
                 false
             }
-            Ok(Envelope {
-                typing: Some(typing),
-                ..
-            }) => {
-                self.tell(PeerEvent::Typing(typing));
-                false
-            }
-            Ok(Envelope {
-                user: Some(notice), ..
-            }) => {
-                self.tell(PeerEvent::User(notice));
-                false
-            }
-            Ok(Envelope {
-                activity: Some(activity),
-                ..
-            }) => {
-                self.tell(PeerEvent::Activity(activity));
-                false
-            }
-            Ok(Envelope {
-                presence: Some(snapshot),
-                ..
-            }) => {
-                self.tell(PeerEvent::Presence(snapshot));
+            Ok(Envelope { features, .. }) if !features.is_empty() => {
+                for (kind, body) in features {
+                    self.tell(PeerEvent::Feature { kind, body });
+                }
                 false
             }
             Ok(Envelope {
@@ -873,14 +816,33 @@ mod tests {
             message: Some(message.clone()),
             left: None,
             heartbeat: None,
-            typing: None,
-            user: None,
-            activity: None,
-            presence: None,
             room: None,
+            features: serde_json::Map::new(),
         })
         .expect("encode");
         let back: Envelope = serde_json::from_slice(&bytes).expect("decode");
         assert_eq!(back.message, Some(message));
+        assert!(back.features.is_empty());
+    }
+
+    /// A live feature's note travels under its kind, as the envelope's own key did before
+    /// features declared their notes (`"typing": {...}`), so both builds read each other.
+    #[test]
+    fn feature_notes_travel_under_their_kind() {
+        let body = serde_json::json!({"username": "ann", "group_name": "g"});
+        let older = br#"{"node":"a","message":null,"typing":{"username":"ann","group_name":"g"}}"#;
+        let back: Envelope = serde_json::from_slice(older).expect("decode");
+        assert_eq!(back.features.get("typing"), Some(&body));
+        assert!(back.message.is_none() && back.room.is_none());
+        let envelope = Envelope {
+            node: "b".into(),
+            message: None,
+            left: None,
+            heartbeat: None,
+            room: None,
+            features: std::iter::once(("typing".to_string(), body.clone())).collect(),
+        };
+        let text = serde_json::to_string(&envelope).expect("encode");
+        assert!(text.contains(r#""typing":{"#), "{text}");
     }
 }

@@ -1,16 +1,22 @@
-//! Managing messages and groups, the loop's half (the rules are `store/manage.rs`'s, one layer
-//! down): what the room sees of edits, deletes, role changes, removals,
-//! bans and deleted groups reach every connection in the group's room (every protocol), here
-//! and, through the group's relay channel, on every other instance.
+//! Managing messages and groups, the loop's memory of it (the rules are `store/manage.rs`'s,
+//! one layer down): where access ended lately (leaves, removals, bans, deleted groups and
+//! messages), so that what was read before and arrives after is not applied, and the erasure
+//! log's read point. The loop sends the room lines themselves (`Server::room_line`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 
-use super::*;
 use crate::model::unix_millis;
 use crate::ops::{Completed, Route, StoreCall};
-use crate::peer::RoomLine;
+use crate::session::Effect;
+use crate::store::{Store, StoreError};
+use crate::workers::Work;
+
+/// How long a leave is remembered: an `enter_group` submitted before it but completing after
+/// it must not put the user back in the room.
+const LEAVE_MEMORY: Duration = Duration::from_secs(60);
 
 /// How often the erasure log is read (a user erased anywhere is cut off within about this).
 const ERASURE_POLL: Duration = Duration::from_secs(2);
@@ -26,16 +32,22 @@ pub(super) struct AccessEnds {
     /// Counts leaves and deletions seen here; a request remembers it when submitted.
     pub(super) clock: u64,
     /// Leaves seen (here or from peers) by (username, group): the clock when seen.
-    pub(super) leaves: HashMap<(String, String), (u64, Instant)>,
+    leaves: HashMap<(String, String), (u64, Instant)>,
     /// Groups deleted (here or on a peer) recently: the clock when seen (a resume page read
     /// before the deletion is not sent after it).
-    pub(super) group_deletes: HashMap<String, (u64, Instant)>,
+    group_deletes: HashMap<String, (u64, Instant)>,
     /// Seqs of messages deleted recently, per group (`edit_after_delete`).
-    pub(super) deleted_seqs: HashMap<String, std::collections::HashSet<u64>>,
+    deleted_seqs: HashMap<String, HashSet<u64>>,
+}
+
+/// Moderation's memory: where access ended, and the erasure log's read point.
+pub(super) struct Moderation {
+    pub(super) access: AccessEnds,
+    erasures: Erasures,
 }
 
 /// What this server knows of the erasure log.
-pub(super) struct Erasures {
+struct Erasures {
     /// Nothing before this is acted on (the server's start: older erasures closed whatever
     /// connections they had, and the name may have been registered again since).
     started_ms: u64,
@@ -45,7 +57,7 @@ pub(super) struct Erasures {
 }
 
 impl Erasures {
-    pub(super) fn new() -> Erasures {
+    fn new() -> Erasures {
         Erasures {
             started_ms: unix_millis(),
             seen: HashSet::new(),
@@ -90,55 +102,41 @@ impl StoreCall for ErasurePoll {
 const MAX_DELETES_PER_GROUP: usize = 4096;
 const MAX_GROUPS_WITH_DELETES: usize = 10_000;
 
-impl Server {
-    /// A line for the group's room here and on every other instance, but `origin` (which got
-    /// the reply). `closes`: the group is gone, and every connection leaves the room after it.
-    pub(super) fn room_line(
-        &mut self,
-        group_name: &str,
-        line: Vec<u8>,
-        origin: Option<Token>,
-        closes: bool,
-    ) {
-        if let Some(peer) = &self.peer {
-            let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(&line));
-            peer.publish_room(RoomLine {
-                group_name: group_name.to_string(),
-                line: text.into_owned(),
-                closes,
-            });
-        }
-        self.room_line_here(group_name, &line, origin, closes);
+impl AccessEnds {
+    /// A user left a group (here or on a peer); the clock moves on.
+    pub(super) fn left(&mut self, username: String, group_name: String) {
+        self.clock += 1;
+        self.leaves
+            .insert((username, group_name), (self.clock, Instant::now()));
     }
 
-    /// The local half of `room_line` (also what a peer's relayed line becomes here).
-    pub(super) fn room_line_here(
-        &mut self,
-        group_name: &str,
-        line: &[u8],
-        origin: Option<Token>,
-        closes: bool,
-    ) {
-        if self.edit_after_delete(group_name, line) {
-            log::debug!("{group_name}: an edit relayed after the message's delete dropped");
-            return;
-        }
-        for token in self.rooms.members(group_name) {
-            if Some(token) != origin {
-                self.notify(token, line.to_vec());
-            }
-            if closes {
-                if let Some(connection) = self.connections.get_mut(&token) {
-                    connection.leave_room();
-                }
-                self.leave_room(group_name, token);
-            }
-            self.touch(token);
-        }
-        if closes {
-            self.group_gone(group_name, line);
-            self.group_deleted_for_resumes(group_name, line);
-        }
+    /// A group was deleted (here or on a peer); the clock moves on.
+    pub(super) fn group_deleted(&mut self, group_name: &str) {
+        self.clock += 1;
+        self.group_deletes
+            .insert(group_name.to_string(), (self.clock, Instant::now()));
+    }
+
+    /// Whether `username` left `group_name` after the clock read `since`.
+    pub(super) fn left_since(&self, username: String, group_name: &str, since: u64) -> bool {
+        self.leaves
+            .get(&(username, group_name.to_string()))
+            .is_some_and(|(clock, _)| *clock > since)
+    }
+
+    /// Whether `group_name` was deleted after the clock read `since`.
+    pub(super) fn deleted_since(&self, group_name: &str, since: u64) -> bool {
+        self.group_deletes
+            .get(group_name)
+            .is_some_and(|(clock, _)| *clock > since)
+    }
+
+    /// Forgets leaves and deletions older than `LEAVE_MEMORY` (from the sweep).
+    pub(super) fn forget_old(&mut self, now: Instant) {
+        self.leaves
+            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
+        self.group_deletes
+            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
     }
 
     /// Whether `line` is a `message_edited` of a message whose `message_deleted` this instance
@@ -146,7 +144,7 @@ impl Server {
     /// tombstone), but relayed from two instances the two lines may arrive the other way
     /// round; the late edit would leave clients showing deleted text, so it is dropped. The
     /// deletes remembered are bounded (per group and in all).
-    fn edit_after_delete(&mut self, group_name: &str, line: &[u8]) -> bool {
+    pub(super) fn edit_after_delete(&mut self, group_name: &str, line: &[u8]) -> bool {
         let deleted = line.starts_with(br#"{"event":"message_deleted""#);
         if !deleted && !line.starts_with(br#"{"event":"message_edited""#) {
             return false;
@@ -159,100 +157,56 @@ impl Server {
         };
         if !deleted {
             return self
-                .access
                 .deleted_seqs
                 .get(group_name)
                 .is_some_and(|seqs| seqs.contains(&seq));
         }
-        if self.access.deleted_seqs.len() >= MAX_GROUPS_WITH_DELETES {
-            self.access.deleted_seqs.clear();
+        if self.deleted_seqs.len() >= MAX_GROUPS_WITH_DELETES {
+            self.deleted_seqs.clear();
         }
-        let seqs = self
-            .access
-            .deleted_seqs
-            .entry(group_name.to_string())
-            .or_default();
+        let seqs = self.deleted_seqs.entry(group_name.to_string()).or_default();
         if seqs.len() >= MAX_DELETES_PER_GROUP {
             seqs.clear();
         }
         seqs.insert(seq);
         false
     }
+}
 
-    /// A deleted group's protocol-3 watchers outside its room (their sidebars list it) hear
-    /// the same `group_deleted` and stop watching it.
-    fn group_gone(&mut self, group_name: &str, line: &[u8]) {
-        let watchers = self
-            .activity
-            .watchers
-            .get(group_name)
-            .cloned()
-            .unwrap_or_default();
-        for token in watchers {
-            self.unwatch_group(token, group_name);
-            let elsewhere = self
-                .connections
-                .get(&token)
-                .is_some_and(|c| c.session().room_name() != Some(group_name));
-            if elsewhere {
-                self.notify(token, line.to_vec());
-            }
+impl Moderation {
+    pub(super) fn new() -> Moderation {
+        Moderation {
+            access: AccessEnds::default(),
+            erasures: Erasures::new(),
         }
     }
 
-    /// A moderator took `departure.username` out of the group: the room hears `line`, and
-    /// the user's connections everywhere leave it with `left_group {reason}`.
-    pub(super) fn removed(&mut self, departure: Departure, line: Vec<u8>, origin: Token) {
-        self.room_line(&departure.group_name, line, Some(origin), false);
-        if let Some(peer) = &self.peer {
-            peer.publish_leave(departure.clone());
-        }
-        self.tell_left(&departure, None);
-        self.user_left(departure);
-    }
-
-    /// Reads the erasure log every `ERASURE_POLL` (from the sweep).
-    pub(super) fn poll_erasures(&mut self, now: Instant) {
+    /// The erasure log's next read, once `ERASURE_POLL` has passed (from the sweep).
+    pub(super) fn erasure_poll(&mut self, now: Instant) -> Option<Work> {
         let erasures = &mut self.erasures;
         let since_last = erasures.last_poll.map(|at| now.duration_since(at));
         // A read that never came back (its job timed out unanswered) is given up after a while.
         let waiting = erasures.in_flight && since_last.is_some_and(|s| s < 15 * ERASURE_POLL);
         if waiting || since_last.is_some_and(|s| s < ERASURE_POLL) {
-            return;
+            return None;
         }
-        let Some(pool) = self.pool.as_mut() else {
-            return;
-        };
         erasures.last_poll = Some(now);
         erasures.in_flight = true;
         let since_ms = unix_millis()
             .saturating_sub(ERASURE_WINDOW_MS)
             .max(erasures.started_ms);
-        pool.submit(
-            Requester::Server,
-            crate::ops::work(ErasurePoll { since_ms }),
-        );
+        Some(crate::ops::work(ErasurePoll { since_ms }))
     }
 
-    /// Closes the connections of users erased since the last read (`closing account_erased`).
-    pub(super) fn erased(&mut self, erased: Vec<(String, u64)>) {
+    /// The users of a read of the erasure log not acted on before.
+    pub(super) fn newly_erased(&mut self, erased: Vec<(String, u64)>) -> Vec<String> {
         self.erasures.in_flight = false;
         let oldest = unix_millis().saturating_sub(2 * ERASURE_WINDOW_MS);
         self.erasures.seen.retain(|(_, at)| *at >= oldest);
-        for (username, at) in erased {
-            if !self.erasures.seen.insert((username.clone(), at)) {
-                continue;
-            }
-            let tokens = self.devices.connections_of(&username);
-            if !tokens.is_empty() {
-                log::info!("closing {} connection(s) of an erased user", tokens.len());
-            }
-            for token in tokens {
-                if let Some(connection) = self.connections.get_mut(&token) {
-                    connection.announce(Closing::AccountErased);
-                }
-                self.close(token);
-            }
-        }
+        erased
+            .into_iter()
+            .filter(|(username, at)| self.erasures.seen.insert((username.clone(), *at)))
+            .map(|(username, _)| username)
+            .collect()
     }
 }

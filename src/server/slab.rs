@@ -26,6 +26,8 @@ pub(super) struct Slab {
     slots: Vec<Slot>,
     free: Vec<usize>,
     len: usize,
+    /// Connections to service this turn, each once (`touch`).
+    pub(super) touched: Vec<Token>,
 }
 
 fn token_of(index: usize, generation: usize) -> Token {
@@ -106,6 +108,13 @@ impl Slab {
 
     pub(super) fn values(&self) -> impl Iterator<Item = &Connection> {
         self.iter().map(|(_, connection)| connection)
+    }
+
+    /// Puts a connection on this turn's list to service, once.
+    pub(super) fn touch(&mut self, token: Token) {
+        if self.get_mut(&token).is_some_and(Connection::touch) {
+            self.touched.push(token);
+        }
     }
 }
 

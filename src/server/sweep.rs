@@ -1,6 +1,13 @@
 //! The once-a-second sweep: login and idle timeouts, lingering closes, and store calls past their deadline.
 
-use super::*;
+use std::time::Instant;
+
+use mio::Token;
+
+use super::{Server, CLOSING_LINGER, STORE_DEADLINE_MARGIN, SWEEP_EVERY};
+use crate::connection::Closing;
+use crate::protocol::{encode_failure, ErrorCode, ProtocolError};
+use crate::workers::Requester;
 
 /// What the sweep found due on a connection.
 pub(super) enum Overdue {
@@ -24,18 +31,15 @@ impl Server {
             return;
         }
         self.last_sweep = now;
-        self.access
-            .leaves
-            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
-        self.access
-            .group_deletes
-            .retain(|_, (_, seen)| now.duration_since(*seen) < LEAVE_MEMORY);
-        self.forget_old_typing(now);
-        self.forget_quiet_activity();
-        self.presence_sweep(now);
-        self.poll_erasures(now);
-        self.report_metrics();
-        self.expire_metrics_clients(now);
+        self.moderation.access.forget_old(now);
+        self.live(|feature, cx| feature.sweep(cx));
+        if let (Some(work), Some(pool)) =
+            (self.moderation.erasure_poll(now), self.store.pool.as_mut())
+        {
+            pool.submit(Requester::Server, work);
+        }
+        self.metrics_http.report(super::loop_snapshot!(self));
+        self.metrics_http.expire(now, self.io.poll.registry());
         let login_timeout = self.config.login_timeout;
         let idle_timeout = self.config.idle_timeout;
         let store_limit = self.config.store_timeout + STORE_DEADLINE_MARGIN;

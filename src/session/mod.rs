@@ -160,11 +160,6 @@ pub enum Effect {
     Resume(ResumeCursor),
     /// A resume reached the head: the connection enters the room (as `EnterRoom`).
     Resumed(Room),
-    /// The user is typing in the group's room (relayed to the others, rate-limited).
-    Typing {
-        username: String,
-        group_name: String,
-    },
     /// The user's read marker rose: their other devices hear `read_marker` (devices in sync).
     ReadMarker(ReadState),
     /// The user joined a group: their other devices hear `joined_group`, and their
@@ -173,17 +168,9 @@ pub enum Effect {
         username: String,
         group_name: String,
     },
-    /// The connection's memberships, loaded for activity notices.
-    Watch(Vec<crate::model::GroupReadState>),
     /// The reply (an `enter_group`, plain or the head of a resume) gains `online`: those of
     /// these members who are online (protocol 3); then the effect inside is applied.
     Online(Box<Effect>, Vec<String>),
-    /// A user came online or went offline: tell the rooms here of these groups.
-    Presence {
-        username: String,
-        online: bool,
-        groups: Vec<String>,
-    },
     /// A line for everyone in the group's room, on every instance (an edit, a delete, a role
     /// change), but the connection that asked (it has the reply).
     RoomLine {
@@ -207,6 +194,46 @@ pub enum Effect {
     },
     /// Users erased (from the store's erasure log, with when): their connections here close.
     Erased(Vec<(String, u64)>),
+    /// What only one live feature understands (`typing`, a feature's own store read): the
+    /// loop hands it to that feature.
+    Live(LiveEffect),
+}
+
+/// An effect for one live feature (`live/`): the feature's name and a value of its own type,
+/// which the loop passes on without knowing it (so a feature adds no variant here).
+#[derive(Clone)]
+pub struct LiveEffect {
+    pub feature: &'static str,
+    body: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl LiveEffect {
+    pub fn new<T: std::any::Any + Send + Sync>(feature: &'static str, body: T) -> LiveEffect {
+        LiveEffect {
+            feature,
+            body: std::sync::Arc::new(body),
+        }
+    }
+
+    /// The value, when it is a `T`.
+    pub fn take<T: std::any::Any + Send + Sync + Clone>(self) -> Option<T> {
+        let body = self.body.downcast::<T>().ok()?;
+        Some(std::sync::Arc::try_unwrap(body).unwrap_or_else(|shared| (*shared).clone()))
+    }
+}
+
+impl PartialEq for LiveEffect {
+    fn eq(&self, other: &LiveEffect) -> bool {
+        self.feature == other.feature && std::sync::Arc::ptr_eq(&self.body, &other.body)
+    }
+}
+
+impl Eq for LiveEffect {}
+
+impl std::fmt::Debug for LiveEffect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LiveEffect({})", self.feature)
+    }
 }
 
 /// Whether a stored message goes live to a connection in this session.

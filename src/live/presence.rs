@@ -11,12 +11,29 @@
 //! `online` they share one table of who is present on which loop, so a user who logged in on
 //! one loop is in the next `enter_group`'s `online` on any other at once, not after a snapshot.
 
-use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use super::*;
-use crate::peer::PresenceSnapshot;
+use mio::Token;
+use serde::{Deserialize, Serialize};
+
+use super::{Cx, LiveFeature, Memberships, MembershipsOf};
+use crate::metrics::Gauges;
+use crate::peer::Reach;
+use crate::session::{LiveEffect, Session};
+
+/// The feature's name, and its relay note's kind.
+const PRESENCE: &str = "presence";
+
+/// Who is logged in on one instance (its whole list, sent every few seconds and on change):
+/// this feature's relay note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceSnapshot {
+    pub node: String,
+    pub users: Vec<String>,
+}
 
 /// How long a user whose last connection closed still counts as online.
 const PRESENCE_GRACE: Duration = Duration::from_secs(3);
@@ -27,7 +44,7 @@ const SNAPSHOT_EXPIRY: Duration = Duration::from_secs(6);
 
 /// Presence state of this instance.
 #[derive(Debug, Default)]
-pub(super) struct Presence {
+pub struct Presence {
     /// Users logged in here, with how many of their connections count for presence (all but
     /// those that said `hello {presence: false}`: a one-shot command is not someone online).
     here: HashMap<String, usize>,
@@ -45,6 +62,10 @@ pub(super) struct Presence {
     /// number among them.
     loops: Arc<LoopsPresence>,
     loop_index: usize,
+    /// This instance's node id (its snapshots name it).
+    node_id: String,
+    /// Logged-in protocol-3 connections here: with none, nobody here is told of presence.
+    listeners: HashSet<Token>,
 }
 
 /// Users present on this process's event loops, shared by the loops: for each user, on how
@@ -148,198 +169,243 @@ impl LoopsPresence {
 
 impl Presence {
     /// Presence of a loop sharing `loops` with its process's other loops.
-    pub(super) fn shared(loops: Arc<LoopsPresence>, loop_index: usize) -> Presence {
+    pub fn shared(loops: Arc<LoopsPresence>, loop_index: usize, node_id: String) -> Presence {
         Presence {
             loops,
             loop_index,
+            node_id,
             ..Presence::default()
         }
     }
 
-    pub(super) fn online_count(&self) -> usize {
-        self.online.len()
-    }
-}
-
-impl Server {
     /// Online anywhere: a connection here (or in its grace), on another loop, or in a fresh
     /// peer snapshot.
     fn is_online(&self, username: &str) -> bool {
-        self.presence.loops.contains(username) || self.online_here_or_on_peers(username)
+        self.loops.contains(username) || self.online_here_or_on_peers(username)
     }
 
     /// Online here (or in the grace), or in a fresh peer snapshot; not the loops' table.
     fn online_here_or_on_peers(&self, username: &str) -> bool {
-        self.presence.here.contains_key(username)
-            || self.presence.leaving.contains_key(username)
+        self.here.contains_key(username)
+            || self.leaving.contains_key(username)
             || self
-                .presence
                 .remote
                 .values()
                 .any(|(users, _)| users.contains(username))
     }
 
-    /// Members of a group online now (for `enter_group`'s `online`).
-    pub(super) fn online_members(&self, members: Vec<String>) -> Vec<String> {
-        // One lock on the loops' table for the whole list.
-        let shared = self.presence.loops.shared();
-        members
-            .into_iter()
-            .filter(|member| {
-                shared.present.contains_key(member) || self.online_here_or_on_peers(member)
-            })
-            .collect()
-    }
-
-    /// End of a turn: users who came to or left the process on another loop are checked here
-    /// (their rooms on this loop hear `presence`).
-    pub(super) fn presence_from_loops(&mut self) {
-        for username in self.presence.loops.take_inbox(self.presence.loop_index) {
-            self.presence_check(&username);
-        }
-    }
-
     /// A connection of `username` that counts for presence logged in here.
-    pub(super) fn user_came(&mut self, username: &str) {
-        let connections = self.presence.here.entry(username.to_string()).or_default();
+    fn user_came(&mut self, cx: &mut Cx<'_>, username: &str) {
+        let connections = self.here.entry(username.to_string()).or_default();
         *connections += 1;
         if *connections > 1 {
             return;
         }
-        if self.presence.leaving.remove(username).is_none() {
-            self.presence
-                .loops
-                .arrived(username, self.presence.loop_index);
+        if self.leaving.remove(username).is_none() {
+            self.loops.arrived(username, self.loop_index);
         }
-        self.presence_check(username);
-        self.presence.changed = true;
+        self.check(cx, username);
+        self.changed = true;
     }
 
     /// A connection of `username` that counted for presence closed; after their last one here
     /// they are offline once the grace ends, unless they come back.
-    pub(super) fn user_went(&mut self, username: &str) {
-        let Some(connections) = self.presence.here.get_mut(username) else {
+    fn user_went(&mut self, username: &str) {
+        let Some(connections) = self.here.get_mut(username) else {
             return;
         };
         *connections -= 1;
         if *connections > 0 {
             return;
         }
-        self.presence.here.remove(username);
-        self.presence
-            .leaving
+        self.here.remove(username);
+        self.leaving
             .insert(username.to_string(), Instant::now() + PRESENCE_GRACE);
     }
 
     /// Another instance's snapshot: users that appeared or vanished there are checked.
-    pub(super) fn presence_snapshot(&mut self, snapshot: PresenceSnapshot) {
+    fn snapshot_came(&mut self, cx: &mut Cx<'_>, snapshot: PresenceSnapshot) {
         let users: HashSet<String> = snapshot.users.into_iter().collect();
         let old = self
-            .presence
             .remote
             .insert(snapshot.node, (users.clone(), Instant::now()))
             .map(|(old, _)| old)
             .unwrap_or_default();
         let changed: Vec<String> = users.symmetric_difference(&old).cloned().collect();
         for username in changed {
-            self.presence_check(&username);
+            self.check(cx, &username);
         }
     }
 
-    /// Graces that ended, peers that went silent, and this instance's periodic snapshot
-    /// (from the sweep).
-    pub(super) fn presence_sweep(&mut self, now: Instant) {
+    fn send_snapshot(&mut self, cx: &mut Cx<'_>) {
+        if !cx.peers {
+            return;
+        }
+        self.last_snapshot = Some(Instant::now());
+        self.changed = false;
+        let users: Vec<String> = self
+            .here
+            .keys()
+            .chain(self.leaving.keys())
+            .cloned()
+            .collect();
+        let snapshot = PresenceSnapshot {
+            node: self.node_id.clone(),
+            users,
+        };
+        if let Ok(body) = serde_json::to_value(snapshot) {
+            cx.relay(PRESENCE, Reach::Everyone, body);
+        }
+    }
+
+    /// Tells the user's rooms here if their state changed (after reading their groups).
+    fn check(&mut self, cx: &mut Cx<'_>, username: &str) {
+        let online = self.is_online(username);
+        if online == self.online.contains(username) {
+            return;
+        }
+        if online {
+            self.online.insert(username.to_string());
+        } else {
+            self.online.remove(username);
+        }
+        cx.metrics.presence_events += 1;
+        // Nobody here speaks protocol 3: nobody to tell, no store read.
+        if self.listeners.is_empty() {
+            return;
+        }
+        let read = Memberships {
+            username: username.to_string(),
+            feature: PRESENCE,
+            context: online,
+        };
+        cx.read(None, crate::ops::work(read));
+    }
+
+    /// Whether a connection hears presence (logged in, protocol 3).
+    fn listens(&mut self, cx: &Cx<'_>, token: Token) {
+        let listens = cx
+            .view
+            .session(token)
+            .is_some_and(|s| s.username.is_some() && s.protocol >= 3);
+        if listens {
+            self.listeners.insert(token);
+        } else {
+            self.listeners.remove(&token);
+        }
+    }
+}
+
+impl LiveFeature for Presence {
+    fn name(&self) -> &'static str {
+        PRESENCE
+    }
+
+    fn logged_in(&mut self, cx: &mut Cx<'_>, token: Token, username: &str) {
+        self.listens(cx, token);
+        if cx.view.session(token).is_none_or(|s| s.presence) {
+            self.user_came(cx, username);
+        }
+    }
+
+    fn settings_changed(&mut self, cx: &mut Cx<'_>, token: Token) {
+        self.listens(cx, token);
+    }
+
+    fn closed(&mut self, _: &mut Cx<'_>, token: Token, session: &Session) {
+        self.listeners.remove(&token);
+        if let (Some(username), true) = (&session.username, session.presence) {
+            self.user_went(username);
+        }
+    }
+
+    /// The user's groups were read: `presence` to the protocol-3 connections in their rooms here.
+    fn effect(&mut self, cx: &mut Cx<'_>, _: Option<Token>, effect: LiveEffect) {
+        let Some(read) = effect.take::<MembershipsOf<bool>>() else {
+            return;
+        };
+        for group in read.groups {
+            let line = super::notice(
+                "presence",
+                serde_json::json!({
+                    "group_name": group.group_name,
+                    "username": read.username,
+                    "online": read.context,
+                }),
+            );
+            cx.tell_room(&group.group_name, &line, &read.username);
+        }
+    }
+
+    fn relayed(&mut self, cx: &mut Cx<'_>, kind: &str, body: &serde_json::Value) {
+        if kind != PRESENCE {
+            return;
+        }
+        match PresenceSnapshot::deserialize(body) {
+            Ok(snapshot) => self.snapshot_came(cx, snapshot),
+            Err(error) => log::warn!("ignoring a malformed presence snapshot: {error}"),
+        }
+    }
+
+    /// Graces that ended, peers that went silent, and this instance's periodic snapshot.
+    fn sweep(&mut self, cx: &mut Cx<'_>) {
+        let now = cx.now;
         let ended: Vec<String> = self
-            .presence
             .leaving
             .iter()
             .filter(|(_, due)| **due <= now)
             .map(|(user, _)| user.clone())
             .collect();
         for username in &ended {
-            self.presence.leaving.remove(username);
-            self.presence
-                .loops
-                .departed(username, self.presence.loop_index);
-            self.presence_check(username);
+            self.leaving.remove(username);
+            self.loops.departed(username, self.loop_index);
+            self.check(cx, username);
         }
         let gone: Vec<String> = self
-            .presence
             .remote
             .iter()
             .filter(|(_, (_, at))| now.duration_since(*at) > SNAPSHOT_EXPIRY)
             .map(|(node, _)| node.clone())
             .collect();
         for node in gone {
-            if let Some((users, _)) = self.presence.remote.remove(&node) {
+            if let Some((users, _)) = self.remote.remove(&node) {
                 log::info!("presence: no snapshot from {node}; its users are offline here");
                 for username in users {
-                    self.presence_check(&username);
+                    self.check(cx, &username);
                 }
             }
         }
         let due = self
-            .presence
             .last_snapshot
             .is_none_or(|at| now.duration_since(at) >= SNAPSHOT_EVERY);
-        if due || self.presence.changed || !ended.is_empty() {
-            self.send_snapshot();
+        if due || self.changed || !ended.is_empty() {
+            self.send_snapshot(cx);
         }
     }
 
-    fn send_snapshot(&mut self) {
-        let Some(peer) = &self.peer else {
-            return;
-        };
-        self.presence.last_snapshot = Some(Instant::now());
-        self.presence.changed = false;
-        let users: Vec<String> = self
-            .presence
-            .here
-            .keys()
-            .chain(self.presence.leaving.keys())
+    /// Users who came to or left the process on another loop are checked here (their rooms on
+    /// this loop hear `presence`).
+    fn end_turn(&mut self, cx: &mut Cx<'_>) {
+        for username in self.loops.take_inbox(self.loop_index) {
+            self.check(cx, &username);
+        }
+    }
+
+    /// Members of a group online now (for `enter_group`'s `online`).
+    fn online_members(&self, members: &[String]) -> Option<Vec<String>> {
+        // One lock on the loops' table for the whole list.
+        let shared = self.loops.shared();
+        let online = members
+            .iter()
+            .filter(|member| {
+                shared.present.contains_key(member.as_str()) || self.online_here_or_on_peers(member)
+            })
             .cloned()
             .collect();
-        peer.publish_presence(PresenceSnapshot {
-            node: self.config.node_id.clone(),
-            users,
-        });
+        Some(online)
     }
 
-    /// Tells the user's rooms here if their state changed (after reading their groups).
-    fn presence_check(&mut self, username: &str) {
-        let online = self.is_online(username);
-        if online == self.presence.online.contains(username) {
-            return;
-        }
-        if online {
-            self.presence.online.insert(username.to_string());
-        } else {
-            self.presence.online.remove(username);
-        }
-        self.metrics.presence_events += 1;
-        // Nobody here speaks protocol 3: nobody to tell, no store read.
-        if self.activity.watching.is_empty() {
-            return;
-        }
-        let work = crate::ops::work(super::activity::Memberships {
-            username: username.to_string(),
-            purpose: super::activity::MembershipsFor::Presence { online },
-        });
-        if let Some(pool) = self.pool.as_mut() {
-            pool.submit(Requester::Server, work);
-        }
-    }
-
-    /// `presence` to the protocol-3 connections in the rooms here of these groups.
-    pub(super) fn presence_to_rooms(&mut self, username: &str, online: bool, groups: Vec<String>) {
-        for group in groups {
-            let line = crate::protocol::reply::encode_line(
-                "presence",
-                &serde_json::json!({"group_name": group, "username": username, "online": online}),
-                None,
-            );
-            self.tell_room(&group, &line, username);
-        }
+    fn report(&self, gauges: &mut Gauges) {
+        gauges.presence_online = self.online.len();
     }
 }
