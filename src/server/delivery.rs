@@ -107,8 +107,12 @@ impl Delivery {
             if cut_off {
                 metrics.slow_consumer_cuts += 1;
             }
+            // Marked on the connection in hand (not `Slab::touch`: a second lookup per
+            // recipient of every message).
             if cut_off || !deferring {
-                connections.touch(token);
+                if connection.touch() {
+                    connections.touched.push(token);
+                }
             } else if connection.defer() {
                 self.write_delay.deferred.push(token);
             }
@@ -136,7 +140,9 @@ impl Delivery {
         for token in self.write_delay.deferred.drain(..) {
             if let Some(connection) = connections.get_mut(&token) {
                 connection.undefer();
-                connections.touch(token);
+                if connection.touch() {
+                    connections.touched.push(token);
+                }
             }
         }
     }
