@@ -626,11 +626,12 @@ fn store_of<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<StoreKind, Con
     if let Some(uri) = get("MONGODB_URI") {
         return Ok(StoreKind::Mongo {
             uri: uri.to_string(),
-            database: get("MONGODB_DB").unwrap_or("noomnim").to_string(),
+            // Both have documented defaults (`VARIABLES`), so `get` always has a value.
+            database: get("MONGODB_DB").unwrap_or_default().to_string(),
         });
     }
     Ok(StoreKind::Embedded {
-        data_dir: PathBuf::from(get("DATA_DIR").unwrap_or("./data")),
+        data_dir: PathBuf::from(get("DATA_DIR").unwrap_or_default()),
         durable: match get("EMBEDDED_SYNC") {
             Some("full") | None => true,
             Some("normal") => false,
@@ -809,6 +810,14 @@ mod tests {
                 data_dir: "./data".into(),
                 durable: true,
                 wal_limit: 16 << 20,
+            }
+        );
+        let mongo = Config::from_map(&env(&[("MONGODB_URI", "mongodb://m")])).expect("valid");
+        assert_eq!(
+            mongo.store,
+            StoreKind::Mongo {
+                uri: "mongodb://m".into(),
+                database: "noomnim".into(),
             }
         );
     }

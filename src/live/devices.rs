@@ -24,6 +24,17 @@ pub struct UserNotice {
     pub line: String,
 }
 
+/// `left_group {group_name, reason}`: `left` for the user's own leave, else why they are out
+/// (`removed`, `banned`). Also what the loop tells a protocol-2 resumer whose stream a
+/// removal ends.
+pub fn left_group_line(departure: &Departure) -> Vec<u8> {
+    let reason = departure.reason.as_deref().unwrap_or("left");
+    super::notice(
+        "left_group",
+        serde_json::json!({"group_name": departure.group_name, "reason": reason}),
+    )
+}
+
 /// Devices in sync keeps no state: the loop's index of a user's connections is all it needs.
 #[derive(Debug, Default)]
 pub struct Devices;
@@ -61,11 +72,7 @@ impl LiveFeature for Devices {
 
     /// The user's devices here hear that the user left a group (here or on a peer).
     fn left(&mut self, cx: &mut Cx<'_>, origin: Origin, departure: &Departure) {
-        let reason = departure.reason.as_deref().unwrap_or("left");
-        let line = super::notice(
-            "left_group",
-            serde_json::json!({"group_name": departure.group_name, "reason": reason}),
-        );
+        let line = left_group_line(departure);
         let except = match origin {
             Origin::Here(token) => Some(token),
             Origin::Peer => None,

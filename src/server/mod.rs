@@ -506,9 +506,14 @@ impl Server {
             Effect::Online(effect, _) => self.apply(token, *effect),
             Effect::Live(effect) => {
                 let addressee = (token != SERVER).then_some(token);
+                // Handed over, not cloned: the feature takes its value out of the effect
+                // without copying it (`LiveEffect::take`).
+                let mut effect = Some(effect);
                 self.live(|feature, cx| {
-                    if feature.name() == effect.feature {
-                        feature.effect(cx, addressee, effect.clone());
+                    if effect.as_ref().is_some_and(|e| e.feature == feature.name()) {
+                        if let Some(effect) = effect.take() {
+                            feature.effect(cx, addressee, effect);
+                        }
                     }
                 });
             }
@@ -1476,11 +1481,7 @@ impl Server {
         // A removal or ban ends the user's resume streams of the group at once; the
         // protocol-2 ones are told why (protocol 3 heard `left_group` already).
         let told = match &departure.reason {
-            Some(reason) => crate::protocol::reply::encode_line(
-                "left_group",
-                &serde_json::json!({"group_name": departure.group_name, "reason": reason}),
-                None,
-            ),
+            Some(_) => crate::live::devices::left_group_line(&departure),
             None => Vec::new(),
         };
         self.moderation
