@@ -26,6 +26,9 @@ pub struct Message {
     /// A tombstone: the message was deleted and its text erased; its seq stays taken.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+    /// The members the sender named (`send_message {mentions}`, `@room` for all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
 }
 
 /// A member's standing in a group: the creator is its `owner`; the owner names `admin`s;
@@ -71,7 +74,13 @@ pub struct NewMessage {
     pub text: String,
     /// At most one message is ever stored per (username, client_msg_id).
     pub client_msg_id: Option<String>,
+    /// Members named (validated by the store against the group's members; `ROOM_MENTION`
+    /// only from its owner and admins).
+    pub mentions: Vec<String>,
 }
+
+/// The mention of every member of a conversation.
+pub const ROOM_MENTION: &str = "@room";
 
 /// The outcome of storing one `NewMessage`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +89,9 @@ pub struct Appended {
     /// The sender already stored a message under this `client_msg_id`: `message` is that
     /// original, and nothing new was stored (so nothing is broadcast).
     pub duplicate: bool,
+    /// A direct conversation's other member, when this message made the conversation show
+    /// in their `my_groups` (its first message, or the first since they left it).
+    pub revealed_to: Option<String>,
 }
 
 impl Appended {
@@ -87,6 +99,7 @@ impl Appended {
         Appended {
             message,
             duplicate: false,
+            revealed_to: None,
         }
     }
 
@@ -94,6 +107,7 @@ impl Appended {
         Appended {
             message,
             duplicate: true,
+            revealed_to: None,
         }
     }
 }
@@ -245,6 +259,87 @@ pub struct GroupReadState {
     pub unread_count: u64,
     /// The member's role (`my_groups`).
     pub role: Role,
+    /// Protocol 3's attention fields (`None` on protocol 2, which keeps its replies as they
+    /// were).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<Attention>,
+}
+
+/// What protocol 3 adds to a membership's read state: the mentions of the user after their
+/// marker, their notification level, and for a direct conversation its kind and other member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attention {
+    pub mention_count: u64,
+    pub notify: Notify,
+    /// `"direct"` for a direct conversation (left out for a group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A direct conversation's other member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with: Option<String>,
+}
+
+/// A member's notification level in a conversation (`set_notify`): counts are kept at every
+/// level; it tells clients how to show them and decides what is pushed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Notify {
+    #[default]
+    All,
+    Mentions,
+    None,
+}
+
+impl Notify {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Notify::All => "all",
+            Notify::Mentions => "mentions",
+            Notify::None => "none",
+        }
+    }
+
+    /// The stored name back (`None` for an unknown one).
+    pub fn parse(text: &str) -> Option<Notify> {
+        match text {
+            "all" => Some(Notify::All),
+            "mentions" => Some(Notify::Mentions),
+            "none" => Some(Notify::None),
+            _ => None,
+        }
+    }
+}
+
+/// Direct conversations: a conversation of exactly two users, stored as a group under a name
+/// derived from the pair, which `create_group` refuses (names starting with `DIRECT_PREFIX`).
+pub mod direct {
+    /// What every direct conversation's name starts with.
+    pub const DIRECT_PREFIX: &str = "@dm:";
+    /// The `kind` `my_groups` gives a direct conversation.
+    pub const KIND: &str = "direct";
+
+    /// The conversation of two users: the same whichever of them asks. A digest of the pair
+    /// (each name length-prefixed, so no two pairs share an input), 24 hex digits: it fits the
+    /// name limit whatever the usernames' length, and names nobody to those who see it.
+    pub fn name_of(a: &str, b: &str) -> String {
+        let (first, second) = if a <= b { (a, b) } else { (b, a) };
+        let mut input = Vec::with_capacity(first.len() + second.len() + 16);
+        for name in [first, second] {
+            input.extend_from_slice(&(name.len() as u64).to_be_bytes());
+            input.extend_from_slice(name.as_bytes());
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+        let hex: String = digest.as_ref()[..12]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        format!("{DIRECT_PREFIX}{hex}")
+    }
+
+    /// A name of a direct conversation (reserved: no group may take it).
+    pub fn is_direct(group_name: &str) -> bool {
+        group_name.starts_with(DIRECT_PREFIX)
+    }
 }
 
 impl GroupReadState {
@@ -256,11 +351,19 @@ impl GroupReadState {
             last_read_seq,
             unread_count: last_seq.saturating_sub(last_read_seq),
             role: Role::Member,
+            attention: None,
         }
     }
 
     pub fn with_role(self, role: Role) -> Self {
         GroupReadState { role, ..self }
+    }
+
+    pub fn with_attention(self, attention: Attention) -> Self {
+        GroupReadState {
+            attention: Some(attention),
+            ..self
+        }
     }
 }
 
@@ -329,6 +432,16 @@ mod tests {
             .single()
             .expect("valid date");
         assert_eq!(format_timestamp(time), "2026-11-24T19:10:00.000Z");
+    }
+
+    #[test]
+    fn a_pair_has_one_direct_conversation() {
+        let name = direct::name_of("ann", "bob");
+        assert_eq!(name, direct::name_of("bob", "ann"));
+        assert_ne!(name, direct::name_of("ann", "bobby"));
+        assert_ne!(direct::name_of("a", "bc"), direct::name_of("ab", "c"));
+        assert!(direct::is_direct(&name));
+        assert_eq!(name.len(), direct::DIRECT_PREFIX.len() + 24);
     }
 
     #[test]

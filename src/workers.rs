@@ -422,6 +422,7 @@ mod tests {
             username: "u".into(),
             text: "t".into(),
             client_msg_id: None,
+            mentions: Vec::new(),
         })
     }
 

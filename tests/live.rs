@@ -8,19 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ask, next_event, next_of, nothing_pending, ug, unique, Backend, Client, LocalService, Server,
-    Storage,
+    ask, next_event, next_of, nothing_pending, ug, unique, v3, Backend, Client, LocalService,
+    Server, Storage,
 };
 use serde_json::{json, Value};
-
-fn v3(server: &Server, username: &str) -> Client {
-    let mut client = server.connect();
-    let hello = ask(&mut client, "hello", json!({"protocol": 3}));
-    assert_eq!(hello["data"]["protocol"], 3, "{hello}");
-    let login = ask(&mut client, "find_user", json!({"username": username}));
-    assert!(login["event"] == "user_created" || login["event"] == "user_found");
-    client
-}
 
 fn devices_follow_each_other(a: &Server, b: &Server) {
     let user = unique("dev");
@@ -90,23 +81,7 @@ fn cluster_url() -> String {
 }
 
 fn peers_relaying(storage: &Storage, redis_url: &str, relay: &str) -> (Server, Server) {
-    let start = |node: &str| {
-        Server::start_with(
-            storage,
-            &[
-                ("PEER", "true"),
-                ("PEER_RELAY", relay),
-                ("REDIS_URL", redis_url),
-                ("NODE_ID", node),
-                ("METRICS_PORT", "0"),
-            ],
-        )
-    };
-    let servers = (start("live_a"), start("live_b"));
-    for server in [&servers.0, &servers.1] {
-        assert!(server.logged("peer subscriber: connected"));
-    }
-    servers
+    common::peer_pair(storage, redis_url, relay, ["live_a", "live_b"])
 }
 
 #[test]

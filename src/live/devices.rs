@@ -8,11 +8,12 @@ use mio::Token;
 use serde::{Deserialize, Serialize};
 
 use super::{line_of, Cx, Learned, LiveFeature, Origin};
+use crate::ops::ToDevices;
 use crate::peer::{Departure, Reach};
 use crate::session::ReadState;
 
 /// The feature's name.
-const DEVICES: &str = "devices";
+const DEVICES: &str = crate::ops::DEVICES;
 /// Its relay note's kind (the name the envelope has always used).
 const USER: &str = "user";
 
@@ -59,6 +60,18 @@ impl LiveFeature for Devices {
         DEVICES
     }
 
+    fn effect(
+        &mut self,
+        cx: &mut Cx<'_>,
+        token: Option<Token>,
+        effect: crate::session::LiveEffect,
+    ) {
+        let (Some(token), Some(to_devices)) = (token, effect.take::<ToDevices>()) else {
+            return;
+        };
+        Devices::tell_everywhere(cx, &to_devices.username, &to_devices.line, token);
+    }
+
     fn joined(&mut self, cx: &mut Cx<'_>, origin: Origin, username: &str, group_name: &str) {
         let Origin::Here(token) = origin else {
             return;
@@ -95,14 +108,15 @@ impl LiveFeature for Devices {
         let Origin::Here(token) = origin else {
             return;
         };
-        let line = super::notice(
-            "read_marker",
-            serde_json::json!({
-                "group_name": state.group_name,
-                "last_read_seq": state.last_read_seq,
-                "unread_count": state.unread_count,
-            }),
-        );
+        let mut data = serde_json::json!({
+            "group_name": state.group_name,
+            "last_read_seq": state.last_read_seq,
+            "unread_count": state.unread_count,
+        });
+        if let Some(mentions) = state.mention_count {
+            data["mention_count"] = serde_json::json!(mentions);
+        }
+        let line = super::notice("read_marker", data);
         Devices::tell_everywhere(cx, &state.username, &line, token);
     }
 
@@ -128,6 +142,7 @@ impl LiveFeature for Devices {
                 group_name,
                 last_read_seq: data["last_read_seq"].as_u64().unwrap_or(0),
                 unread_count: data["unread_count"].as_u64().unwrap_or(0),
+                mention_count: data["mention_count"].as_u64(),
             })),
             Some("joined_group") => cx.learned(Learned::Joined {
                 username: notice.username,

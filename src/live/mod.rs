@@ -25,6 +25,7 @@ use crate::store::{Store, StoreError};
 use crate::workers::Work;
 
 pub mod activity;
+pub mod attention;
 pub mod devices;
 pub mod presence;
 pub mod typing;
@@ -49,6 +50,7 @@ pub fn registered(
         Box::new(activity::Activity::new(settings.activity_interval)),
         Box::new(devices::Devices),
         Box::new(typing::Typing::default()),
+        Box::new(attention::Attention),
         Box::new(presence::Presence::shared(
             loops,
             loop_index,
@@ -422,6 +424,7 @@ mod tests {
             group_name: "g".into(),
             last_read_seq: 7,
             unread_count: 2,
+            mention_count: Some(1),
         };
         let out = call(&view, true, |cx| {
             devices.marker_rose(cx, Origin::Here(Token(9)), &state)
@@ -454,6 +457,7 @@ mod tests {
                 last_read_seq: 8,
                 unread_count: 2,
                 role: crate::model::Role::Member,
+                attention: None,
             }],
             context: (),
         };

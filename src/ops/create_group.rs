@@ -23,6 +23,13 @@ impl Event for CreateGroup {
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         let (username, group_name) = user_and_group(data)?;
         new_name_rules(&group_name, "group_name").map_err(bad_request)?;
+        if crate::model::direct::is_direct(&group_name) {
+            let text = format!(
+                "Group names starting with '{}' are reserved for direct conversations (open_direct).",
+                crate::model::direct::DIRECT_PREFIX
+            );
+            return Err(bad_request(text));
+        }
         Ok(CreateGroup {
             username,
             group_name,

@@ -5,7 +5,7 @@
 
 use serde_json::value::RawValue;
 
-use super::fields::{optional_name, text_field, MessageRef};
+use super::fields::{mentions_field, optional_name, text_field, MessageRef};
 use super::{acting, store, Completed, Context, Data, Event, Plan, Route, StoreCall};
 use crate::protocol::{Failure, ProtocolError};
 use crate::store::manage::{self, Rewritten};
@@ -15,6 +15,8 @@ use crate::store::{Store, StoreError};
 pub struct EditMessage {
     message: MessageRef,
     text: String,
+    /// The message's new mentions (`None`: they stay as they were).
+    mentions: Option<Vec<String>>,
     username: String,
 }
 
@@ -26,6 +28,7 @@ impl Event for EditMessage {
         Ok(EditMessage {
             message: MessageRef::parse(data)?,
             text: text_field(data)?,
+            mentions: mentions_field(data)?,
             // A `username` that is given must be the logged-in user (`forbidden` otherwise).
             username: optional_name(data, "username")?.unwrap_or_default(),
         })
@@ -51,7 +54,15 @@ impl StoreCall for EditMessage {
 
     fn run(&self, store: &mut dyn Store) -> Result<Rewritten, StoreError> {
         let MessageRef { group_name, seq } = &self.message;
-        manage::edit(store, &self.username, group_name, *seq, &self.text)
+        let mentions = self.mentions.as_deref();
+        manage::edit(
+            store,
+            &self.username,
+            group_name,
+            *seq,
+            &self.text,
+            mentions,
+        )
     }
 
     fn answer(self, edited: Rewritten, id: Option<&RawValue>) -> Completed {

@@ -142,6 +142,38 @@ pub fn client_msg_id_field(data: &Map<String, Value>) -> Result<Option<String>, 
     }
 }
 
+/// Most names one message may mention.
+pub const MAX_MENTIONS: usize = 50;
+
+/// `mentions`: an optional list of member names (and `@room`), each checked and normalised as
+/// a name, repeats dropped; `None` when left out.
+pub fn mentions_field(data: &Map<String, Value>) -> Result<Option<Vec<String>>, ProtocolError> {
+    let names = match data.get("mentions") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(names)) => names,
+        Some(_) => {
+            return Err(bad_request(
+                "Field 'mentions' must be a list of usernames.".to_string(),
+            ))
+        }
+    };
+    if names.len() > MAX_MENTIONS {
+        return Err(bad_request(format!(
+            "Field 'mentions' may name at most {MAX_MENTIONS} users."
+        )));
+    }
+    let mut mentions: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let mut one = Map::new();
+        one.insert("mentions".to_string(), name.clone());
+        let name = name_field(&one, "mentions")?;
+        if !mentions.contains(&name) {
+            mentions.push(name);
+        }
+    }
+    Ok(Some(mentions))
+}
+
 /// A string field that may be left out (`None`).
 /// A name field that may be left out (checked and normalised as `name_field` when given).
 pub fn optional_name(

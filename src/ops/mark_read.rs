@@ -13,7 +13,7 @@ use crate::session::{Effect, ReadState};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
-pub struct MarkRead(ReadMark);
+pub struct MarkRead(ReadMark, bool);
 
 impl Event for MarkRead {
     const NAME: &'static str = "mark_read";
@@ -21,18 +21,23 @@ impl Event for MarkRead {
     fn parse(data: &Data) -> Result<Self, ProtocolError> {
         let (username, group_name) = user_and_group(data)?;
         let seq = required_count(data, "seq")?;
-        Ok(MarkRead(ReadMark {
-            username,
-            group_name,
-            seq,
-        }))
+        Ok(MarkRead(
+            ReadMark {
+                username,
+                group_name,
+                seq,
+            },
+            false,
+        ))
     }
 
     fn acting_user(&self) -> Option<&str> {
         Some(&self.0.username)
     }
 
-    fn plan(self, _: &Context<'_>) -> Result<Plan, Failure> {
+    /// Protocol 3's reply also says `mention_count`.
+    fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
+        self.1 = context.session.protocol >= 3;
         Ok(store(self))
     }
 }
@@ -63,11 +68,15 @@ impl StoreCall for MarkRead {
     }
 
     fn answer(self, (before, state): Self::Output, id: Option<&RawValue>) -> Completed {
-        let data = json!({
+        let mention_count = state.attention.as_ref().map(|a| a.mention_count);
+        let mut data = json!({
             "group_name": state.group_name,
             "last_read_seq": state.last_read_seq,
             "unread_count": state.unread_count,
         });
+        if let (true, Some(mentions)) = (self.1, mention_count) {
+            data["mention_count"] = json!(mentions);
+        }
         // The user's other protocol-3 connections hear of it (devices in sync), only when
         // the marker rose: a mark at or below it changes nothing they show.
         let effect = if state.last_read_seq > before {
@@ -76,6 +85,7 @@ impl StoreCall for MarkRead {
                 group_name: state.group_name,
                 last_read_seq: state.last_read_seq,
                 unread_count: state.unread_count,
+                mention_count,
             })
         } else {
             Effect::None

@@ -21,6 +21,7 @@ pub use crate::workers::{Call, Route};
 pub mod dispatch;
 pub mod fields;
 
+mod blocking;
 mod create_group;
 mod delete_group;
 mod delete_message;
@@ -35,15 +36,17 @@ mod list_groups;
 mod mark_read;
 mod moderation;
 pub mod my_groups;
+mod open_direct;
 mod ping;
 pub mod resume;
 pub mod send_message;
+mod set_notify;
 mod set_role;
 pub mod typing;
 mod visit_group;
 
 /// Every request event, in the order `hello` and `unknown_event` list them.
-pub const EVENTS: [EventEntry; 21] = [
+pub const EVENTS: [EventEntry; 26] = [
     entry::<hello::Hello>(),
     entry::<find_user::FindUser>(),
     entry::<create_group::CreateGroup>(),
@@ -65,6 +68,11 @@ pub const EVENTS: [EventEntry; 21] = [
     entry::<moderation::Moderate<moderation::Ban>>(),
     entry::<moderation::Moderate<moderation::Unban>>(),
     entry::<delete_group::DeleteGroup>(),
+    entry::<open_direct::OpenDirect>(),
+    entry::<blocking::Blocking<blocking::Block>>(),
+    entry::<blocking::Blocking<blocking::Unblock>>(),
+    entry::<blocking::Blocking<blocking::List>>(),
+    entry::<set_notify::SetNotify>(),
 ];
 
 /// A request's `data` object.
@@ -248,6 +256,29 @@ pub fn message_changed(
     }
 }
 
+/// The devices-in-sync feature's name (`live::devices`).
+pub const DEVICES: &str = "devices";
+
+/// A line for the user's other protocol-3 devices, here and on every other instance (a
+/// request's change of the user's own settings: blocks, notification levels): the devices
+/// feature's effect.
+#[derive(Debug, Clone)]
+pub struct ToDevices {
+    pub username: String,
+    pub line: Vec<u8>,
+}
+
+impl ToDevices {
+    /// The effect of a request whose reply `line` the user's other devices hear too.
+    pub fn effect(username: &str, line: Vec<u8>) -> Effect {
+        let to_devices = ToDevices {
+            username: username.to_string(),
+            line,
+        };
+        Effect::Live(crate::session::LiveEffect::new(DEVICES, to_devices))
+    }
+}
+
 /// The store job for a call, as a request plans it.
 pub fn store<C: StoreCall>(call: C) -> Plan {
     Plan::Store {
@@ -283,6 +314,19 @@ pub fn failure_of(error: StoreError) -> Failure {
             ErrorCode::NotFound,
             "No such message in this group (never sent, deleted, or removed by retention).",
         )
+        .into(),
+        // Says no more than a permission refusal: not that the other member blocked you.
+        StoreError::Blocked => ProtocolError::new(
+            ErrorCode::Forbidden,
+            "This conversation does not accept your messages.",
+        )
+        .into(),
+        StoreError::NotMentionable(name) => ProtocolError {
+            code: ErrorCode::NotMentionable,
+            text: format!(
+                "'{name}' is not a member of this conversation; only members can be mentioned. Nothing was stored."
+            ),
+        }
         .into(),
         StoreError::Unavailable(_) => ProtocolError::new(
             ErrorCode::Unavailable,
@@ -347,7 +391,7 @@ pub fn event_names() -> Vec<&'static str> {
 /// a third of the name), the first word of one (`join` → `join_group`), or what other chat
 /// protocols call it (`login` → `find_user`, `history` → `fetch_messages`).
 pub fn suggestion(name: &str) -> Option<&'static str> {
-    const OTHER_NAMES: [(&str, &str); 9] = [
+    const OTHER_NAMES: [(&str, &str); 10] = [
         ("login", "find_user"),
         ("register", "find_user"),
         ("auth", "find_user"),
@@ -357,6 +401,7 @@ pub fn suggestion(name: &str) -> Option<&'static str> {
         ("history", "fetch_messages"),
         ("groups", "list_groups"),
         ("pong", "ping"),
+        ("dm", "open_direct"),
     ];
     let lower = name.to_ascii_lowercase();
     if name.len() > 64 {

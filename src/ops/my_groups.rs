@@ -20,6 +20,8 @@ pub struct MyGroups {
     username: String,
     query: GroupsQuery,
     reply_budget: usize,
+    /// Protocol 3 sees each row's attention fields (mentions, level, direct kind).
+    protocol3: bool,
 }
 
 impl Event for MyGroups {
@@ -33,6 +35,7 @@ impl Event for MyGroups {
                 limit: limit_field(data, MAX_MEMBERSHIPS_PAGE, MAX_MEMBERSHIPS_PAGE)?,
             },
             reply_budget: 0,
+            protocol3: false,
         })
     }
 
@@ -42,6 +45,7 @@ impl Event for MyGroups {
 
     fn plan(mut self, context: &Context<'_>) -> Result<Plan, Failure> {
         self.reply_budget = context.reply_budget;
+        self.protocol3 = context.session.protocol >= 3;
         Ok(store(self))
     }
 }
@@ -57,7 +61,12 @@ impl StoreCall for MyGroups {
         store.my_groups(&self.username, &self.query)
     }
 
-    fn answer(self, page: MembershipsPage, id: Option<&RawValue>) -> Completed {
+    fn answer(self, mut page: MembershipsPage, id: Option<&RawValue>) -> Completed {
+        if !self.protocol3 {
+            for group in &mut page.groups {
+                group.attention = None;
+            }
+        }
         let data = groups_page(page.groups, page.has_more, self.reply_budget, |g| {
             g.group_name.as_str()
         });

@@ -305,6 +305,7 @@ mod tests {
                 username: "reader".into(),
                 text: format!("m{i}"),
                 client_msg_id: None,
+                mentions: Vec::new(),
             })
             .collect();
         assert!(store.append_messages(&batch).iter().all(Result::is_ok));

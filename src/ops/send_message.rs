@@ -8,12 +8,12 @@
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::fields::{client_msg_id_field, text_field, user_and_group};
+use super::fields::{client_msg_id_field, mentions_field, text_field, user_and_group};
 use super::{failure_of, Completed, Context, Data, Event, Plan};
 use crate::model::{Appended, Message, NewMessage};
 use crate::protocol::reply::encode_line;
 use crate::protocol::{encode_failure, Failure, ProtocolError};
-use crate::session::Effect;
+use crate::session::{Effect, LiveEffect};
 use crate::store::StoreError;
 use crate::workers::Work;
 
@@ -29,6 +29,7 @@ impl Event for SendMessage {
             username,
             text: text_field(data)?,
             client_msg_id: client_msg_id_field(data)?,
+            mentions: mentions_field(data)?.unwrap_or_default(),
         }))
     }
 
@@ -40,6 +41,40 @@ impl Event for SendMessage {
         Ok(Plan::Store {
             work: Work::Append(self.0),
             id: None,
+        })
+    }
+}
+
+/// The attention feature's name (`live::attention`).
+pub const ATTENTION: &str = "attention";
+
+/// Who a stored message asks the attention of: the mentioned members (`@room`: all of them),
+/// and a direct conversation's other member when this message showed it to them. The
+/// attention feature's effect and relay note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MessageAttention {
+    pub group_name: String,
+    pub seq: u64,
+    /// The sender.
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revealed_to: Option<String>,
+}
+
+impl MessageAttention {
+    /// What a newly stored message asks (`None`: nobody's attention in particular).
+    pub fn of(sent: &Appended) -> Option<MessageAttention> {
+        let message = &sent.message;
+        let wanted =
+            !sent.duplicate && (!message.mentions.is_empty() || sent.revealed_to.is_some());
+        wanted.then(|| MessageAttention {
+            group_name: message.group_name.clone(),
+            seq: message.seq,
+            by: message.username.clone(),
+            mentions: message.mentions.clone(),
+            revealed_to: sent.revealed_to.clone(),
         })
     }
 }
@@ -65,9 +100,13 @@ pub fn answer(result: Result<Appended, StoreError>, id: Option<&RawValue>) -> Co
             } else {
                 encode_line("message_sent", message, id)
             };
+            let effect = match MessageAttention::of(&sent) {
+                Some(attention) => Effect::Live(LiveEffect::new(ATTENTION, attention)),
+                None => Effect::None,
+            };
             Completed {
                 line,
-                effect: Effect::None,
+                effect,
                 shows: Some((message.group_name.clone(), message.seq, message.seq)),
             }
         }
@@ -96,6 +135,7 @@ mod tests {
                 group_name: "g".into(),
                 text: "hi".into(),
                 client_msg_id: None,
+                mentions: Vec::new(),
             })
         );
         let blank = parse(serde_json::json!({"username":"a","group_name":"g","text":"  "}));

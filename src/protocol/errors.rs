@@ -24,10 +24,12 @@ pub enum ErrorCode {
     Banned,
     /// A message (by seq) that does not exist or was deleted.
     NotFound,
+    /// A mention of someone who is not a member of the conversation.
+    NotMentionable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownEvent,
         ErrorCode::BadRequest,
@@ -42,6 +44,7 @@ impl ErrorCode {
         ErrorCode::NotInRoom,
         ErrorCode::Banned,
         ErrorCode::NotFound,
+        ErrorCode::NotMentionable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::NotInRoom => "not_in_room",
             ErrorCode::Banned => "banned",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::NotMentionable => "not_mentionable",
         }
     }
 }

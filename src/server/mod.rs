@@ -698,6 +698,7 @@ impl Server {
             group_name: mark.group_name.clone(),
             last_read_seq: mark.seq,
             unread_count: head - mark.seq,
+            mention_count: (head == mark.seq).then_some(0),
         };
         self.live(|feature, cx| feature.marker_rose(cx, Origin::Here(origin), &state));
     }
@@ -712,11 +713,13 @@ impl Server {
             return;
         };
         let last_read_seq = room.frontier.stored();
+        let unread_count = room.floor_seq.saturating_sub(last_read_seq);
         let state = session::ReadState {
             username,
             group_name: room.group_name.clone(),
             last_read_seq,
-            unread_count: room.floor_seq.saturating_sub(last_read_seq),
+            unread_count,
+            mention_count: (unread_count == 0).then_some(0),
         };
         self.live(|feature, cx| feature.marker_rose(cx, Origin::Here(origin), &state));
     }
@@ -1189,6 +1192,7 @@ impl Server {
                 if let Ok(Appended {
                     message,
                     duplicate: false,
+                    ..
                 }) = &result
                 {
                     self.metrics.messages_stored += 1;

@@ -55,6 +55,9 @@ pub struct ReadState {
     pub group_name: String,
     pub last_read_seq: u64,
     pub unread_count: u64,
+    /// Mentions of the user after the marker, when known (always when the marker reached the
+    /// newest message: then 0).
+    pub mention_count: Option<u64>,
 }
 
 /// What a connection is logged in as and where it is.

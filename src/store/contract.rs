@@ -12,6 +12,7 @@ fn message(group: &str, user: &str, text: &str) -> NewMessage {
         username: user.into(),
         text: text.into(),
         client_msg_id: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -38,6 +39,191 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_management(store, prefix);
     check_retention(store, prefix);
     check_erasure(store, prefix);
+    check_direct_conversations(store, prefix);
+    check_mentions_and_levels(store, prefix);
+}
+
+/// The names of the user's `my_groups` rows.
+fn shown(store: &mut dyn Store, username: &str) -> Vec<String> {
+    let query = GroupsQuery {
+        after: None,
+        limit: 100,
+    };
+    let page = store.my_groups(username, &query).expect("memberships");
+    page.groups.into_iter().map(|g| g.group_name).collect()
+}
+
+fn check_direct_conversations(store: &mut dyn Store, prefix: &str) {
+    use crate::model::direct;
+    let (ann, bob, eve) = (
+        format!("{prefix}dm-ann"),
+        format!("{prefix}dm-bob"),
+        format!("{prefix}dm-eve"),
+    );
+    for user in [&ann, &bob, &eve] {
+        store.find_user(user, true).expect("user");
+    }
+    let opened = store.open_direct(&ann, &bob).expect("open");
+    assert_eq!(opened.group_name, direct::name_of(&bob, &ann));
+    let dm = opened.group_name.clone();
+    assert_eq!(
+        store.open_direct(&ann, &bob),
+        Ok(opened.clone()),
+        "safe to repeat"
+    );
+    assert!(shown(store, &ann).contains(&dm));
+    assert!(
+        !shown(store, &bob).contains(&dm),
+        "shown at the first message"
+    );
+    let sent = store.append_messages(&[message(&dm, &ann, "hi"), message(&dm, &ann, "there")]);
+    assert_eq!(
+        sent[0].as_ref().map(|a| a.revealed_to.clone()),
+        Ok(Some(bob.clone()))
+    );
+    assert_eq!(sent[1].as_ref().map(|a| a.revealed_to.clone()), Ok(None));
+    let row = store.read_state(&bob, &dm).expect("state");
+    let attention = row.attention.expect("attention");
+    assert_eq!(attention.kind.as_deref(), Some(direct::KIND));
+    assert_eq!(attention.with.as_deref(), Some(ann.as_str()));
+    assert!(shown(store, &bob).contains(&dm));
+    // A third user finds nothing.
+    assert_eq!(store.join_group(&eve, &dm), Err(StoreError::GroupNotFound));
+    assert_eq!(
+        fetch(store, &eve, &dm, page_from(0)).map(|_| ()),
+        Err(StoreError::GroupNotFound)
+    );
+    assert!(matches!(
+        store.append_messages(&[message(&dm, &eve, "me too")])[0],
+        Err(StoreError::GroupNotFound)
+    ));
+    let listed = store
+        .list_groups(
+            &GroupsQuery {
+                after: None,
+                limit: 1000,
+            },
+            &eve,
+        )
+        .expect("list");
+    assert!(listed
+        .groups
+        .iter()
+        .all(|g| !direct::is_direct(&g.group_name)));
+    // Leaving hides it until the next message.
+    store.leave_group(&bob, &dm).expect("leave");
+    assert!(!shown(store, &bob).contains(&dm));
+    let sent = store.append_messages(&[message(&dm, &ann, "still there?")]);
+    assert_eq!(
+        sent[0].as_ref().map(|a| a.revealed_to.clone()),
+        Ok(Some(bob.clone()))
+    );
+    assert!(shown(store, &bob).contains(&dm));
+    // Blocks: no opening, no sending; erasing either side removes them.
+    assert_eq!(store.set_blocked(&bob, &ann, true), Ok(vec![ann.clone()]));
+    assert_eq!(store.set_blocked(&bob, &ann, true), Ok(vec![ann.clone()]));
+    assert_eq!(store.open_direct(&ann, &bob), Err(StoreError::Blocked));
+    assert!(matches!(
+        store.append_messages(&[message(&dm, &ann, "please")])[0],
+        Err(StoreError::Blocked)
+    ));
+    assert!(store.append_messages(&[message(&dm, &bob, "no")])[0].is_ok());
+    assert_eq!(
+        store.set_blocked(&bob, &format!("{prefix}nobody"), true),
+        Err(StoreError::UserNotFound)
+    );
+    assert_eq!(store.set_blocked(&bob, &ann, false), Ok(Vec::new()));
+    assert_eq!(store.set_blocked(&bob, &eve, true), Ok(vec![eve.clone()]));
+    super::manage::erase(store, &eve).expect("erase");
+    assert_eq!(store.blocked_users(&bob), Ok(Vec::new()));
+}
+
+fn check_mentions_and_levels(store: &mut dyn Store, prefix: &str) {
+    use crate::model::Notify;
+    let (owner, member) = (format!("{prefix}m-owner"), format!("{prefix}m-member"));
+    let group = format!("{prefix}mentioning");
+    store.find_user(&owner, true).expect("user");
+    store.find_user(&member, true).expect("user");
+    create(store, &owner, &group, 0).expect("group");
+    store.join_group(&member, &group).expect("join");
+    let mentioning = |text: &str, by: &str, names: &[&str]| NewMessage {
+        mentions: names.iter().map(|n| n.to_string()).collect(),
+        ..message(&group, by, text)
+    };
+    let count = |store: &mut dyn Store| {
+        let state = store.read_state(&member, &group).expect("state");
+        state.attention.expect("attention").mention_count
+    };
+    let sent = store.append_messages(&[
+        mentioning("you", &owner, &[&member]),
+        mentioning("all", &owner, &["@room"]),
+        mentioning("me", &member, &[&member]),
+        mentioning("nobody", &owner, &["stranger"]),
+        mentioning("everyone", &member, &["@room"]),
+    ]);
+    assert_eq!(
+        sent[0].as_ref().map(|a| a.message.mentions.clone()),
+        Ok(vec![member.clone()])
+    );
+    assert!(sent[1].is_ok() && sent[2].is_ok());
+    assert_eq!(sent[3], Err(StoreError::NotMentionable("stranger".into())));
+    assert!(matches!(sent[4], Err(StoreError::Forbidden(_))));
+    assert_eq!(count(store), 2, "a self-mention does not count");
+    let page = fetch(store, &member, &group, page_from(0)).expect("page");
+    assert_eq!(page.messages.len(), 3, "refused mentions store nothing");
+    assert_eq!(page.messages[1].mentions, vec!["@room".to_string()]);
+    let rows = store
+        .my_groups(
+            &member,
+            &GroupsQuery {
+                after: None,
+                limit: 10,
+            },
+        )
+        .expect("rows");
+    let row = rows
+        .groups
+        .iter()
+        .find(|g| g.group_name == group)
+        .expect("row");
+    assert_eq!(row.attention.as_ref().map(|a| a.mention_count), Some(2));
+    super::manage::edit(store, &owner, &group, 1, "never mind", Some(&[])).expect("edit");
+    assert_eq!(count(store), 1);
+    super::manage::edit(
+        store,
+        &owner,
+        &group,
+        1,
+        "you again",
+        Some(std::slice::from_ref(&member)),
+    )
+    .expect("edit");
+    assert_eq!(count(store), 2);
+    super::manage::delete(store, &owner, &group, 2).expect("delete");
+    assert_eq!(count(store), 1);
+    store
+        .mark_read(&[ReadMark {
+            username: member.clone(),
+            group_name: group.clone(),
+            seq: 3,
+        }])
+        .expect("mark");
+    assert_eq!(count(store), 0, "read mentions stop counting");
+    let who = MemberOf {
+        username: &member,
+        group_name: &group,
+    };
+    store.set_notify(who, Notify::Mentions).expect("level");
+    let state = store.read_state(&member, &group).expect("state");
+    assert_eq!(state.attention.map(|a| a.notify), Some(Notify::Mentions));
+    let stranger = MemberOf {
+        username: &member,
+        group_name: "no such group",
+    };
+    assert_eq!(
+        store.set_notify(stranger, Notify::None),
+        Err(StoreError::GroupNotFound)
+    );
 }
 
 // The calls about one member, by name (what most checks here do).
@@ -141,17 +327,17 @@ fn check_management(store: &mut dyn Store, prefix: &str) {
     assert!(sent.iter().all(Result::is_ok));
 
     // Edit: the author only; the seq stays; history has the new text and `edited_at`.
-    let edited = manage::edit(store, &member, &group, 1, "first, edited").expect("edit");
+    let edited = manage::edit(store, &member, &group, 1, "first, edited", None).expect("edit");
     assert!(edited.changed);
     assert_eq!(edited.message.seq, 1);
     assert_eq!(edited.message.text, "first, edited");
     assert!(edited.message.edited_at.is_some());
     assert!(matches!(
-        manage::edit(store, &owner, &group, 1, "hijack"),
+        manage::edit(store, &owner, &group, 1, "hijack", None),
         Err(StoreError::Forbidden(_))
     ));
     assert_eq!(
-        manage::edit(store, &member, &group, 99, "nothing"),
+        manage::edit(store, &member, &group, 99, "nothing", None),
         Err(StoreError::MessageNotFound)
     );
 
@@ -165,7 +351,7 @@ fn check_management(store: &mut dyn Store, prefix: &str) {
     let again = manage::delete(store, &member, &group, 1).expect("repeat");
     assert!(!again.changed, "a repeated delete changes nothing");
     assert_eq!(
-        manage::edit(store, &member, &group, 1, "back from the dead"),
+        manage::edit(store, &member, &group, 1, "back from the dead", None),
         Err(StoreError::MessageNotFound),
         "a tombstone cannot be edited"
     );
@@ -175,7 +361,8 @@ fn check_management(store: &mut dyn Store, prefix: &str) {
             1,
             super::Rewrite::Edit {
                 text: "x",
-                at: "2026-01-01T00:00:00.000Z"
+                at: "2026-01-01T00:00:00.000Z",
+                mentions: None,
             }
         ),
         Ok(None)

@@ -42,15 +42,28 @@ pub fn edit(
     group_name: &str,
     seq: u64,
     text: &str,
+    mentions: Option<&[String]>,
 ) -> StoreResult<Rewritten> {
-    store.role(group_name, username)?;
+    let role = store.role(group_name, username)?;
     let message = live_message(store, group_name, seq)?;
     if message.username != username {
         return Err(StoreError::Forbidden("Only the author may edit a message."));
     }
+    if let Some(mentions) = mentions {
+        super::check_mentions(mentions, role, |name| match store.role(group_name, name) {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotAMember | StoreError::GroupNotFound) => Ok(false),
+            Err(error) => Err(error),
+        })?;
+    }
     let at = crate::model::now_timestamp();
+    let change = Rewrite::Edit {
+        text,
+        at: &at,
+        mentions,
+    };
     let message = store
-        .rewrite(group_name, seq, Rewrite::Edit { text, at: &at })?
+        .rewrite(group_name, seq, change)?
         .ok_or(StoreError::MessageNotFound)?;
     Ok(Rewritten {
         message,

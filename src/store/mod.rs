@@ -12,7 +12,7 @@ use std::fmt;
 use crate::config::{Config, StoreKind};
 use crate::model::{
     Appended, CreatedGroup, Entry, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
-    MemberOf, MembershipsPage, Message, MessagePage, NewMessage, PageQuery, ReadMark, Role,
+    MemberOf, MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, ReadMark, Role,
     UserProfile, Visit, MAX_GROUP_LIST, MAX_UNREAD_ON_ENTER,
 };
 
@@ -31,6 +31,10 @@ pub enum StoreError {
     Forbidden(&'static str),
     /// No message with that seq (never stored, removed by retention, or the group's).
     MessageNotFound,
+    /// A direct conversation refused the sender: the other member blocked them.
+    Blocked,
+    /// A mention names someone who is not a member of the conversation (the name).
+    NotMentionable(String),
     /// The database could not be reached or failed; nothing was changed.
     Unavailable(String),
 }
@@ -46,6 +50,8 @@ impl fmt::Display for StoreError {
             StoreError::Banned => write!(f, "banned"),
             StoreError::Forbidden(why) => write!(f, "forbidden: {why}"),
             StoreError::MessageNotFound => write!(f, "message not found"),
+            StoreError::Blocked => write!(f, "blocked"),
+            StoreError::NotMentionable(name) => write!(f, "not mentionable: {name}"),
             StoreError::Unavailable(reason) => write!(f, "store unavailable: {reason}"),
         }
     }
@@ -140,13 +146,65 @@ pub trait Store: Send {
     fn erase_user(&mut self, username: &str) -> StoreResult<Vec<String>>;
     /// Users erased at or after `since_ms` (milliseconds since the Unix epoch), with when.
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>>;
+
+    // Direct conversations, blocking and notification levels (docs/PROTOCOL.md).
+
+    /// The direct conversation of `username` and `other` (`model::direct::name_of`), created
+    /// with both as members on first use; `other`'s membership stays hidden from their
+    /// `my_groups` until its first message. Shows it to `username` again if they had left it.
+    /// `UserNotFound` for either user; `Blocked` when `other` blocked `username`.
+    fn open_direct(&mut self, username: &str, other: &str) -> StoreResult<GroupRef>;
+    /// Blocks or unblocks `other` for `username` (safe to repeat) and returns everyone
+    /// `username` blocks, by name. Blocking an unknown user is `UserNotFound`.
+    fn set_blocked(&mut self, username: &str, other: &str, on: bool) -> StoreResult<Vec<String>>;
+    /// Everyone `username` blocks, by name.
+    fn blocked_users(&mut self, username: &str) -> StoreResult<Vec<String>>;
+    /// A member's notification level in a conversation (`GroupNotFound`, `NotAMember`).
+    fn set_notify(&mut self, member: MemberOf, level: Notify) -> StoreResult<()>;
+}
+
+/// A non-member's answer: `NotAMember`, but `GroupNotFound` for a direct conversation (a
+/// third user learns nothing of a pair's conversation, not even that it exists).
+pub(crate) fn not_a_member(group_name: &str) -> StoreError {
+    if crate::model::direct::is_direct(group_name) {
+        StoreError::GroupNotFound
+    } else {
+        StoreError::NotAMember
+    }
+}
+
+/// Whether a mention list may be stored for `sender` in a conversation: each name a member,
+/// `ROOM_MENTION` only from the owner or an admin. `role_of` answers a member's role (`None`
+/// for a non-member) in the backend's own transaction.
+pub(crate) fn check_mentions(
+    mentions: &[String],
+    sender_role: Role,
+    mut is_member: impl FnMut(&str) -> StoreResult<bool>,
+) -> StoreResult<()> {
+    for name in mentions {
+        if name == crate::model::ROOM_MENTION {
+            if !sender_role.moderates() {
+                return Err(StoreError::Forbidden(
+                    "Only the owner and admins may mention @room.",
+                ));
+            }
+        } else if !is_member(name)? {
+            return Err(StoreError::NotMentionable(name.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// How `Store::rewrite` changes a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rewrite<'a> {
-    /// New text, edited at this time.
-    Edit { text: &'a str, at: &'a str },
+    /// New text, edited at this time, and its mentions when the edit names them (`None`:
+    /// they stay as they were).
+    Edit {
+        text: &'a str,
+        at: &'a str,
+        mentions: Option<&'a [String]>,
+    },
     /// Erase the text: the message becomes a tombstone.
     Erase,
 }

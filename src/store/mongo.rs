@@ -29,14 +29,14 @@ use mongodb::sync::{Client, Collection, Database};
 use mongodb::IndexModel;
 
 use super::{
-    created_group, entered_mark, history, profile, split_page, EnterRows, PruneCut, Rewrite, Store,
-    StoreError, StoreResult,
+    check_mentions, created_group, entered_mark, history, not_a_member, profile, split_page,
+    EnterRows, PruneCut, Rewrite, Store, StoreError, StoreResult,
 };
 use crate::model::{
-    format_timestamp, unix_millis, Appended, CreatedGroup, Entry, GroupHistory, GroupReadState,
-    GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf, MembershipsPage, Message,
-    MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST,
-    MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    direct, format_timestamp, unix_millis, Appended, Attention, CreatedGroup, Entry, GroupHistory,
+    GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf, MembershipsPage,
+    Message, MessagePage, NewMessage, Notify, PageQuery, ReadMark, Role, UserProfile, Visit,
+    MAX_GROUP_LIST, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER, ROOM_MENTION,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -45,9 +45,11 @@ const DUPLICATE_KEY: i32 = 11000;
 /// `groups.creator`; 3: `messages.client_msg_id` and its unique index. Older databases need
 /// 4: edits and tombstones (`messages.edited_at`, `deleted`), roles (`user.role`; an entry
 /// without one is its group's `creator`'s owner entry or a member), bans (`groups.banned`),
-/// `groups.first_seq` (retention) and the `erasures` collection. Older databases need
-/// no rewrite (new fields are optional); a newer one is refused.
-const SCHEMA_VERSION: i64 = 4;
+/// `groups.first_seq` (retention) and the `erasures` collection. 5: direct conversations
+/// (`groups.kind`, `user.hidden`), notification levels (`user.notify`), mentions
+/// (`messages.mentions`) and blocks (`users.blocked`). Older databases need no rewrite (new
+/// fields are optional); a newer one is refused.
+const SCHEMA_VERSION: i64 = 5;
 /// How often one batch retries after losing `seq` numbers to another process.
 const MAX_SEQ_RETRIES: usize = 1000;
 
@@ -263,7 +265,7 @@ impl MongoStore {
     /// The member's read marker. Entries written before markers existed have only the
     /// `last_read` time: the marker is then the newest message at or before it.
     fn member_read_seq(&self, group: &Document, username: &str) -> StoreResult<u64> {
-        let entry = member_entry(group, username).ok_or(StoreError::NotAMember)?;
+        let entry = member_entry(group, username).ok_or_else(|| not_a_member_of(group))?;
         if let Some(seq) = seq_of_field(entry, "last_read_seq") {
             return Ok(seq);
         }
@@ -504,9 +506,17 @@ impl MongoStore {
             .into_iter()
             .map(|(i, m)| (i, unstored(m, now)))
             .partition(|(_, m)| members.contains(&m.username));
-        let mut results = self.retries_of_strangers(strangers, StoreError::NotAMember);
+        let mut results = self.retries_of_strangers(strangers, not_a_member(group_name));
+        let (members_items, refused) = self.may_post(&group, members_items);
+        results.extend(refused);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
-        let (settled, error) = self.insert_with_seq(group_name, members_items);
+        let (mut settled, error) = self.insert_with_seq(group_name, members_items);
+        if direct::is_direct(group_name) && settled.iter().any(|(_, a)| !a.duplicate) {
+            let revealed = self.show_direct(&group);
+            if let Some((_, first)) = settled.iter_mut().find(|(_, a)| !a.duplicate) {
+                first.revealed_to = revealed.filter(|name| *name != first.message.username);
+            }
+        }
         let (settled, error, refused) = self.unless_access_went(&group, group_name, settled, error);
         let mut settled: HashMap<usize, Appended> = settled.into_iter().collect();
         let refused_indexes: Vec<usize> = refused.iter().map(|(i, _)| *i).collect();
@@ -520,6 +530,105 @@ impl MongoStore {
             results.push((i, outcome));
         }
         results
+    }
+
+    /// Of a group's members' messages, those that may be stored, and the refusals of the
+    /// rest: a direct conversation's member blocked by the other, a mention of a non-member
+    /// (or of `@room` by someone who does not moderate).
+    fn may_post(
+        &self,
+        group: &Document,
+        items: Vec<(usize, Message)>,
+    ) -> (Vec<(usize, Message)>, Settled) {
+        let members = member_names(group);
+        let blocked_by_partner = |sender: &str| -> StoreResult<bool> {
+            if group.get_str("kind") != Ok(direct::KIND) {
+                return Ok(false);
+            }
+            let Some(partner) = members.iter().find(|name| *name != sender) else {
+                return Ok(false);
+            };
+            let filter = doc! {"username": partner, "blocked": sender};
+            Ok(first(&self.users, filter, None)?.is_some())
+        };
+        let mut kept = Vec::with_capacity(items.len());
+        let mut refused = Vec::new();
+        for (index, message) in items {
+            let checked = blocked_by_partner(&message.username).and_then(|blocked| {
+                if blocked {
+                    return Err(StoreError::Blocked);
+                }
+                let role = member_role(group, &message.username)?;
+                check_mentions(&message.mentions, role, |name| {
+                    Ok(members.iter().any(|member| member == name))
+                })
+            });
+            match checked {
+                Ok(()) => kept.push((index, message)),
+                Err(error) => refused.push((index, Err(error))),
+            }
+        }
+        (kept, refused)
+    }
+
+    /// Shows a direct conversation to members who had it hidden (left, or not yet shown);
+    /// returns one of them (the other member, to be told). Best effort: a failure leaves it
+    /// hidden until the next message.
+    fn show_direct(&self, group: &Document) -> Option<String> {
+        let group_name = group.get_str("group_name").ok()?;
+        let hidden: Vec<String> = member_names(group)
+            .into_iter()
+            .filter(|name| is_hidden(group, name))
+            .collect();
+        for name in &hidden {
+            let shown = self
+                .groups
+                .update_one(
+                    doc! {"group_name": group_name, "user.name_ID": name},
+                    doc! {"$unset": {"user.$.hidden": ""}},
+                )
+                .run();
+            if let Err(error) = shown {
+                log::warn!("a direct conversation stays hidden from a member: {error}");
+            }
+        }
+        hidden.into_iter().next()
+    }
+
+    /// Mentions of `username` after their marker, per group, in one query.
+    fn mention_counts(
+        &self,
+        username: &str,
+        marks: &[(String, u64)],
+    ) -> StoreResult<HashMap<String, u64>> {
+        let mut counts = HashMap::new();
+        if marks.is_empty() {
+            return Ok(counts);
+        }
+        let after: Vec<Document> = marks
+            .iter()
+            .map(|(group_name, mark)| {
+                doc! {"group_name": group_name, "seq": {"$gt": (*mark).min(i64::MAX as u64) as i64}}
+            })
+            .collect();
+        let filter = doc! {
+            "$or": after,
+            "mentions": {"$in": [username, ROOM_MENTION]},
+            "username": {"$ne": username},
+            "deleted": {"$ne": true},
+        };
+        let cursor = self
+            .messages
+            .find(filter)
+            .projection(doc! {"group_name": 1})
+            .max_time(self.max_time)
+            .run()?;
+        for document in cursor {
+            if let Ok(name) = document?.get_str("group_name") {
+                *counts.entry(name.to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// A `delete_group` running beside this append (on another worker: another event loop's
@@ -638,6 +747,9 @@ impl MongoStore {
     }
 }
 
+/// Outcomes of some of a batch's messages, by their index in the batch.
+type Settled = Vec<(usize, StoreResult<Appended>)>;
+
 /// A message about to be stored (its `seq` is set when it is inserted).
 /// What stood of an insert once the group was read again: the messages kept, the error for
 /// the rest, and those refused one by one (their sender lost access meanwhile).
@@ -656,6 +768,7 @@ fn unstored(message: &NewMessage, now: &str) -> Message {
         timestamp: now.to_string(),
         seq: 0,
         client_msg_id: message.client_msg_id.clone(),
+        mentions: message.mentions.clone(),
         ..Message::default()
     }
 }
@@ -746,6 +859,9 @@ fn message_document(message: &Message) -> Document {
     if let Some(id) = &message.client_msg_id {
         document.insert("client_msg_id", id);
     }
+    if !message.mentions.is_empty() {
+        document.insert("mentions", &message.mentions);
+    }
     document
 }
 
@@ -766,6 +882,15 @@ fn message_from(document: &Document) -> StoreResult<Message> {
         client_msg_id: document.get_str("client_msg_id").ok().map(str::to_string),
         edited_at: document.get("edited_at").map(|at| timestamp_of(Some(at))),
         deleted: document.get_bool("deleted").unwrap_or(false),
+        mentions: document
+            .get_array("mentions")
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|name| name.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -806,13 +931,51 @@ fn group_ref(group: &Document, group_name: &str) -> GroupRef {
 fn member_last_read(group: &Document, username: &str) -> StoreResult<String> {
     member_entry(group, username)
         .map(|entry| timestamp_of(entry.get("last_read")))
-        .ok_or(StoreError::NotAMember)
+        .ok_or_else(|| not_a_member_of(group))
+}
+
+/// `store::not_a_member` for a group document.
+fn not_a_member_of(group: &Document) -> StoreError {
+    not_a_member(group.get_str("group_name").unwrap_or_default())
+}
+
+/// The attention fields of a membership from its group document (`mention_count` is counted
+/// by the caller, in one query for a page).
+fn attention_of(group: &Document, username: &str, mention_count: u64) -> Attention {
+    let entry = member_entry(group, username);
+    let notify = entry
+        .and_then(|entry| entry.get_str("notify").ok())
+        .and_then(Notify::parse)
+        .unwrap_or_default();
+    let is_direct = group.get_str("kind") == Ok(direct::KIND);
+    Attention {
+        mention_count,
+        notify,
+        kind: is_direct.then(|| direct::KIND.to_string()),
+        with: is_direct
+            .then(|| {
+                member_names(group)
+                    .into_iter()
+                    .find(|name| name != username)
+            })
+            .flatten(),
+    }
+}
+
+/// A member whose direct conversation is hidden from their `my_groups`.
+fn is_hidden(group: &Document, username: &str) -> bool {
+    member_entry(group, username).is_some_and(|entry| entry.get_bool("hidden") == Ok(true))
+}
+
+/// The groups a user is a member of and sees (not a direct conversation they left).
+fn shown_to(username: &str) -> Document {
+    doc! {"user": {"$elemMatch": {"name_ID": username, "hidden": {"$ne": true}}}}
 }
 
 /// The member's role: as recorded, else (entries from before roles) owner for the group's
 /// creator and member for everyone else.
 fn member_role(group: &Document, username: &str) -> StoreResult<Role> {
-    let entry = member_entry(group, username).ok_or(StoreError::NotAMember)?;
+    let entry = member_entry(group, username).ok_or_else(|| not_a_member_of(group))?;
     Ok(match entry.get_str("role") {
         Ok(role) => Role::parse(role),
         Err(_) if group.get_str("creator") == Ok(username) => Role::Owner,
@@ -863,7 +1026,7 @@ impl Store for MongoStore {
         };
         let cursor = self
             .groups
-            .find(doc! {"user.name_ID": username})
+            .find(shown_to(username))
             .projection(doc! {"group_name": 1})
             .sort(doc! {"group_name": 1})
             .limit(i64::from(MAX_GROUP_LIST) + 1)
@@ -921,6 +1084,11 @@ impl Store for MongoStore {
             return Err(StoreError::UserNotFound);
         }
         let group = self.group(group_name)?;
+        // Nobody joins a direct conversation: its two members have it from `open_direct`.
+        if direct::is_direct(group_name) {
+            member_role(&group, username)?;
+            return Ok(group_ref(&group, group_name));
+        }
         let banned = |group: &Document| {
             group
                 .get_array("banned")
@@ -946,15 +1114,21 @@ impl Store for MongoStore {
             return Err(StoreError::UserNotFound);
         }
         let group = self.group(group_name)?;
+        // Leaving a direct conversation hides it until its next message.
+        let update = if direct::is_direct(group_name) {
+            doc! {"$set": {"user.$.hidden": true}}
+        } else {
+            doc! {"$pull": {"user": {"name_ID": username}}}
+        };
         let result = self
             .groups
             .update_one(
                 doc! {"group_name": group_name, "user.name_ID": username},
-                doc! {"$pull": {"user": {"name_ID": username}}},
+                update,
             )
             .run()?;
         if result.matched_count == 0 {
-            return Err(StoreError::NotAMember);
+            return Err(not_a_member(group_name));
         }
         Ok(group_ref(&group, group_name))
     }
@@ -1045,17 +1219,20 @@ impl Store for MongoStore {
         let group = self.group(group_name)?;
         let last_read_seq = self.member_read_seq(&group, username)?;
         let id = group_ref(&group, group_name).group_id;
+        let mentions = self.mention_counts(username, &[(group_name.to_string(), last_read_seq)])?;
+        let attention = attention_of(&group, username, mentions.values().sum());
         Ok(GroupReadState::new(
             group_name.to_string(),
             id,
             self.head_seq(group_name)?,
             last_read_seq,
-        ))
+        )
+        .with_attention(attention))
     }
 
     fn my_groups(&mut self, username: &str, query: &GroupsQuery) -> StoreResult<MembershipsPage> {
         self.ensure_indexes()?;
-        let mut filter = doc! {"user.name_ID": username};
+        let mut filter = shown_to(username);
         if let Some(after) = &query.after {
             filter.insert("group_name", doc! {"$gt": after});
         }
@@ -1068,15 +1245,24 @@ impl Store for MongoStore {
             .filter_map(|group| group.get_str("group_name").ok())
             .collect();
         let heads = self.head_seqs(&names)?;
-        let mut states = Vec::with_capacity(groups.len());
+        let mut marks = Vec::with_capacity(groups.len());
         for group in &groups {
             let group_name = group.get_str("group_name").unwrap_or_default().to_string();
-            let last_read_seq = self.member_read_seq(group, username)?;
+            marks.push((group_name, self.member_read_seq(group, username)?));
+        }
+        let mentions = self.mention_counts(username, &marks)?;
+        let mut states = Vec::with_capacity(groups.len());
+        for (group, (group_name, last_read_seq)) in groups.iter().zip(marks) {
             let id = group_ref(group, &group_name).group_id;
             let last_seq = heads.get(&group_name).copied().unwrap_or(0);
             let role = member_role(group, username)?;
-            states
-                .push(GroupReadState::new(group_name, id, last_seq, last_read_seq).with_role(role));
+            let mention_count = mentions.get(&group_name).copied().unwrap_or(0);
+            let attention = attention_of(group, username, mention_count);
+            states.push(
+                GroupReadState::new(group_name, id, last_seq, last_read_seq)
+                    .with_role(role)
+                    .with_attention(attention),
+            );
         }
         Ok(MembershipsPage {
             groups: states,
@@ -1112,10 +1298,10 @@ impl Store for MongoStore {
     }
 
     fn list_groups(&mut self, query: &GroupsQuery, asking: &str) -> StoreResult<GroupsPage> {
-        let filter = match &query.after {
-            Some(after) => doc! {"group_name": {"$gt": after}},
-            None => doc! {},
-        };
+        let mut filter = doc! {"kind": {"$ne": direct::KIND}};
+        if let Some(after) = &query.after {
+            filter.insert("group_name", doc! {"$gt": after});
+        }
         let cursor = self.groups_by_name(filter, query.limit + 1)?;
         let mut groups = Vec::new();
         for group in cursor {
@@ -1170,12 +1356,24 @@ impl Store for MongoStore {
         self.ensure_indexes()?;
         let seq = seq.min(i64::MAX as u64) as i64;
         let update = match change {
-            Rewrite::Edit { text, at } => {
-                doc! {"$set": {"text": text, "edited_at": datetime_from(at)}}
+            Rewrite::Edit { text, at, mentions } => {
+                let mut update = doc! {"$set": {"text": text, "edited_at": datetime_from(at)}};
+                match mentions {
+                    Some([]) => {
+                        update.insert("$unset", doc! {"mentions": ""});
+                    }
+                    Some(names) => {
+                        if let Ok(set) = update.get_document_mut("$set") {
+                            set.insert("mentions", names);
+                        }
+                    }
+                    None => {}
+                }
+                update
             }
             // The text is removed from the document, not flagged: a tombstone keeps no trace.
             Rewrite::Erase => {
-                doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": ""}}
+                doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": "", "mentions": ""}}
             }
         };
         let changed = self
@@ -1207,7 +1405,7 @@ impl Store for MongoStore {
             .run()?;
         if changed.matched_count == 0 {
             self.group(group_name)?;
-            return Err(StoreError::NotAMember);
+            return Err(not_a_member(group_name));
         }
         Ok(())
     }
@@ -1360,7 +1558,19 @@ impl Store for MongoStore {
         self.messages
             .update_many(
                 doc! {"username": username},
-                doc! {"$set": {"deleted": true, "username": ""}, "$unset": {"text": "", "edited_at": "", "client_msg_id": ""}},
+                doc! {"$set": {"deleted": true, "username": ""}, "$unset": {"text": "", "edited_at": "", "client_msg_id": "", "mentions": ""}},
+            )
+            .run()?;
+        self.messages
+            .update_many(
+                doc! {"mentions": username},
+                doc! {"$pull": {"mentions": username}},
+            )
+            .run()?;
+        self.users
+            .update_many(
+                doc! {"blocked": username},
+                doc! {"$pull": {"blocked": username}},
             )
             .run()?;
         // The user record last: an erasure that failed half-way can be run again.
@@ -1369,6 +1579,116 @@ impl Store for MongoStore {
             .insert_one(doc! {"username": username, "at": unix_millis() as i64})
             .run()?;
         Ok(groups)
+    }
+
+    fn open_direct(&mut self, username: &str, other: &str) -> StoreResult<GroupRef> {
+        self.ensure_indexes()?;
+        let group_name = direct::name_of(username, other);
+        if !self.user_exists(username)? {
+            return Err(StoreError::UserNotFound);
+        }
+        let Some(partner) = first(&self.users, doc! {"username": other}, None)? else {
+            return Err(StoreError::UserNotFound);
+        };
+        let blocked = partner
+            .get_array("blocked")
+            .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(username)));
+        if blocked {
+            return Err(StoreError::Blocked);
+        }
+        let entry = |name: &str, hidden: bool| {
+            let mut entry = doc! {
+                "name_ID": name,
+                "last_read": mongodb::bson::DateTime::now(),
+                "last_read_seq": 0_i64,
+                "role": "member",
+            };
+            if hidden {
+                entry.insert("hidden", true);
+            }
+            entry
+        };
+        let group = doc! {
+            "_id": ObjectId::new(),
+            "group_name": &group_name,
+            "kind": direct::KIND,
+            "user": [entry(username, false), entry(other, true)],
+        };
+        match self.groups.insert_one(group).run() {
+            Ok(_) => self.raise_head_hint(&group_name, 0),
+            Err(error) if is_duplicate_key(&error) => {}
+            Err(error) => return Err(error.into()),
+        }
+        // Opened before: either may have been erased and registered again since (a member
+        // anew), and the opener sees it again if they had left it.
+        for (name, hidden) in [(username, false), (other, true)] {
+            self.groups
+                .update_one(
+                    doc! {"group_name": &group_name, "user.name_ID": {"$ne": name}},
+                    doc! {"$push": {"user": entry(name, hidden)}},
+                )
+                .run()?;
+        }
+        self.groups
+            .update_one(
+                doc! {"group_name": &group_name, "user.name_ID": username},
+                doc! {"$unset": {"user.$.hidden": ""}},
+            )
+            .run()?;
+        Ok(group_ref(&self.group(&group_name)?, &group_name))
+    }
+
+    fn set_blocked(&mut self, username: &str, other: &str, on: bool) -> StoreResult<Vec<String>> {
+        self.ensure_indexes()?;
+        if on && !self.user_exists(other)? {
+            return Err(StoreError::UserNotFound);
+        }
+        let update = if on {
+            doc! {"$addToSet": {"blocked": other}}
+        } else {
+            doc! {"$pull": {"blocked": other}}
+        };
+        let changed = self
+            .users
+            .update_one(doc! {"username": username}, update)
+            .run()?;
+        if changed.matched_count == 0 {
+            return Err(StoreError::UserNotFound);
+        }
+        self.blocked_users(username)
+    }
+
+    fn blocked_users(&mut self, username: &str) -> StoreResult<Vec<String>> {
+        self.ensure_indexes()?;
+        let user = first(&self.users, doc! {"username": username}, None)?
+            .ok_or(StoreError::UserNotFound)?;
+        let mut names: Vec<String> = user
+            .get_array("blocked")
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|name| name.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        Ok(names)
+    }
+
+    fn set_notify(&mut self, member: MemberOf, level: Notify) -> StoreResult<()> {
+        self.ensure_indexes()?;
+        let changed = self
+            .groups
+            .update_one(
+                doc! {"group_name": member.group_name, "user.name_ID": member.username},
+                doc! {"$set": {"user.$.notify": level.as_str()}},
+            )
+            .run()?;
+        if changed.matched_count == 0 {
+            self.group(member.group_name)?;
+            return Err(not_a_member(member.group_name));
+        }
+        Ok(())
     }
 
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {

@@ -147,6 +147,8 @@ impl Store for NoopStore {
                         timestamp: timestamp.clone(),
                         seq: group.1,
                         client_msg_id: new.client_msg_id.clone(),
+                        mentions: new.mentions.clone(),
+                        ..Message::default()
                     }))
                 })
             })
@@ -300,6 +302,26 @@ impl Store for NoopStore {
 
     fn erasures_since(&mut self, _: u64) -> StoreResult<Vec<(String, u64)>> {
         Ok(Vec::new())
+    }
+
+    fn open_direct(&mut self, _: &str, _: &str) -> StoreResult<GroupRef> {
+        Err(not_kept())
+    }
+
+    fn set_blocked(&mut self, _: &str, _: &str, _: bool) -> StoreResult<Vec<String>> {
+        Err(not_kept())
+    }
+
+    fn blocked_users(&mut self, _: &str) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn set_notify(
+        &mut self,
+        _: crate::model::MemberOf,
+        _: crate::model::Notify,
+    ) -> StoreResult<()> {
+        Err(not_kept())
     }
 }
 

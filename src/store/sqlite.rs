@@ -9,19 +9,19 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    created_group, entered_mark, history, profile, split_page, EnterRows, PruneCut, Rewrite, Store,
-    StoreError, StoreResult,
+    check_mentions, created_group, entered_mark, history, not_a_member, profile, split_page,
+    EnterRows, PruneCut, Rewrite, Store, StoreError, StoreResult,
 };
 use crate::model::{
-    new_object_id, now_timestamp, unix_millis, Appended, CreatedGroup, Entry, GroupHistory,
-    GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf, MembershipsPage,
-    Message, MessagePage, NewMessage, PageQuery, ReadMark, Role, UserProfile, Visit,
-    MAX_GROUP_LIST, MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    direct, new_object_id, now_timestamp, unix_millis, Appended, Attention, CreatedGroup, Entry,
+    GroupHistory, GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf,
+    MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, ReadMark, Role,
+    UserProfile, Visit, MAX_GROUP_LIST, MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
 /// versions existed (v1: no read marker by seq, no group creator), or a new file.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The v1 tables, as the first release created them; migrations run from here.
 const SCHEMA_V1: &str = "
@@ -97,6 +97,31 @@ CREATE TABLE IF NOT EXISTS erasures (
 CREATE INDEX IF NOT EXISTS erasures_by_time ON erasures (at);
 ";
 
+/// v4 → v5: talking to one person and getting attention. A group's `kind` ('direct' for a
+/// direct conversation, NULL for a group); a member's `hidden` (a direct conversation they
+/// left or were never shown yet) and notification level; each message's mention list (JSON)
+/// and one row per mentioned name (`mentions`, counted after a member's marker); and who
+/// blocks whom.
+const MIGRATE_V4_TO_V5: &str = "
+ALTER TABLE groups ADD COLUMN kind TEXT;
+ALTER TABLE members ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN notify TEXT NOT NULL DEFAULT 'all';
+ALTER TABLE messages ADD COLUMN mentions TEXT;
+CREATE TABLE IF NOT EXISTS mentions (
+    group_name TEXT NOT NULL,
+    username TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    PRIMARY KEY (group_name, username, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks (
+    blocker TEXT NOT NULL,
+    blocked TEXT NOT NULL,
+    PRIMARY KEY (blocker, blocked)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_by_blocked ON blocks (blocked);
+";
+
 /// v1's index of messages by time serves only the v1 → v2 migration above (read state is by
 /// `seq` since v2) but cost a B-tree update, about one more page per group written, in every
 /// commit of messages. Dropped without a version step: a server of the same schema version
@@ -110,7 +135,7 @@ const ADD_INDEXES: &str =
     "CREATE INDEX IF NOT EXISTS members_by_user_and_group ON members (username, group_name);";
 
 const MESSAGE_COLUMNS: &str =
-    "id, group_name, username, text, timestamp, seq, client_msg_id, edited_at, deleted";
+    "id, group_name, username, text, timestamp, seq, client_msg_id, edited_at, deleted, mentions";
 
 /// One worker's connection to the embedded database.
 pub struct SqliteStore {
@@ -190,6 +215,9 @@ impl SqliteStore {
         }
         if version < 4 {
             tx.execute_batch(MIGRATE_V3_TO_V4)?;
+        }
+        if version < 5 {
+            tx.execute_batch(MIGRATE_V4_TO_V5)?;
         }
         tx.execute_batch(DROP_UNUSED_INDEXES)?;
         tx.execute_batch(ADD_INDEXES)?;
@@ -377,7 +405,123 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         client_msg_id: row.get(6)?,
         edited_at: row.get(7)?,
         deleted: row.get::<_, i64>(8)? != 0,
+        mentions: decode_mentions(row.get(9)?),
     })
+}
+
+/// A message's stored mention list (a JSON array; NULL when it names nobody).
+fn decode_mentions(stored: Option<String>) -> Vec<String> {
+    stored
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
+fn encode_mentions(mentions: &[String]) -> Option<String> {
+    (!mentions.is_empty())
+        .then(|| serde_json::to_string(mentions).ok())
+        .flatten()
+}
+
+/// Records who a message mentions (the author never counts as mentioning themself).
+fn write_mentions(tx: &Connection, message: &Message) -> StoreResult<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO mentions (group_name, username, seq, author) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for name in message.mentions.iter().filter(|n| **n != message.username) {
+        insert.execute(params![
+            message.group_name,
+            name,
+            message.seq as i64,
+            message.username
+        ])?;
+    }
+    Ok(())
+}
+
+/// Mentions of `username` (by name or `@room`, by others) after their marker.
+fn mention_count(
+    tx: &Connection,
+    username: &str,
+    group_name: &str,
+    after: u64,
+) -> StoreResult<u64> {
+    let count: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM mentions WHERE group_name = ?1 AND username IN (?2, '@room')
+             AND seq > ?3 AND author != ?2",
+        )?
+        .query_row(params![group_name, username, after as i64], |row| {
+            row.get(0)
+        })?;
+    Ok(count as u64)
+}
+
+/// The attention fields of one membership (`model::Attention`).
+fn attention_of(
+    tx: &Connection,
+    username: &str,
+    group_name: &str,
+    mark: u64,
+) -> StoreResult<Attention> {
+    let (notify, kind, with): (String, Option<String>, Option<String>) = tx
+        .prepare_cached(
+            "SELECT m.notify, g.kind, (SELECT o.username FROM members o
+                 WHERE g.kind IS NOT NULL AND o.group_name = m.group_name AND o.username != ?2)
+             FROM members m JOIN groups g ON g.group_name = m.group_name
+             WHERE m.group_name = ?1 AND m.username = ?2",
+        )?
+        .query_row([group_name, username], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?
+        .ok_or_else(|| not_a_member(group_name))?;
+    Ok(Attention {
+        mention_count: mention_count(tx, username, group_name, mark)?,
+        notify: Notify::parse(&notify).unwrap_or_default(),
+        kind,
+        with,
+    })
+}
+
+/// The other member of a direct conversation (`None`: they were erased).
+fn direct_partner(
+    tx: &Connection,
+    group_name: &str,
+    username: &str,
+) -> StoreResult<Option<String>> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT username FROM members WHERE group_name = ?1 AND username != ?2 LIMIT 1",
+        )?
+        .query_row([group_name, username], |row| row.get(0))
+        .optional()?)
+}
+
+/// A message no longer counts as mentioning anyone (deleted, or its mentions edited).
+fn forget_mentions(tx: &Connection, group_name: &str, seq: i64) -> StoreResult<()> {
+    tx.prepare_cached("DELETE FROM mentions WHERE group_name = ?1 AND seq = ?2")?
+        .execute(params![group_name, seq])?;
+    Ok(())
+}
+
+/// Everyone `username` blocks, by name.
+fn blocked_by(tx: &Connection, username: &str) -> StoreResult<Vec<String>> {
+    Ok(tx
+        .prepare_cached("SELECT blocked FROM blocks WHERE blocker = ?1 ORDER BY blocked")?
+        .query_map([username], |row| row.get(0))?
+        .collect::<Result<Vec<String>, _>>()?)
+}
+
+fn blocks(tx: &Connection, blocker: &str, blocked: &str) -> StoreResult<bool> {
+    Ok(tx
+        .prepare_cached("SELECT 1 FROM blocks WHERE blocker = ?1 AND blocked = ?2")?
+        .exists([blocker, blocked])?)
+}
+
+fn is_member(tx: &Connection, group_name: &str, username: &str) -> StoreResult<bool> {
+    Ok(tx
+        .prepare_cached("SELECT 1 FROM members WHERE group_name = ?1 AND username = ?2")?
+        .exists([group_name, username])?)
 }
 
 fn query_messages(
@@ -431,7 +575,7 @@ fn member_state(tx: &Connection, username: &str, group_name: &str) -> StoreResul
             Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
         })
         .optional()?
-        .ok_or(StoreError::NotAMember)?;
+        .ok_or_else(|| not_a_member(group_name))?;
     Ok(MemberState {
         group_id,
         first_seq,
@@ -514,12 +658,26 @@ impl Appender {
             .members
             .get(&message.group_name)
             .is_some_and(|senders| senders.contains(&message.username));
+        let is_direct = direct::is_direct(&message.group_name);
         if !checked {
             check_member(tx, &message.username, &message.group_name)?;
+            if is_direct {
+                if let Some(partner) = direct_partner(tx, &message.group_name, &message.username)? {
+                    if blocks(tx, &partner, &message.username)? {
+                        return Err(StoreError::Blocked);
+                    }
+                }
+            }
             self.members
                 .entry(message.group_name.clone())
                 .or_default()
                 .insert(message.username.clone());
+        }
+        if !message.mentions.is_empty() {
+            let role = role_of(tx, &message.group_name, &message.username)?.unwrap_or_default();
+            check_mentions(&message.mentions, role, |name| {
+                is_member(tx, &message.group_name, name)
+            })?;
         }
         let seq = match self.last_seq.get(&message.group_name) {
             Some(last) => last + 1,
@@ -533,11 +691,12 @@ impl Appender {
             timestamp: timestamp.to_string(),
             seq: seq as u64,
             client_msg_id: message.client_msg_id.clone(),
+            mentions: message.mentions.clone(),
             ..Message::default()
         };
         tx.prepare_cached(
-            "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id,
+             mentions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
             stored.id,
@@ -546,8 +705,25 @@ impl Appender {
             stored.text,
             stored.timestamp,
             seq,
-            stored.client_msg_id
+            stored.client_msg_id,
+            encode_mentions(&stored.mentions)
         ])?;
+        if !stored.mentions.is_empty() {
+            write_mentions(tx, &stored)?;
+        }
+        // A direct conversation shows again for whoever had left it (or never saw it).
+        let revealed_to = if is_direct {
+            let shown: Vec<String> = tx
+                .prepare_cached(
+                    "UPDATE members SET hidden = 0 WHERE group_name = ?1 AND hidden = 1
+                     RETURNING username",
+                )?
+                .query_map([&message.group_name], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            shown.into_iter().find(|name| *name != message.username)
+        } else {
+            None
+        };
         // Only a stored message takes its number: a failed insert leaves no gap.
         match self.last_seq.get_mut(&message.group_name) {
             Some(last) => *last = seq,
@@ -555,7 +731,10 @@ impl Appender {
                 self.last_seq.insert(message.group_name.clone(), seq);
             }
         }
-        Ok(Appended::new(stored))
+        Ok(Appended {
+            revealed_to,
+            ..Appended::new(stored)
+        })
     }
 
     /// Writes each group's new `last_seq` (in the same transaction, before the commit).
@@ -588,7 +767,7 @@ fn check_member(tx: &Connection, username: &str, group_name: &str) -> StoreResul
         return Ok(());
     }
     group_id(tx, group_name)?;
-    Err(StoreError::NotAMember)
+    Err(not_a_member(group_name))
 }
 
 impl Store for SqliteStore {
@@ -613,7 +792,8 @@ impl Store for SqliteStore {
         };
         let group_list = tx
             .prepare_cached(
-                "SELECT group_name FROM members WHERE username = ?1 ORDER BY group_name LIMIT ?2",
+                "SELECT group_name FROM members WHERE username = ?1 AND hidden = 0
+                 ORDER BY group_name LIMIT ?2",
             )?
             .query_map(params![username, MAX_GROUP_LIST + 1], |row| row.get(0))?
             .collect::<Result<Vec<String>, _>>()?;
@@ -657,6 +837,14 @@ impl Store for SqliteStore {
             return Err(StoreError::UserNotFound);
         }
         let group_id = group_id(&tx, group_name)?;
+        // Nobody joins a direct conversation: its two members have it from `open_direct`.
+        if direct::is_direct(group_name) {
+            check_member(&tx, username, group_name)?;
+            return Ok(GroupRef {
+                group_id,
+                group_name: group_name.to_string(),
+            });
+        }
         if tx
             .prepare_cached("SELECT 1 FROM bans WHERE group_name = ?1 AND username = ?2")?
             .exists([group_name, username])?
@@ -682,12 +870,15 @@ impl Store for SqliteStore {
             return Err(StoreError::UserNotFound);
         }
         let group_id = group_id(&tx, group_name)?;
-        let removed = tx.execute(
-            "DELETE FROM members WHERE group_name = ?1 AND username = ?2",
-            [group_name, username],
-        )?;
+        // Leaving a direct conversation hides it until its next message.
+        let sql = if direct::is_direct(group_name) {
+            "UPDATE members SET hidden = 1 WHERE group_name = ?1 AND username = ?2"
+        } else {
+            "DELETE FROM members WHERE group_name = ?1 AND username = ?2"
+        };
+        let removed = tx.execute(sql, [group_name, username])?;
         if removed == 0 {
-            return Err(StoreError::NotAMember);
+            return Err(not_a_member(group_name));
         }
         tx.commit()?;
         Ok(GroupRef {
@@ -787,29 +978,44 @@ impl Store for SqliteStore {
     fn read_state(&mut self, username: &str, group_name: &str) -> StoreResult<GroupReadState> {
         let member = member_state(&self.connection, username, group_name)?;
         let last_seq = head_seq(&self.connection, group_name)?;
+        let attention = attention_of(&self.connection, username, group_name, member.last_read_seq)?;
         Ok(GroupReadState::new(
             group_name.to_string(),
             member.group_id,
             last_seq,
             member.last_read_seq,
-        ))
+        )
+        .with_attention(attention))
     }
 
     fn my_groups(&mut self, username: &str, query: &GroupsQuery) -> StoreResult<MembershipsPage> {
         let mut statement = self.connection.prepare_cached(
-            "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq, m.role FROM members m
-             JOIN groups g ON g.group_name = m.group_name
-             WHERE m.username = ?1 AND m.group_name > ?2 ORDER BY m.group_name LIMIT ?3",
+            "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq, m.role, m.notify, g.kind,
+                (SELECT o.username FROM members o WHERE g.kind IS NOT NULL
+                    AND o.group_name = m.group_name AND o.username != ?1),
+                (SELECT COUNT(*) FROM mentions x WHERE x.group_name = m.group_name
+                    AND x.username IN (?1, '@room') AND x.seq > m.last_read_seq
+                    AND x.author != ?1)
+             FROM members m JOIN groups g ON g.group_name = m.group_name
+             WHERE m.username = ?1 AND m.group_name > ?2 AND m.hidden = 0
+             ORDER BY m.group_name LIMIT ?3",
         )?;
         let after = query.after.as_deref().unwrap_or("");
         let rows = statement.query_map(params![username, after, query.limit + 1], |row| {
+            let attention = Attention {
+                notify: Notify::parse(&row.get::<_, String>(5)?).unwrap_or_default(),
+                kind: row.get(6)?,
+                with: row.get(7)?,
+                mention_count: row.get::<_, i64>(8)? as u64,
+            };
             Ok(GroupReadState::new(
                 row.get(0)?,
                 row.get(1)?,
                 row.get::<_, i64>(2)? as u64,
                 row.get::<_, i64>(3)? as u64,
             )
-            .with_role(Role::parse(&row.get::<_, String>(4)?)))
+            .with_role(Role::parse(&row.get::<_, String>(4)?))
+            .with_attention(attention))
         })?;
         let mut groups = rows.collect::<Result<Vec<_>, _>>()?;
         let has_more = groups.len() > query.limit as usize;
@@ -854,7 +1060,8 @@ impl Store for SqliteStore {
         // Names compare as bytes (SQLite's BINARY collation on UTF-8), the order `after` pages by.
         let names: Vec<String> = tx
             .prepare_cached(
-                "SELECT group_name FROM groups WHERE group_name > ?1 ORDER BY group_name LIMIT ?2",
+                "SELECT group_name FROM groups WHERE group_name > ?1 AND kind IS NULL
+                 ORDER BY group_name LIMIT ?2",
             )?
             .query_map(
                 params![query.after.as_deref().unwrap_or(""), query.limit + 1],
@@ -937,19 +1144,56 @@ impl Store for SqliteStore {
         let tx = self.write()?;
         let seq = seq.min(i64::MAX as u64) as i64;
         let changed = match change {
-            Rewrite::Edit { text, at } => tx
+            Rewrite::Edit {
+                text,
+                at,
+                mentions: None,
+            } => tx
                 .prepare_cached(
                     "UPDATE messages SET text = ?3, edited_at = ?4
                      WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
                 )?
                 .execute(params![group_name, seq, text, at])?,
+            Rewrite::Edit {
+                text,
+                at,
+                mentions: Some(mentions),
+            } => {
+                let changed = tx
+                    .prepare_cached(
+                        "UPDATE messages SET text = ?3, edited_at = ?4, mentions = ?5
+                         WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
+                    )?
+                    .execute(params![
+                        group_name,
+                        seq,
+                        text,
+                        at,
+                        encode_mentions(mentions)
+                    ])?;
+                if changed > 0 {
+                    forget_mentions(&tx, group_name, seq)?;
+                    if let Some(message) = query_messages(
+                        &tx,
+                        "group_name = ?1 AND seq = ?2",
+                        params![group_name, seq],
+                    )?
+                    .pop()
+                    {
+                        write_mentions(&tx, &message)?;
+                    }
+                }
+                changed
+            }
             // The text is overwritten, not flagged: a tombstone keeps no trace of it.
-            Rewrite::Erase => tx
-                .prepare_cached(
-                    "UPDATE messages SET text = '', edited_at = NULL, deleted = 1
+            Rewrite::Erase => {
+                forget_mentions(&tx, group_name, seq)?;
+                tx.prepare_cached(
+                    "UPDATE messages SET text = '', edited_at = NULL, deleted = 1, mentions = NULL
                      WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
                 )?
-                .execute(params![group_name, seq])?,
+                .execute(params![group_name, seq])?
+            }
         };
         let message = if changed == 0 {
             None
@@ -970,7 +1214,7 @@ impl Store for SqliteStore {
 
     fn role(&mut self, group_name: &str, username: &str) -> StoreResult<Role> {
         group_id(&self.connection, group_name)?;
-        role_of(&self.connection, group_name, username)?.ok_or(StoreError::NotAMember)
+        role_of(&self.connection, group_name, username)?.ok_or_else(|| not_a_member(group_name))
     }
 
     fn set_role(&mut self, group_name: &str, username: &str, role: Role) -> StoreResult<()> {
@@ -1011,7 +1255,7 @@ impl Store for SqliteStore {
     fn remove_group(&mut self, group_name: &str) -> StoreResult<()> {
         let tx = self.write()?;
         group_id(&tx, group_name)?;
-        for table in ["messages", "members", "bans", "groups"] {
+        for table in ["messages", "mentions", "members", "bans", "groups"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE group_name = ?1"),
                 [group_name],
@@ -1042,6 +1286,11 @@ impl Store for SqliteStore {
                 "UPDATE groups SET first_seq = COALESCE(
                     (SELECT MIN(seq) FROM messages WHERE group_name = ?1), last_seq + 1)
                  WHERE group_name = ?1",
+            )?
+            .execute([group_name])?;
+            tx.prepare_cached(
+                "DELETE FROM mentions WHERE group_name = ?1
+                 AND seq < (SELECT first_seq FROM groups WHERE group_name = ?1)",
             )?
             .execute([group_name])?;
         }
@@ -1090,8 +1339,16 @@ impl Store for SqliteStore {
         // No index of messages by sender (it would cost every send a B-tree update): an
         // erasure reads the table once, a rare price for a rare request.
         tx.execute(
+            "DELETE FROM mentions WHERE username = ?1 OR author = ?1",
+            [username],
+        )?;
+        tx.execute(
             "UPDATE messages SET text = '', username = '', edited_at = NULL, deleted = 1,
-             client_msg_id = NULL WHERE username = ?1",
+             client_msg_id = NULL, mentions = NULL WHERE username = ?1",
+            [username],
+        )?;
+        tx.execute(
+            "DELETE FROM blocks WHERE blocker = ?1 OR blocked = ?1",
             [username],
         )?;
         for table in ["members", "bans", "users"] {
@@ -1119,6 +1376,88 @@ impl Store for SqliteStore {
             );
         }
         Ok(groups)
+    }
+
+    fn open_direct(&mut self, username: &str, other: &str) -> StoreResult<GroupRef> {
+        let group_name = direct::name_of(username, other);
+        let tx = self.write()?;
+        if !user_exists(&tx, username)? || !user_exists(&tx, other)? {
+            return Err(StoreError::UserNotFound);
+        }
+        if blocks(&tx, other, username)? {
+            return Err(StoreError::Blocked);
+        }
+        let group_id = match group_id(&tx, &group_name) {
+            Ok(id) => id,
+            Err(StoreError::GroupNotFound) => {
+                let id = new_object_id();
+                tx.execute(
+                    "INSERT INTO groups (group_name, id, kind) VALUES (?1, ?2, 'direct')",
+                    [&group_name, &id],
+                )?;
+                id
+            }
+            Err(error) => return Err(error),
+        };
+        // Both are members from the start (either may send at once); the other sees it once
+        // its first message arrives. A user erased and registered again is a member anew.
+        let now = now_timestamp();
+        let mut add = tx.prepare_cached(
+            "INSERT OR IGNORE INTO members (group_name, username, last_read, last_read_seq, hidden)
+             VALUES (?1, ?2, ?3, 0, ?4)",
+        )?;
+        add.execute(params![group_name, username, now, 0])?;
+        add.execute(params![group_name, other, now, 1])?;
+        drop(add);
+        tx.execute(
+            "UPDATE members SET hidden = 0 WHERE group_name = ?1 AND username = ?2",
+            [&group_name, username],
+        )?;
+        tx.commit()?;
+        Ok(GroupRef {
+            group_id,
+            group_name,
+        })
+    }
+
+    fn set_blocked(&mut self, username: &str, other: &str, on: bool) -> StoreResult<Vec<String>> {
+        let tx = self.write()?;
+        if on {
+            if !user_exists(&tx, other)? {
+                return Err(StoreError::UserNotFound);
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO blocks (blocker, blocked) VALUES (?1, ?2)",
+                [username, other],
+            )?;
+        } else {
+            tx.execute(
+                "DELETE FROM blocks WHERE blocker = ?1 AND blocked = ?2",
+                [username, other],
+            )?;
+        }
+        let list = blocked_by(&tx, username)?;
+        tx.commit()?;
+        Ok(list)
+    }
+
+    fn blocked_users(&mut self, username: &str) -> StoreResult<Vec<String>> {
+        blocked_by(&self.connection, username)
+    }
+
+    fn set_notify(&mut self, member: MemberOf, level: Notify) -> StoreResult<()> {
+        let tx = self.write()?;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE members SET notify = ?3 WHERE group_name = ?1 AND username = ?2",
+            )?
+            .execute(params![member.group_name, member.username, level.as_str()])?;
+        if changed == 0 {
+            group_id(&tx, member.group_name)?;
+            return Err(not_a_member(member.group_name));
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {

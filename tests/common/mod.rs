@@ -965,3 +965,40 @@ pub fn nothing_pending(client: &mut Client) -> Vec<Value> {
         extra.push(line);
     }
 }
+
+/// Two instances linked through the Redis at `redis_url` (`PEER_RELAY` = `relay`; `shared`
+/// subscribes every channel from the start), each up and subscribed before it is returned.
+pub fn peer_pair(
+    storage: &Storage,
+    redis_url: &str,
+    relay: &str,
+    nodes: [&str; 2],
+) -> (Server, Server) {
+    let start = |node: &str| {
+        Server::start_with(
+            storage,
+            &[
+                ("PEER", "true"),
+                ("PEER_RELAY", relay),
+                ("REDIS_URL", redis_url),
+                ("NODE_ID", node),
+                ("METRICS_PORT", "0"),
+            ],
+        )
+    };
+    let servers = (start(nodes[0]), start(nodes[1]));
+    for server in [&servers.0, &servers.1] {
+        assert!(server.logged("peer subscriber: connected"));
+    }
+    servers
+}
+
+/// A connection on protocol 3, logged in as `username`.
+pub fn v3(server: &Server, username: &str) -> Client {
+    let mut client = server.connect();
+    let hello = ask(&mut client, "hello", json!({"protocol": 3}));
+    assert_eq!(hello["data"]["protocol"], 3, "{hello}");
+    let login = ask(&mut client, "find_user", json!({"username": username}));
+    assert!(login["event"] == "user_created" || login["event"] == "user_found");
+    client
+}
