@@ -437,3 +437,54 @@ fn every_subcommand_answers_help_and_admin_never_creates_a_store() {
     assert!(!missing.exists(), "no store created for a wrong DATA_DIR");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 37: `/dm NAME` opens and enters a direct conversation, `@` completes the names seen
+/// and mentions them, and the person mentioned elsewhere hears of it; `/block`, `/notify` and
+/// `/groups` say what they did.
+#[test]
+fn interactive_cli_talks_directly_and_mentions() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let mut b = common::v3(&server, &bob);
+    let tmux = Tmux::start(&format!(
+        "{BINARY} cli --port {} --user {alice}",
+        server.addr.port()
+    ));
+    tmux.wait_for(&format!("logged in as {alice}"), 1);
+    tmux.type_line(&format!("/dm {bob}"));
+    tmux.wait_for(&format!("direct conversation with {bob}"), 1);
+    let screen = tmux.wait_for("entered @dm:", 1);
+    assert!(screen.contains("entered @dm:"), "{screen}");
+    // `@` and the start of a name seen, Tab: the name, then the rest of the line.
+    tmux.keys(&["-l", &format!("lunch @{}", &bob[..4])]);
+    tmux.keys(&["Tab"]);
+    tmux.keys(&["-l", "today?"]);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("sent #1", 1);
+    let opened = next_of(&mut b, &["direct_opened"]);
+    assert_eq!(opened["data"]["with"], alice.as_str(), "{opened}");
+    let mention = next_of(&mut b, &["mentioned"]);
+    assert_eq!(mention["data"]["by"], alice.as_str(), "{mention}");
+    let dm = opened["data"]["group_name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let page = ask(&mut b, "fetch_messages", json!({"group_name": dm}));
+    let message = &page["data"]["messages"][0];
+    assert_eq!(message["text"], format!("lunch @{bob} today?"), "{page}");
+    assert_eq!(message["mentions"], json!([bob]));
+    tmux.type_line("/notify mentions");
+    tmux.wait_for(&format!("{dm}: notifications mentions"), 1);
+    tmux.type_line("/groups");
+    tmux.wait_for(&format!("(direct with {bob})"), 1);
+    tmux.type_line(&format!("/block {bob}"));
+    tmux.wait_for(&format!("you block: {bob}"), 1);
+    let refused = ask(
+        &mut b,
+        "send_message",
+        json!({"group_name": dm, "text": "hey"}),
+    );
+    assert_eq!(refused["data"]["code"], "forbidden", "{refused}");
+    tmux.type_line("/quit");
+}

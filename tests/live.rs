@@ -431,7 +431,7 @@ fn an_implicit_mark_reaches_the_other_devices() {
     let seen = next_of(&mut laptop, &["read_marker"]);
     assert_eq!(
         seen["data"],
-        json!({"group_name": group, "last_read_seq": 3, "unread_count": 0}),
+        json!({"group_name": group, "last_read_seq": 3, "unread_count": 0, "mention_count": 0}),
         "{seen}"
     );
 }

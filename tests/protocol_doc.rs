@@ -73,6 +73,11 @@ fn every_example_in_protocol_md_runs_as_written() {
     let storage = Storage::new(Backend::Embedded);
     // In-process, through the library: nothing here needs the binary.
     let server = common::InProcess::start(&storage, &[]);
+    // The direct-conversation examples talk to `doc_bob`: a user who logged in once.
+    let mut bob = server.connect();
+    bob.send_raw(b"{\"event\":\"find_user\",\"data\":{\"username\":\"doc_bob\"}}\n");
+    assert_eq!(bob.recv()["event"], "user_created");
+    drop(bob);
     let mut client = server.connect();
     for (number, is_request, text) in lines {
         if is_request {

@@ -58,7 +58,12 @@ export class Client {
   joinAndEnter(group: string): Promise<void>;
   enter(group: string): Promise<void>;
   /** Resolves with the stored message; safe across reconnects (sent with a client_msg_id). */
-  send(group: string, text: string): Promise<Message>;
+  send(group: string, text: string, mentions?: string[]): Promise<Message>;
+  openDirect(username: string): Promise<string>;
+  block(username: string): Promise<string[]>;
+  unblock(username: string): Promise<string[]>;
+  blocked(): Promise<string[]>;
+  setNotify(group: string, level: 'all' | 'mentions' | 'none'): Promise<void>;
   edit(group: string, seq: number, text: string): Promise<Message>;
   delete(group: string, seq: number): Promise<Message>;
   markRead(group: string, seq: number): Promise<{ group_name: string; last_read_seq: number; unread_count: number }>;

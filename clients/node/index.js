@@ -51,7 +51,7 @@ class Client {
     this.room = null; // the group whose room we are in (re-entered after a reconnect)
     this.lastSeq = new Map(); // group -> highest seq shown
     this.epoch = new Map(); // group -> epoch the seqs above belong to
-    this.outbox = new Map(); // client_msg_id -> [group, text], until acknowledged
+    this.outbox = new Map(); // client_msg_id -> [group, text, mentions], until acknowledged
     this.acks = new Map(); // client_msg_id -> deferred ack data
     this.duplicates = 0; // acks that said `duplicate` (retries of stored messages)
     this.pending = new Map(); // request id -> deferred reply line
@@ -99,7 +99,7 @@ class Client {
     if (this.token) login.token = this.token;
     await this.request('find_user', login);
     if (this.room !== null) await this.enter(this.room);
-    for (const [id, [group, text]] of this.outbox) this.writeSend(id, group, text);
+    for (const [id, [group, text, mentions]] of this.outbox) this.writeSend(id, group, text, mentions);
   }
 
   // Drops the connection as a crash or a network fault would: `clean` closes the socket;
@@ -214,18 +214,43 @@ class Client {
   }
 
   // Queues a message; returns a promise of its stored form (kept across reconnects).
-  send(group, text) {
+  // `mentions` names members to notify ('@room': all of them; owner and admins only).
+  send(group, text, mentions = []) {
     const id = crypto.randomUUID();
-    this.outbox.set(id, [group, text]);
+    this.outbox.set(id, [group, text, mentions]);
     const d = deferred();
     this.acks.set(id, d);
-    this.writeSend(id, group, text);
+    this.writeSend(id, group, text, mentions);
     return d.promise;
   }
 
-  writeSend(id, group, text) {
+  // The direct conversation with `username` (created on first use): its group name.
+  async openDirect(username) {
+    return (await this.request('open_direct', { username })).data.group_name;
+  }
+
+  // Blocks a user (no direct messages from them); resolves with everyone you block.
+  async block(username) {
+    return (await this.request('block_user', { username })).data.users;
+  }
+
+  async unblock(username) {
+    return (await this.request('unblock_user', { username })).data.users;
+  }
+
+  async blocked() {
+    return (await this.request('list_blocked', {})).data.users;
+  }
+
+  // Your notification level in a conversation: 'all', 'mentions' or 'none'.
+  async setNotify(group, level) {
+    await this.request('set_notify', { group_name: group, level });
+  }
+
+  writeSend(id, group, text, mentions = []) {
     if (!this.socket) return; // resent by the next connect()
     const data = { group_name: group, text, client_msg_id: id };
+    if (mentions && mentions.length) data.mentions = mentions;
     this.socket.write(`${JSON.stringify({ event: 'send_message', data, id: `send:${id}` })}\n`);
   }
 
@@ -233,8 +258,8 @@ class Client {
     const d = this.acks.get(id);
     if (line.event !== 'message_sent') {
       if (RETRYABLE.has(line.data.code)) {
-        const [group, text] = this.outbox.get(id);
-        setTimeout(() => this.writeSend(id, group, text), 1000);
+        const [group, text, mentions] = this.outbox.get(id);
+        setTimeout(() => this.writeSend(id, group, text, mentions), 1000);
       } else if (d && !d.done) {
         d.done = true;
         this.outbox.delete(id);

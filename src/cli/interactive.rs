@@ -23,7 +23,7 @@ use super::show;
 use super::{describe_error, Follow, Incoming, Link, Options};
 
 /// The slash commands, with what they take.
-const COMMANDS: [(&str, &str); 16] = [
+const COMMANDS: [(&str, &str); 20] = [
     ("/help", "this list"),
     ("/join", "GROUP: become a member"),
     ("/leave", "GROUP: stop being a member"),
@@ -37,12 +37,25 @@ const COMMANDS: [(&str, &str); 16] = [
         "/history",
         "[GROUP] [N]: the newest N messages (default: the room, 20)",
     ),
+    (
+        "/dm",
+        "NAME: talk to one person (opens and enters your direct conversation)",
+    ),
     ("/groups", "your groups, with unread counts"),
     ("/list", "every group"),
     ("/read", "[GROUP]: mark everything read"),
     ("/edit", "SEQ TEXT: change a message of yours in the room"),
     ("/delete", "SEQ: delete a message in the room"),
     ("/typing", "tell the room you are typing"),
+    (
+        "/notify",
+        "all|mentions|none [GROUP]: what the room's messages should tell you",
+    ),
+    (
+        "/block",
+        "NAME: no direct messages from them (/unblock NAME undoes it)",
+    ),
+    ("/unblock", "NAME: take them off your blocked list"),
     ("/raw", "{json}: send a request as typed"),
     ("/who", "who you are and where"),
     ("/quit", "leave (also Ctrl-D)"),
@@ -57,6 +70,10 @@ struct Shared {
     room: Option<Follow>,
     /// The group of the last `/enter`, until its reply (to say `/join` when not a member).
     entering: Option<String>,
+    /// Usernames seen (authors, the online, direct partners): `@name` completion.
+    names: BTreeSet<String>,
+    /// A request a reply calls for (`/dm` enters the conversation it opened).
+    follow_up: Option<(&'static str, Value)>,
 }
 
 /// TabCompletion of commands, event names (after `/raw {"event":"`) and group names.
@@ -96,6 +113,20 @@ impl Completer for TabCompletion {
                 .into_iter()
                 .filter(|name| name.starts_with(typed))
                 .map(|name| pair(format!("{EVENT_KEY}{name}\",\"data\":{{}}}}")))
+                .collect();
+            return Ok((start, found));
+        }
+        if let Some(typed) = word.strip_prefix('@') {
+            let names = self
+                .shared
+                .lock()
+                .map(|s| s.names.clone())
+                .unwrap_or_default();
+            let found = names
+                .into_iter()
+                .chain(std::iter::once(crate::model::ROOM_MENTION[1..].to_string()))
+                .filter(|name| name.starts_with(typed))
+                .map(|name| pair(format!("@{name} ")))
                 .collect();
             return Ok((start, found));
         }
@@ -289,8 +320,24 @@ fn command(line: &str, shared: &Arc<Mutex<Shared>>) -> Command {
             }
             request("enter_group", json!({"group_name": rest}))
         }
-        "/say" if !rest.is_empty() => {
-            in_room(&|group| request("send_message", json!({"group_name": group, "text": rest})))
+        "/say" if !rest.is_empty() => in_room(&|group| request("send_message", said(group, rest))),
+        "/dm" if !rest.is_empty() => request("open_direct", json!({"username": rest})),
+        "/block" | "/unblock" if !rest.is_empty() => {
+            let event = if verb == "/block" {
+                "block_user"
+            } else {
+                "unblock_user"
+            };
+            request(event, json!({"username": rest}))
+        }
+        "/notify" => {
+            let (level, group) = rest.split_once(' ').unwrap_or((rest, ""));
+            match (level, group_or_room(group.trim())) {
+                ("all" | "mentions" | "none", Some(group)) => {
+                    request("set_notify", json!({"group_name": group, "level": level}))
+                }
+                _ => Command::Say("/notify all|mentions|none [GROUP]".into()),
+            }
         }
         "/history" => {
             let mut words = rest.split_whitespace();
@@ -345,10 +392,37 @@ fn command(line: &str, shared: &Arc<Mutex<Shared>>) -> Command {
             None => "in no room".into(),
         }),
         text if !text.starts_with('/') => {
-            in_room(&|group| request("send_message", json!({"group_name": group, "text": line})))
+            in_room(&|group| request("send_message", said(group, line)))
         }
         _ => Command::Say(format!("unknown command {verb}; /help lists them")),
     }
+}
+
+/// A `send_message` of typed text: each `@name` word mentions that member (`@room`: all of
+/// them); the server refuses a name that is not a member (`not_mentionable`).
+fn said(group: &str, text: &str) -> Value {
+    let mut mentions: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        let name = word
+            .strip_prefix('@')
+            .map(|name| name.trim_end_matches([',', '.', ':', ';', '!', '?']))
+            .filter(|name| !name.is_empty());
+        if let Some(name) = name {
+            let mention = if name == &crate::model::ROOM_MENTION[1..] {
+                crate::model::ROOM_MENTION.to_string()
+            } else {
+                name.to_string()
+            };
+            if !mentions.contains(&mention) {
+                mentions.push(mention);
+            }
+        }
+    }
+    let mut data = json!({"group_name": group, "text": text});
+    if !mentions.is_empty() {
+        data["mentions"] = json!(mentions);
+    }
+    data
 }
 
 /// The connection thread: sends what the editor asks, shows what arrives, reconnects and
@@ -414,6 +488,12 @@ fn serve(
                 for text in shown(&line, shared, on) {
                     screen.say(text);
                 }
+                let follow_up = shared.lock().ok().and_then(|mut s| s.follow_up.take());
+                if let Some((event, data)) = follow_up {
+                    if let Err(error) = link.send(event, data) {
+                        return Some(error.to_string());
+                    }
+                }
             }
             Ok(Incoming::Quiet) => {}
             Err(error) => return Some(error.to_string()),
@@ -468,7 +548,30 @@ fn shown(line: &Value, shared: &Arc<Mutex<Shared>>, on: bool) -> Vec<String> {
     let event = line["event"].as_str().unwrap_or("");
     let is_reply = line.get("id").is_some();
     let name_of = |value: &Value| value.as_str().map(str::to_string);
+    for key in ["username", "with", "by"] {
+        if let Some(name) = data[key].as_str().filter(|name| !name.is_empty()) {
+            state.names.insert(name.to_string());
+        }
+    }
+    for name in data["online"].as_array().into_iter().flatten() {
+        if let Some(name) = name.as_str() {
+            state.names.insert(name.to_string());
+        }
+    }
     match event {
+        "direct_opened" => {
+            let group = data["group_name"].as_str().unwrap_or("").to_string();
+            let with = data["with"].as_str().unwrap_or("");
+            state.groups.insert(group.clone());
+            if is_reply {
+                // `/dm`: straight into the conversation.
+                state.room = None;
+                state.entering = Some(group.clone());
+                state.follow_up = Some(("enter_group", json!({"group_name": group})));
+                return vec![format!("direct conversation with {with}: {group}")];
+            }
+            vec![show::event(line, on)]
+        }
         "message_sent" => {
             let seen = match state.room.as_mut() {
                 Some(follow) if follow.group == data["group_name"].as_str().unwrap_or("") => {
@@ -535,11 +638,23 @@ fn shown(line: &Value, shared: &Arc<Mutex<Shared>>, on: bool) -> Vec<String> {
                         .as_str()
                         .map(|r| format!(" ({r})"))
                         .unwrap_or_default();
-                    match g["unread_count"].as_u64() {
-                        Some(unread) => format!(
-                            "  {}{role}: {unread} unread",
+                    let mentions = match g["mention_count"].as_u64() {
+                        Some(n) if n > 0 => format!(", {n} mentioning you"),
+                        _ => String::new(),
+                    };
+                    let level = match g["notify"].as_str() {
+                        Some(level) if level != "all" => format!(" [{level}]"),
+                        _ => String::new(),
+                    };
+                    let label = match g["with"].as_str() {
+                        Some(with) => format!(
+                            "{} (direct with {with})",
                             g["group_name"].as_str().unwrap_or("")
                         ),
+                        None => format!("{}{role}", g["group_name"].as_str().unwrap_or("")),
+                    };
+                    match g["unread_count"].as_u64() {
+                        Some(unread) => format!("  {label}: {unread} unread{mentions}{level}"),
                         None => format!(
                             "  {}{role}: {} members",
                             g["group_name"].as_str().unwrap_or(""),

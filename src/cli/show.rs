@@ -94,6 +94,39 @@ pub fn event(line: &Value, on: bool) -> String {
         "message_edited" | "message_deleted" => {
             format!("{} {}", paint("2", "changed:", on), message(data, true, on))
         }
+        "blocked_users" => {
+            let names: Vec<&str> = data["users"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            match names.is_empty() {
+                true => "you block nobody".to_string(),
+                false => format!("you block: {}", names.join(", ")),
+            }
+        }
+        "notify_set" => format!("{}: notifications {}", text("group_name"), text("level")),
+        "mentioned" => paint(
+            "1;33",
+            &format!(
+                "{} mentioned you in {} (#{})",
+                text("by"),
+                text("group_name"),
+                data["seq"]
+            ),
+            on,
+        ),
+        "direct_opened" => paint(
+            "1;33",
+            &format!(
+                "{} wrote to you directly: /enter {} (or /dm {})",
+                text("with"),
+                text("group_name"),
+                text("with")
+            ),
+            on,
+        ),
         "typing" => paint(
             "2",
             &format!("{} is typing in {}", text("username"), text("group_name")),

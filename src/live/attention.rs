@@ -60,18 +60,7 @@ fn tell_here(cx: &mut Cx<'_>, note: &MessageAttention) {
                     != Some(note.group_name.as_str())
         })
     };
-    let mentioned = super::notice(
-        "mentioned",
-        serde_json::json!({"group_name": note.group_name, "seq": note.seq, "by": note.by}),
-    );
-    for name in note.mentions.iter().filter(|name| **name != note.by) {
-        let tokens = cx.view.connections_of(name).to_vec();
-        for token in tokens {
-            if outside_room(cx, token) {
-                cx.send(token, mentioned.clone());
-            }
-        }
-    }
+    // The conversation is known before anything in it is pointed at.
     if let Some(other) = &note.revealed_to {
         let line = super::notice(
             "direct_opened",
@@ -83,6 +72,18 @@ fn tell_here(cx: &mut Cx<'_>, note: &MessageAttention) {
             username: other.clone(),
             group_name: note.group_name.clone(),
         });
+    }
+    let mentioned = super::notice(
+        "mentioned",
+        serde_json::json!({"group_name": note.group_name, "seq": note.seq, "by": note.by}),
+    );
+    for name in note.mentions.iter().filter(|name| **name != note.by) {
+        let tokens = cx.view.connections_of(name).to_vec();
+        for token in tokens {
+            if outside_room(cx, token) {
+                cx.send(token, mentioned.clone());
+            }
+        }
     }
 }
 

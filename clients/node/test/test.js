@@ -73,6 +73,26 @@ test('edits and deletes reach onEvent', async () => {
   alice.close(); bob.close();
 });
 
+test('direct messages, mentions, blocks and levels', async () => {
+  const { group, seen, alice, bob } = await pair();
+  const dm = await alice.openDirect(bob.username);
+  assert.ok(dm.startsWith('@dm:'));
+  assert.strictEqual(await bob.openDirect(alice.username), dm);
+  await alice.send(dm, 'just us');
+  await alice.send(group, 'bob?', [bob.username]);
+  assert.ok(await until(() => seen.some((m) => m.mentions && m.mentions.length)));
+  await bob.setNotify(dm, 'mentions');
+  const rows = (await bob.request('my_groups', {})).data.groups;
+  const direct = rows.find((r) => r.group_name === dm);
+  assert.deepStrictEqual([direct.kind, direct.with, direct.notify], ['direct', alice.username, 'mentions']);
+  assert.deepStrictEqual(await bob.block(alice.username), [alice.username]);
+  await assert.rejects(alice.send(dm, 'hello?'),
+    (error) => error instanceof ChatError && error.code === 'forbidden');
+  assert.deepStrictEqual(await bob.unblock(alice.username), []);
+  assert.deepStrictEqual(await bob.blocked(), []);
+  alice.close(); bob.close();
+});
+
 // With NOOMNIM_BINARY (and the server's DATA_DIR or MONGODB_URI), the store can be reached as
 // an operator would; without them this test has nothing to erase with.
 test('an erased account is not logged in again', { skip: !process.env.NOOMNIM_BINARY }, async () => {

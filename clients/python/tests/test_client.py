@@ -76,6 +76,26 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
         self.assertNotIn("text", tombstone)
         self.assertTrue(await until(lambda: any(e["event"] == "message_deleted" for e in self.events)))
 
+    async def test_direct_messages_mentions_blocks_and_levels(self):
+        dm = await self.alice.open_direct(self.bob.username)
+        self.assertTrue(dm.startswith("@dm:"))
+        self.assertEqual(await self.bob.open_direct(self.alice.username), dm)
+        await self.alice.send(dm, "just us")
+        await self.alice.send(self.group, "bob?", mentions=[self.bob.username])
+        # Bob is in the group's room: the mention arrives as the message itself.
+        self.assertTrue(await until(lambda: any(m.get("mentions") for m in self.seen)))
+        await self.bob.set_notify(dm, "mentions")
+        rows = (await self.bob.request("my_groups", {}))["data"]["groups"]
+        direct = next(r for r in rows if r["group_name"] == dm)
+        self.assertEqual((direct["kind"], direct["with"], direct["notify"]),
+                         ("direct", self.alice.username, "mentions"))
+        self.assertEqual(await self.bob.block(self.alice.username), [self.alice.username])
+        with self.assertRaises(ChatError) as refused:
+            await self.alice.send(dm, "hello?")
+        self.assertEqual(refused.exception.code, "forbidden")
+        self.assertEqual(await self.bob.unblock(self.alice.username), [])
+        self.assertEqual(await self.bob.blocked(), [])
+
     async def test_the_sidebar_counts_unread_in_other_groups(self):
         other = name("side")
         await self.alice.join_and_enter(other)

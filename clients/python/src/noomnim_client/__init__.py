@@ -29,7 +29,7 @@ import asyncio
 import json
 import sys
 import uuid
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 Message = Dict[str, Any]
 Line = Dict[str, Any]
@@ -68,7 +68,7 @@ class Client:
         self.room = None  # the group whose room we are in (re-entered after a reconnect)
         self.last_seq = {}  # group -> highest seq shown
         self.epoch = {}  # group -> epoch the seqs above belong to
-        self.outbox = {}  # client_msg_id -> (group, text), until acknowledged
+        self.outbox = {}  # client_msg_id -> (group, text, mentions), until acknowledged
         self.acks = {}  # client_msg_id -> future of the ack's data
         self.duplicates = 0  # acks that said `duplicate` (retries of stored messages)
         self.hello = None
@@ -107,8 +107,8 @@ class Client:
         await self.request("find_user", login)
         if self.room is not None:
             await self.enter(self.room)
-        for client_msg_id, (group, text) in list(self.outbox.items()):
-            self._write_send(client_msg_id, group, text)
+        for client_msg_id, (group, text, mentions) in list(self.outbox.items()):
+            self._write_send(client_msg_id, group, text, mentions)
 
     def cut_off(self, clean):
         """Drops the connection as a crash or a network fault would: `clean` closes the socket;
@@ -247,16 +247,38 @@ class Client:
         for message in held:
             self._show(message)
 
-    def send_nowait(self, group: str, text: str) -> "asyncio.Future[Message]":
-        """Queues a message; returns a future of its stored form (kept across reconnects)."""
+    def send_nowait(
+        self, group: str, text: str, mentions: Optional[List[str]] = None
+    ) -> "asyncio.Future[Message]":
+        """Queues a message; returns a future of its stored form (kept across reconnects).
+        `mentions` names members to notify (`"@room"`: all of them; owner and admins only)."""
         client_msg_id = str(uuid.uuid4())
-        self.outbox[client_msg_id] = (group, text)
+        self.outbox[client_msg_id] = (group, text, list(mentions or []))
         self.acks[client_msg_id] = asyncio.get_running_loop().create_future()
-        self._write_send(client_msg_id, group, text)
+        self._write_send(client_msg_id, group, text, self.outbox[client_msg_id][2])
         return self.acks[client_msg_id]
 
-    async def send(self, group: str, text: str) -> Message:
-        return await self.send_nowait(group, text)
+    async def send(self, group: str, text: str, mentions: Optional[List[str]] = None) -> Message:
+        return await self.send_nowait(group, text, mentions)
+
+    async def open_direct(self, username: str) -> str:
+        """The direct conversation with `username` (created on first use): its group name, to
+        send to, enter and read like a group's."""
+        return (await self.request("open_direct", {"username": username}))["data"]["group_name"]
+
+    async def block(self, username: str) -> List[str]:
+        """Blocks a user (no direct messages from them); returns everyone you block."""
+        return (await self.request("block_user", {"username": username}))["data"]["users"]
+
+    async def unblock(self, username: str) -> List[str]:
+        return (await self.request("unblock_user", {"username": username}))["data"]["users"]
+
+    async def blocked(self) -> List[str]:
+        return (await self.request("list_blocked", {}))["data"]["users"]
+
+    async def set_notify(self, group: str, level: str) -> None:
+        """Your notification level in a conversation: "all", "mentions" or "none"."""
+        await self.request("set_notify", {"group_name": group, "level": level})
 
     async def edit(self, group: str, seq: int, text: str) -> Message:
         """Replaces the text of one of your messages (`message_edited`)."""
@@ -285,8 +307,10 @@ class Client:
             writer.close()
         self._closed = True
 
-    def _write_send(self, client_msg_id, group, text):
+    def _write_send(self, client_msg_id, group, text, mentions=()):
         data = {"group_name": group, "text": text, "client_msg_id": client_msg_id}
+        if mentions:
+            data["mentions"] = list(mentions)
         try:
             self._write({"event": "send_message", "data": data, "id": "send:" + client_msg_id})
         except (ConnectionError, RuntimeError):
@@ -297,8 +321,10 @@ class Client:
         future = self.acks.get(client_msg_id)
         if line["event"] != "message_sent":
             if data.get("code") in RETRYABLE:
-                group, text = self.outbox[client_msg_id]
-                asyncio.get_running_loop().call_later(1, self._write_send, client_msg_id, group, text)
+                group, text, mentions = self.outbox[client_msg_id]
+                asyncio.get_running_loop().call_later(
+                    1, self._write_send, client_msg_id, group, text, mentions
+                )
             elif future is not None and not future.done():
                 self.outbox.pop(client_msg_id, None)
                 future.set_exception(ChatError(data.get("code"), data.get("Error", "")))
