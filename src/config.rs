@@ -119,6 +119,57 @@ pub struct Config {
     pub tls_port: u16,
     /// Whether the plaintext `PORT` listens (`PLAINTEXT=false` leaves only TLS).
     pub plaintext: bool,
+    /// Offline push (`PUSH_WEBHOOK_URL` and the rest); `None`: off.
+    pub push: Option<PushConfig>,
+}
+
+/// Where and how offline notifications are POSTed (see `push`).
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    pub url: WebhookUrl,
+    /// Signs each body (HMAC-SHA256), at least `MIN_SECRET_BYTES`.
+    pub secret: Secret,
+    /// Jobs carry a preview of the text (`PUSH_PREVIEW`).
+    pub preview: bool,
+    /// Most jobs queued; past it the oldest are dropped (`PUSH_QUEUE_MAX`).
+    pub queue_max: u64,
+    /// A job not delivered within this is given up (`PUSH_MAX_AGE`).
+    pub max_age: Duration,
+    /// The first retry's pause, doubling up to 5 minutes (`PUSH_RETRY_MS`).
+    pub retry: Duration,
+}
+
+/// An `http://host[:port]/path` webhook address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl WebhookUrl {
+    pub fn parse(text: &str) -> Option<WebhookUrl> {
+        let rest = text.strip_prefix("http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+                (host, port.parse().ok()?)
+            }
+            _ => (authority, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let usable = !host.is_empty()
+            && !path.contains(char::is_whitespace)
+            && !host.contains(['@', '/', ' ']);
+        usable.then(|| WebhookUrl {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
 }
 
 /// Where the TLS certificate chain and private key are read from (again on SIGHUP).
@@ -365,6 +416,36 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "true",
         "false: no plaintext listener on PORT (TLS only; needs TLS_CERT and TLS_KEY)",
     ),
+    (
+        "PUSH_WEBHOOK_URL",
+        "(unset)",
+        "http://host:port/path: POST a signed JSON notice there for each direct message or mention to a user who is offline (unset: no push)",
+    ),
+    (
+        "PUSH_WEBHOOK_SECRET",
+        "(unset)",
+        "HMAC-SHA256 key of the X-Noomnim-Signature header, at least 32 bytes (needed with PUSH_WEBHOOK_URL)",
+    ),
+    (
+        "PUSH_PREVIEW",
+        "true",
+        "false: pushes carry no preview of the message text",
+    ),
+    (
+        "PUSH_QUEUE_MAX",
+        "100000",
+        "most undelivered pushes kept; past it the oldest are dropped (noomnim_push_dropped_total)",
+    ),
+    (
+        "PUSH_MAX_AGE",
+        "24h",
+        "a push not delivered within this is given up (d, h, m or s)",
+    ),
+    (
+        "PUSH_RETRY_MS",
+        "1000",
+        "a failed push is retried after this, then twice as long each time, up to 5 minutes",
+    ),
 ];
 
 /// The `--help` text.
@@ -511,6 +592,7 @@ impl Config {
             tls: tls_of(get("TLS_CERT"), get("TLS_KEY"))?,
             tls_port: parse_value(get("TLS_PORT"), "TLS_PORT", "a port number 0-65535")?,
             plaintext: parse_bool(get("PLAINTEXT"), "PLAINTEXT")?,
+            push: push_of(&get)?,
         }
         .checked()
     }
@@ -601,6 +683,40 @@ fn auth_secret(env: &HashMap<String, String>) -> Result<Option<Secret>, ConfigEr
         )));
     }
     Ok(Some(Secret::new(bytes)))
+}
+
+/// Offline push: on when `PUSH_WEBHOOK_URL` is set, which then needs a secret of at least
+/// `MIN_SECRET_BYTES` (a short one would let anyone forge notices offline).
+fn push_of<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<PushConfig>, ConfigError> {
+    let Some(url) = get("PUSH_WEBHOOK_URL") else {
+        return Ok(None);
+    };
+    let url = WebhookUrl::parse(url).ok_or_else(|| {
+        invalid(
+            "PUSH_WEBHOOK_URL",
+            url,
+            "http://host[:port]/path (for https, a local TLS-terminating proxy)",
+        )
+    })?;
+    let secret = match get("PUSH_WEBHOOK_SECRET") {
+        Some(secret) if secret.len() >= MIN_SECRET_BYTES => Secret::new(secret.as_bytes().to_vec()),
+        other => return Err(ConfigError::Invalid {
+            name: "PUSH_WEBHOOK_SECRET",
+            value: format!("<{} bytes, redacted>", other.map_or(0, str::len)),
+            expected:
+                "at least 32 bytes with PUSH_WEBHOOK_URL (e.g. head -c 32 /dev/urandom | base64)",
+        }),
+    };
+    let max_age = parse_age_of(get("PUSH_MAX_AGE"), "PUSH_MAX_AGE")?
+        .ok_or_else(|| invalid("PUSH_MAX_AGE", "0", "a whole number with d, h, m or s"))?;
+    Ok(Some(PushConfig {
+        url,
+        secret,
+        preview: parse_bool(get("PUSH_PREVIEW"), "PUSH_PREVIEW")?,
+        queue_max: parse_positive(get("PUSH_QUEUE_MAX"), "PUSH_QUEUE_MAX")? as u64,
+        max_age,
+        retry: parse_millis(get("PUSH_RETRY_MS"), "PUSH_RETRY_MS")?,
+    }))
 }
 
 fn invalid(name: &'static str, value: &str, expected: &'static str) -> ConfigError {
@@ -700,7 +816,11 @@ fn optional_millis(
 
 /// `RETENTION_MAX_AGE`: a whole number with a unit (`d`, `h`, `m`, `s`); `0` is off.
 fn parse_age(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
-    const NAME: &str = "RETENTION_MAX_AGE";
+    parse_age_of(raw, "RETENTION_MAX_AGE")
+}
+
+/// An age: a whole number with a unit (`d`, `h`, `m`, `s`); `0` is none.
+fn parse_age_of(raw: Option<&str>, name: &'static str) -> Result<Option<Duration>, ConfigError> {
     const EXPECTED: &str = "0, or a whole number with d, h, m or s (e.g. 90d)";
     let Some(text) = raw.map(str::trim).filter(|t| !t.is_empty() && *t != "0") else {
         return Ok(None);
@@ -712,14 +832,14 @@ fn parse_age(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
         "h" => 3_600,
         "m" => 60,
         "s" => 1,
-        _ => return Err(invalid(NAME, text, EXPECTED)),
+        _ => return Err(invalid(name, text, EXPECTED)),
     };
     match number.parse::<u64>() {
         Ok(count) if count > 0 => count
             .checked_mul(seconds)
             .map(|s| Some(Duration::from_secs(s)))
-            .ok_or_else(|| invalid(NAME, text, EXPECTED)),
-        _ => Err(invalid(NAME, text, EXPECTED)),
+            .ok_or_else(|| invalid(name, text, EXPECTED)),
+        _ => Err(invalid(name, text, EXPECTED)),
     }
 }
 

@@ -21,6 +21,7 @@ pub mod ops;
 pub mod pages;
 pub mod peer;
 pub mod protocol;
+pub mod push;
 pub mod retention;
 pub mod rooms;
 pub mod sequencer;

@@ -281,6 +281,44 @@ impl Metrics {
             "Messages removed by retention (RETENTION_MAX_AGE, RETENTION_MAX_MESSAGES).",
             crate::retention::PRUNED.load(std::sync::atomic::Ordering::Relaxed),
         );
+        let push =
+            |stat: &std::sync::atomic::AtomicU64| stat.load(std::sync::atomic::Ordering::Relaxed);
+        counter(
+            &mut out,
+            "noomnim_push_delivered_total",
+            "Offline notices the push webhook accepted (2xx).",
+            push(&crate::push::DELIVERED),
+        );
+        counter(
+            &mut out,
+            "noomnim_push_failed_total",
+            "Push webhook deliveries that failed (each retried with backoff).",
+            push(&crate::push::FAILED),
+        );
+        counter(
+            &mut out,
+            "noomnim_push_dropped_total",
+            "Undelivered offline notices dropped past PUSH_QUEUE_MAX or PUSH_MAX_AGE.",
+            push(&crate::push::DROPPED),
+        );
+        counter(
+            &mut out,
+            "noomnim_push_skipped_online_total",
+            "Queued notices not sent because the user was online (the message reached them).",
+            push(&crate::push::SKIPPED_ONLINE),
+        );
+        gauge(
+            &mut out,
+            "noomnim_push_queued",
+            "Offline notices waiting in the store's queue.",
+            push(&crate::push::QUEUED) as usize,
+        );
+        gauge(
+            &mut out,
+            "noomnim_push_oldest_age_seconds",
+            "Age of the oldest queued offline notice (0: none).",
+            (push(&crate::push::OLDEST_AGE_MS) / 1000) as usize,
+        );
         counter(
             &mut out,
             "noomnim_connections_accepted_total",

@@ -310,6 +310,104 @@ impl Notify {
     }
 }
 
+/// An offline notification waiting in the store's queue for the webhook (`push`): who is to
+/// be told, of which message, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushJob {
+    /// Unique, and the receiver's idempotency key: a job retried is the same id.
+    pub id: String,
+    /// The recipient.
+    pub username: String,
+    pub group_name: String,
+    pub seq: u64,
+    pub sender: String,
+    /// `"direct"` (a direct message) or `"mention"`.
+    pub kind: String,
+    /// The message's first `PUSH_PREVIEW_CHARS` characters (`None` with `PUSH_PREVIEW=false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+    /// When it was queued (milliseconds since the Unix epoch).
+    pub created_ms: u64,
+    /// Failed deliveries so far.
+    pub attempts: u32,
+}
+
+/// What the store queues for the webhook with each message (`None`: push is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushPolicy {
+    /// Whether a job carries a preview of the text.
+    pub preview: bool,
+}
+
+/// Characters of a message a push preview carries at most.
+pub const PUSH_PREVIEW_CHARS: usize = 140;
+
+/// The push queue after a trim: what went past the bounds, and what is left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushQueueState {
+    /// Jobs dropped now (beyond the queue's bound or its age limit).
+    pub dropped: u64,
+    pub queued: u64,
+    /// When the oldest job left was queued.
+    pub oldest_ms: Option<u64>,
+}
+
+impl PushJob {
+    /// The jobs a stored message makes: one per recipient, each told by `kind`.
+    pub fn for_message(
+        message: &Message,
+        recipients: &[(String, &'static str)],
+        policy: PushPolicy,
+    ) -> Vec<PushJob> {
+        let created_ms = unix_millis();
+        let preview = policy
+            .preview
+            .then(|| message.text.chars().take(PUSH_PREVIEW_CHARS).collect());
+        recipients
+            .iter()
+            .map(|(username, kind)| PushJob {
+                id: new_object_id(),
+                username: username.clone(),
+                group_name: message.group_name.clone(),
+                seq: message.seq,
+                sender: message.username.clone(),
+                kind: kind.to_string(),
+                preview: preview.clone(),
+                created_ms,
+                attempts: 0,
+            })
+            .collect()
+    }
+}
+
+/// Who a stored message is pushed to, from the conversation's members and their levels
+/// (`members`: name and level, read by the backend; only those it needs): a direct
+/// conversation's other member unless their level is `none`, and each member it mentions
+/// (`@room`: all) whose level is not `none`. Never the sender; each once.
+pub fn push_recipients(
+    message: &Message,
+    is_direct: bool,
+    members: &[(String, Notify)],
+) -> Vec<(String, &'static str)> {
+    let room = message.mentions.iter().any(|name| name == ROOM_MENTION);
+    let mut recipients: Vec<(String, &'static str)> = Vec::new();
+    for (name, level) in members {
+        if *name == message.username || *level == Notify::None {
+            continue;
+        }
+        let mentioned = room || message.mentions.contains(name);
+        let kind = match (is_direct, mentioned) {
+            (true, _) => "direct",
+            (false, true) => "mention",
+            (false, false) => continue,
+        };
+        if !recipients.iter().any(|(known, _)| known == name) {
+            recipients.push((name.clone(), kind));
+        }
+    }
+    recipients
+}
+
 /// Direct conversations: a conversation of exactly two users, stored as a group under a name
 /// derived from the pair, which `create_group` refuses (names starting with `DIRECT_PREFIX`).
 pub mod direct {

@@ -86,6 +86,8 @@ pub struct LoopsPresence {
 #[derive(Debug, Default)]
 struct SharedPresence {
     present: HashMap<String, usize>,
+    /// Other instances' logged-in users, from their latest snapshots (for `push::Online`).
+    remote: HashMap<String, (HashSet<String>, Instant)>,
     /// Per loop: users whose presence in the process changed since the loop last looked.
     inboxes: Vec<Vec<String>>,
 }
@@ -99,6 +101,7 @@ impl LoopsPresence {
         LoopsPresence {
             shared: Mutex::new(SharedPresence {
                 present: HashMap::new(),
+                remote: HashMap::new(),
                 inboxes: vec![Vec::new(); loops],
             }),
             mail: (0..loops).map(|_| AtomicBool::new(false)).collect(),
@@ -165,6 +168,30 @@ impl LoopsPresence {
     fn contains(&self, username: &str) -> bool {
         self.shared().present.contains_key(username)
     }
+
+    /// Another instance's latest snapshot (any loop that receives it records it).
+    fn remote_snapshot(&self, node: &str, users: &HashSet<String>) {
+        let mut shared = self.shared();
+        shared
+            .remote
+            .retain(|_, (_, at)| at.elapsed() <= SNAPSHOT_EXPIRY);
+        shared
+            .remote
+            .insert(node.to_string(), (users.clone(), Instant::now()));
+    }
+}
+
+/// The push worker's question: online on this process (logged in, or in the grace) or in a
+/// fresh snapshot of another instance.
+impl crate::push::Online for LoopsPresence {
+    fn is_online(&self, username: &str) -> bool {
+        let shared = self.shared();
+        shared.present.contains_key(username)
+            || shared
+                .remote
+                .values()
+                .any(|(users, at)| at.elapsed() <= SNAPSHOT_EXPIRY && users.contains(username))
+    }
 }
 
 impl Presence {
@@ -226,6 +253,7 @@ impl Presence {
     /// Another instance's snapshot: users that appeared or vanished there are checked.
     fn snapshot_came(&mut self, cx: &mut Cx<'_>, snapshot: PresenceSnapshot) {
         let users: HashSet<String> = snapshot.users.into_iter().collect();
+        self.loops.remote_snapshot(&snapshot.node, &users);
         let old = self
             .remote
             .insert(snapshot.node, (users.clone(), Instant::now()))

@@ -257,6 +257,10 @@ impl Server {
             ),
             None => (None, None, None, Arc::default(), Default::default()),
         };
+        // One push worker per process, asking the process's presence who is online.
+        if loops_presence.1 == 0 {
+            crate::push::start(&config, loops_presence.0.clone());
+        }
         let poll = Poll::new().map_err(StartError::Workers)?;
         let listeners = accept::Listeners::bind(&config, poll.registry(), shared_certificates)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(StartError::Workers)?);

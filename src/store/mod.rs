@@ -12,8 +12,9 @@ use std::fmt;
 use crate::config::{Config, StoreKind};
 use crate::model::{
     Appended, CreatedGroup, Entry, GroupHistory, GroupReadState, GroupRef, GroupsPage, GroupsQuery,
-    MemberOf, MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, ReadMark, Role,
-    UserProfile, Visit, MAX_GROUP_LIST, MAX_UNREAD_ON_ENTER,
+    MemberOf, MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, PushJob,
+    PushPolicy, PushQueueState, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST,
+    MAX_UNREAD_ON_ENTER,
 };
 
 /// Why a store call failed.
@@ -161,6 +162,23 @@ pub trait Store: Send {
     fn blocked_users(&mut self, username: &str) -> StoreResult<Vec<String>>;
     /// A member's notification level in a conversation (`GroupNotFound`, `NotAMember`).
     fn set_notify(&mut self, member: MemberOf, level: Notify) -> StoreResult<()>;
+
+    // The offline push queue (`push`): written with the messages, drained by the push worker.
+
+    /// From now on each stored direct message or mention queues its push jobs
+    /// (`model::push_recipients`) with the message (`None`: nothing is queued).
+    fn set_push(&mut self, _policy: Option<PushPolicy>) {}
+    /// Takes up to `limit` jobs that are due (oldest due first) and leases them: none is
+    /// handed out again before `now_ms + lease_ms`, on this process or another, so a worker
+    /// that dies mid-delivery leaves its jobs to be taken again (at least once).
+    fn claim_pushes(&mut self, now_ms: u64, lease_ms: u64, limit: u32)
+        -> StoreResult<Vec<PushJob>>;
+    /// Claimed jobs' ends, by id: delivered or given up (`None`: removed), or due again at
+    /// this time with one more attempt counted.
+    fn settle_pushes(&mut self, outcomes: &[(String, Option<u64>)]) -> StoreResult<()>;
+    /// Enforces the queue's bounds (jobs queued before `expire_before_ms`, then the oldest
+    /// beyond `max_jobs`, are dropped) and reports what is left.
+    fn trim_pushes(&mut self, max_jobs: u64, expire_before_ms: u64) -> StoreResult<PushQueueState>;
 }
 
 /// A non-member's answer: `NotAMember`, but `GroupNotFound` for a direct conversation (a
@@ -219,20 +237,22 @@ pub struct PruneCut<'a> {
 
 /// Opens the backend the configuration selects (one call per worker).
 pub fn open(config: &Config) -> StoreResult<Box<dyn Store>> {
-    match &config.store {
+    let mut store: Box<dyn Store> = match &config.store {
         StoreKind::Embedded {
             data_dir,
             durable,
             wal_limit,
-        } => Ok(Box::new(sqlite::SqliteStore::open(
-            data_dir, *durable, *wal_limit,
-        )?)),
+        } => Box::new(sqlite::SqliteStore::open(data_dir, *durable, *wal_limit)?),
         StoreKind::Mongo { uri, database } => {
-            mongo::MongoStore::connect(uri, database, config.store_timeout)
+            mongo::MongoStore::connect(uri, database, config.store_timeout)?
         }
         #[cfg(feature = "bench-noop")]
-        StoreKind::Noop => Ok(Box::new(noop::NoopStore::open())),
-    }
+        StoreKind::Noop => Box::new(noop::NoopStore::open()),
+    };
+    store.set_push(config.push.as_ref().map(|push| PushPolicy {
+        preview: push.preview,
+    }));
+    Ok(store)
 }
 
 /// After a clean shutdown, once every worker has closed its store: the embedded store's WAL is

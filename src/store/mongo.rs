@@ -33,10 +33,11 @@ use super::{
     EnterRows, PruneCut, Rewrite, Store, StoreError, StoreResult,
 };
 use crate::model::{
-    direct, format_timestamp, unix_millis, Appended, Attention, CreatedGroup, Entry, GroupHistory,
-    GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf, MembershipsPage,
-    Message, MessagePage, NewMessage, Notify, PageQuery, ReadMark, Role, UserProfile, Visit,
-    MAX_GROUP_LIST, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER, ROOM_MENTION,
+    direct, format_timestamp, push_recipients, unix_millis, Appended, Attention, CreatedGroup,
+    Entry, GroupHistory, GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf,
+    MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, PushJob, PushPolicy,
+    PushQueueState, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST, MAX_READ_ON_ENTER,
+    MAX_UNREAD_ON_ENTER, ROOM_MENTION,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -60,6 +61,9 @@ pub struct MongoStore {
     counters: Collection<Document>,
     meta: Collection<Document>,
     erasures: Collection<Document>,
+    push_queue: Collection<Document>,
+    /// What each stored message queues for the push webhook (`None`: push is off).
+    push: Option<PushPolicy>,
     indexes_ready: bool,
     max_time: Duration,
 }
@@ -90,6 +94,8 @@ impl MongoStore {
             counters: db.collection("counters"),
             meta: db.collection("meta"),
             erasures: db.collection("erasures"),
+            push_queue: db.collection("push_queue"),
+            push: None,
             indexes_ready: false,
             max_time: timeout,
         };
@@ -156,6 +162,11 @@ impl MongoStore {
         self.erasures
             .create_index(IndexModel::builder().keys(doc! {"at": 1}).build())
             .run()?;
+        for key in ["next_ms", "created_ms"] {
+            self.push_queue
+                .create_index(IndexModel::builder().keys(doc! {key: 1}).build())
+                .run()?;
+        }
         self.meta
             .update_one(
                 doc! {"_id": "schema"},
@@ -511,6 +522,9 @@ impl MongoStore {
         results.extend(refused);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
         let (mut settled, error) = self.insert_with_seq(group_name, members_items);
+        if let Some(policy) = self.push {
+            self.queue_pushes(&group, &settled, policy);
+        }
         if direct::is_direct(group_name) && settled.iter().any(|(_, a)| !a.duplicate) {
             let revealed = self.show_direct(&group);
             if let Some((_, first)) = settled.iter_mut().find(|(_, a)| !a.duplicate) {
@@ -569,6 +583,55 @@ impl MongoStore {
             }
         }
         (kept, refused)
+    }
+
+    /// Queues the push jobs of the messages just stored (direct, or mentioning someone):
+    /// right after their insert, before any reply. (MongoDB here has no multi-document
+    /// transaction to put them in one commit: an instance killed between the two writes loses
+    /// those pushes; see docs/PROTOCOL.md.)
+    fn queue_pushes(&self, group: &Document, settled: &[(usize, Appended)], policy: PushPolicy) {
+        let is_direct = group.get_str("kind") == Ok(direct::KIND);
+        let members: Vec<(String, Notify)> = member_names(group)
+            .into_iter()
+            .map(|name| {
+                let level = member_entry(group, &name)
+                    .and_then(|entry| entry.get_str("notify").ok())
+                    .and_then(Notify::parse)
+                    .unwrap_or_default();
+                (name, level)
+            })
+            .collect();
+        let mut documents = Vec::new();
+        for (_, appended) in settled.iter().filter(|(_, a)| !a.duplicate) {
+            let message = &appended.message;
+            if !is_direct && message.mentions.is_empty() {
+                continue;
+            }
+            let recipients = push_recipients(message, is_direct, &members);
+            for job in PushJob::for_message(message, &recipients, policy) {
+                let mut document = doc! {
+                    "_id": &job.id,
+                    "username": &job.username,
+                    "group_name": &job.group_name,
+                    "seq": job.seq as i64,
+                    "sender": &job.sender,
+                    "kind": &job.kind,
+                    "created_ms": job.created_ms as i64,
+                    "next_ms": job.created_ms as i64,
+                    "attempts": 0_i64,
+                };
+                if let Some(preview) = &job.preview {
+                    document.insert("preview", preview);
+                }
+                documents.push(document);
+            }
+        }
+        if documents.is_empty() {
+            return;
+        }
+        if let Err(error) = self.push_queue.insert_many(documents).run() {
+            log::warn!("push jobs were not queued: {error}");
+        }
     }
 
     /// Shows a direct conversation to members who had it hidden (left, or not yet shown);
@@ -1373,6 +1436,10 @@ impl Store for MongoStore {
             }
             // The text is removed from the document, not flagged: a tombstone keeps no trace.
             Rewrite::Erase => {
+                // A deleted message is not pushed (its preview would outlive it).
+                self.push_queue
+                    .delete_many(doc! {"group_name": group_name, "seq": seq})
+                    .run()?;
                 doc! {"$set": {"deleted": true}, "$unset": {"text": "", "edited_at": "", "mentions": ""}}
             }
         };
@@ -1448,6 +1515,9 @@ impl Store for MongoStore {
             return Err(StoreError::GroupNotFound);
         }
         self.messages
+            .delete_many(doc! {"group_name": group_name})
+            .run()?;
+        self.push_queue
             .delete_many(doc! {"group_name": group_name})
             .run()?;
         // A group created later under this name numbers from 1 again.
@@ -1573,6 +1643,9 @@ impl Store for MongoStore {
                 doc! {"$pull": {"blocked": username}},
             )
             .run()?;
+        self.push_queue
+            .delete_many(doc! {"$or": [{"username": username}, {"sender": username}]})
+            .run()?;
         // The user record last: an erasure that failed half-way can be run again.
         self.users.delete_one(doc! {"username": username}).run()?;
         self.erasures
@@ -1689,6 +1762,136 @@ impl Store for MongoStore {
             return Err(not_a_member(member.group_name));
         }
         Ok(())
+    }
+
+    fn set_push(&mut self, policy: Option<PushPolicy>) {
+        self.push = policy;
+    }
+
+    fn claim_pushes(
+        &mut self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<PushJob>> {
+        self.ensure_indexes()?;
+        let due: Vec<String> = self
+            .push_queue
+            .find(doc! {"next_ms": {"$lte": now_ms as i64}})
+            .sort(doc! {"next_ms": 1})
+            .limit(i64::from(limit))
+            .projection(doc! {"_id": 1})
+            .max_time(self.max_time)
+            .run()?
+            .filter_map(|document| Some(document.ok()?.get_str("_id").ok()?.to_string()))
+            .collect();
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Leased under a token of this claim, and only those still due: a job another
+        // instance's worker took since the read is not taken twice.
+        let lease = ObjectId::new().to_hex();
+        self.push_queue
+            .update_many(
+                doc! {"_id": {"$in": &due}, "next_ms": {"$lte": now_ms as i64}},
+                doc! {"$set": {"next_ms": (now_ms + lease_ms) as i64, "lease": &lease}},
+            )
+            .run()?;
+        let cursor = self
+            .push_queue
+            .find(doc! {"lease": &lease})
+            .max_time(self.max_time)
+            .run()?;
+        let mut claimed = Vec::new();
+        for document in cursor {
+            let document = document?;
+            let Ok(id) = document.get_str("_id") else {
+                continue;
+            };
+            {
+                let text = |key: &str| document.get_str(key).unwrap_or_default().to_string();
+                claimed.push(PushJob {
+                    id: id.to_string(),
+                    username: text("username"),
+                    group_name: text("group_name"),
+                    seq: seq_of(&document).unwrap_or(0),
+                    sender: text("sender"),
+                    kind: text("kind"),
+                    preview: document.get_str("preview").ok().map(str::to_string),
+                    created_ms: seq_of_field(&document, "created_ms").unwrap_or(0),
+                    attempts: seq_of_field(&document, "attempts").unwrap_or(0) as u32,
+                });
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn settle_pushes(&mut self, outcomes: &[(String, Option<u64>)]) -> StoreResult<()> {
+        self.ensure_indexes()?;
+        let done: Vec<&String> = outcomes
+            .iter()
+            .filter(|(_, at)| at.is_none())
+            .map(|(id, _)| id)
+            .collect();
+        if !done.is_empty() {
+            self.push_queue
+                .delete_many(doc! {"_id": {"$in": done}})
+                .run()?;
+        }
+        // One update per distinct time (a batch's retries share a few).
+        let mut retries: HashMap<u64, Vec<&String>> = HashMap::new();
+        for (id, at) in outcomes {
+            if let Some(at) = at {
+                retries.entry(*at).or_default().push(id);
+            }
+        }
+        for (at, ids) in retries {
+            self.push_queue
+                .update_many(
+                    doc! {"_id": {"$in": ids}},
+                    doc! {"$set": {"next_ms": at as i64}, "$inc": {"attempts": 1_i64}},
+                )
+                .run()?;
+        }
+        Ok(())
+    }
+
+    fn trim_pushes(&mut self, max_jobs: u64, expire_before_ms: u64) -> StoreResult<PushQueueState> {
+        self.ensure_indexes()?;
+        let mut dropped = self
+            .push_queue
+            .delete_many(doc! {"created_ms": {"$lt": expire_before_ms as i64}})
+            .run()?
+            .deleted_count;
+        let mut queued = self.push_queue.count_documents(doc! {}).run()?;
+        if queued > max_jobs {
+            let cursor = self
+                .push_queue
+                .find(doc! {})
+                .sort(doc! {"created_ms": 1})
+                .limit((queued - max_jobs) as i64)
+                .projection(doc! {"_id": 1})
+                .run()?;
+            let mut ids = Vec::new();
+            for document in cursor {
+                if let Ok(id) = document?.get_str("_id") {
+                    ids.push(id.to_string());
+                }
+            }
+            dropped += self
+                .push_queue
+                .delete_many(doc! {"_id": {"$in": ids}})
+                .run()?
+                .deleted_count;
+            queued = queued.saturating_sub(dropped);
+        }
+        let oldest = first(&self.push_queue, doc! {}, Some(doc! {"created_ms": 1}))?
+            .and_then(|job| seq_of_field(&job, "created_ms"));
+        Ok(PushQueueState {
+            dropped,
+            queued,
+            oldest_ms: oldest,
+        })
     }
 
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {

@@ -323,6 +323,18 @@ impl Store for NoopStore {
     ) -> StoreResult<()> {
         Err(not_kept())
     }
+
+    fn claim_pushes(&mut self, _: u64, _: u64, _: u32) -> StoreResult<Vec<crate::model::PushJob>> {
+        Ok(Vec::new())
+    }
+
+    fn settle_pushes(&mut self, _: &[(String, Option<u64>)]) -> StoreResult<()> {
+        Ok(())
+    }
+
+    fn trim_pushes(&mut self, _: u64, _: u64) -> StoreResult<crate::model::PushQueueState> {
+        Ok(crate::model::PushQueueState::default())
+    }
 }
 
 fn not_kept() -> StoreError {

@@ -13,10 +13,11 @@ use super::{
     EnterRows, PruneCut, Rewrite, Store, StoreError, StoreResult,
 };
 use crate::model::{
-    direct, new_object_id, now_timestamp, unix_millis, Appended, Attention, CreatedGroup, Entry,
-    GroupHistory, GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf,
-    MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, ReadMark, Role,
-    UserProfile, Visit, MAX_GROUP_LIST, MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
+    direct, new_object_id, now_timestamp, push_recipients, unix_millis, Appended, Attention,
+    CreatedGroup, Entry, GroupHistory, GroupReadState, GroupRef, GroupSummary, GroupsPage,
+    GroupsQuery, MemberOf, MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery,
+    PushJob, PushPolicy, PushQueueState, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST,
+    MAX_LISTED_MEMBERS, MAX_READ_ON_ENTER, MAX_UNREAD_ON_ENTER,
 };
 
 /// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
@@ -100,8 +101,8 @@ CREATE INDEX IF NOT EXISTS erasures_by_time ON erasures (at);
 /// v4 → v5: talking to one person and getting attention. A group's `kind` ('direct' for a
 /// direct conversation, NULL for a group); a member's `hidden` (a direct conversation they
 /// left or were never shown yet) and notification level; each message's mention list (JSON)
-/// and one row per mentioned name (`mentions`, counted after a member's marker); and who
-/// blocks whom.
+/// and one row per mentioned name (`mentions`, counted after a member's marker); who blocks
+/// whom; and the offline push queue, written in the commit of the message it tells of.
 const MIGRATE_V4_TO_V5: &str = "
 ALTER TABLE groups ADD COLUMN kind TEXT;
 ALTER TABLE members ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
@@ -120,6 +121,20 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (blocker, blocked)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_by_blocked ON blocks (blocked);
+CREATE TABLE IF NOT EXISTS push_queue (
+    id TEXT PRIMARY KEY NOT NULL,
+    username TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    preview TEXT,
+    created_ms INTEGER NOT NULL,
+    next_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS push_queue_by_due ON push_queue (next_ms);
+CREATE INDEX IF NOT EXISTS push_queue_by_age ON push_queue (created_ms);
 ";
 
 /// v1's index of messages by time serves only the v1 → v2 migration above (read state is by
@@ -140,6 +155,8 @@ const MESSAGE_COLUMNS: &str =
 /// One worker's connection to the embedded database.
 pub struct SqliteStore {
     connection: Connection,
+    /// What each stored message queues for the push webhook (`None`: push is off).
+    push: Option<PushPolicy>,
     /// The newest erasure `erasures_since` has reported (later ones ask for a WAL cut once).
     newest_erasure_seen: u64,
 }
@@ -181,6 +198,7 @@ impl SqliteStore {
         connection.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
         let mut store = SqliteStore {
             connection,
+            push: None,
             newest_erasure_seen: 0,
         };
         store.migrate()?;
@@ -497,6 +515,43 @@ fn direct_partner(
         .optional()?)
 }
 
+/// Queues the push jobs of a stored message (direct, or mentioning someone), in its commit.
+fn queue_pushes(
+    tx: &Connection,
+    message: &Message,
+    is_direct: bool,
+    policy: PushPolicy,
+) -> StoreResult<()> {
+    if !is_direct && message.mentions.is_empty() {
+        return Ok(());
+    }
+    let members: Vec<(String, Notify)> = tx
+        .prepare_cached("SELECT username, notify FROM members WHERE group_name = ?1")?
+        .query_map([&message.group_name], |row| {
+            let level: String = row.get(1)?;
+            Ok((row.get(0)?, Notify::parse(&level).unwrap_or_default()))
+        })?
+        .collect::<Result<_, _>>()?;
+    let recipients = push_recipients(message, is_direct, &members);
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO push_queue (id, username, group_name, seq, sender, kind, preview,
+         created_ms, next_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+    )?;
+    for job in PushJob::for_message(message, &recipients, policy) {
+        insert.execute(params![
+            job.id,
+            job.username,
+            job.group_name,
+            job.seq as i64,
+            job.sender,
+            job.kind,
+            job.preview,
+            job.created_ms as i64
+        ])?;
+    }
+    Ok(())
+}
+
 /// A message no longer counts as mentioning anyone (deleted, or its mentions edited).
 fn forget_mentions(tx: &Connection, group_name: &str, seq: i64) -> StoreResult<()> {
     tx.prepare_cached("DELETE FROM mentions WHERE group_name = ?1 AND seq = ?2")?
@@ -634,6 +689,8 @@ fn head_seq(tx: &Connection, group_name: &str) -> StoreResult<u64> {
 /// once at the end, instead of four statements per message.
 #[derive(Default)]
 struct Appender {
+    /// Push jobs are queued with the messages (`None`: push is off).
+    push: Option<PushPolicy>,
     /// Per group: the senders found to be members (keyed so that a lookup allocates nothing).
     members: HashMap<String, HashSet<String>>,
     /// Per group: the last seq given out in this batch.
@@ -712,6 +769,9 @@ impl Appender {
             write_mentions(tx, &stored)?;
         }
         // A direct conversation shows again for whoever had left it (or never saw it).
+        if let Some(policy) = self.push {
+            queue_pushes(tx, &stored, is_direct, policy)?;
+        }
         let revealed_to = if is_direct {
             let shown: Vec<String> = tx
                 .prepare_cached(
@@ -889,12 +949,16 @@ impl Store for SqliteStore {
 
     fn append_messages(&mut self, batch: &[NewMessage]) -> Vec<StoreResult<Appended>> {
         let unavailable = |error: StoreError| batch.iter().map(|_| Err(error.clone())).collect();
+        let push = self.push;
         let tx = match self.write() {
             Ok(tx) => tx,
             Err(error) => return unavailable(error),
         };
         let timestamp = now_timestamp();
-        let mut appender = Appender::default();
+        let mut appender = Appender {
+            push,
+            ..Appender::default()
+        };
         let results: Vec<_> = batch
             .iter()
             .map(|message| appender.append(&tx, message, &timestamp))
@@ -1188,6 +1252,9 @@ impl Store for SqliteStore {
             // The text is overwritten, not flagged: a tombstone keeps no trace of it.
             Rewrite::Erase => {
                 forget_mentions(&tx, group_name, seq)?;
+                // A deleted message is not pushed (its preview would outlive it).
+                tx.prepare_cached("DELETE FROM push_queue WHERE group_name = ?1 AND seq = ?2")?
+                    .execute(params![group_name, seq])?;
                 tx.prepare_cached(
                     "UPDATE messages SET text = '', edited_at = NULL, deleted = 1, mentions = NULL
                      WHERE group_name = ?1 AND seq = ?2 AND deleted = 0",
@@ -1255,7 +1322,14 @@ impl Store for SqliteStore {
     fn remove_group(&mut self, group_name: &str) -> StoreResult<()> {
         let tx = self.write()?;
         group_id(&tx, group_name)?;
-        for table in ["messages", "mentions", "members", "bans", "groups"] {
+        for table in [
+            "messages",
+            "mentions",
+            "push_queue",
+            "members",
+            "bans",
+            "groups",
+        ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE group_name = ?1"),
                 [group_name],
@@ -1349,6 +1423,10 @@ impl Store for SqliteStore {
         )?;
         tx.execute(
             "DELETE FROM blocks WHERE blocker = ?1 OR blocked = ?1",
+            [username],
+        )?;
+        tx.execute(
+            "DELETE FROM push_queue WHERE username = ?1 OR sender = ?1",
             [username],
         )?;
         for table in ["members", "bans", "users"] {
@@ -1458,6 +1536,91 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn set_push(&mut self, policy: Option<PushPolicy>) {
+        self.push = policy;
+    }
+
+    fn claim_pushes(
+        &mut self,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<PushJob>> {
+        let tx = self.write()?;
+        let jobs = tx
+            .prepare_cached(
+                "SELECT id, username, group_name, seq, sender, kind, preview, created_ms, attempts
+                 FROM push_queue WHERE next_ms <= ?1 ORDER BY next_ms LIMIT ?2",
+            )?
+            .query_map(params![now_ms as i64, limit], |row| {
+                Ok(PushJob {
+                    id: row.get(0)?,
+                    username: row.get(1)?,
+                    group_name: row.get(2)?,
+                    seq: row.get::<_, i64>(3)? as u64,
+                    sender: row.get(4)?,
+                    kind: row.get(5)?,
+                    preview: row.get(6)?,
+                    created_ms: row.get::<_, i64>(7)? as u64,
+                    attempts: row.get::<_, i64>(8)? as u32,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut lease = tx.prepare_cached("UPDATE push_queue SET next_ms = ?2 WHERE id = ?1")?;
+        for job in &jobs {
+            lease.execute(params![job.id, (now_ms + lease_ms) as i64])?;
+        }
+        drop(lease);
+        tx.commit()?;
+        Ok(jobs)
+    }
+
+    fn settle_pushes(&mut self, outcomes: &[(String, Option<u64>)]) -> StoreResult<()> {
+        let tx = self.write()?;
+        for (id, retry_at_ms) in outcomes {
+            match retry_at_ms {
+                None => tx
+                    .prepare_cached("DELETE FROM push_queue WHERE id = ?1")?
+                    .execute([id])?,
+                Some(at) => tx
+                    .prepare_cached(
+                        "UPDATE push_queue SET next_ms = ?2, attempts = attempts + 1 WHERE id = ?1",
+                    )?
+                    .execute(params![id, *at as i64])?,
+            };
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn trim_pushes(&mut self, max_jobs: u64, expire_before_ms: u64) -> StoreResult<PushQueueState> {
+        let tx = self.write()?;
+        let mut dropped = tx
+            .prepare_cached("DELETE FROM push_queue WHERE created_ms < ?1")?
+            .execute([expire_before_ms as i64])? as u64;
+        let queued: i64 = tx.query_row("SELECT COUNT(*) FROM push_queue", [], |row| row.get(0))?;
+        let mut queued = queued as u64;
+        if queued > max_jobs {
+            dropped += tx
+                .prepare_cached(
+                    "DELETE FROM push_queue WHERE id IN
+                     (SELECT id FROM push_queue ORDER BY created_ms LIMIT ?1)",
+                )?
+                .execute([(queued - max_jobs) as i64])? as u64;
+            queued = max_jobs;
+        }
+        let oldest: Option<i64> =
+            tx.query_row("SELECT MIN(created_ms) FROM push_queue", [], |row| {
+                row.get(0)
+            })?;
+        tx.commit()?;
+        Ok(PushQueueState {
+            dropped,
+            queued,
+            oldest_ms: oldest.map(|ms| ms as u64),
+        })
     }
 
     fn erasures_since(&mut self, since_ms: u64) -> StoreResult<Vec<(String, u64)>> {
