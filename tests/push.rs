@@ -367,3 +367,74 @@ fn a_user_on_a_killed_instance_is_pushed_by_the_survivor() {
     let accepted = receiver.wait_until(|got| !seqs_for(got, &bob, &group).is_empty());
     assert_eq!(seqs_for(&accepted, &bob, &group), BTreeSet::from([1]));
 }
+
+/// The README's ten-line receiver, run as written (on a free port): it accepts the server's
+/// signed notices and refuses a forged one.
+#[test]
+fn the_readme_receiver_checks_the_signature() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme.split("## Offline push").nth(1).expect("the section");
+    let code = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the receiver");
+    assert!(code.lines().count() <= 10, "ten lines: {code}");
+    let port = common::free_port();
+    let code = code.replace("8099", &port.to_string());
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", &code])
+        .env("PUSH_WEBHOOK_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, printed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    // Listening once a connection is accepted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let forged = {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("receiver");
+        let body = r#"{"username":"mallory"}"#;
+        let _ = write!(
+            stream,
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nX-Noomnim-Signature: sha256=00\r\n\r\n{body}",
+            body.len()
+        );
+        let mut answer = String::new();
+        let _ = BufReader::new(stream).read_line(&mut answer);
+        answer
+    };
+    assert!(forged.contains(" 401 "), "{forged}");
+    let storage = Storage::new(Backend::Embedded);
+    let url = format!("http://127.0.0.1:{port}/");
+    let server = Server::start_with(
+        &storage,
+        &[("PUSH_WEBHOOK_URL", &url), ("PUSH_WEBHOOK_SECRET", SECRET)],
+    );
+    let (ann, bob) = (unique("ann"), unique("bob"));
+    register(&server, &bob, &[]);
+    let mut ann_c = v3(&server, &ann);
+    let opened = ask(&mut ann_c, "open_direct", json!({"username": bob}));
+    let dm = opened["data"]["group_name"]
+        .as_str()
+        .expect("dm")
+        .to_string();
+    ask(
+        &mut ann_c,
+        "send_message",
+        json!({"group_name": dm, "text": "hi"}),
+    );
+    let line = printed.recv_timeout(Duration::from_secs(60));
+    let _ = child.kill();
+    assert_eq!(line.ok(), Some(format!("notify {bob}")));
+}
