@@ -436,5 +436,6 @@ fn the_readme_receiver_checks_the_signature() {
     );
     let line = printed.recv_timeout(Duration::from_secs(60));
     let _ = child.kill();
+    let _ = child.wait();
     assert_eq!(line.ok(), Some(format!("notify {bob}")));
 }
