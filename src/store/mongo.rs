@@ -1657,10 +1657,15 @@ impl Store for MongoStore {
     fn open_direct(&mut self, username: &str, other: &str) -> StoreResult<GroupRef> {
         self.ensure_indexes()?;
         let group_name = direct::name_of(username, other);
-        if !self.user_exists(username)? {
-            return Err(StoreError::UserNotFound);
-        }
-        let Some(partner) = first(&self.users, doc! {"username": other}, None)? else {
+        // Both users in one read: the other's `blocked` list comes with it.
+        let users: Vec<Document> = self
+            .users
+            .find(doc! {"username": {"$in": [username, other]}})
+            .max_time(self.max_time)
+            .run()?
+            .collect::<Result<_, _>>()?;
+        let found = |name: &str| users.iter().find(|u| u.get_str("username") == Ok(name));
+        let (Some(_), Some(partner)) = (found(username), found(other)) else {
             return Err(StoreError::UserNotFound);
         };
         let blocked = partner
@@ -1681,34 +1686,47 @@ impl Store for MongoStore {
             }
             entry
         };
+        let id = ObjectId::new();
         let group = doc! {
-            "_id": ObjectId::new(),
+            "_id": id,
             "group_name": &group_name,
             "kind": direct::KIND,
             "user": [entry(username, false), entry(other, true)],
         };
+        // The first opening creates it: nothing more to do.
         match self.groups.insert_one(group).run() {
-            Ok(_) => self.raise_head_hint(&group_name, 0),
+            Ok(_) => {
+                self.raise_head_hint(&group_name, 0);
+                return Ok(GroupRef {
+                    group_id: id.to_hex(),
+                    group_name,
+                });
+            }
             Err(error) if is_duplicate_key(&error) => {}
             Err(error) => return Err(error.into()),
         }
-        // Opened before: either may have been erased and registered again since (a member
-        // anew), and the opener sees it again if they had left it.
+        // Opened before: the opener sees it again if they had left it, and either user may
+        // have been erased and registered again since (a member anew). Written only when so.
+        let group = self.group(&group_name)?;
         for (name, hidden) in [(username, false), (other, true)] {
+            if member_entry(&group, name).is_none() {
+                self.groups
+                    .update_one(
+                        doc! {"group_name": &group_name, "user.name_ID": {"$ne": name}},
+                        doc! {"$push": {"user": entry(name, hidden)}},
+                    )
+                    .run()?;
+            }
+        }
+        if is_hidden(&group, username) {
             self.groups
                 .update_one(
-                    doc! {"group_name": &group_name, "user.name_ID": {"$ne": name}},
-                    doc! {"$push": {"user": entry(name, hidden)}},
+                    doc! {"group_name": &group_name, "user.name_ID": username},
+                    doc! {"$unset": {"user.$.hidden": ""}},
                 )
                 .run()?;
         }
-        self.groups
-            .update_one(
-                doc! {"group_name": &group_name, "user.name_ID": username},
-                doc! {"$unset": {"user.$.hidden": ""}},
-            )
-            .run()?;
-        Ok(group_ref(&self.group(&group_name)?, &group_name))
+        Ok(group_ref(&group, &group_name))
     }
 
     fn set_blocked(&mut self, username: &str, other: &str, on: bool) -> StoreResult<Vec<String>> {

@@ -691,7 +691,8 @@ fn head_seq(tx: &Connection, group_name: &str) -> StoreResult<u64> {
 struct Appender {
     /// Push jobs are queued with the messages (`None`: push is off).
     push: Option<PushPolicy>,
-    /// Per group: the senders found to be members (keyed so that a lookup allocates nothing).
+    /// Per group: the senders (and mentioned users) found to be members (keyed so that a
+    /// lookup allocates nothing).
     members: HashMap<String, HashSet<String>>,
     /// Per group: the last seq given out in this batch.
     last_seq: HashMap<String, i64>,
@@ -731,9 +732,26 @@ impl Appender {
                 .insert(message.username.clone());
         }
         if !message.mentions.is_empty() {
-            let role = role_of(tx, &message.group_name, &message.username)?.unwrap_or_default();
+            // The sender's role matters only for `@room`; members found once are not asked
+            // again in the batch (a busy group's mentions name the same few people).
+            let role = match message
+                .mentions
+                .iter()
+                .any(|n| n == crate::model::ROOM_MENTION)
+            {
+                true => role_of(tx, &message.group_name, &message.username)?.unwrap_or_default(),
+                false => Role::Member,
+            };
+            let known = self.members.entry(message.group_name.clone()).or_default();
             check_mentions(&message.mentions, role, |name| {
-                is_member(tx, &message.group_name, name)
+                if known.contains(name) {
+                    return Ok(true);
+                }
+                let member = is_member(tx, &message.group_name, name)?;
+                if member {
+                    known.insert(name.to_string());
+                }
+                Ok(member)
             })?;
         }
         let seq = match self.last_seq.get(&message.group_name) {

@@ -30,10 +30,12 @@ const USAGE: &str =
     "usage: noomnim-load [--addr HOST:PORT]... [--clients C] [--groups G] [--senders S]
        [--seconds T] [--rate MSGS_PER_SEC] [--window W] [--text-bytes N] [--tag NAME]
        [--server-pid PID]... [--idle] [--history N] [--enter-samples K] [--irc] [--client-msg-id]
-       [--tls CAFILE] [--token-secret SECRET] [--v3-groups K]
+       [--tls CAFILE] [--token-secret SECRET] [--v3-groups K] [--mention-every N]
 
 --v3-groups K: every client speaks protocol 3 and is a member of K groups (its own room's and
 K-1 more), so it also receives group_activity notices (counted apart, not as deliveries).
+--mention-every N: every Nth message of each sender mentions another member of its group
+(N=10: mentions on 10% of messages).
 --irc speaks IRC instead (NICK/USER/JOIN, PRIVMSG to #channels, each message followed by a
 PING whose PONG stands in for the ack), to measure an IRC server on the same shape.";
 
@@ -60,6 +62,8 @@ struct Args {
     token_secret: Option<String>,
     /// Protocol 3, each client a member of this many groups (0: protocol 2, one group).
     v3_groups: usize,
+    /// Every this many messages of a sender mention a member of its group (0: none).
+    mention_every: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -82,6 +86,7 @@ fn parse_args() -> Result<Args, String> {
         tls_ca: None,
         token_secret: None,
         v3_groups: 0,
+        mention_every: 0,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -107,6 +112,7 @@ fn parse_args() -> Result<Args, String> {
             "--irc" => args.irc = true,
             "--client-msg-id" => args.keyed = true,
             "--v3-groups" => args.v3_groups = number(value()?)? as usize,
+            "--mention-every" => args.mention_every = number(value()?)? as u64,
             "--tls" => args.tls_ca = Some(value()?),
             "--token-secret" => args.token_secret = Some(value()?),
             "--history" => args.history = Some(number(value()?)? as u64),
@@ -348,6 +354,9 @@ struct Load {
     buffer: Vec<u8>,
     measuring: bool,
     keyed: bool,
+    /// Every this many messages mention a member (the one who joined the group first after
+    /// its creator); and how many groups there are.
+    mention: Option<(u64, usize)>,
 }
 
 /// Where `key` ends in `line`. The keys are a few constants: each gets its searcher built
@@ -427,6 +436,7 @@ impl Load {
             buffer: vec![0; 65536],
             measuring: false,
             keyed: args.keyed,
+            mention: (args.mention_every > 0).then_some((args.mention_every, args.groups)),
         })
     }
 
@@ -669,9 +679,16 @@ impl Load {
         let key = self
             .keyed
             .then(|| format!("{tag}-{index}-{}-{}", client.sent, std::process::id()));
-        let line = self
+        let mut line = self
             .dialect
             .message_line(tag, index, client.group, &text, key.as_deref());
+        if let Some((every, groups)) = self.mention {
+            if client.sent % every == 0 {
+                let mentioned =
+                    format!(r#""mentions":["{tag}-u{}"],"text""#, groups + client.group);
+                line = line.replacen(r#""text""#, &mentioned, 1);
+            }
+        }
         client.queue(&line);
     }
 
