@@ -683,7 +683,7 @@ impl Load {
             .dialect
             .message_line(tag, index, client.group, &text, key.as_deref());
         if let Some((every, groups)) = self.mention {
-            if client.sent % every == 0 {
+            if client.sent.is_multiple_of(every) {
                 let mentioned =
                     format!(r#""mentions":["{tag}-u{}"],"text""#, groups + client.group);
                 line = line.replacen(r#""text""#, &mentioned, 1);
