@@ -162,6 +162,18 @@ impl MongoStore {
         self.erasures
             .create_index(IndexModel::builder().keys(doc! {"at": 1}).build())
             .run()?;
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"mentions": 1, "group_name": 1, "seq": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .partial_filter_expression(doc! {"mentions": {"$exists": true}})
+                            .build(),
+                    )
+                    .build(),
+            )
+            .run()?;
         for key in ["next_ms", "created_ms"] {
             self.push_queue
                 .create_index(IndexModel::builder().keys(doc! {key: 1}).build())
@@ -668,26 +680,31 @@ impl MongoStore {
         if marks.is_empty() {
             return Ok(counts);
         }
-        let after: Vec<Document> = marks
-            .iter()
-            .map(|(group_name, mark)| {
-                doc! {"group_name": group_name, "seq": {"$gt": (*mark).min(i64::MAX as u64) as i64}}
-            })
-            .collect();
+        // One condition on the mention index (not one clause per group, which servers
+        // evaluate clause by clause): mentions of the user after the lowest marker of the
+        // page, counted per group above its own marker here.
+        let lowest = marks.iter().map(|(_, mark)| *mark).min().unwrap_or(0);
+        let names: Vec<&str> = marks.iter().map(|(name, _)| name.as_str()).collect();
+        let mark_of: HashMap<&str, u64> = marks.iter().map(|(n, m)| (n.as_str(), *m)).collect();
         let filter = doc! {
-            "$or": after,
             "mentions": {"$in": [username, ROOM_MENTION]},
+            "group_name": {"$in": names},
+            "seq": {"$gt": lowest.min(i64::MAX as u64) as i64},
             "username": {"$ne": username},
             "deleted": {"$ne": true},
         };
         let cursor = self
             .messages
             .find(filter)
-            .projection(doc! {"group_name": 1})
+            .projection(doc! {"group_name": 1, "seq": 1})
             .max_time(self.max_time)
             .run()?;
         for document in cursor {
-            if let Ok(name) = document?.get_str("group_name") {
+            let document = document?;
+            let (Ok(name), Some(seq)) = (document.get_str("group_name"), seq_of(&document)) else {
+                continue;
+            };
+            if mark_of.get(name).is_some_and(|mark| seq > *mark) {
                 *counts.entry(name.to_string()).or_insert(0) += 1;
             }
         }
