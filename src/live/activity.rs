@@ -1,7 +1,10 @@
 //! Protocol 3's activity in every group: a logged-in protocol-3 connection hears of new
 //! messages in each group of its user whose room it is not in, as `group_activity
-//! {group_name, last_seq, unread_count}`, at most one per group per `ACTIVITY_INTERVAL_MS`
-//! and always one after the last message of a burst (a trailing notice).
+//! {group_name, last_seq, unread_count, mention_count?}`, at most one per group per
+//! `ACTIVITY_INTERVAL_MS` and always one after the last message of a burst (a trailing
+//! notice). `mention_count` is the store's count at the user's last known read state (the
+//! memberships read, a `read_marker` that said it) plus the mentions seen since; it is left
+//! out while unknown (a marker rose by an implicit mark below the head).
 //!
 //! The loop keeps, per group with interested connections here, which connections those are
 //! (loaded with one `my_groups` read when a connection is logged in and on protocol 3, kept
@@ -44,10 +47,27 @@ pub struct Activity {
     watching: HashMap<Token, HashSet<String>>,
     /// The known read markers of their users, per user and group.
     marks: HashMap<String, HashMap<String, u64>>,
+    /// Their users' mention counts, per user and group, where known.
+    mentions: HashMap<String, HashMap<String, MentionTally>>,
     /// Each group's coalescing state.
     groups: HashMap<String, ActivityState>,
     /// When the next trailing notice is due.
     wake: Option<Instant>,
+}
+
+/// A user's mentions in one group: the store's count at a read mark, and the mentions seen
+/// after it since.
+#[derive(Debug, Default)]
+struct MentionTally {
+    counted: u64,
+    at_mark: u64,
+    seen: std::collections::BTreeSet<u64>,
+}
+
+impl MentionTally {
+    fn count(&self) -> u64 {
+        self.counted + self.seen.range(self.at_mark + 1..).count() as u64
+    }
 }
 
 /// One group's coalescing state.
@@ -102,6 +122,7 @@ impl Activity {
         }
         if !others {
             self.marks.remove(username);
+            self.mentions.remove(username);
         }
     }
 
@@ -188,15 +209,19 @@ impl Activity {
                 .and_then(|groups| groups.get(group_name))
                 .copied()
                 .unwrap_or(0);
-            let line = super::notice(
-                "group_activity",
-                serde_json::json!({
-                    "group_name": group_name,
-                    "last_seq": last_seq,
-                    "unread_count": last_seq.saturating_sub(mark),
-                }),
-            );
-            cx.send(token, line);
+            let mut data = serde_json::json!({
+                "group_name": group_name,
+                "last_seq": last_seq,
+                "unread_count": last_seq.saturating_sub(mark),
+            });
+            let mentions = self
+                .mentions
+                .get(username)
+                .and_then(|groups| groups.get(group_name));
+            if let Some(tally) = mentions {
+                data["mention_count"] = serde_json::json!(tally.count());
+            }
+            cx.send(token, super::notice("group_activity", data));
         }
     }
 }
@@ -242,6 +267,19 @@ impl LiveFeature for Activity {
                 self.watch_group(cx, token, group_name.to_string());
             }
         }
+        // What was said before joining counts as read: no mentions yet.
+        let watched = cx
+            .view
+            .connections_of(username)
+            .iter()
+            .any(|t| self.watching.contains_key(t));
+        if watched {
+            self.mentions
+                .entry(username.to_string())
+                .or_default()
+                .entry(group_name.to_string())
+                .or_default();
+        }
     }
 
     /// The user's connections here drop the group.
@@ -267,9 +305,47 @@ impl LiveFeature for Activity {
         }
     }
 
-    /// This instance's notices count from the raised marker.
+    /// This instance's notices count from the raised marker (and the mentions from the
+    /// count it says, else they are unknown until one does).
     fn marker_rose(&mut self, cx: &mut Cx<'_>, _: Origin, state: &ReadState) {
         self.know_mark(cx, &state.username, &state.group_name, state.last_read_seq);
+        let Some(groups) = self.mentions.get_mut(&state.username) else {
+            return;
+        };
+        match state.mention_count {
+            Some(counted) => {
+                let tally = groups.entry(state.group_name.clone()).or_default();
+                tally.counted = counted;
+                tally.at_mark = state.last_read_seq;
+                let mark = state.last_read_seq;
+                tally.seen.retain(|seq| *seq > mark);
+            }
+            None => {
+                groups.remove(&state.group_name);
+            }
+        }
+    }
+
+    /// A mention of a user with watchers here counts, and the group's next notice says so
+    /// (a trailing one: the message's own notice may have gone out before this).
+    fn mentioned(&mut self, _: &mut Cx<'_>, username: &str, group_name: &str, seq: u64) {
+        let Some(tally) = self
+            .mentions
+            .get_mut(username)
+            .and_then(|groups| groups.get_mut(group_name))
+        else {
+            return;
+        };
+        if seq <= tally.at_mark || !tally.seen.insert(seq) {
+            return;
+        }
+        if let Some(state) = self.groups.get_mut(group_name) {
+            state.due = true;
+            let at = state
+                .sent_at
+                .map_or_else(Instant::now, |sent| sent + self.interval);
+            self.wake = Some(self.wake.map_or(at, |wake| wake.min(at)));
+        }
     }
 
     /// Nothing is kept for a group nobody here watches unless peers may (a message stored
@@ -310,6 +386,17 @@ impl LiveFeature for Activity {
         };
         for group in read.groups {
             self.know_mark(cx, &username, &group.group_name, group.last_read_seq);
+            if let Some(attention) = &group.attention {
+                let tally = MentionTally {
+                    counted: attention.mention_count,
+                    at_mark: group.last_read_seq,
+                    seen: Default::default(),
+                };
+                self.mentions
+                    .entry(username.clone())
+                    .or_default()
+                    .insert(group.group_name.clone(), tally);
+            }
             let state = self.groups.entry(group.group_name.clone()).or_default();
             state.last_seq = state.last_seq.max(group.last_seq);
             self.watch_group(cx, token, group.group_name);

@@ -78,6 +78,12 @@ fn tell_here(cx: &mut Cx<'_>, note: &MessageAttention) {
         serde_json::json!({"group_name": note.group_name, "seq": note.seq, "by": note.by}),
     );
     for name in note.mentions.iter().filter(|name| **name != note.by) {
+        // Activity counts it into the user's `mention_count`.
+        cx.learned(Learned::Mentioned {
+            username: name.clone(),
+            group_name: note.group_name.clone(),
+            seq: note.seq,
+        });
         let tokens = cx.view.connections_of(name).to_vec();
         for token in tokens {
             if outside_room(cx, token) {

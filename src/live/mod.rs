@@ -86,6 +86,12 @@ pub enum Learned {
         username: String,
         group_name: String,
     },
+    /// A message (`seq`) mentions the user (by name or `@room`).
+    Mentioned {
+        username: String,
+        group_name: String,
+        seq: u64,
+    },
 }
 
 /// What the features ask the loop to do, collected during one hook call.
@@ -214,6 +220,9 @@ pub trait LiveFeature {
 
     /// A user's read marker rose.
     fn marker_rose(&mut self, _cx: &mut Cx<'_>, _origin: Origin, _state: &ReadState) {}
+
+    /// A message mentions a user (here or on a peer; told once per instance).
+    fn mentioned(&mut self, _cx: &mut Cx<'_>, _username: &str, _group_name: &str, _seq: u64) {}
 
     /// A message of `group_name` with `seq` exists (stored here when `stored_here`). Called
     /// for every message: keep it cheap.
@@ -438,6 +447,56 @@ mod tests {
             [Learned::MarkerRose(learned)] => assert_eq!(learned, &state),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn activity_counts_mentions_from_the_store_and_those_seen_since() {
+        let mut view = PlainView::default();
+        view.connect(1, "ann", 3, None);
+        let mut activity = activity::Activity::new(std::time::Duration::ZERO);
+        call(&view, false, |cx| activity.logged_in(cx, Token(1), "ann"));
+        let attention = crate::model::Attention {
+            mention_count: 2,
+            ..crate::model::Attention::default()
+        };
+        let memberships = MembershipsOf {
+            username: "ann".to_string(),
+            groups: vec![
+                GroupReadState::new("g".into(), "1".into(), 10, 8).with_attention(attention)
+            ],
+            context: (),
+        };
+        call(&view, false, |cx| {
+            activity.effect(cx, Some(Token(1)), LiveEffect::new("activity", memberships))
+        });
+        let count = |out: &Outbox| -> Vec<serde_json::Value> {
+            out.lines
+                .iter()
+                .map(|(_, line)| serde_json::from_slice::<serde_json::Value>(line).expect("json"))
+                .map(|line| line["data"]["mention_count"].clone())
+                .collect()
+        };
+        let out = call(&view, false, |cx| activity.message_seen(cx, "g", 11, true));
+        assert_eq!(count(&out), vec![serde_json::json!(2)]);
+        call(&view, false, |cx| activity.mentioned(cx, "ann", "g", 11));
+        let trailing = call(&view, false, |cx| activity.end_turn(cx));
+        assert_eq!(
+            count(&trailing),
+            vec![serde_json::json!(3)],
+            "a trailing notice"
+        );
+        let read = ReadState {
+            username: "ann".into(),
+            group_name: "g".into(),
+            last_read_seq: 11,
+            unread_count: 0,
+            mention_count: Some(0),
+        };
+        call(&view, false, |cx| {
+            activity.marker_rose(cx, Origin::Here(Token(1)), &read)
+        });
+        let out = call(&view, false, |cx| activity.message_seen(cx, "g", 12, true));
+        assert_eq!(count(&out), vec![serde_json::json!(0)]);
     }
 
     #[test]

@@ -684,6 +684,11 @@ impl Server {
                     group_name,
                 } => self
                     .live(|feature, cx| feature.joined(cx, Origin::Peer, &username, &group_name)),
+                Learned::Mentioned {
+                    username,
+                    group_name,
+                    seq,
+                } => self.live(|feature, cx| feature.mentioned(cx, &username, &group_name, seq)),
             }
         }
     }
