@@ -761,10 +761,7 @@ impl MongoStore {
             return (kept, Some(StoreError::GroupNotFound), Vec::new());
         };
         let members = member_names(&now);
-        let banned = |name: &str| {
-            now.get_array("banned")
-                .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(name)))
-        };
+        let banned = |name: &str| names_include(&now, "banned", name);
         // A ban is written before the member is taken out: banned counts as gone already.
         let outsider =
             |message: &Message| !members.contains(&message.username) || banned(&message.username);
@@ -962,16 +959,28 @@ fn message_from(document: &Document) -> StoreResult<Message> {
         client_msg_id: document.get_str("client_msg_id").ok().map(str::to_string),
         edited_at: document.get("edited_at").map(|at| timestamp_of(Some(at))),
         deleted: document.get_bool("deleted").unwrap_or(false),
-        mentions: document
-            .get_array("mentions")
-            .map(|names| {
-                names
-                    .iter()
-                    .filter_map(|name| name.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        mentions: names_in(document, "mentions"),
     })
+}
+
+/// A document's array of names (`banned`, `blocked`, `mentions`); none when it has none.
+fn names_in(document: &Document, field: &str) -> Vec<String> {
+    document
+        .get_array(field)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|name| name.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a document's array of names holds `name`.
+fn names_include(document: &Document, field: &str, name: &str) -> bool {
+    document
+        .get_array(field)
+        .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(name)))
 }
 
 /// The `group.user` entries as (name, last_read).
@@ -1169,12 +1178,7 @@ impl Store for MongoStore {
             member_role(&group, username)?;
             return Ok(group_ref(&group, group_name));
         }
-        let banned = |group: &Document| {
-            group
-                .get_array("banned")
-                .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(username)))
-        };
-        if banned(&group) {
+        if names_include(&group, "banned", username) {
             return Err(StoreError::Banned);
         }
         // The ban is checked again in the update itself: a ban landing between the read above
@@ -1685,10 +1689,7 @@ impl Store for MongoStore {
         let (Some(_), Some(partner)) = (found(username), found(other)) else {
             return Err(StoreError::UserNotFound);
         };
-        let blocked = partner
-            .get_array("blocked")
-            .is_ok_and(|names| names.iter().any(|n| n.as_str() == Some(username)));
-        if blocked {
+        if names_include(partner, "blocked", username) {
             return Err(StoreError::Blocked);
         }
         let entry = |name: &str, hidden: bool| {
@@ -1770,15 +1771,7 @@ impl Store for MongoStore {
         self.ensure_indexes()?;
         let user = first(&self.users, doc! {"username": username}, None)?
             .ok_or(StoreError::UserNotFound)?;
-        let mut names: Vec<String> = user
-            .get_array("blocked")
-            .map(|names| {
-                names
-                    .iter()
-                    .filter_map(|name| name.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut names = names_in(&user, "blocked");
         names.sort();
         Ok(names)
     }
