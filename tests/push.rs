@@ -296,7 +296,7 @@ fn a_flaky_receiver_gets_every_offline_notice_on_the_embedded_store() {
 
 #[test]
 fn a_flaky_receiver_gets_every_offline_notice_on_mongodb() {
-    flaky_receiver_gets_every_offline_notice(Backend::Mongo, 100);
+    flaky_receiver_gets_every_offline_notice(Backend::Mongo, 40);
 }
 
 #[test]
@@ -438,4 +438,91 @@ fn the_readme_receiver_checks_the_signature() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(line.ok(), Some(format!("notify {bob}")));
+}
+
+/// MongoDB has no transaction here to queue a message's pushes in its commit, so the jobs are
+/// written first, keyed by the message's id, and completed from the message at delivery. What
+/// an instance killed between the two writes leaves — a job whose message never landed — is
+/// dropped unsent; a job whose message did land is delivered with its seq and its text as it
+/// is now (an edit after queueing shows).
+#[test]
+fn on_mongodb_a_job_whose_message_never_landed_is_dropped_and_one_whose_did_is_sent() {
+    use mongodb::bson::{doc, oid::ObjectId};
+    let storage = Storage::new(Backend::Mongo);
+    let receiver = Receiver::start();
+    let server = pushing(&storage, &receiver, &[]);
+    let (ann, bob, group) = (unique("ann"), unique("bob"), unique("g"));
+    let mut ann_c = v3(&server, &ann);
+    ask(&mut ann_c, "create_group", common::ug(&ann, &group));
+    register(&server, &bob, &[&group]);
+    // A message with no mention (so no job of its own), then edited.
+    let sent = ask(
+        &mut ann_c,
+        "send_message",
+        json!({"group_name": group, "text": "first words"}),
+    );
+    let seq = sent["data"]["seq"].as_u64().expect("seq");
+    let edited = ask(
+        &mut ann_c,
+        "edit_message",
+        json!({"group_name": group, "seq": seq, "text": "the words as edited"}),
+    );
+    assert_eq!(edited["event"], "message_edited", "{edited}");
+
+    let client = mongodb::sync::Client::with_uri_str(common::mongo_uri()).expect("mongo");
+    let db = client.database(&storage.mongo_db);
+    let stored = db
+        .collection::<mongodb::bson::Document>("messages")
+        .find_one(doc! {"group_name": &group, "seq": seq as i64})
+        .run()
+        .expect("read")
+        .expect("the message is stored");
+    let landed_id = stored.get_object_id("_id").expect("_id").to_hex();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // The orphan was queued long ago (past the grace a message has to land); the other just
+    // now (bob's presence may not have settled yet, which a fresh job waits out).
+    let job = |id: &str, message_id: &str, created_ms: i64| {
+        doc! {
+            "_id": id, "message_id": message_id, "username": &bob, "group_name": &group,
+            "sender": &ann, "kind": "mention", "with_preview": true,
+            "created_ms": created_ms, "next_ms": 0_i64, "attempts": 0_i64,
+        }
+    };
+    let queue = db.collection::<mongodb::bson::Document>("push_queue");
+    queue
+        .insert_many([
+            job("orphan-job", &ObjectId::new().to_hex(), now - 600_000),
+            job("landed-job", &landed_id, now),
+        ])
+        .run()
+        .expect("queue the jobs a killed instance left");
+
+    let accepted = receiver.wait_until(|got| got.iter().any(|n| n["id"] == "landed-job"));
+    let landed = accepted
+        .iter()
+        .find(|n| n["id"] == "landed-job")
+        .expect("the job whose message landed is delivered");
+    assert_eq!(landed["seq"], seq, "{landed}");
+    assert_eq!(landed["preview"], "the words as edited", "{landed}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while queue
+        .count_documents(doc! {"_id": "orphan-job"})
+        .run()
+        .expect("count")
+        > 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = queue
+        .count_documents(doc! {"_id": "orphan-job"})
+        .run()
+        .expect("count");
+    assert_eq!(left, 0, "the orphan is dropped");
+    let seen = receiver.seen.lock().expect("seen");
+    assert!(!seen.requests.contains_key("orphan-job"), "never sent");
+    assert!(seen.bad.is_empty(), "{:?}", seen.bad);
 }

@@ -340,11 +340,10 @@ impl LiveFeature for Activity {
             return;
         }
         if let Some(state) = self.groups.get_mut(group_name) {
-            state.due = true;
             let at = state
                 .sent_at
                 .map_or_else(Instant::now, |sent| sent + self.interval);
-            self.wake = Some(self.wake.map_or(at, |wake| wake.min(at)));
+            mark_due(state, &mut self.wake, at);
         }
     }
 
@@ -368,9 +367,7 @@ impl LiveFeature for Activity {
         state.last_seq = seq;
         state.stored_here |= peers_may_watch;
         if let Some(sent) = state.sent_at.filter(|sent| sent.elapsed() < self.interval) {
-            state.due = true;
-            let at = sent + self.interval;
-            self.wake = Some(self.wake.map_or(at, |wake| wake.min(at)));
+            mark_due(state, &mut self.wake, sent + self.interval);
             return;
         }
         self.emit(cx, group_name);
@@ -450,4 +447,10 @@ impl LiveFeature for Activity {
     fn wake_at(&self) -> Option<Instant> {
         self.wake
     }
+}
+
+/// A trailing notice for the group is owed at `at`: the feature's wake-up comes no later.
+fn mark_due(state: &mut ActivityState, wake: &mut Option<Instant>, at: Instant) {
+    state.due = true;
+    *wake = Some(wake.map_or(at, |wake| wake.min(at)));
 }

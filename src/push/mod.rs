@@ -3,7 +3,8 @@
 //! e-mail notification can be sent from there.
 //!
 //! At least once: the store queues each job with the message it tells of (SQLite: in the same
-//! commit), and this worker thread (one per process) claims due jobs with a lease, so a job
+//! commit; MongoDB: just before it, keyed by the message's id, and a job whose message never
+//! landed is dropped when claimed), and this worker thread (one per process) claims due jobs with a lease, so a job
 //! whose worker died (kill -9, a lost instance) is taken again when the lease ends, here or on
 //! another instance sharing the store. A delivered job is removed; a failed one is retried
 //! with exponential backoff (`PUSH_RETRY_MS`, 1 s, doubling to 5 min). Each carries its id, the receiver's

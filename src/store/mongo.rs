@@ -37,7 +37,7 @@ use crate::model::{
     Entry, GroupHistory, GroupReadState, GroupRef, GroupSummary, GroupsPage, GroupsQuery, MemberOf,
     MembershipsPage, Message, MessagePage, NewMessage, Notify, PageQuery, PushJob, PushPolicy,
     PushQueueState, ReadMark, Role, UserProfile, Visit, MAX_GROUP_LIST, MAX_READ_ON_ENTER,
-    MAX_UNREAD_ON_ENTER, ROOM_MENTION,
+    MAX_UNREAD_ON_ENTER, PUSH_PREVIEW_CHARS, ROOM_MENTION,
 };
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -53,6 +53,12 @@ const DUPLICATE_KEY: i32 = 11000;
 const SCHEMA_VERSION: i64 = 5;
 /// How often one batch retries after losing `seq` numbers to another process.
 const MAX_SEQ_RETRIES: usize = 1000;
+/// How long a push job waits for its message to land before it is taken for an orphan (its
+/// message's insert failed, or the instance died between the job's write and the message's).
+/// Far beyond any insert's time (`STORE_TIMEOUT_MS` and its retries).
+const ORPHAN_GRACE_MS: u64 = 120_000;
+/// How soon a job whose message has not landed yet is looked at again.
+const ORPHAN_RECHECK_MS: u64 = 1_000;
 
 pub struct MongoStore {
     users: Collection<Document>,
@@ -174,7 +180,7 @@ impl MongoStore {
                     .build(),
             )
             .run()?;
-        for key in ["next_ms", "created_ms"] {
+        for key in ["next_ms", "created_ms", "message_id"] {
             self.push_queue
                 .create_index(IndexModel::builder().keys(doc! {key: 1}).build())
                 .run()?;
@@ -533,10 +539,16 @@ impl MongoStore {
         let (members_items, refused) = self.may_post(&group, members_items);
         results.extend(refused);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
-        let (mut settled, error) = self.insert_with_seq(group_name, members_items);
+        // The push jobs go in before the messages they tell of (no transaction puts the two
+        // in one commit here): a job whose message never lands is dropped by the worker, a
+        // message is never stored without its jobs. If they cannot be queued, nothing is.
         if let Some(policy) = self.push {
-            self.queue_pushes(&group, &settled, policy);
+            if let Err(error) = self.queue_pushes(&group, &members_items, policy) {
+                results.extend(indexes.into_iter().map(|i| (i, Err(error.clone()))));
+                return results;
+            }
         }
+        let (mut settled, error) = self.insert_with_seq(group_name, members_items);
         if direct::is_direct(group_name) && settled.iter().any(|(_, a)| !a.duplicate) {
             let revealed = self.show_direct(&group);
             if let Some((_, first)) = settled.iter_mut().find(|(_, a)| !a.duplicate) {
@@ -597,12 +609,22 @@ impl MongoStore {
         (kept, refused)
     }
 
-    /// Queues the push jobs of the messages just stored (direct, or mentioning someone):
-    /// right after their insert, before any reply. (MongoDB here has no multi-document
-    /// transaction to put them in one commit: an instance killed between the two writes loses
-    /// those pushes; see docs/PROTOCOL.md.)
-    fn queue_pushes(&self, group: &Document, settled: &[(usize, Appended)], policy: PushPolicy) {
+    /// Queues the push jobs of messages about to be stored (direct, or mentioning someone),
+    /// each keyed by its message's `_id` (already chosen) and holding no text: the worker
+    /// reads the message's seq, and its text for the preview, when it delivers, so a job
+    /// outlives neither an edit nor a delete, and a job whose message never landed (an
+    /// instance killed between the two writes, a retry that found its original) is dropped
+    /// after `ORPHAN_GRACE_MS`.
+    fn queue_pushes(
+        &self,
+        group: &Document,
+        pending: &[(usize, Message)],
+        policy: PushPolicy,
+    ) -> StoreResult<()> {
         let is_direct = group.get_str("kind") == Ok(direct::KIND);
+        if !is_direct && pending.iter().all(|(_, m)| m.mentions.is_empty()) {
+            return Ok(());
+        }
         let members: Vec<(String, Notify)> = member_names(group)
             .into_iter()
             .map(|name| {
@@ -614,36 +636,95 @@ impl MongoStore {
             })
             .collect();
         let mut documents = Vec::new();
-        for (_, appended) in settled.iter().filter(|(_, a)| !a.duplicate) {
-            let message = &appended.message;
+        for (_, message) in pending {
             if !is_direct && message.mentions.is_empty() {
                 continue;
             }
             let recipients = push_recipients(message, is_direct, &members);
             for job in PushJob::for_message(message, &recipients, policy) {
-                let mut document = doc! {
+                documents.push(doc! {
                     "_id": &job.id,
+                    "message_id": &message.id,
                     "username": &job.username,
                     "group_name": &job.group_name,
-                    "seq": job.seq as i64,
                     "sender": &job.sender,
                     "kind": &job.kind,
+                    "with_preview": policy.preview,
                     "created_ms": job.created_ms as i64,
                     "next_ms": job.created_ms as i64,
                     "attempts": 0_i64,
-                };
-                if let Some(preview) = &job.preview {
-                    document.insert("preview", preview);
-                }
-                documents.push(document);
+                });
             }
         }
         if documents.is_empty() {
-            return;
+            return Ok(());
         }
-        if let Err(error) = self.push_queue.insert_many(documents).run() {
-            log::warn!("push jobs were not queued: {error}");
+        self.push_queue.insert_many(documents).run()?;
+        Ok(())
+    }
+
+    /// Completes claimed jobs from their messages (seq, and the preview from the text as it
+    /// is now); returns those to deliver. A job whose message was deleted, or never landed
+    /// within `ORPHAN_GRACE_MS`, is dropped; one whose message has not landed yet waits a
+    /// second.
+    fn resolve_pushes(
+        &self,
+        claimed: Vec<(PushJob, Option<String>, bool)>,
+        now_ms: u64,
+    ) -> StoreResult<Vec<PushJob>> {
+        let ids = object_ids(claimed.iter().filter_map(|(_, id, _)| id.as_deref()));
+        let mut messages: HashMap<String, Document> = HashMap::new();
+        if !ids.is_empty() {
+            let cursor = self
+                .messages
+                .find(doc! {"_id": {"$in": ids}})
+                .projection(doc! {"seq": 1, "text": 1, "deleted": 1})
+                .max_time(self.max_time)
+                .run()?;
+            for message in cursor {
+                let message = message?;
+                if let Ok(id) = message.get_object_id("_id") {
+                    messages.insert(id.to_hex(), message);
+                }
+            }
         }
+        let (mut ready, mut gone, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
+        for (mut job, message_id, with_preview) in claimed {
+            let Some(message_id) = message_id else {
+                // Queued by an earlier version, with its seq and preview.
+                ready.push(job);
+                continue;
+            };
+            match messages.get(&message_id) {
+                Some(message) if message.get_bool("deleted") != Ok(true) => {
+                    job.seq = seq_of(message).unwrap_or(0);
+                    job.preview = with_preview.then(|| {
+                        let text = message.get_str("text").unwrap_or_default();
+                        text.chars().take(PUSH_PREVIEW_CHARS).collect()
+                    });
+                    ready.push(job);
+                }
+                Some(_) => gone.push(job.id),
+                None if now_ms.saturating_sub(job.created_ms) > ORPHAN_GRACE_MS => {
+                    gone.push(job.id)
+                }
+                None => waiting.push(job.id),
+            }
+        }
+        if !gone.is_empty() {
+            self.push_queue
+                .delete_many(doc! {"_id": {"$in": gone}})
+                .run()?;
+        }
+        if !waiting.is_empty() {
+            self.push_queue
+                .update_many(
+                    doc! {"_id": {"$in": waiting}},
+                    doc! {"$set": {"next_ms": (now_ms + ORPHAN_RECHECK_MS) as i64}},
+                )
+                .run()?;
+        }
+        Ok(ready)
     }
 
     /// Shows a direct conversation to members who had it hidden (left, or not yet shown);
@@ -1836,22 +1917,23 @@ impl Store for MongoStore {
             let Ok(id) = document.get_str("_id") else {
                 continue;
             };
-            {
-                let text = |key: &str| document.get_str(key).unwrap_or_default().to_string();
-                claimed.push(PushJob {
-                    id: id.to_string(),
-                    username: text("username"),
-                    group_name: text("group_name"),
-                    seq: seq_of(&document).unwrap_or(0),
-                    sender: text("sender"),
-                    kind: text("kind"),
-                    preview: document.get_str("preview").ok().map(str::to_string),
-                    created_ms: seq_of_field(&document, "created_ms").unwrap_or(0),
-                    attempts: seq_of_field(&document, "attempts").unwrap_or(0) as u32,
-                });
-            }
+            let text = |key: &str| document.get_str(key).unwrap_or_default().to_string();
+            let job = PushJob {
+                id: id.to_string(),
+                username: text("username"),
+                group_name: text("group_name"),
+                seq: seq_of(&document).unwrap_or(0),
+                sender: text("sender"),
+                kind: text("kind"),
+                preview: document.get_str("preview").ok().map(str::to_string),
+                created_ms: seq_of_field(&document, "created_ms").unwrap_or(0),
+                attempts: seq_of_field(&document, "attempts").unwrap_or(0) as u32,
+            };
+            let message_id = document.get_str("message_id").ok().map(str::to_string);
+            let with_preview = document.get_bool("with_preview").unwrap_or(false);
+            claimed.push((job, message_id, with_preview));
         }
-        Ok(claimed)
+        self.resolve_pushes(claimed, now_ms)
     }
 
     fn settle_pushes(&mut self, outcomes: &[(String, Option<u64>)]) -> StoreResult<()> {

@@ -456,6 +456,24 @@ fn write_mentions(tx: &Connection, message: &Message) -> StoreResult<()> {
     Ok(())
 }
 
+/// The SQL count of mentions of a user (by name or `@room`, by others) in a group after a
+/// seq, given the three as SQL expressions: one text for `mention_count` and `my_groups`.
+macro_rules! mentions_after {
+    ($user:literal, $group:literal, $after:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM mentions x WHERE x.group_name = ",
+            $group,
+            " AND x.username IN (",
+            $user,
+            ", '@room') AND x.seq > ",
+            $after,
+            " AND x.author != ",
+            $user,
+            ")"
+        )
+    };
+}
+
 /// Mentions of `username` (by name or `@room`, by others) after their marker.
 fn mention_count(
     tx: &Connection,
@@ -464,10 +482,7 @@ fn mention_count(
     after: u64,
 ) -> StoreResult<u64> {
     let count: i64 = tx
-        .prepare_cached(
-            "SELECT COUNT(*) FROM mentions WHERE group_name = ?1 AND username IN (?2, '@room')
-             AND seq > ?3 AND author != ?2",
-        )?
+        .prepare_cached(concat!("SELECT ", mentions_after!("?2", "?1", "?3")))?
         .query_row(params![group_name, username, after as i64], |row| {
             row.get(0)
         })?;
@@ -1071,17 +1086,15 @@ impl Store for SqliteStore {
     }
 
     fn my_groups(&mut self, username: &str, query: &GroupsQuery) -> StoreResult<MembershipsPage> {
-        let mut statement = self.connection.prepare_cached(
+        let mut statement = self.connection.prepare_cached(concat!(
             "SELECT g.group_name, g.id, g.last_seq, m.last_read_seq, m.role, m.notify, g.kind,
                 (SELECT o.username FROM members o WHERE g.kind IS NOT NULL
-                    AND o.group_name = m.group_name AND o.username != ?1),
-                (SELECT COUNT(*) FROM mentions x WHERE x.group_name = m.group_name
-                    AND x.username IN (?1, '@room') AND x.seq > m.last_read_seq
-                    AND x.author != ?1)
-             FROM members m JOIN groups g ON g.group_name = m.group_name
+                    AND o.group_name = m.group_name AND o.username != ?1), ",
+            mentions_after!("?1", "m.group_name", "m.last_read_seq"),
+            " FROM members m JOIN groups g ON g.group_name = m.group_name
              WHERE m.username = ?1 AND m.group_name > ?2 AND m.hidden = 0
              ORDER BY m.group_name LIMIT ?3",
-        )?;
+        ))?;
         let after = query.after.as_deref().unwrap_or("");
         let rows = statement.query_map(params![username, after, query.limit + 1], |row| {
             let attention = Attention {
@@ -1566,6 +1579,15 @@ impl Store for SqliteStore {
         lease_ms: u64,
         limit: u32,
     ) -> StoreResult<Vec<PushJob>> {
+        // Read first: the worker asks ten times a second, and an empty queue must not take
+        // the single writer's turn from the senders.
+        let due: bool = self
+            .connection
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM push_queue WHERE next_ms <= ?1)")?
+            .query_row([now_ms as i64], |row| row.get(0))?;
+        if !due {
+            return Ok(Vec::new());
+        }
         let tx = self.write()?;
         let jobs = tx
             .prepare_cached(
@@ -1614,6 +1636,19 @@ impl Store for SqliteStore {
     }
 
     fn trim_pushes(&mut self, max_jobs: u64, expire_before_ms: u64) -> StoreResult<PushQueueState> {
+        // Read first, as in `claim_pushes`: only a queue past its bounds is written.
+        let (queued, oldest): (i64, Option<i64>) = self.connection.query_row(
+            "SELECT COUNT(*), MIN(created_ms) FROM push_queue",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        if queued as u64 <= max_jobs && oldest.is_none_or(|at| at >= expire_before_ms as i64) {
+            return Ok(PushQueueState {
+                dropped: 0,
+                queued: queued as u64,
+                oldest_ms: oldest.map(|ms| ms as u64),
+            });
+        }
         let tx = self.write()?;
         let mut dropped = tx
             .prepare_cached("DELETE FROM push_queue WHERE created_ms < ?1")?
