@@ -29,6 +29,20 @@ pub struct Message {
     /// The members the sender named (`send_message {mentions}`, `@room` for all of them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mentions: Vec<String>,
+    /// The thread this message answers: its root's seq (`send_message {reply_to}`; a reply
+    /// to a reply joins the root's thread).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    /// A thread root's replies that are not deleted (left out while 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reply_count: u64,
+    /// The newest of those replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply_seq: Option<u64>,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 /// A member's standing in a group: the creator is its `owner`; the owner names `admin`s;
@@ -77,6 +91,8 @@ pub struct NewMessage {
     /// Members named (validated by the store against the group's members; `ROOM_MENTION`
     /// only from its owner and admins).
     pub mentions: Vec<String>,
+    /// The seq of the message this one answers, in the same conversation.
+    pub reply_to: Option<u64>,
 }
 
 /// The mention of every member of a conversation.
@@ -238,6 +254,8 @@ pub struct PageQuery {
     pub before_seq: Option<u64>,
     pub after_seq: Option<u64>,
     pub limit: u32,
+    /// Only this thread: its root (this seq) and the replies to it.
+    pub thread: Option<u64>,
 }
 
 /// What entering a room (`visit_group`) reports.

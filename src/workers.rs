@@ -423,6 +423,7 @@ mod tests {
             text: "t".into(),
             client_msg_id: None,
             mentions: Vec::new(),
+            reply_to: None,
         })
     }
 

@@ -108,6 +108,7 @@ mod tests {
             before_seq: None,
             after_seq: Some(3),
             limit: DEFAULT_PAGE_LIMIT,
+            thread: None,
         };
         assert_eq!(parsed.page, page);
     }

@@ -272,6 +272,7 @@ pub fn page_fields(data: &Map<String, Value>) -> Result<PageQuery, ProtocolError
         before_seq: optional_count(data, "before_seq")?,
         after_seq: optional_count(data, "after_seq")?,
         limit: limit_field(data, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT)?,
+        thread: optional_count(data, "thread")?,
     })
 }
 

@@ -306,6 +306,7 @@ mod tests {
                 text: format!("m{i}"),
                 client_msg_id: None,
                 mentions: Vec::new(),
+                reply_to: None,
             })
             .collect();
         assert!(store.append_messages(&batch).iter().all(Result::is_ok));

@@ -1,5 +1,6 @@
-//! `send_message {username, group_name, text, client_msg_id?}`: stores a message and answers
-//! the sender with it (`message_sent`); the room gets it as a broadcast once stored.
+//! `send_message {username, group_name, text, client_msg_id?, mentions?, reply_to?}`: stores a
+//! message and answers the sender with it (`message_sent`); the room gets it as a broadcast
+//! once stored.
 //!
 //! The one event whose store job is not a `StoreCall`: messages are `Work::Append`, which the
 //! worker batches into one commit with its neighbours (group commit), and whose completion the
@@ -8,7 +9,9 @@
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::fields::{client_msg_id_field, mentions_field, text_field, user_and_group};
+use super::fields::{
+    client_msg_id_field, mentions_field, optional_count, text_field, user_and_group,
+};
 use super::{failure_of, Completed, Context, Data, Event, Plan};
 use crate::model::{Appended, Message, NewMessage};
 use crate::protocol::reply::encode_line;
@@ -30,6 +33,7 @@ impl Event for SendMessage {
             text: text_field(data)?,
             client_msg_id: client_msg_id_field(data)?,
             mentions: mentions_field(data)?.unwrap_or_default(),
+            reply_to: optional_count(data, "reply_to")?,
         }))
     }
 
@@ -136,6 +140,7 @@ mod tests {
                 text: "hi".into(),
                 client_msg_id: None,
                 mentions: Vec::new(),
+                reply_to: None,
             })
         );
         let blank = parse(serde_json::json!({"username":"a","group_name":"g","text":"  "}));

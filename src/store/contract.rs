@@ -13,6 +13,7 @@ fn message(group: &str, user: &str, text: &str) -> NewMessage {
         text: text.into(),
         client_msg_id: None,
         mentions: Vec::new(),
+        reply_to: None,
     }
 }
 
@@ -38,6 +39,7 @@ pub fn check_all(store: &mut dyn Store, prefix: &str) {
     check_membership_pages(store, prefix);
     check_management(store, prefix);
     check_retention(store, prefix);
+    check_threads(store, prefix);
     check_erasure(store, prefix);
     check_direct_conversations(store, prefix);
     check_mentions_and_levels(store, prefix);
@@ -136,6 +138,77 @@ fn check_direct_conversations(store: &mut dyn Store, prefix: &str) {
     assert_eq!(store.set_blocked(&bob, &eve, true), Ok(vec![eve.clone()]));
     super::manage::erase(store, &eve).expect("erase");
     assert_eq!(store.blocked_users(&bob), Ok(Vec::new()));
+}
+
+/// Replies join their thread's root, which counts its live replies through deletes and
+/// erasures; a thread pages as its root and replies; a reply to nothing is refused.
+fn check_threads(store: &mut dyn Store, prefix: &str) {
+    let (ann, bob) = (format!("{prefix}t-ann"), format!("{prefix}t-bob"));
+    let group = format!("{prefix}threads");
+    store.find_user(&ann, true).expect("user");
+    store.find_user(&bob, true).expect("user");
+    create(store, &ann, &group, 0).expect("group");
+    store.join_group(&bob, &group).expect("join");
+    let reply = |text: &str, by: &str, to: u64| NewMessage {
+        reply_to: Some(to),
+        ..message(&group, by, text)
+    };
+    // A reply names a seq its sender has seen stored: never one of its own batch.
+    let mut sent = store.append_messages(&[
+        message(&group, &ann, "root"),
+        message(&group, &bob, "aside"),
+    ]);
+    sent.extend(store.append_messages(&[reply("first", &bob, 1)]));
+    sent.extend(store.append_messages(&[
+        // A reply to a reply joins the root's thread.
+        reply("second", &ann, 3),
+        reply("to nothing", &ann, 99),
+    ]));
+    let seqs: Vec<Option<u64>> = sent
+        .iter()
+        .map(|r| r.as_ref().ok().map(|a| a.message.seq))
+        .collect();
+    assert_eq!(seqs, [Some(1), Some(2), Some(3), Some(4), None]);
+    assert_eq!(sent[4].as_ref().err(), Some(&StoreError::MessageNotFound));
+    assert_eq!(sent[3].as_ref().map(|a| a.message.reply_to), Ok(Some(1)));
+    let root = |store: &mut dyn Store| store.message_at(&group, 1).expect("read").expect("root");
+    let counted = root(store);
+    assert_eq!((counted.reply_count, counted.last_reply_seq), (2, Some(4)));
+    let thread = PageQuery {
+        thread: Some(3),
+        ..page_from(0)
+    };
+    let page = fetch(store, &ann, &group, thread).expect("thread");
+    let in_thread: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        in_thread,
+        [1, 3, 4],
+        "the root and its replies, not the aside"
+    );
+    let missing = PageQuery {
+        thread: Some(77),
+        ..page_from(0)
+    };
+    assert_eq!(
+        fetch(store, &ann, &group, missing).err(),
+        Some(StoreError::MessageNotFound)
+    );
+    // Deleting the newest reply counts again; so does erasing the other reply's author.
+    store
+        .rewrite(&group, 4, super::Rewrite::Erase)
+        .expect("delete")
+        .expect("deleted");
+    let counted = root(store);
+    assert_eq!((counted.reply_count, counted.last_reply_seq), (1, Some(3)));
+    assert_eq!(
+        store.append_messages(&[reply("to a deleted one", &bob, 4)])[0]
+            .as_ref()
+            .err(),
+        Some(&StoreError::MessageNotFound)
+    );
+    store.erase_user(&bob).expect("erase");
+    let counted = root(store);
+    assert_eq!((counted.reply_count, counted.last_reply_seq), (0, None));
 }
 
 fn check_mentions_and_levels(store: &mut dyn Store, prefix: &str) {
@@ -299,6 +372,7 @@ fn page_from(after_seq: u64) -> PageQuery {
         before_seq: None,
         after_seq: Some(after_seq),
         limit: 100,
+        thread: None,
     }
 }
 
@@ -621,6 +695,7 @@ fn check_idempotent_sends(store: &mut dyn Store, prefix: &str) {
             before_seq: None,
             after_seq: None,
             limit: 10,
+            thread: None,
         },
     )
     .expect("page");
@@ -899,6 +974,7 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
         before_seq: None,
         after_seq: None,
         limit: 3,
+        thread: None,
     };
     let page = fetch(store, alice, group, newest).expect("newest page");
     assert_eq!(
@@ -910,6 +986,7 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
         before_seq: Some(3),
         after_seq: None,
         limit: 5,
+        thread: None,
     };
     let page = fetch(store, alice, group, older).expect("older page");
     assert_eq!(
@@ -921,6 +998,7 @@ fn check_messages(store: &mut dyn Store, alice: &str, bob: &str, group: &str) {
         before_seq: None,
         after_seq: Some(7),
         limit: 2,
+        thread: None,
     };
     let page = fetch(store, alice, group, after).expect("after page");
     assert_eq!(

@@ -168,6 +168,19 @@ impl MongoStore {
         self.erasures
             .create_index(IndexModel::builder().keys(doc! {"at": 1}).build())
             .run()?;
+        // A thread's replies (`fetch_messages {thread}`, recounts).
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"group_name": 1, "reply_to": 1, "seq": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .partial_filter_expression(doc! {"reply_to": {"$exists": true}})
+                            .build(),
+                    )
+                    .build(),
+            )
+            .run()?;
         self.messages
             .create_index(
                 IndexModel::builder()
@@ -538,6 +551,8 @@ impl MongoStore {
         let mut results = self.retries_of_strangers(strangers, not_a_member(group_name));
         let (members_items, refused) = self.may_post(&group, members_items);
         results.extend(refused);
+        let (members_items, refused) = self.thread_roots(group_name, members_items);
+        results.extend(refused);
         let indexes: Vec<usize> = members_items.iter().map(|(i, _)| *i).collect();
         // The push jobs go in before the messages they tell of (no transaction puts the two
         // in one commit here): a job whose message never lands is dropped by the worker, a
@@ -549,6 +564,7 @@ impl MongoStore {
             }
         }
         let (mut settled, error) = self.insert_with_seq(group_name, members_items);
+        self.count_replies(group_name, &settled);
         if direct::is_direct(group_name) && settled.iter().any(|(_, a)| !a.duplicate) {
             let revealed = self.show_direct(&group);
             if let Some((_, first)) = settled.iter_mut().find(|(_, a)| !a.duplicate) {
@@ -607,6 +623,94 @@ impl MongoStore {
             }
         }
         (kept, refused)
+    }
+
+    /// Replies join their thread: each `reply_to` (the message answered) becomes its
+    /// thread's root, in one query for the batch; a reply to a message that is not there or
+    /// was deleted is refused (`MessageNotFound`).
+    fn thread_roots(
+        &self,
+        group_name: &str,
+        items: Vec<(usize, Message)>,
+    ) -> (Vec<(usize, Message)>, Settled) {
+        let asked: Vec<i64> = items
+            .iter()
+            .filter_map(|(_, m)| m.reply_to)
+            .map(|seq| seq.min(i64::MAX as u64) as i64)
+            .collect();
+        if asked.is_empty() {
+            return (items, Vec::new());
+        }
+        let found = self.find_messages(
+            doc! {"group_name": group_name, "seq": {"$in": &asked}, "deleted": {"$ne": true}},
+            true,
+            asked.len() as u32,
+        );
+        let found = match found {
+            Ok(found) => found,
+            Err(error) => {
+                let refused = items.into_iter().map(|(i, _)| (i, Err(error.clone())));
+                return (Vec::new(), refused.collect());
+            }
+        };
+        let mut kept = Vec::with_capacity(items.len());
+        let mut refused = Vec::new();
+        for (index, mut message) in items {
+            let Some(parent) = message.reply_to else {
+                kept.push((index, message));
+                continue;
+            };
+            match found.iter().find(|m| m.seq == parent) {
+                Some(answered) => {
+                    message.reply_to = Some(answered.reply_to.unwrap_or(parent));
+                    kept.push((index, message));
+                }
+                None => refused.push((index, Err(StoreError::MessageNotFound))),
+            }
+        }
+        (kept, refused)
+    }
+
+    /// Counts the replies just stored on their roots. An instance that dies between the
+    /// insert and this leaves a root's count one short until a delete of one of its replies
+    /// counts it again (`recount_replies`).
+    fn count_replies(&self, group_name: &str, settled: &[(usize, Appended)]) {
+        for (_, appended) in settled.iter().filter(|(_, a)| !a.duplicate) {
+            let Some(root) = appended.message.reply_to else {
+                continue;
+            };
+            let counted = self
+                .messages
+                .update_one(
+                    doc! {"group_name": group_name, "seq": root as i64},
+                    doc! {
+                        "$inc": {"reply_count": 1_i64},
+                        "$max": {"last_reply_seq": appended.message.seq as i64},
+                    },
+                )
+                .run();
+            if let Err(error) = counted {
+                log::warn!("the reply count of {group_name} #{root} was not raised: {error}");
+            }
+        }
+    }
+
+    /// Sets a thread root's `reply_count` and `last_reply_seq` from its replies that are not
+    /// deleted.
+    fn recount_replies(&self, group_name: &str, root: u64) -> StoreResult<()> {
+        let replies =
+            doc! {"group_name": group_name, "reply_to": root as i64, "deleted": {"$ne": true}};
+        let count = self.messages.count_documents(replies.clone()).run()?;
+        let newest = first(&self.messages, replies, Some(doc! {"seq": -1}))?
+            .and_then(|reply| seq_of(&reply));
+        let update = match newest {
+            Some(seq) => doc! {"$set": {"reply_count": count as i64, "last_reply_seq": seq as i64}},
+            None => doc! {"$unset": {"reply_count": "", "last_reply_seq": ""}},
+        };
+        self.messages
+            .update_one(doc! {"group_name": group_name, "seq": root as i64}, update)
+            .run()?;
+        Ok(())
     }
 
     /// Queues the push jobs of messages about to be stored (direct, or mentioning someone),
@@ -927,6 +1031,8 @@ fn unstored(message: &NewMessage, now: &str) -> Message {
         seq: 0,
         client_msg_id: message.client_msg_id.clone(),
         mentions: message.mentions.clone(),
+        // The message answered, until `thread_roots` puts its thread's root here.
+        reply_to: message.reply_to,
         ..Message::default()
     }
 }
@@ -1020,6 +1126,9 @@ fn message_document(message: &Message) -> Document {
     if !message.mentions.is_empty() {
         document.insert("mentions", &message.mentions);
     }
+    if let Some(root) = message.reply_to {
+        document.insert("reply_to", root as i64);
+    }
     document
 }
 
@@ -1041,6 +1150,9 @@ fn message_from(document: &Document) -> StoreResult<Message> {
         edited_at: document.get("edited_at").map(|at| timestamp_of(Some(at))),
         deleted: document.get_bool("deleted").unwrap_or(false),
         mentions: names_in(document, "mentions"),
+        reply_to: seq_of_field(document, "reply_to"),
+        reply_count: seq_of_field(document, "reply_count").unwrap_or(0),
+        last_reply_seq: seq_of_field(document, "last_reply_seq"),
     })
 }
 
@@ -1445,11 +1557,17 @@ impl Store for MongoStore {
             seq_range.insert("$lt", before.min(i64::MAX as u64) as i64);
         }
         let ascending = page.after_seq.is_some();
-        let rows = self.find_messages(
-            doc! {"group_name": group_name, "seq": seq_range},
-            ascending,
-            page.limit + 1,
-        )?;
+        let mut filter = doc! {"group_name": group_name, "seq": seq_range};
+        // A thread: its root and the replies to it (the root's thread when `thread` names a
+        // reply).
+        if let Some(seq) = page.thread {
+            let named = self
+                .stored_message(group_name, seq.min(i64::MAX as u64) as i64)?
+                .ok_or(StoreError::MessageNotFound)?;
+            let root = named.reply_to.unwrap_or(named.seq) as i64;
+            filter.insert("$or", vec![doc! {"seq": root}, doc! {"reply_to": root}]);
+        }
+        let rows = self.find_messages(filter, ascending, page.limit + 1)?;
         let (mut messages, has_more) = split_page(rows, page.limit);
         if !ascending {
             messages.reverse();
@@ -1555,7 +1673,12 @@ impl Store for MongoStore {
         if changed.matched_count == 0 {
             return Ok(None);
         }
-        self.stored_message(group_name, seq)
+        let message = self.stored_message(group_name, seq)?;
+        // A deleted reply no longer counts on its thread's root.
+        if let (Rewrite::Erase, Some(root)) = (change, message.as_ref().and_then(|m| m.reply_to)) {
+            self.recount_replies(group_name, root)?;
+        }
+        Ok(message)
     }
 
     fn role(&mut self, group_name: &str, username: &str) -> StoreResult<Role> {
@@ -1727,12 +1850,31 @@ impl Store for MongoStore {
         self.groups
             .update_many(doc! {"creator": username}, doc! {"$unset": {"creator": ""}})
             .run()?;
+        let threads: Vec<(String, u64)> = self
+            .messages
+            .find(doc! {"username": username, "reply_to": {"$exists": true}, "deleted": {"$ne": true}})
+            .projection(doc! {"group_name": 1, "reply_to": 1})
+            .max_time(self.max_time)
+            .run()?
+            .filter_map(|reply| {
+                let reply = reply.ok()?;
+                let root = seq_of_field(&reply, "reply_to")?;
+                Some((reply.get_str("group_name").ok()?.to_string(), root))
+            })
+            .collect();
         self.messages
             .update_many(
                 doc! {"username": username},
                 doc! {"$set": {"deleted": true, "username": ""}, "$unset": {"text": "", "edited_at": "", "client_msg_id": "", "mentions": ""}},
             )
             .run()?;
+        // Their replies no longer count on the threads they answered.
+        let mut threads = threads;
+        threads.sort();
+        threads.dedup();
+        for (group_name, root) in &threads {
+            self.recount_replies(group_name, *root)?;
+        }
         self.messages
             .update_many(
                 doc! {"mentions": username},
@@ -2054,6 +2196,7 @@ mod tests {
             before_seq: None,
             after_seq: None,
             limit: 1,
+            thread: None,
         };
         let nobody = MemberOf {
             username: "nobody",

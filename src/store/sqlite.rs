@@ -22,7 +22,7 @@ use crate::model::{
 
 /// The schema version this code writes (`PRAGMA user_version`). 0: a database made before
 /// versions existed (v1: no read marker by seq, no group creator), or a new file.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// The v1 tables, as the first release created them; migrations run from here.
 const SCHEMA_V1: &str = "
@@ -137,6 +137,17 @@ CREATE INDEX IF NOT EXISTS push_queue_by_due ON push_queue (next_ms);
 CREATE INDEX IF NOT EXISTS push_queue_by_age ON push_queue (created_ms);
 ";
 
+/// v5 → v6: threads. A reply's `reply_to` (its thread's root), and on each root the count of
+/// its replies that are not deleted and the newest of them, kept in the commits that change
+/// them (`recount_replies`); replies found by thread through a partial index.
+const MIGRATE_V5_TO_V6: &str = "
+ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+ALTER TABLE messages ADD COLUMN reply_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN last_reply_seq INTEGER;
+CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (group_name, reply_to, seq)
+    WHERE reply_to IS NOT NULL;
+";
+
 /// v1's index of messages by time serves only the v1 → v2 migration above (read state is by
 /// `seq` since v2) but cost a B-tree update, about one more page per group written, in every
 /// commit of messages. Dropped without a version step: a server of the same schema version
@@ -150,7 +161,8 @@ const ADD_INDEXES: &str =
     "CREATE INDEX IF NOT EXISTS members_by_user_and_group ON members (username, group_name);";
 
 const MESSAGE_COLUMNS: &str =
-    "id, group_name, username, text, timestamp, seq, client_msg_id, edited_at, deleted, mentions";
+    "id, group_name, username, text, timestamp, seq, client_msg_id, edited_at, deleted, mentions,
+     reply_to, reply_count, last_reply_seq";
 
 /// One worker's connection to the embedded database.
 pub struct SqliteStore {
@@ -236,6 +248,9 @@ impl SqliteStore {
         }
         if version < 5 {
             tx.execute_batch(MIGRATE_V4_TO_V5)?;
+        }
+        if version < 6 {
+            tx.execute_batch(MIGRATE_V5_TO_V6)?;
         }
         tx.execute_batch(DROP_UNUSED_INDEXES)?;
         tx.execute_batch(ADD_INDEXES)?;
@@ -424,7 +439,44 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         edited_at: row.get(7)?,
         deleted: row.get::<_, i64>(8)? != 0,
         mentions: decode_mentions(row.get(9)?),
+        reply_to: row.get::<_, Option<i64>>(10)?.map(|seq| seq as u64),
+        reply_count: row.get::<_, i64>(11)? as u64,
+        last_reply_seq: row.get::<_, Option<i64>>(12)?.map(|seq| seq as u64),
     })
+}
+
+/// The root of the thread a reply to `seq` joins: `seq` itself, or its root when it is a
+/// reply. `MessageNotFound` when there is no such message or it was deleted.
+fn thread_root(tx: &Connection, group_name: &str, seq: u64) -> StoreResult<u64> {
+    let parent: Option<(Option<i64>, i64)> = tx
+        .prepare_cached(
+            "SELECT reply_to, deleted FROM messages WHERE group_name = ?1 AND seq = ?2",
+        )?
+        .query_row(
+            params![group_name, seq.min(i64::MAX as u64) as i64],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    match parent {
+        Some((_, deleted)) if deleted != 0 => Err(StoreError::MessageNotFound),
+        Some((root, _)) => Ok(root.map_or(seq, |root| root as u64)),
+        None => Err(StoreError::MessageNotFound),
+    }
+}
+
+/// Sets a thread root's `reply_count` and `last_reply_seq` from its replies that are not
+/// deleted (after a delete, retention or an erasure took some).
+fn recount_replies(tx: &Connection, group_name: &str, root: u64) -> StoreResult<()> {
+    tx.prepare_cached(
+        "UPDATE messages SET
+            reply_count = (SELECT COUNT(*) FROM messages r WHERE r.group_name = ?1
+                AND r.reply_to = ?2 AND r.deleted = 0),
+            last_reply_seq = (SELECT MAX(r.seq) FROM messages r WHERE r.group_name = ?1
+                AND r.reply_to = ?2 AND r.deleted = 0)
+         WHERE group_name = ?1 AND seq = ?2",
+    )?
+    .execute(params![group_name, root as i64])?;
+    Ok(())
 }
 
 /// A message's stored mention list (a JSON array; NULL when it names nobody).
@@ -769,6 +821,10 @@ impl Appender {
                 Ok(member)
             })?;
         }
+        let reply_to = match message.reply_to {
+            Some(seq) => Some(thread_root(tx, &message.group_name, seq)?),
+            None => None,
+        };
         let seq = match self.last_seq.get(&message.group_name) {
             Some(last) => last + 1,
             None => head_seq(tx, &message.group_name)? as i64 + 1,
@@ -782,11 +838,12 @@ impl Appender {
             seq: seq as u64,
             client_msg_id: message.client_msg_id.clone(),
             mentions: message.mentions.clone(),
+            reply_to,
             ..Message::default()
         };
         tx.prepare_cached(
             "INSERT INTO messages (id, group_name, username, text, timestamp, seq, client_msg_id,
-             mentions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             mentions, reply_to) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?
         .execute(params![
             stored.id,
@@ -796,8 +853,16 @@ impl Appender {
             stored.timestamp,
             seq,
             stored.client_msg_id,
-            encode_mentions(&stored.mentions)
+            encode_mentions(&stored.mentions),
+            reply_to.map(|root| root as i64)
         ])?;
+        if let Some(root) = reply_to {
+            tx.prepare_cached(
+                "UPDATE messages SET reply_count = reply_count + 1, last_reply_seq = ?3
+                 WHERE group_name = ?1 AND seq = ?2",
+            )?
+            .execute(params![stored.group_name, root as i64, seq])?;
+        }
         if !stored.mentions.is_empty() {
             write_mentions(tx, &stored)?;
         }
@@ -1131,13 +1196,40 @@ impl Store for SqliteStore {
         } else {
             "DESC"
         };
-        let filter =
-            format!("group_name = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq {order} LIMIT ?4");
-        let rows = query_messages(
-            &tx,
-            &filter,
-            params![group_name, after, before, page.limit + 1],
-        )?;
+        let rows = match page.thread {
+            None => {
+                let filter = format!(
+                    "group_name = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq {order} LIMIT ?4"
+                );
+                query_messages(
+                    &tx,
+                    &filter,
+                    params![group_name, after, before, page.limit + 1],
+                )?
+            }
+            // A thread: its root and the replies to it (the root's thread when `thread`
+            // names a reply); each found by index.
+            Some(seq) => {
+                let named = query_messages(
+                    &tx,
+                    "group_name = ?1 AND seq = ?2",
+                    params![group_name, seq.min(i64::MAX as u64) as i64],
+                )?;
+                let root = named
+                    .first()
+                    .map(|m| m.reply_to.unwrap_or(m.seq))
+                    .ok_or(StoreError::MessageNotFound)?;
+                let filter = format!(
+                    "group_name = ?1 AND seq > ?2 AND seq < ?3 AND (seq = ?5 OR reply_to = ?5)
+                     ORDER BY seq {order} LIMIT ?4"
+                );
+                query_messages(
+                    &tx,
+                    &filter,
+                    params![group_name, after, before, page.limit + 1, root as i64],
+                )?
+            }
+        };
         let (mut messages, has_more) = split_page(rows, page.limit);
         if page.after_seq.is_none() {
             messages.reverse();
@@ -1303,6 +1395,10 @@ impl Store for SqliteStore {
             )?
             .pop()
         };
+        // A deleted reply no longer counts on its thread's root.
+        if let (Rewrite::Erase, Some(root)) = (change, message.as_ref().and_then(|m| m.reply_to)) {
+            recount_replies(&tx, group_name, root)?;
+        }
         tx.commit()?;
         if message.is_some() {
             scrub_wal_soon();
@@ -1447,11 +1543,24 @@ impl Store for SqliteStore {
             "DELETE FROM mentions WHERE username = ?1 OR author = ?1",
             [username],
         )?;
+        let threads = tx
+            .prepare_cached(
+                "SELECT DISTINCT group_name, reply_to FROM messages
+                 WHERE username = ?1 AND reply_to IS NOT NULL AND deleted = 0",
+            )?
+            .query_map([username], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
         tx.execute(
             "UPDATE messages SET text = '', username = '', edited_at = NULL, deleted = 1,
              client_msg_id = NULL, mentions = NULL WHERE username = ?1",
             [username],
         )?;
+        // Their replies no longer count on the threads they answered.
+        for (group_name, root) in &threads {
+            recount_replies(&tx, group_name, *root)?;
+        }
         tx.execute(
             "DELETE FROM blocks WHERE blocker = ?1 OR blocked = ?1",
             [username],
