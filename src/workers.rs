@@ -116,6 +116,9 @@ impl Work {
 }
 
 /// A finished job.
+// Nearly every outcome is `Appended` (a message); boxing it to shrink the rare ones would
+// cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     Appended(Result<Appended, StoreError>),

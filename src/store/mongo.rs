@@ -168,31 +168,24 @@ impl MongoStore {
         self.erasures
             .create_index(IndexModel::builder().keys(doc! {"at": 1}).build())
             .run()?;
-        // A thread's replies (`fetch_messages {thread}`, recounts).
-        self.messages
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"group_name": 1, "reply_to": 1, "seq": 1})
-                    .options(
-                        IndexOptions::builder()
-                            .partial_filter_expression(doc! {"reply_to": {"$exists": true}})
-                            .build(),
-                    )
-                    .build(),
-            )
-            .run()?;
-        self.messages
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"mentions": 1, "group_name": 1, "seq": 1})
-                    .options(
-                        IndexOptions::builder()
-                            .partial_filter_expression(doc! {"mentions": {"$exists": true}})
-                            .build(),
-                    )
-                    .build(),
-            )
-            .run()?;
+        // A thread's replies (`fetch_messages {thread}`, recounts), and mentions by name;
+        // each holds only the messages that have the field.
+        for (keys, field) in [
+            (doc! {"group_name": 1, "reply_to": 1, "seq": 1}, "reply_to"),
+            (doc! {"mentions": 1, "group_name": 1, "seq": 1}, "mentions"),
+        ] {
+            let only_with_field = IndexOptions::builder()
+                .partial_filter_expression(doc! {field: {"$exists": true}})
+                .build();
+            self.messages
+                .create_index(
+                    IndexModel::builder()
+                        .keys(keys)
+                        .options(only_with_field)
+                        .build(),
+                )
+                .run()?;
+        }
         for key in ["next_ms", "created_ms", "message_id"] {
             self.push_queue
                 .create_index(IndexModel::builder().keys(doc! {key: 1}).build())
