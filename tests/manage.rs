@@ -28,15 +28,6 @@ backend_tests!(
 );
 
 /// A server on fresh storage of `backend` (the storage outlives the server).
-/// `noomnim admin erase-user NAME` against `storage`, as an operator runs it.
-fn erase_user(storage: &Storage, name: &str) -> std::process::Output {
-    Command::new(BINARY)
-        .args(["admin", "erase-user", name])
-        .env_clear()
-        .envs(storage.env())
-        .output()
-        .expect("run noomnim admin")
-}
 
 fn started(backend: Backend) -> (Storage, Server) {
     let storage = Storage::new(backend);
@@ -514,7 +505,7 @@ fn an_erased_user_is_cut_off_and_the_name_is_free(backend: Backend) {
     );
     send(&mut g, &group, "please forget me");
     send(&mut s, &group, "hello");
-    let output = erase_user(&storage, &gone);
+    let output = common::erase_user(&storage, &gone);
     assert!(output.status.success(), "{output:?}");
     let summary = String::from_utf8_lossy(&output.stdout);
     assert!(summary.contains("erased user"), "{summary}");
@@ -558,7 +549,7 @@ fn an_erased_user_is_cut_off_and_the_name_is_free(backend: Backend) {
     assert_eq!(login["data"]["group_list"], json!([]));
     let created = ask(&mut again, "create_group", ug(&gone, &unique("fresh")));
     assert_eq!(created["event"], "group_created", "{created}");
-    let missing = erase_user(&storage, &unique("nobody"));
+    let missing = common::erase_user(&storage, &unique("nobody"));
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     let usage = Command::new(BINARY)
         .args(["admin", "erase"])
@@ -578,7 +569,7 @@ fn an_erasure_racing_sends_leaves_nothing(backend: Backend) {
     let mut s = server.login(&stays);
     let group = group_with(&mut s, &stays, &mut [(&mut g, &gone)]);
     send_burst(&mut g, &group, 300);
-    let output = erase_user(&storage, &gone);
+    let output = common::erase_user(&storage, &gone);
     assert!(output.status.success(), "{output:?}");
     for message in common::fetch_all(&mut s, &stays, &group) {
         assert_eq!(message["deleted"], true, "{message}");
@@ -940,7 +931,7 @@ fn erasure_and_retention_reach_every_peer() {
         json!({"group_name": group, "after_seq": 0}),
     );
     assert_eq!(page["data"]["first_seq"], 8, "{page}");
-    let output = erase_user(&storage, &gone);
+    let output = common::erase_user(&storage, &gone);
     assert!(output.status.success(), "{output:?}");
     let closing = loop {
         let line = g.recv();

@@ -1002,3 +1002,13 @@ pub fn v3(server: &Server, username: &str) -> Client {
     assert!(login["event"] == "user_created" || login["event"] == "user_found");
     client
 }
+
+/// `noomnim admin erase-user NAME` against `storage`, as an operator runs it.
+pub fn erase_user(storage: &Storage, name: &str) -> std::process::Output {
+    Command::new(BINARY)
+        .args(["admin", "erase-user", name])
+        .env_clear()
+        .envs(storage.env())
+        .output()
+        .expect("run noomnim admin")
+}
