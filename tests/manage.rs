@@ -28,7 +28,6 @@ backend_tests!(
 );
 
 /// A server on fresh storage of `backend` (the storage outlives the server).
-
 fn started(backend: Backend) -> (Storage, Server) {
     let storage = Storage::new(backend);
     let server = Server::start(&storage);
