@@ -13,6 +13,12 @@ export interface Message {
   edited_at?: string;
   deleted?: boolean;
   duplicate?: boolean;
+  mentions?: string[];
+  /** The seq of the thread's root this message answers. */
+  reply_to?: number;
+  /** A thread root's replies that are not deleted, and the newest of them. */
+  reply_count?: number;
+  last_reply_seq?: number;
 }
 
 /** Any line from the server. */
@@ -58,7 +64,8 @@ export class Client {
   joinAndEnter(group: string): Promise<void>;
   enter(group: string): Promise<void>;
   /** Resolves with the stored message; safe across reconnects (sent with a client_msg_id). */
-  send(group: string, text: string, mentions?: string[]): Promise<Message>;
+  send(group: string, text: string, mentions?: string[], replyTo?: number | null): Promise<Message>;
+  thread(group: string, seq: number, afterSeq?: number, limit?: number): Promise<{ messages: Message[]; has_more: boolean }>;
   openDirect(username: string): Promise<string>;
   block(username: string): Promise<string[]>;
   unblock(username: string): Promise<string[]>;

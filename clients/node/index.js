@@ -51,7 +51,7 @@ class Client {
     this.room = null; // the group whose room we are in (re-entered after a reconnect)
     this.lastSeq = new Map(); // group -> highest seq shown
     this.epoch = new Map(); // group -> epoch the seqs above belong to
-    this.outbox = new Map(); // client_msg_id -> [group, text, mentions], until acknowledged
+    this.outbox = new Map(); // client_msg_id -> [group, text, mentions, replyTo], until acknowledged
     this.acks = new Map(); // client_msg_id -> deferred ack data
     this.duplicates = 0; // acks that said `duplicate` (retries of stored messages)
     this.pending = new Map(); // request id -> deferred reply line
@@ -99,7 +99,9 @@ class Client {
     if (this.token) login.token = this.token;
     await this.request('find_user', login);
     if (this.room !== null) await this.enter(this.room);
-    for (const [id, [group, text, mentions]] of this.outbox) this.writeSend(id, group, text, mentions);
+    for (const [id, [group, text, mentions, replyTo]] of this.outbox) {
+      this.writeSend(id, group, text, mentions, replyTo);
+    }
   }
 
   // Drops the connection as a crash or a network fault would: `clean` closes the socket;
@@ -214,14 +216,23 @@ class Client {
   }
 
   // Queues a message; returns a promise of its stored form (kept across reconnects).
-  // `mentions` names members to notify ('@room': all of them; owner and admins only).
-  send(group, text, mentions = []) {
+  // `mentions` names members to notify ('@room': all of them; owner and admins only);
+  // `replyTo` the seq of the message it answers (the reply joins that message's thread).
+  send(group, text, mentions = [], replyTo = null) {
     const id = crypto.randomUUID();
-    this.outbox.set(id, [group, text, mentions]);
+    this.outbox.set(id, [group, text, mentions, replyTo]);
     const d = deferred();
     this.acks.set(id, d);
-    this.writeSend(id, group, text, mentions);
+    this.writeSend(id, group, text, mentions, replyTo);
     return d.promise;
+  }
+
+  // A page of one thread: its root (with reply_count, last_reply_seq) and its replies, in
+  // seq order, after `afterSeq`; resolves with {messages, has_more}.
+  async thread(group, seq, afterSeq = 0, limit = 100) {
+    const reply = await this.request('fetch_messages',
+      { group_name: group, thread: seq, after_seq: afterSeq, limit });
+    return reply.data;
   }
 
   // The direct conversation with `username` (created on first use): its group name.
@@ -247,10 +258,11 @@ class Client {
     await this.request('set_notify', { group_name: group, level });
   }
 
-  writeSend(id, group, text, mentions = []) {
+  writeSend(id, group, text, mentions = [], replyTo = null) {
     if (!this.socket) return; // resent by the next connect()
     const data = { group_name: group, text, client_msg_id: id };
     if (mentions && mentions.length) data.mentions = mentions;
+    if (replyTo !== null && replyTo !== undefined) data.reply_to = replyTo;
     this.socket.write(`${JSON.stringify({ event: 'send_message', data, id: `send:${id}` })}\n`);
   }
 
@@ -258,8 +270,8 @@ class Client {
     const d = this.acks.get(id);
     if (line.event !== 'message_sent') {
       if (RETRYABLE.has(line.data.code)) {
-        const [group, text, mentions] = this.outbox.get(id);
-        setTimeout(() => this.writeSend(id, group, text, mentions), 1000);
+        const [group, text, mentions, replyTo] = this.outbox.get(id);
+        setTimeout(() => this.writeSend(id, group, text, mentions, replyTo), 1000);
       } else if (d && !d.done) {
         d.done = true;
         this.outbox.delete(id);

@@ -73,6 +73,23 @@ test('edits and deletes reach onEvent', async () => {
   alice.close(); bob.close();
 });
 
+test('replies make a thread', async () => {
+  const { group, alice, bob } = await pair();
+  const root = await alice.send(group, 'who takes the release?');
+  const first = await bob.send(group, 'I can', [], root.seq);
+  assert.strictEqual(first.reply_to, root.seq);
+  // A reply to a reply joins the root's thread.
+  const second = await alice.send(group, 'thanks', [], first.seq);
+  assert.strictEqual(second.reply_to, root.seq);
+  const page = await bob.thread(group, root.seq);
+  assert.deepStrictEqual(page.messages.map((m) => m.seq), [root.seq, first.seq, second.seq]);
+  assert.strictEqual(page.messages[0].reply_count, 2);
+  assert.strictEqual(page.messages[0].last_reply_seq, second.seq);
+  await assert.rejects(alice.send(group, 'to nothing', [], 10000),
+    (error) => error instanceof ChatError && error.code === 'not_found');
+  alice.close(); bob.close();
+});
+
 test('direct messages, mentions, blocks and levels', async () => {
   const { group, seen, alice, bob } = await pair();
   const dm = await alice.openDirect(bob.username);

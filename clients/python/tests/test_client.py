@@ -76,6 +76,22 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
         self.assertNotIn("text", tombstone)
         self.assertTrue(await until(lambda: any(e["event"] == "message_deleted" for e in self.events)))
 
+    async def test_replies_make_a_thread(self):
+        root = await self.alice.send(self.group, "who takes the release?")
+        first = await self.bob.send(self.group, "I can", reply_to=root["seq"])
+        self.assertEqual(first["reply_to"], root["seq"])
+        # A reply to a reply joins the root's thread.
+        second = await self.alice.send(self.group, "thanks", reply_to=first["seq"])
+        self.assertEqual(second["reply_to"], root["seq"])
+        page = await self.bob.thread(self.group, root["seq"])
+        self.assertEqual([m["seq"] for m in page["messages"]],
+                         [root["seq"], first["seq"], second["seq"]])
+        self.assertEqual(page["messages"][0]["reply_count"], 2)
+        self.assertEqual(page["messages"][0]["last_reply_seq"], second["seq"])
+        with self.assertRaises(ChatError) as refused:
+            await self.alice.send(self.group, "to nothing", reply_to=10_000)
+        self.assertEqual(refused.exception.code, "not_found")
+
     async def test_direct_messages_mentions_blocks_and_levels(self):
         dm = await self.alice.open_direct(self.bob.username)
         self.assertTrue(dm.startswith("@dm:"))

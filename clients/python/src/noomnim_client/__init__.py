@@ -68,7 +68,7 @@ class Client:
         self.room = None  # the group whose room we are in (re-entered after a reconnect)
         self.last_seq = {}  # group -> highest seq shown
         self.epoch = {}  # group -> epoch the seqs above belong to
-        self.outbox = {}  # client_msg_id -> (group, text, mentions), until acknowledged
+        self.outbox = {}  # client_msg_id -> (group, text, mentions, reply_to), until acknowledged
         self.acks = {}  # client_msg_id -> future of the ack's data
         self.duplicates = 0  # acks that said `duplicate` (retries of stored messages)
         self.hello = None
@@ -107,8 +107,8 @@ class Client:
         await self.request("find_user", login)
         if self.room is not None:
             await self.enter(self.room)
-        for client_msg_id, (group, text, mentions) in list(self.outbox.items()):
-            self._write_send(client_msg_id, group, text, mentions)
+        for client_msg_id, (group, text, mentions, reply_to) in list(self.outbox.items()):
+            self._write_send(client_msg_id, group, text, mentions, reply_to)
 
     def cut_off(self, clean):
         """Drops the connection as a crash or a network fault would: `clean` closes the socket;
@@ -248,18 +248,37 @@ class Client:
             self._show(message)
 
     def send_nowait(
-        self, group: str, text: str, mentions: Optional[List[str]] = None
+        self,
+        group: str,
+        text: str,
+        mentions: Optional[List[str]] = None,
+        reply_to: Optional[int] = None,
     ) -> "asyncio.Future[Message]":
         """Queues a message; returns a future of its stored form (kept across reconnects).
-        `mentions` names members to notify (`"@room"`: all of them; owner and admins only)."""
+        `mentions` names members to notify (`"@room"`: all of them; owner and admins only);
+        `reply_to` the seq of the message it answers (it joins that message's thread)."""
         client_msg_id = str(uuid.uuid4())
-        self.outbox[client_msg_id] = (group, text, list(mentions or []))
+        self.outbox[client_msg_id] = (group, text, list(mentions or []), reply_to)
         self.acks[client_msg_id] = asyncio.get_running_loop().create_future()
-        self._write_send(client_msg_id, group, text, self.outbox[client_msg_id][2])
+        self._write_send(client_msg_id, *self.outbox[client_msg_id])
         return self.acks[client_msg_id]
 
-    async def send(self, group: str, text: str, mentions: Optional[List[str]] = None) -> Message:
-        return await self.send_nowait(group, text, mentions)
+    async def send(
+        self,
+        group: str,
+        text: str,
+        mentions: Optional[List[str]] = None,
+        reply_to: Optional[int] = None,
+    ) -> Message:
+        return await self.send_nowait(group, text, mentions, reply_to)
+
+    async def thread(
+        self, group: str, seq: int, after_seq: int = 0, limit: int = 100
+    ) -> Dict[str, Any]:
+        """A page of one thread: its root (with `reply_count`, `last_reply_seq`) and its
+        replies in seq order after `after_seq`: `{"messages": [...], "has_more": bool}`."""
+        data = {"group_name": group, "thread": seq, "after_seq": after_seq, "limit": limit}
+        return (await self.request("fetch_messages", data))["data"]
 
     async def open_direct(self, username: str) -> str:
         """The direct conversation with `username` (created on first use): its group name, to
@@ -307,10 +326,12 @@ class Client:
             writer.close()
         self._closed = True
 
-    def _write_send(self, client_msg_id, group, text, mentions=()):
+    def _write_send(self, client_msg_id, group, text, mentions=(), reply_to=None):
         data = {"group_name": group, "text": text, "client_msg_id": client_msg_id}
         if mentions:
             data["mentions"] = list(mentions)
+        if reply_to is not None:
+            data["reply_to"] = reply_to
         try:
             self._write({"event": "send_message", "data": data, "id": "send:" + client_msg_id})
         except (ConnectionError, RuntimeError):
@@ -321,9 +342,8 @@ class Client:
         future = self.acks.get(client_msg_id)
         if line["event"] != "message_sent":
             if data.get("code") in RETRYABLE:
-                group, text, mentions = self.outbox[client_msg_id]
                 asyncio.get_running_loop().call_later(
-                    1, self._write_send, client_msg_id, group, text, mentions
+                    1, self._write_send, client_msg_id, *self.outbox[client_msg_id]
                 )
             elif future is not None and not future.done():
                 self.outbox.pop(client_msg_id, None)
