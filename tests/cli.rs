@@ -488,3 +488,47 @@ fn interactive_cli_talks_directly_and_mentions() {
     assert_eq!(refused["data"]["code"], "forbidden", "{refused}");
     tmux.type_line("/quit");
 }
+
+/// `/reply SEQ TEXT` answers in the message's thread, and `/thread SEQ` shows the root with
+/// its count and the replies indented under it.
+#[test]
+fn interactive_cli_replies_in_threads() {
+    let storage = Storage::new(Backend::Embedded);
+    let server = Server::start(&storage);
+    let (alice, bob, group) = (unique("alice"), unique("bob"), unique("team"));
+    let mut b = common::v3(&server, &bob);
+    ask(&mut b, "create_group", common::ug(&bob, &group));
+    let root = ask(
+        &mut b,
+        "send_message",
+        json!({"group_name": group, "text": "who takes the release?"}),
+    );
+    assert_eq!(root["data"]["seq"], 1, "{root}");
+    let tmux = Tmux::start(&format!(
+        "{BINARY} cli --port {} --user {alice}",
+        server.addr.port()
+    ));
+    tmux.wait_for(&format!("logged in as {alice}"), 1);
+    tmux.type_line(&format!("/join {group}"));
+    tmux.type_line(&format!("/enter {group}"));
+    tmux.wait_for("who takes the release?", 1);
+    tmux.type_line("/reply 1 I can do it");
+    tmux.wait_for("sent #2", 1);
+    let page = ask(
+        &mut b,
+        "fetch_messages",
+        json!({"group_name": group, "thread": 1, "after_seq": 0}),
+    );
+    let messages = page["data"]["messages"].as_array().expect("messages");
+    assert_eq!(messages[1]["text"], "I can do it", "{page}");
+    assert_eq!(messages[1]["reply_to"], 1, "{page}");
+    tmux.type_line("/reply 2 (on tuesday)");
+    tmux.wait_for("sent #3", 1);
+    tmux.type_line("/thread 1");
+    let screen = tmux.wait_for("[2 replies, /thread 1]", 1);
+    assert!(
+        screen.contains("\u{21b3} ") && screen.contains("(re #1): (on tuesday)"),
+        "replies indented under their root: {screen}"
+    );
+    tmux.type_line("/quit");
+}

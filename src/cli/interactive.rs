@@ -23,7 +23,7 @@ use super::show;
 use super::{describe_error, Follow, Incoming, Link, Options};
 
 /// The slash commands, with what they take.
-const COMMANDS: [(&str, &str); 20] = [
+const COMMANDS: [(&str, &str); 22] = [
     ("/help", "this list"),
     ("/join", "GROUP: become a member"),
     ("/leave", "GROUP: stop being a member"),
@@ -44,6 +44,14 @@ const COMMANDS: [(&str, &str); 20] = [
     ("/groups", "your groups, with unread counts"),
     ("/list", "every group"),
     ("/read", "[GROUP]: mark everything read"),
+    (
+        "/reply",
+        "SEQ TEXT: answer a message in the room (in its thread)",
+    ),
+    (
+        "/thread",
+        "SEQ: a message's thread, the message and its replies",
+    ),
     ("/edit", "SEQ TEXT: change a message of yours in the room"),
     ("/delete", "SEQ: delete a message in the room"),
     ("/typing", "tell the room you are typing"),
@@ -378,6 +386,26 @@ fn command(line: &str, shared: &Arc<Mutex<Shared>>) -> Command {
                 )
             }),
             _ => Command::Say("/edit SEQ TEXT".into()),
+        },
+        "/reply" => match rest
+            .split_once(' ')
+            .map(|(seq, text)| (seq.parse::<u64>(), text.trim()))
+        {
+            Some((Ok(seq), text)) if !text.is_empty() => in_room(&|group| {
+                let mut data = said(group, text);
+                data["reply_to"] = json!(seq);
+                request("send_message", data)
+            }),
+            _ => Command::Say("/reply SEQ TEXT".into()),
+        },
+        "/thread" => match rest.parse::<u64>() {
+            Ok(seq) => in_room(&|group| {
+                request(
+                    "fetch_messages",
+                    json!({"group_name": group, "thread": seq, "after_seq": 0, "limit": 100}),
+                )
+            }),
+            Err(_) => Command::Say("/thread SEQ".into()),
         },
         "/delete" => match rest.parse::<u64>() {
             Ok(seq) => in_room(&|group| {

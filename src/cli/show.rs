@@ -20,7 +20,8 @@ pub fn paint(code: &str, text: &str, on: bool) -> String {
 }
 
 /// `12:04:31 #7 alice: text` (with the group first when `with_group`); a tombstone shows
-/// `(deleted)`, an edit `(edited)`.
+/// `(deleted)`, an edit `(edited)`. A reply is indented under its thread (`  ↳ … (re #7)`),
+/// and a thread's root says how many replies it has (`[2 replies, /thread 7]`).
 pub fn message(data: &Value, with_group: bool, on: bool) -> String {
     let time = data["timestamp"]
         .as_str()
@@ -44,8 +45,20 @@ pub fn message(data: &Value, with_group: bool, on: bool) -> String {
         };
         format!("{}{edited}", data["text"].as_str().unwrap_or(""))
     };
+    let (indent, answers) = match data["reply_to"].as_u64() {
+        Some(root) => ("  \u{21b3} ", paint("2", &format!(" (re #{root})"), on)),
+        None => ("", String::new()),
+    };
+    let replies = match data["reply_count"].as_u64() {
+        Some(count) if count > 0 => {
+            let noun = if count == 1 { "reply" } else { "replies" };
+            let hint = format!(" [{count} {noun}, /thread {}]", data["seq"]);
+            paint("2", &hint, on)
+        }
+        _ => String::new(),
+    };
     format!(
-        "{} {group}#{} {}: {text}",
+        "{indent}{} {group}#{} {}{answers}: {text}{replies}",
         paint("2", time, on),
         data["seq"],
         paint("1", data["username"].as_str().unwrap_or("?"), on)
