@@ -74,8 +74,16 @@ impl Storage {
 }
 
 impl Drop for Storage {
+    /// Leaves nothing behind: the data directory, or the test's database on the shared test
+    /// MongoDB (whose stand-in slows down with all the data it holds, so a suite that kept
+    /// every test's messages would slow itself down test by test).
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.data_dir);
+        if self.backend == Backend::Mongo && self.mongo_uri.is_none() {
+            if let Ok(client) = mongodb::sync::Client::with_uri_str(mongo_uri()) {
+                let _ = client.database(&self.mongo_db).drop().run();
+            }
+        }
     }
 }
 
