@@ -57,6 +57,10 @@ const MAX_SEQ_RETRIES: usize = 1000;
 /// message's insert failed, or the instance died between the job's write and the message's).
 /// Far beyond any insert's time (`STORE_TIMEOUT_MS` and its retries).
 const ORPHAN_GRACE_MS: u64 = 120_000;
+/// Group names one query lists at most (`$in`, `$or`): a page of 1,000 memberships is read in
+/// a few queries of this size. MongoDB takes far more; smaller queries keep each one's time
+/// bounded, and the MongoDB-compatible test server refuses expressions of ~500 names.
+const NAMES_PER_QUERY: usize = 200;
 /// How soon a job whose message has not landed yet is looked at again.
 const ORPHAN_RECHECK_MS: u64 = 1_000;
 
@@ -433,6 +437,15 @@ impl MongoStore {
     /// by a failed raise). A group with no hint yet (no message since hints existed) is read
     /// once by itself and gets one, so the next call finds it.
     fn head_seqs(&self, names: &[&str]) -> StoreResult<HashMap<String, u64>> {
+        let mut heads = HashMap::with_capacity(names.len());
+        for chunk in names.chunks(NAMES_PER_QUERY) {
+            heads.extend(self.head_seqs_of(chunk)?);
+        }
+        Ok(heads)
+    }
+
+    /// `head_seqs` of at most `NAMES_PER_QUERY` groups.
+    fn head_seqs_of(&self, names: &[&str]) -> StoreResult<HashMap<String, u64>> {
         let mut heads = HashMap::with_capacity(names.len());
         if names.is_empty() {
             return Ok(heads);
@@ -850,6 +863,19 @@ impl MongoStore {
 
     /// Mentions of `username` after their marker, per group, in one query.
     fn mention_counts(
+        &self,
+        username: &str,
+        marks: &[(String, u64)],
+    ) -> StoreResult<HashMap<String, u64>> {
+        let mut counts = HashMap::new();
+        for chunk in marks.chunks(NAMES_PER_QUERY) {
+            counts.extend(self.mention_counts_of(username, chunk)?);
+        }
+        Ok(counts)
+    }
+
+    /// `mention_counts` of at most `NAMES_PER_QUERY` groups.
+    fn mention_counts_of(
         &self,
         username: &str,
         marks: &[(String, u64)],
