@@ -145,10 +145,7 @@ fn check_direct_conversations(store: &mut dyn Store, prefix: &str) {
 fn check_threads(store: &mut dyn Store, prefix: &str) {
     let (ann, bob) = (format!("{prefix}t-ann"), format!("{prefix}t-bob"));
     let group = format!("{prefix}threads");
-    store.find_user(&ann, true).expect("user");
-    store.find_user(&bob, true).expect("user");
-    create(store, &ann, &group, 0).expect("group");
-    store.join_group(&bob, &group).expect("join");
+    owner_and_member(store, &ann, &bob, &group);
     let reply = |text: &str, by: &str, to: u64| NewMessage {
         reply_to: Some(to),
         ..message(&group, by, text)
@@ -215,10 +212,7 @@ fn check_mentions_and_levels(store: &mut dyn Store, prefix: &str) {
     use crate::model::Notify;
     let (owner, member) = (format!("{prefix}m-owner"), format!("{prefix}m-member"));
     let group = format!("{prefix}mentioning");
-    store.find_user(&owner, true).expect("user");
-    store.find_user(&member, true).expect("user");
-    create(store, &owner, &group, 0).expect("group");
-    store.join_group(&member, &group).expect("join");
+    owner_and_member(store, &owner, &member, &group);
     let mentioning = |text: &str, by: &str, names: &[&str]| NewMessage {
         mentions: names.iter().map(|n| n.to_string()).collect(),
         ..message(&group, by, text)
@@ -300,6 +294,14 @@ fn check_mentions_and_levels(store: &mut dyn Store, prefix: &str) {
 }
 
 // The calls about one member, by name (what most checks here do).
+/// Registers both users; `owner` creates `group` and `member` joins it.
+fn owner_and_member(store: &mut dyn Store, owner: &str, member: &str, group: &str) {
+    store.find_user(owner, true).expect("user");
+    store.find_user(member, true).expect("user");
+    create(store, owner, group, 0).expect("group");
+    store.join_group(member, group).expect("join");
+}
+
 fn create(
     store: &mut dyn Store,
     username: &str,
@@ -596,10 +598,7 @@ fn check_erasure(store: &mut dyn Store, prefix: &str) {
         format!("{prefix}erased-owns"),
         format!("{prefix}erased-alone"),
     );
-    store.find_user(&gone, true).expect("user");
-    store.find_user(&stays, true).expect("user");
-    create(store, &stays, &group, 0).expect("group");
-    store.join_group(&gone, &group).expect("join");
+    owner_and_member(store, &stays, &gone, &group);
     create(store, &gone, &owned, 2).expect("an owned group");
     store.join_group(&stays, &owned).expect("join");
     create(store, &gone, &alone, 2).expect("a group of their own");
